@@ -1,0 +1,93 @@
+//! Shape bookkeeping for C-ordered 3-D volumes.
+
+use crate::error::{CoreError, CoreResult};
+
+/// Shape of a C-ordered volume `[nx, ny, nz]` (last axis contiguous).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape3(pub [usize; 3]);
+
+impl Shape3 {
+    /// Number of voxels.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.0[0] * self.0[1] * self.0[2]
+    }
+
+    /// True when any dimension is zero.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Flat index of voxel (i, j, k).
+    #[inline]
+    pub fn idx(&self, i: usize, j: usize, k: usize) -> usize {
+        (i * self.0[1] + j) * self.0[2] + k
+    }
+
+    /// Shape of the half spectrum of a real-to-complex FFT over the last axis.
+    #[inline]
+    pub fn half_spectrum(&self) -> Shape3 {
+        Shape3([self.0[0], self.0[1], self.0[2] / 2 + 1])
+    }
+
+    /// Check that `len` matches the voxel count, naming the offending array.
+    pub fn check_len(&self, len: usize, what: &str) -> CoreResult<()> {
+        if len != self.len() {
+            return Err(CoreError::ShapeMismatch(format!(
+                "{what} has {len} elements, expected {} for shape {:?}",
+                self.len(),
+                self.0
+            )));
+        }
+        if self.is_empty() {
+            return Err(CoreError::ShapeMismatch(format!("{what} is empty")));
+        }
+        Ok(())
+    }
+}
+
+/// Validate a voxel size in mm: three finite positive numbers.
+pub fn check_voxel_size(voxel_size: [f64; 3]) -> CoreResult<()> {
+    if voxel_size.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+        return Err(CoreError::InvalidArgument(format!(
+            "voxel size must be finite and positive, got {voxel_size:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Normalise a B0 direction to unit length; refuse zero or non-finite vectors.
+pub fn unit_direction(b0_dir: [f64; 3]) -> CoreResult<[f64; 3]> {
+    let n = (b0_dir[0] * b0_dir[0] + b0_dir[1] * b0_dir[1] + b0_dir[2] * b0_dir[2]).sqrt();
+    if !n.is_finite() || n < 1e-12 {
+        return Err(CoreError::InvalidArgument(format!(
+            "B0 direction must be a non-zero finite vector, got {b0_dir:?}"
+        )));
+    }
+    Ok([b0_dir[0] / n, b0_dir[1] / n, b0_dir[2] / n])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_index_is_c_order() {
+        let s = Shape3([2, 3, 4]);
+        assert_eq!(s.idx(0, 0, 1), 1);
+        assert_eq!(s.idx(0, 1, 0), 4);
+        assert_eq!(s.idx(1, 0, 0), 12);
+        assert_eq!(s.len(), 24);
+        assert_eq!(s.half_spectrum().0, [2, 3, 3]);
+    }
+
+    #[test]
+    fn bad_lengths_and_directions_are_refused() {
+        assert!(Shape3([2, 2, 2]).check_len(7, "x").is_err());
+        assert!(unit_direction([0.0, 0.0, 0.0]).is_err());
+        assert!(check_voxel_size([1.0, -1.0, 1.0]).is_err());
+        let u = unit_direction([0.0, 0.0, 2.0]).unwrap();
+        assert_eq!(u, [0.0, 0.0, 1.0]);
+    }
+}
