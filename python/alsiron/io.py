@@ -1,0 +1,129 @@
+"""Atomic writing of NIfTI images, JSON sidecars and tables.
+
+Every output goes to a temporary file in the destination folder and is renamed into
+place, so an interrupted run never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from alsiron.errors import OutputExistsError
+
+
+@contextmanager
+def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
+
+    On any exception the temporary file is removed and ``final`` is left untouched.
+    Raises :class:`OutputExistsError` when ``final`` exists and ``overwrite`` is false.
+    The temporary name keeps the final suffixes so writers that infer the format from
+    the extension (``.nii.gz``) behave as for the final file.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise OutputExistsError(f"{final}: already exists (use --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}",
+                                    dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_atomic(final: Path, writer: Callable[[Path], None], overwrite: bool) -> Path:
+    with atomic_path(final, overwrite=overwrite) as tmp:
+        writer(tmp)
+    return final
+
+
+def save_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON atomically; returns the final path."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+    return _write_atomic(Path(path), write, overwrite)
+
+
+def save_text(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
+    """Write a text file (e.g. a TSV table) atomically; returns the final path."""
+    return _write_atomic(Path(path), lambda tmp: tmp.write_text(text), overwrite)
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    sidecar: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a NIfTI-1 image (and its JSON sidecar) atomically.
+
+    Parameters
+    ----------
+    path : path ending in ``.nii`` or ``.nii.gz``
+        Final image path; the sidecar goes beside it with the ``.json`` extension.
+    data : ndarray
+        Image data; booleans are stored as uint8, floats as float32.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world transform, written to both qform and sform.
+    sidecar : dict, optional
+        JSON sidecar content.
+    overwrite : bool
+        Replace existing outputs instead of refusing.
+    """
+    path = Path(path)
+    arr = np.asarray(data)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32, copy=False)
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    if sidecar is not None:
+        # Refuse before writing anything so the pair stays consistent.
+        side = sidecar_path(path)
+        if side.exists() and not overwrite:
+            raise OutputExistsError(f"{side}: already exists (use --overwrite to replace it)")
+    _write_atomic(path, lambda tmp: nib.save(img, tmp), overwrite)
+    if sidecar is not None:
+        save_json(sidecar_path(path), sidecar, overwrite=True)
+    return path
+
+
+def sidecar_path(image_path: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar path of a NIfTI image path."""
+    p = Path(image_path)
+    name = p.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return p.with_name(name[: -len(ext)] + ".json")
+    return p.with_suffix(".json")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
