@@ -1,0 +1,200 @@
+"""Command line: ``alsiron phantom`` and ``alsiron qsm``.
+
+The CLI only parses options, loads, calls the stage functions and saves; every
+:class:`~alsiron.errors.AlsironError` (and a ``ValueError`` from input validation) is
+printed as one line with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from alsiron import __version__
+
+log = logging.getLogger("alsiron")
+
+EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _configure_threads(threads: int | None) -> None:
+    n = threads
+    if n is None and os.environ.get("ALSIRON_NUM_THREADS"):
+        try:
+            n = int(os.environ["ALSIRON_NUM_THREADS"])
+        except ValueError:
+            raise click.BadParameter("ALSIRON_NUM_THREADS must be an integer") from None
+    if n is not None:
+        if n < 1:
+            raise click.BadParameter("--threads must be at least 1")
+        from alsiron import _core
+
+        if not _core.set_num_threads(n) and _core.num_threads() != n:
+            log.warning("thread pool already running with %d threads; --threads %d ignored",
+                        _core.num_threads(), n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="alsiron")
+@click.option("-v", "--verbose", is_flag=True, help="Log details of every step.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.option("--threads", type=int, default=None,
+              help="Worker threads for the numerical core (default: all cores, or "
+                   "ALSIRON_NUM_THREADS).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, debug: bool, threads: int | None) -> None:
+    """alsiron: QSM and R2* iron maps of the motor cortex from multi-echo MRI."""
+    ctx.obj = {"debug": debug}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("alsiron: %(levelname)s: %(message)s"))
+    root = logging.getLogger("alsiron")
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    _configure_threads(threads)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--subjects", type=click.IntRange(1, 999), default=2, show_default=True,
+              help="Number of subjects (alternating control / ALS).")
+@click.option("--sessions", type=click.IntRange(1, 99), default=1, show_default=True,
+              help="Visits per subject.")
+@click.option("--matrix", type=click.IntRange(16, 512), default=None,
+              help="Matrix size per axis (default: the phantom's default).")
+@click.option("--voxel-size", type=float, default=None, help="Isotropic voxel size in mm.")
+@click.option("--field-strength", type=float, default=3.0, show_default=True,
+              help="B0 in tesla.")
+@click.option("--snr", type=float, default=None, help="SNR of the first-echo magnitude in WM.")
+@click.option("--b0-direction", type=float, nargs=3, default=None,
+              help="B0 direction in voxel-index space (oblique acquisitions), e.g. 0 0.2 1.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset's files.")
+def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
+            voxel_size: float | None, field_strength: float, snr: float | None,
+            b0_direction: tuple[float, float, float] | None, seed: int,
+            overwrite: bool) -> None:
+    """Write a simulated BIDS dataset (MEGRE) with ground truth in derivatives/phantom."""
+    from alsiron import phantom as ph
+
+    kwargs: dict[str, object] = {"subjects": subjects, "sessions": sessions,
+                                 "field_strength": field_strength, "seed": seed,
+                                 "overwrite": overwrite}
+    if matrix is not None:
+        kwargs["matrix"] = matrix
+    if voxel_size is not None:
+        kwargs["voxel_size"] = voxel_size
+    if snr is not None:
+        kwargs["snr"] = snr
+    if b0_direction is not None:
+        kwargs["b0_direction"] = tuple(b0_direction)
+    t0 = time.perf_counter()
+    root = ph.write_dataset(out_dir, **kwargs)
+    click.echo(f"phantom: {subjects} subject(s) x {sessions} session(s) written to {root} "
+               f"in {time.perf_counter() - t0:.1f} s")
+
+
+def _progress(i: int, n: int, message: str) -> None:
+    click.echo(f"  [{i + 1}/{n}] {message}", err=True)
+
+
+@cli.command("qsm")
+@click.argument("subj_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
+@click.option("--inversion", type=click.Choice(["tvadmm", "tkd"]), default="tvadmm",
+              show_default=True, help="Dipole inversion.")
+@click.option("--echo-times", type=float, multiple=True,
+              help="Echo times in seconds, one per echo (repeat the option), for data whose "
+                   "sidecars lack EchoTime.")
+@click.option("--field-strength", type=float, default=None,
+              help="B0 in tesla, overriding MagneticFieldStrength.")
+@click.option("--fill-nonfinite", is_flag=True,
+              help="Zero NaN/inf voxels and exclude them from the mask instead of refusing.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, echo_times: tuple[float, ...],
+            field_strength: float | None, fill_nonfinite: bool, overwrite: bool) -> None:
+    """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject."""
+    from alsiron import derivatives, ingest, workflow
+    from alsiron.evaluate import compare_with_truth
+
+    sessions = ingest.find_sessions(subj_dir)
+    root = ingest.dataset_root(subj_dir)
+    out_root = derivatives.derivatives_root(root, out)
+    params = workflow.QsmParameters(inversion=inversion)
+    for ses in sessions:
+        for files in ses.series:
+            label = files.prefix
+            entities = dict(files.entities)
+            names = [derivatives.map_path(out_root, entities, m_suffix, m_desc)
+                     for m_suffix, m_desc in workflow.OUTPUT_NAMES]
+            derivatives.check_free(names, overwrite)
+            click.echo(f"{label}: loading {len(files.echoes)} echoes", err=True)
+            series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
+                                       echo_times=list(echo_times) or None,
+                                       field_strength=field_strength,
+                                       fill_nonfinite=fill_nonfinite)
+            t0 = time.perf_counter()
+            result = workflow.process_series(series, params, progress=_progress)
+            written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
+                                             result.provenance, overwrite=overwrite)
+            elapsed = time.perf_counter() - t0
+            click.echo(_summary(label, series, result, elapsed, len(written), out_root))
+            truth = compare_with_truth(result, root, entities)
+            if truth:
+                click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in truth.items()))
+
+
+def _summary(label: str, series, result, elapsed: float, n_written: int, out_root: Path) -> str:
+    chi = result.chi.data[np.isfinite(result.chi.data)]
+    r2s = result.r2star.data[result.brain_mask.data.astype(bool)]
+    r2s = r2s[np.isfinite(r2s)]
+    p1, p50, p99 = np.percentile(chi, [1, 50, 99]) if chi.size else (np.nan,) * 3
+    te = series.echo_times * 1e3
+    voxels = " x ".join(f"{v:.2f}" for v in series.voxel_size)
+    return (f"{label}: {series.n_echoes} echoes TE {te[0]:.1f}-{te[-1]:.1f} ms, "
+            f"B0 {series.field_strength:g} T, voxels {voxels} mm\n"
+            f"  brain mask {result.provenance['BrainMaskVolume_mL']} mL, "
+            f"chi p1/p50/p99 {p1:+.3f}/{p50:+.3f}/{p99:+.3f} ppm, "
+            f"R2* median {np.median(r2s) if r2s.size else float('nan'):.1f} 1/s\n"
+            f"  {n_written} maps written to {out_root} in {elapsed:.1f} s")
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (also used by tests in-process)."""
+    from alsiron.errors import AlsironError
+
+    debug = "--debug" in (args if args is not None else sys.argv[1:])
+    try:
+        cli.main(args=args, prog_name="alsiron", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("alsiron: aborted", err=True)
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("alsiron: interrupted; no partial outputs were left", err=True)
+        return EXIT_INTERRUPTED
+    except (AlsironError, ValueError) as exc:
+        if debug:
+            raise
+        click.echo(f"alsiron: error: {exc}", err=True)
+        return EXIT_INPUT_ERROR
+    return 0
+
+
+def entry_point() -> None:
+    """Console-script wrapper."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry_point()

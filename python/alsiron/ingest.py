@@ -1,0 +1,478 @@
+"""Ingestion: find and load multi-echo GRE series from a BIDS dataset.
+
+Accepted inputs are a subject folder (``sub-XX/``, with or without ``ses-*/``) or a
+session folder (``sub-XX/ses-YY/``). Echoes are the ``echo-<K>`` entity, magnitude and
+phase the ``part-mag`` / ``part-phase`` entity of ``*_MEGRE.nii[.gz]`` files in ``anat/``.
+Every problem is reported as an :class:`~alsiron.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from alsiron.constants import GAMMA_BAR_HZ_PER_T
+from alsiron.errors import InputError
+from alsiron.volume import MegreSeries
+
+log = logging.getLogger("alsiron")
+
+_MEGRE_RE = re.compile(r"^(?P<stem>sub-[^_]+.*)_MEGRE\.nii(\.gz)?$")
+_ENTITY_RE = re.compile(r"^(?P<key>[a-zA-Z0-9]+)-(?P<value>[a-zA-Z0-9]+)$")
+#: Phase values within this distance of ±π are still taken as radians.
+_RADIAN_TOL = 1e-3
+#: Field strengths outside this range [T] are refused as implausible for MRI.
+_FIELD_RANGE_T = (0.05, 12.0)
+
+
+@dataclass(frozen=True)
+class EchoFiles:
+    """Magnitude and phase image paths of one echo."""
+
+    echo: int
+    magnitude: Path
+    phase: Path
+
+
+@dataclass
+class MegreFileSet:
+    """The files of one MEGRE series (all echoes) in one session.
+
+    ``entities`` holds the BIDS entities shared by the files, without ``echo`` and
+    ``part`` (e.g. ``{"sub": "01", "ses": "01", "acq": "wb"}``), in filename order.
+    """
+
+    entities: dict[str, str]
+    echoes: list[EchoFiles]
+    session_dir: Path
+
+    @property
+    def prefix(self) -> str:
+        """BIDS filename prefix of the series, e.g. ``sub-01_ses-01``."""
+        return "_".join(f"{k}-{v}" for k, v in self.entities.items())
+
+
+@dataclass
+class SessionInput:
+    """One session (or a subject without sessions) and the MEGRE series found in it."""
+
+    subject: str
+    session: str
+    path: Path
+    series: list[MegreFileSet] = field(default_factory=list)
+
+
+def dataset_root(path: str | Path) -> Path:
+    """The BIDS dataset root above a subject or session folder.
+
+    The nearest ancestor holding ``dataset_description.json``; failing that, the
+    parent of the ``sub-*`` folder.
+    """
+    path = Path(path).resolve()
+    for candidate in [path, *path.parents]:
+        if (candidate / "dataset_description.json").is_file():
+            return candidate
+    for candidate in [path, *path.parents]:
+        if candidate.name.startswith("sub-"):
+            return candidate.parent
+    return path.parent
+
+
+def find_sessions(path: str | Path) -> list[SessionInput]:
+    """List the sessions with MEGRE data under a subject or session folder.
+
+    Parameters
+    ----------
+    path : path
+        ``sub-XX/`` (with or without ``ses-*`` folders) or ``sub-XX/ses-YY/``.
+
+    Returns
+    -------
+    list of SessionInput
+        Sorted by session label; each with at least one complete MEGRE series.
+
+    Raises
+    ------
+    InputError
+        The folder does not exist, is not a BIDS subject/session folder, or holds no
+        usable MEGRE series.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "not a folder (expected a BIDS sub-XX/ or sub-XX/ses-YY/ folder)")
+    resolved = path.resolve()
+    if resolved.name.startswith("ses-") and resolved.parent.name.startswith("sub-"):
+        subject = resolved.parent.name[4:]
+        session_dirs = [(resolved.name[4:], resolved)]
+    elif resolved.name.startswith("sub-"):
+        subject = resolved.name[4:]
+        ses = sorted(p for p in resolved.iterdir() if p.is_dir() and p.name.startswith("ses-"))
+        session_dirs = [(p.name[4:], p) for p in ses] if ses else [("", resolved)]
+    else:
+        raise InputError(path, "not a BIDS subject or session folder (name must start with "
+                         "'sub-' or 'ses-')")
+
+    sessions = []
+    for label, sdir in session_dirs:
+        series = _find_megre_series(sdir)
+        if series:
+            sessions.append(SessionInput(subject=subject, session=label, path=sdir,
+                                         series=series))
+    if not sessions:
+        raise InputError(path, "no *_MEGRE.nii[.gz] files with part-mag and part-phase found "
+                         "in anat/")
+    return sessions
+
+
+def _parse_entities(stem: str) -> dict[str, str]:
+    entities: dict[str, str] = {}
+    for token in stem.split("_"):
+        m = _ENTITY_RE.match(token)
+        if m is None:
+            continue
+        entities[m["key"]] = m["value"]
+    return entities
+
+
+def _find_megre_series(session_dir: Path) -> list[MegreFileSet]:
+    anat = session_dir / "anat"
+    if not anat.is_dir():
+        return []
+    groups: dict[tuple[tuple[str, str], ...], dict[int, dict[str, Path]]] = {}
+    for f in sorted(anat.iterdir()):
+        m = _MEGRE_RE.match(f.name)
+        if m is None:
+            continue
+        ents = _parse_entities(m["stem"])
+        part = ents.pop("part", None)
+        echo = ents.pop("echo", None)
+        if part not in ("mag", "phase"):
+            # A complex or real/imaginary part is not supported yet; name it.
+            if part is not None:
+                log.warning("%s: part-%s is not used (only part-mag/part-phase)", f, part)
+            continue
+        if echo is None or not echo.isdigit():
+            raise InputError(f, "MEGRE file without a numeric echo-<K> entity")
+        key = tuple(ents.items())
+        per_echo = groups.setdefault(key, {}).setdefault(int(echo), {})
+        if part in per_echo:
+            raise InputError(f, f"duplicate echo-{echo} part-{part} file")
+        per_echo[part] = f
+
+    result = []
+    for key, echoes in groups.items():
+        files = []
+        for echo in sorted(echoes):
+            parts = echoes[echo]
+            for needed in ("mag", "phase"):
+                if needed not in parts:
+                    other = next(iter(parts.values()))
+                    raise InputError(other, f"echo-{echo} has no matching part-{needed} file")
+            files.append(EchoFiles(echo=echo, magnitude=parts["mag"], phase=parts["phase"]))
+        result.append(MegreFileSet(entities=dict(key), echoes=files, session_dir=session_dir))
+    return result
+
+
+def read_sidecar(image_path: Path) -> dict[str, Any]:
+    """Read the JSON sidecar beside a NIfTI image ({} when there is none)."""
+    name = image_path.name
+    stem = name[:-7] if name.endswith(".nii.gz") else name[:-4]
+    side = image_path.with_name(stem + ".json")
+    if not side.is_file():
+        return {}
+    try:
+        obj = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(side, f"cannot read JSON sidecar ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InputError(side, "JSON sidecar is not an object")
+    return obj
+
+
+def b0_direction_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Unit B0 direction in voxel-index space (i, j, k) derived from a NIfTI affine.
+
+    B0 points along the scanner z axis, which is the world (RAS+) z axis of a NIfTI
+    affine. Its components along the voxel axes are the z components of the
+    normalised affine columns: for an axial acquisition this is (0, 0, 1), for an
+    oblique slab it is tilted. Sheared affines are projected on their nearest rotation.
+    """
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(rot, axis=0)
+    if np.any(norms <= 0) or not np.all(np.isfinite(rot)):
+        raise ValueError("affine has a zero or non-finite voxel axis")
+    unit = rot / norms
+    u, _, vt = np.linalg.svd(unit)
+    nearest = u @ vt
+    if not np.allclose(unit, nearest, atol=1e-4):
+        log.warning("affine is sheared; B0 direction taken from its nearest rotation")
+    b = nearest.T @ np.array([0.0, 0.0, 1.0])
+    b /= np.linalg.norm(b)
+    return (float(b[0]), float(b[1]), float(b[2]))
+
+
+def voxel_size_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel edge lengths in mm along the array axes."""
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+
+
+def phase_to_radians(values: np.ndarray, raw: np.ndarray | None,
+                     path: Path) -> tuple[np.ndarray, str]:
+    """Bring a phase image to radians in (-pi, pi].
+
+    Handles phase already in radians, phase in [0, 2pi), integer-coded phase (e.g.
+    Siemens -4096..4094 or 0..4095: the code range, rounded up to a power of two,
+    spans 2pi; unsigned codes start at -pi, signed codes are centred on 0), and phase
+    stored in radians whose header scaling (``scl_slope``) would shrink it (then the
+    unscaled values are used).
+
+    Parameters
+    ----------
+    values : ndarray
+        Phase with the header scaling applied.
+    raw : ndarray or None
+        Unscaled stored values when the header has a non-trivial scaling, else None.
+    path : Path
+        File name for messages.
+
+    Returns
+    -------
+    phase : ndarray, float32
+        Radians within (-pi, pi].
+    conversion : str
+        What was done, for the provenance record.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise InputError(path, "phase image has no finite values")
+    lo, hi = float(finite.min()), float(finite.max())
+    pi = math.pi
+    if lo >= -pi - _RADIAN_TOL and hi <= pi + _RADIAN_TOL:
+        if raw is not None:
+            rfin = raw[np.isfinite(raw)]
+            rlo, rhi = float(rfin.min()), float(rfin.max())
+            if (rlo >= -pi - _RADIAN_TOL and rhi <= pi + _RADIAN_TOL
+                    and (hi - lo) < 0.1 * (rhi - rlo)):
+                return (_wrap(raw.astype(np.float32)),
+                        "stored values are radians; header scl_slope/scl_inter ignored")
+        return _wrap(values.astype(np.float32)), "none (radians)"
+    if lo >= -_RADIAN_TOL and hi <= 2 * pi + _RADIAN_TOL:
+        return _wrap(values.astype(np.float32)), "wrapped from [0, 2pi) to (-pi, pi]"
+    sample = finite[: min(finite.size, 100_000)]
+    if np.allclose(sample, np.round(sample), atol=1e-3):
+        # Vendor codes follow fixed conventions, not the data's own extremes: unsigned
+        # codes 0..n-1 map to [-pi, pi), signed codes -n/2..n/2-1 map to [-pi, pi).
+        if lo >= 0:
+            n_codes = 2 ** math.ceil(math.log2(hi + 1.0))
+            scaled = values.astype(np.float64) * (2 * pi / n_codes) - pi
+        else:
+            n_codes = 2 * 2 ** math.ceil(math.log2(max(-lo, hi + 1.0)))
+            scaled = values.astype(np.float64) * (2 * pi / n_codes)
+        return (_wrap(scaled.astype(np.float32)),
+                f"integer phase codes {lo:g}..{hi:g} mapped to radians ({n_codes} codes = 2pi)")
+    raise InputError(path, f"phase values span [{lo:.4g}, {hi:.4g}]: neither radians nor "
+                     "integer-coded phase; convert it to radians in (-pi, pi]")
+
+
+def _wrap(phase: np.ndarray) -> np.ndarray:
+    """Map phase onto (-pi, pi] in place-friendly float32 arithmetic."""
+    two_pi = np.float32(2 * math.pi)
+    out = np.mod(phase + np.float32(math.pi), two_pi) - np.float32(math.pi)
+    # mod maps +pi to -pi; the convention is (-pi, pi].
+    out[out <= -np.float32(math.pi)] = np.float32(math.pi)
+    return out.astype(np.float32, copy=False)
+
+
+def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Load a 3-D image: (scaled float data, unscaled data if scaled else None, affine)."""
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read NIfTI image ({exc})") from None
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(path, f"expected a 3-D image per echo, got shape {img.shape}")
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except Exception as exc:
+        raise InputError(path, f"cannot read image data ({exc})") from None
+    raw = None
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    if (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+        raw = np.asarray(img.dataobj.get_unscaled(), dtype=np.float32).reshape(shape)
+    return data, raw, np.asarray(img.affine, dtype=np.float64)
+
+
+def _echo_time(sidecar: dict[str, Any], path: Path) -> float | None:
+    te = sidecar.get("EchoTime")
+    if te is None:
+        return None
+    if not isinstance(te, (int, float)) or not math.isfinite(te) or te <= 0:
+        raise InputError(path, f"EchoTime {te!r} in the sidecar is not a positive number")
+    if te > 1.0:
+        raise InputError(path, f"EchoTime {te} looks like milliseconds; BIDS requires seconds")
+    return float(te)
+
+
+def _field_strength(sidecar: dict[str, Any], path: Path, override: float | None) -> float:
+    if override is not None:
+        b0 = float(override)
+        origin = "given on the command line"
+    else:
+        b0 = sidecar.get("MagneticFieldStrength")
+        origin = "MagneticFieldStrength in the sidecar"
+        if b0 is None:
+            raise InputError(path, "sidecar has no MagneticFieldStrength; give --field-strength")
+    if not isinstance(b0, (int, float)) or not (_FIELD_RANGE_T[0] <= b0 <= _FIELD_RANGE_T[1]):
+        raise InputError(path, f"field strength {b0!r} T ({origin}) is outside "
+                         f"{_FIELD_RANGE_T[0]}-{_FIELD_RANGE_T[1]} T")
+    return float(b0)
+
+
+def load_megre(
+    files: MegreFileSet,
+    *,
+    subject: str,
+    session: str,
+    echo_times: Sequence[float] | None = None,
+    field_strength: float | None = None,
+    fill_nonfinite: bool = False,
+) -> MegreSeries:
+    """Load one MEGRE series, checking geometry, echo times, phase range and finiteness.
+
+    Parameters
+    ----------
+    files : MegreFileSet
+        The series found by :func:`find_sessions`.
+    subject, session : str
+        BIDS labels (without ``sub-``/``ses-``).
+    echo_times : sequence of float, optional
+        Echo times in seconds overriding the sidecars (for data without them).
+    field_strength : float, optional
+        B0 in tesla overriding ``MagneticFieldStrength``.
+    fill_nonfinite : bool
+        Replace NaN/inf voxels by zero magnitude and phase instead of refusing the data;
+        such voxels are recorded in ``metadata["NonFiniteVoxels"]`` and excluded from masks.
+
+    Returns
+    -------
+    MegreSeries
+        Echo-major float32 magnitude and phase (radians), TEs [s], B0 [T], geometry.
+
+    Raises
+    ------
+    InputError
+        Fewer than two echoes, missing/non-increasing echo times, mismatched shapes or
+        affines, non-finite data, phase that cannot be brought to radians.
+    """
+    echoes = files.echoes
+    first = echoes[0].magnitude
+    if len(echoes) < 2:
+        raise InputError(first, "only one echo found; QSM field mapping needs at least two "
+                         "echoes (echo-1, echo-2, ...)")
+    if echo_times is not None and len(echo_times) != len(echoes):
+        raise InputError(first, f"{len(echo_times)} echo times given for {len(echoes)} echoes")
+
+    mags: list[np.ndarray] = []
+    phases: list[np.ndarray] = []
+    tes: list[float] = []
+    sources: list[str] = []
+    conversions: set[str] = set()
+    ref_shape: tuple[int, ...] | None = None
+    ref_affine: np.ndarray | None = None
+    bad_voxels = None
+    meta0: dict[str, Any] = {}
+    for n, ef in enumerate(echoes):
+        for path in (ef.magnitude, ef.phase):
+            sources.append(str(path))
+        mag, _, aff_m = _load_image(ef.magnitude)
+        ph_scaled, ph_raw, aff_p = _load_image(ef.phase)
+        for path, arr, aff in ((ef.magnitude, mag, aff_m), (ef.phase, ph_scaled, aff_p)):
+            if ref_shape is None:
+                ref_shape, ref_affine = arr.shape, aff
+            elif arr.shape != ref_shape:
+                raise InputError(path, f"shape {arr.shape} differs from {ref_shape} of {first}")
+            elif not np.allclose(aff, ref_affine, atol=1e-3):
+                raise InputError(path, f"affine differs from that of {first}")
+        side_m = read_sidecar(ef.magnitude)
+        side_p = read_sidecar(ef.phase)
+        if n == 0:
+            meta0 = dict(side_m or side_p)
+        if echo_times is not None:
+            te = float(echo_times[n])
+        else:
+            te_m, te_p = _echo_time(side_m, ef.magnitude), _echo_time(side_p, ef.phase)
+            if te_m is not None and te_p is not None and abs(te_m - te_p) > 1e-6:
+                raise InputError(ef.phase, f"EchoTime {te_p} differs from the magnitude's {te_m}")
+            te = te_m if te_m is not None else te_p
+            if te is None:
+                raise InputError(ef.magnitude, "no EchoTime in the JSON sidecar; give the echo "
+                                 "times with --echo-times")
+        tes.append(te)
+
+        nonfinite = ~np.isfinite(mag) | ~np.isfinite(ph_scaled)
+        if nonfinite.any():
+            if not fill_nonfinite:
+                where = ef.magnitude if (~np.isfinite(mag)).any() else ef.phase
+                raise InputError(where, f"{int(nonfinite.sum())} non-finite (NaN/inf) voxels; "
+                                 "use --fill-nonfinite to zero them and exclude them from the mask")
+            bad_voxels = nonfinite if bad_voxels is None else (bad_voxels | nonfinite)
+        if np.nanmin(np.where(np.isfinite(mag), mag, 0.0)) < 0:
+            raise InputError(ef.magnitude, "magnitude has negative values (is this a phase, real "
+                             "or imaginary image?)")
+        phase, conversion = phase_to_radians(ph_scaled, ph_raw, ef.phase)
+        conversions.add(conversion)
+        mags.append(mag)
+        phases.append(phase)
+
+    te_arr = np.asarray(tes, dtype=np.float64)
+    if np.any(np.diff(te_arr) <= 0):
+        raise InputError(first, f"echo times {list(te_arr)} s are not strictly increasing with "
+                         "the echo number")
+    b0 = _field_strength(meta0, first, field_strength)
+    freq = meta0.get("ImagingFrequency")
+    if field_strength is None and isinstance(freq, (int, float)) and freq > 0:
+        b0_from_freq = freq * 1e6 / GAMMA_BAR_HZ_PER_T
+        if abs(b0_from_freq - b0) / b0 > 0.1:
+            raise InputError(first, f"MagneticFieldStrength {b0} T disagrees with "
+                             f"ImagingFrequency {freq} MHz ({b0_from_freq:.3f} T)")
+
+    magnitude = np.ascontiguousarray(np.stack(mags, axis=0), dtype=np.float32)
+    phase_all = np.ascontiguousarray(np.stack(phases, axis=0), dtype=np.float32)
+    meta = dict(meta0)
+    meta["PhaseConversion"] = sorted(conversions)
+    if bad_voxels is not None:
+        magnitude[:, bad_voxels] = 0.0
+        phase_all[:, bad_voxels] = 0.0
+        meta["NonFiniteVoxels"] = int(bad_voxels.sum())
+    assert ref_affine is not None
+    try:
+        b0_dir = b0_direction_from_affine(ref_affine)
+    except ValueError as exc:
+        raise InputError(first, str(exc)) from None
+    return MegreSeries(
+        magnitude=magnitude,
+        phase=phase_all,
+        echo_times=te_arr,
+        field_strength=b0,
+        affine=ref_affine,
+        voxel_size=voxel_size_from_affine(ref_affine),
+        b0_direction=b0_dir,
+        subject=subject,
+        session=session,
+        sources=sources,
+        metadata=meta,
+    )
