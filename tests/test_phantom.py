@@ -303,3 +303,16 @@ def test_bad_arguments_raise_value_error():
         simulate_subject(matrix=16, voxel_size=(1.0, 2.0))
     with pytest.raises(ValueError, match="group"):
         simulate_subject(matrix=16, voxel_size=12.0, group="patient")  # type: ignore[arg-type]
+
+
+def test_block_helpers_match_plain_numpy():
+    from alsiron.phantom import _block_majority, _block_mean
+
+    rng = np.random.default_rng(0)
+    fine = rng.standard_normal((2, 8, 10, 6)).astype(np.float32)
+    expected = fine.reshape(2, 4, 2, 5, 2, 3, 2).mean(axis=(2, 4, 6))
+    np.testing.assert_allclose(_block_mean(fine, 2), expected, atol=1e-6)
+    labels = rng.integers(0, 4, (8, 10, 6)).astype(np.uint8)
+    blocks = labels.reshape(4, 2, 5, 2, 3, 2).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 8)
+    majority = np.array([np.bincount(b, minlength=4).argmax() for b in blocks])
+    np.testing.assert_array_equal(_block_majority(labels, 2).ravel(), majority)

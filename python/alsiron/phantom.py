@@ -272,24 +272,40 @@ def dipole_field_ppm(chi_ppm: np.ndarray, voxel_size: tuple[float, float, float]
 
 
 def _block_mean(fine: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over factor³ blocks of the trailing three axes."""
-    *lead, nx, ny, nz = fine.shape
-    blocks = fine.reshape(*lead, nx // factor, factor, ny // factor, factor,
-                          nz // factor, factor)
-    n = len(lead)
-    return blocks.mean(axis=(n + 1, n + 3, n + 5))
+    """Mean over factor³ blocks of the trailing three axes.
+
+    Summed one axis at a time from strided slices, which is several times faster than
+    a mean over a 6-D reshaped view.
+    """
+    out = fine
+    for axis in (-3, -2, -1):
+        parts = [out[(Ellipsis, slice(i, None, factor)) + (slice(None),) * (-axis - 1)]
+                 for i in range(factor)]
+        total = parts[0].astype(np.result_type(out.dtype, np.float32), copy=True)
+        for part in parts[1:]:
+            total += part
+        out = total
+    return out / np.float32(factor**3)
 
 
-def _block_majority(labels: np.ndarray, factor: int, n_labels: int) -> np.ndarray:
+def _block_majority(labels: np.ndarray, factor: int) -> np.ndarray:
     """Most frequent label of each factor³ block (ties go to the lower label)."""
     nx, ny, nz = (s // factor for s in labels.shape)
-    block_id = np.arange(nx * ny * nz, dtype=np.int64).reshape(nx, ny, nz)
-    block_id = np.broadcast_to(
-        block_id[:, None, :, None, :, None], (nx, factor, ny, factor, nz, factor)
-    ).reshape(labels.shape)
-    counts = np.bincount((block_id * n_labels + labels).ravel(),
-                         minlength=nx * ny * nz * n_labels)
-    return counts.reshape(nx, ny, nz, n_labels).argmax(axis=-1).astype(np.uint8)
+    cols = labels.reshape(nx, factor, ny, factor, nz, factor).transpose(0, 2, 4, 1, 3, 5)
+    cols = cols.reshape(nx * ny * nz, factor**3)
+    n = cols.shape[1]
+    best_score = np.full(cols.shape[0], -1, np.int32)
+    best = np.zeros(cols.shape[0], np.uint8)
+    for c in range(n):
+        count = np.zeros(cols.shape[0], np.int32)
+        for j in range(n):
+            count += cols[:, c] == cols[:, j]
+        # Higher count wins; among equal counts the lower label value.
+        score = count * 256 + (255 - cols[:, c].astype(np.int32))
+        better = score > best_score
+        best_score[better] = score[better]
+        best[better] = cols[better, c]
+    return best.reshape(nx, ny, nz)
 
 
 def _phase_offset(rng: np.random.Generator, coords: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -444,7 +460,7 @@ def simulate_subject(
         fine_echo.imag = mag * np.sin(ph)
         signal[e] = _block_mean(fine_echo, ss)
 
-    labels = _block_majority(labels_fine, ss, len(TISSUES.names))
+    labels = _block_majority(labels_fine, ss)
     brain_mask = _block_mean(ic_fine.astype(np.float32), ss) >= 0.5
     chi = _block_mean(chi_brain_fine, ss).astype(np.float32)
     chi[~brain_mask] = 0.0
