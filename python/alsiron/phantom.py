@@ -440,7 +440,8 @@ def simulate_subject(
     total_fine = dipole_field_ppm(chi_air_ref, fine_voxel, b0)
     del chi_air_ref
     chi_brain_fine = np.where(ic_fine, chi_fine, np.float32(0.0))
-    chi_brain_fine[ic_fine] -= chi_brain_fine[ic_fine].mean(dtype=np.float64)
+    brain_mean_table = float(chi_brain_fine[ic_fine].mean(dtype=np.float64))
+    chi_brain_fine[ic_fine] -= brain_mean_table
     local_fine = dipole_field_ppm(chi_brain_fine, fine_voxel, b0)
 
     m0_fine = TISSUES.m0.astype(np.float32)[labels_fine]
@@ -489,7 +490,7 @@ def simulate_subject(
         "precentral_deep_fraction": deep_fraction,
         "precentral_offset_ppm": precentral_offset_ppm,
         "deep_grey_chi_scale": deep_grey_chi_scale, "r2star_per_chi": r2star_per_chi,
-        "head_scale": scale, "supersampling": ss, "pad_factor": PAD_FACTOR,
+        "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": scale, "supersampling": ss, "pad_factor": PAD_FACTOR,
         "noise_sigma": sigma,
     }
     log.debug("phantom session simulated: %s", params)
