@@ -68,7 +68,8 @@ def noiseless():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "bids"
-    return write_dataset(out, subjects=2, sessions=2, matrix=32, voxel_size=6.0, seed=7)
+    return write_dataset(out, subjects=2, sessions=2, matrix=32, voxel_size=6.0, seed=7,
+                         b0_direction=tuple(OBLIQUE_B0))
 
 
 def test_table_is_packaged_and_linked():
@@ -261,7 +262,10 @@ def test_bids_layout_and_sidecars(dataset: Path):
                     assert side["ImagingFrequency"] == pytest.approx(127.732, abs=1e-3)
                     assert side["RepetitionTime"] > side["EchoTime"] and side["FlipAngle"] > 0
                     assert side["Manufacturer"] == "alsiron-phantom"
-                    data = np.asarray(nib.load(img).dataobj)
+                    nifti = nib.load(img)
+                    np.testing.assert_allclose(b0_direction_from_affine(nifti.affine),
+                                               OBLIQUE_B0, atol=1e-6)
+                    data = np.asarray(nifti.dataobj)
                     assert data.dtype == np.float32 and data.shape == (32, 32, 32)
                     if part == "phase":
                         assert side["Units"] == "rad"
@@ -286,7 +290,7 @@ def test_bids_layout_and_sidecars(dataset: Path):
 
 def test_dataset_is_byte_identical_for_a_seed(dataset: Path, tmp_path: Path):
     again = write_dataset(tmp_path / "again", subjects=2, sessions=2, matrix=32,
-                          voxel_size=6.0, seed=7)
+                          voxel_size=6.0, seed=7, b0_direction=tuple(OBLIQUE_B0))
     files = sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file())
     files_again = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert files == files_again and len(files) > 100

@@ -490,7 +490,8 @@ def simulate_subject(
         "precentral_deep_fraction": deep_fraction,
         "precentral_offset_ppm": precentral_offset_ppm,
         "deep_grey_chi_scale": deep_grey_chi_scale, "r2star_per_chi": r2star_per_chi,
-        "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": scale, "supersampling": ss, "pad_factor": PAD_FACTOR,
+        "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": scale,
+        "supersampling": ss, "pad_factor": PAD_FACTOR,
         "noise_sigma": sigma,
     }
     log.debug("phantom session simulated: %s", params)
