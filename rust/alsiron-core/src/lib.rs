@@ -8,8 +8,12 @@
 //! - Fields are in ppm of B0, susceptibilities in ppm, echo times in seconds, rates in s⁻¹.
 //! - Kernels return [`CoreError`] for bad arguments and never panic on user data.
 
+pub mod bfr;
+pub mod dipole;
 pub mod error;
+pub mod fft;
 pub mod grid;
+pub mod inversion;
 
 pub use error::{CoreError, CoreResult};
 pub use grid::Shape3;

@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod qsm;
 
 /// Number of threads in the global rayon pool.
 #[pyfunction]
@@ -36,5 +37,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    qsm::register(m)?;
     Ok(())
 }

@@ -1,0 +1,211 @@
+//! QSM bindings: FFT, dipole kernel, forward model, TKD, TV-ADMM, V-SHARP.
+//!
+//! Arrays are 3-D, C-contiguous, float32 (masks uint8, nonzero = inside); the Python
+//! wrappers in `alsiron.qsm` validate and convert before calling. The GIL is released
+//! around every computation.
+
+use alsiron_core::{bfr, dipole, fft, inversion, CoreError, Shape3};
+use numpy::ndarray::Array3;
+use numpy::{Complex32, IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::to_py;
+
+/// How often (in ADMM iterations) the solver polls Python for Ctrl-C: an iteration at
+/// 256³ takes ~0.1–0.3 s, so this keeps interrupts responsive without attaching every time.
+const SIGNAL_POLL_EVERY: usize = 2;
+
+fn shape_of<T: numpy::Element>(a: &PyReadonlyArray3<'_, T>) -> Shape3 {
+    let s = a.shape();
+    Shape3([s[0], s[1], s[2]])
+}
+
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray3<'_, T>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{what} must be a C-contiguous array")))
+}
+
+fn same_shape(a: Shape3, b: Shape3, what: &str) -> PyResult<()> {
+    if a != b {
+        return Err(to_py(CoreError::ShapeMismatch(format!(
+            "{what} has shape {:?}, expected {:?}",
+            b.0, a.0
+        ))));
+    }
+    Ok(())
+}
+
+fn to_array<'py, T: numpy::Element>(
+    py: Python<'py>,
+    shape: Shape3,
+    data: Vec<T>,
+) -> PyResult<Bound<'py, PyArray3<T>>> {
+    let [nx, ny, nz] = shape.0;
+    let arr = Array3::from_shape_vec((nx, ny, nz), data)
+        .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// Forward 3-D real FFT (unnormalised, layout of numpy.fft.rfftn) → complex64 [nx, ny, nz//2+1].
+#[pyfunction]
+fn fft3_forward<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray3<'py, f32>,
+) -> PyResult<Bound<'py, PyArray3<Complex32>>> {
+    let shape = shape_of(&x);
+    let data = contiguous(&x, "x")?;
+    let spectrum = py.detach(|| fft::forward(data, shape)).map_err(to_py)?;
+    to_array(py, shape.half_spectrum(), spectrum)
+}
+
+/// Inverse of `fft3_forward` (normalised by 1/N) for a last-axis length `nz` → float32.
+#[pyfunction]
+fn fft3_inverse<'py>(
+    py: Python<'py>,
+    spectrum: PyReadonlyArray3<'py, Complex32>,
+    nz: usize,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let half = shape_of(&spectrum);
+    if half.0[2] != nz / 2 + 1 {
+        return Err(PyValueError::new_err(format!(
+            "spectrum last axis has {} bins, expected nz//2+1 = {} for nz = {nz}",
+            half.0[2],
+            nz / 2 + 1
+        )));
+    }
+    let shape = Shape3([half.0[0], half.0[1], nz]);
+    let data = contiguous(&spectrum, "spectrum")?;
+    let out = py.detach(|| fft::inverse(data, shape)).map_err(to_py)?;
+    to_array(py, shape, out)
+}
+
+/// Dipole kernel on the half spectrum [nx, ny, nz//2+1], float32.
+#[pyfunction]
+fn dipole_kernel<'py>(
+    py: Python<'py>,
+    shape: [usize; 3],
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let shape = Shape3(shape);
+    let kernel = py
+        .detach(|| dipole::dipole_kernel(shape, voxel_size, b0_dir))
+        .map_err(to_py)?;
+    to_array(py, shape.half_spectrum(), kernel)
+}
+
+/// Field [ppm] of a susceptibility map χ [ppm] (periodic convolution with the dipole).
+#[pyfunction]
+fn forward_field<'py>(
+    py: Python<'py>,
+    chi: PyReadonlyArray3<'py, f32>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let shape = shape_of(&chi);
+    let data = contiguous(&chi, "chi")?;
+    let field = py
+        .detach(|| dipole::forward_field(data, shape, voxel_size, b0_dir))
+        .map_err(to_py)?;
+    to_array(py, shape, field)
+}
+
+/// Truncated k-space division: local field [ppm] → χ [ppm] (0 outside the mask).
+#[pyfunction]
+fn tkd<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    threshold: f64,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let chi = py
+        .detach(|| inversion::tkd(f, m, shape, voxel_size, b0_dir, threshold))
+        .map_err(to_py)?;
+    to_array(py, shape, chi)
+}
+
+/// TV-regularised dipole inversion (ADMM) → (χ [ppm], iterations run).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn tv_admm<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    alpha: f64,
+    mu: f64,
+    max_iter: usize,
+    tol: f64,
+) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let params = inversion::TvAdmmParams {
+        alpha,
+        mu,
+        max_iter,
+        tol,
+    };
+    // Poll Python's signal handlers from the detached solver so Ctrl-C stops it.
+    let should_stop = |iter: usize| {
+        iter % SIGNAL_POLL_EVERY == 0 && Python::attach(|py| py.check_signals().is_err())
+    };
+    let (chi, iterations) = py
+        .detach(|| inversion::tv_admm(f, m, shape, voxel_size, b0_dir, params, &should_stop))
+        .map_err(to_py)?;
+    Ok((to_array(py, shape, chi)?, iterations))
+}
+
+/// V-SHARP background removal → (local field [ppm], eroded mask uint8).
+#[pyfunction]
+fn vsharp<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    radii_mm: Vec<f64>,
+    threshold: f64,
+) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (local, eroded) = py
+        .detach(|| bfr::vsharp(f, m, shape, voxel_size, &radii_mm, threshold))
+        .map_err(to_py)?;
+    Ok((to_array(py, shape, local)?, to_array(py, shape, eroded)?))
+}
+
+/// Default V-SHARP radii [mm] for a voxel size [mm].
+#[pyfunction]
+fn vsharp_default_radii(voxel_size: [f64; 3]) -> Vec<f64> {
+    bfr::default_radii_mm(voxel_size)
+}
+
+/// Next length ≥ n with only 2, 3, 5 as prime factors.
+#[pyfunction]
+fn fft_fast_len(n: usize) -> usize {
+    fft::fast_len(n)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(fft3_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(fft3_inverse, m)?)?;
+    m.add_function(wrap_pyfunction!(dipole_kernel, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_field, m)?)?;
+    m.add_function(wrap_pyfunction!(tkd, m)?)?;
+    m.add_function(wrap_pyfunction!(tv_admm, m)?)?;
+    m.add_function(wrap_pyfunction!(vsharp, m)?)?;
+    m.add_function(wrap_pyfunction!(vsharp_default_radii, m)?)?;
+    m.add_function(wrap_pyfunction!(fft_fast_len, m)?)?;
+    Ok(())
+}

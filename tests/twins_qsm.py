@@ -1,0 +1,250 @@
+"""Plain NumPy twins of the QSM kernels (slow, float64, obviously correct).
+
+Each function mirrors one Rust kernel in ``rust/alsiron-core`` step by step with
+``numpy.fft`` so the tests can compare them to float32 tolerance. Also a small
+susceptibility phantom simulated at twice the resolution (no inverse crime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def fast_len(n: int) -> int:
+    """Smallest m >= n with only 2, 3, 5 as prime factors."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft3_forward(x: np.ndarray) -> np.ndarray:
+    return np.fft.rfftn(np.asarray(x, dtype=np.float64))
+
+
+def fft3_inverse(spectrum: np.ndarray, nz: int) -> np.ndarray:
+    return np.fft.irfftn(spectrum, s=(spectrum.shape[0], spectrum.shape[1], nz), axes=(0, 1, 2))
+
+
+def half_spectrum_frequencies(shape, voxel_size):
+    """k [cycles/mm] on the rfftn layout, as broadcastable (nx,1,1), (1,ny,1), (1,1,nh)."""
+    nx, ny, nz = shape
+    kx = np.fft.fftfreq(nx, d=voxel_size[0])[:, None, None]
+    ky = np.fft.fftfreq(ny, d=voxel_size[1])[None, :, None]
+    kz = np.fft.rfftfreq(nz, d=voxel_size[2])[None, None, :]
+    return kx, ky, kz
+
+
+def dipole_kernel(shape, voxel_size, b0_dir) -> np.ndarray:
+    b = np.asarray(b0_dir, dtype=np.float64)
+    b = b / np.linalg.norm(b)
+    kx, ky, kz = half_spectrum_frequencies(shape, voxel_size)
+    k2 = kx**2 + ky**2 + kz**2
+    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = 1.0 / 3.0 - kb**2 / k2
+    d[0, 0, 0] = 0.0
+    return d
+
+
+def forward_field(chi, voxel_size, b0_dir) -> np.ndarray:
+    d = dipole_kernel(chi.shape, voxel_size, b0_dir)
+    return fft3_inverse(d * fft3_forward(chi), chi.shape[2])
+
+
+def tkd(field, mask, voxel_size, b0_dir, threshold) -> np.ndarray:
+    d = dipole_kernel(field.shape, voxel_size, b0_dir)
+    inv = np.where(np.abs(d) > threshold, 1.0 / np.where(d == 0, 1.0, d), np.sign(d) / threshold)
+    inside = mask != 0
+    chi = fft3_inverse(inv * fft3_forward(np.where(inside, field, 0.0)), field.shape[2])
+    return np.where(inside, chi, 0.0)
+
+
+def _grad(x, voxel_size):
+    return [(np.roll(x, -1, axis=a) - x) / voxel_size[a] for a in range(3)]
+
+
+def _grad_adjoint(g, voxel_size):
+    return sum((np.roll(g[a], 1, axis=a) - g[a]) / voxel_size[a] for a in range(3))
+
+
+def tv_admm(field, mask, voxel_size, b0_dir, alpha, mu, n_iter) -> np.ndarray:
+    """Linear TV-ADMM: fixed number of iterations, no early stop."""
+    shape = field.shape
+    inside = mask != 0
+    d = dipole_kernel(shape, voxel_size, b0_dir)
+    kx, ky, kz = (
+        np.fft.fftfreq(shape[0])[:, None, None],
+        np.fft.fftfreq(shape[1])[None, :, None],
+        np.fft.rfftfreq(shape[2])[None, None, :],
+    )
+    e2 = sum(
+        np.abs((np.exp(2j * np.pi * k) - 1.0) / h) ** 2
+        for k, h in zip((kx, ky, kz), voxel_size, strict=True)
+    )
+    den = d**2 + mu * e2
+    inv_den = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), 0.0)
+    data_term = d * fft3_forward(np.where(inside, field, 0.0))
+    z = [np.zeros(shape) for _ in range(3)]
+    u = [np.zeros(shape) for _ in range(3)]
+    chi = np.zeros(shape)
+    for _ in range(n_iter):
+        rhs = mu * _grad_adjoint([z[a] - u[a] for a in range(3)], voxel_size)
+        chi = fft3_inverse((data_term + fft3_forward(rhs)) * inv_den, shape[2])
+        g = _grad(chi, voxel_size)
+        for a in range(3):
+            v = g[a] + u[a]
+            z[a] = np.sign(v) * np.maximum(np.abs(v) - alpha / mu, 0.0)
+            u[a] = v - z[a]
+    return np.where(inside, chi, 0.0)
+
+
+def tv_objective(chi, field, mask, voxel_size, b0_dir, alpha) -> float:
+    resid = forward_field(chi, voxel_size, b0_dir) - np.where(mask != 0, field, 0.0)
+    tv = sum(np.abs(g).sum() for g in _grad(chi, voxel_size))
+    return 0.5 * float((resid**2).sum()) + alpha * float(tv)
+
+
+def sphere_indicator(shape, voxel_size, radius_mm) -> np.ndarray:
+    """Unnormalised sphere centred at voxel 0 of a periodic grid."""
+    offsets = []
+    for a in range(3):
+        reach = int(np.floor(radius_mm / voxel_size[a]))
+        offsets.append(np.arange(-reach, reach + 1))
+    dx, dy, dz = np.meshgrid(*offsets, indexing="ij")
+    d2 = (dx * voxel_size[0]) ** 2 + (dy * voxel_size[1]) ** 2 + (dz * voxel_size[2]) ** 2
+    inside = d2 <= radius_mm**2 * (1 + 1e-9)
+    sphere = np.zeros(shape)
+    sphere[dx[inside] % shape[0], dy[inside] % shape[1], dz[inside] % shape[2]] = 1.0
+    return sphere
+
+
+def vsharp(field, mask, voxel_size, radii_mm, threshold):
+    shape = field.shape
+    padded = tuple(fast_len(n) for n in shape)
+    inside = mask != 0
+    f = np.zeros(padded)
+    m = np.zeros(padded)
+    f[: shape[0], : shape[1], : shape[2]] = np.where(inside, field, 0.0)
+    m[: shape[0], : shape[1], : shape[2]] = inside
+    f_hat, m_hat = np.fft.rfftn(f), np.fft.rfftn(m)
+    local = np.zeros(padded)
+    assigned = np.zeros(padded, dtype=bool)
+    kernel_largest = None
+    eroded = None
+    for r in sorted(set(radii_mm), reverse=True):
+        sphere = sphere_indicator(padded, voxel_size, r)
+        count = sphere.sum()
+        s_hat = np.fft.rfftn(sphere).real
+        eroded = np.fft.irfftn(m_hat * s_hat, s=padded, axes=(0, 1, 2)) > count - 0.5
+        high_pass = np.fft.irfftn(f_hat * (1.0 - s_hat / count), s=padded, axes=(0, 1, 2))
+        take = eroded & ~assigned
+        local[take] = high_pass[take]
+        assigned |= take
+        if kernel_largest is None:
+            kernel_largest = 1.0 - s_hat / count
+    keep = np.abs(kernel_largest) >= threshold
+    safe = np.where(keep, kernel_largest, 1.0)
+    deconv = np.fft.irfftn(
+        np.where(keep, np.fft.rfftn(local) / safe, 0.0), s=padded, axes=(0, 1, 2)
+    )
+    deconv = np.where(eroded, deconv, 0.0)
+    sl = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    return deconv[sl], eroded[sl].astype(np.uint8)
+
+
+def nrmse(estimate, truth, mask) -> float:
+    """DESIGN §5 NRMSE [%]: demeaned over the mask."""
+    inside = mask != 0
+    e = estimate[inside] - estimate[inside].mean()
+    t = truth[inside] - truth[inside].mean()
+    return float(100.0 * np.linalg.norm(e - t) / np.linalg.norm(t))
+
+
+@dataclass
+class QsmPhantom:
+    chi: np.ndarray  # ppm, brain-internal χ at the working resolution (0 outside brain)
+    total_field: np.ndarray  # ppm, field of brain + background sources
+    local_field: np.ndarray  # ppm, field of the brain sources alone
+    mask: np.ndarray  # bool, brain
+    voxel_size: tuple[float, float, float]
+    b0_dir: tuple[float, float, float]
+
+
+def _ellipsoid(grid, centre, semi_axes):
+    return sum(((g - c) / s) ** 2 for g, c, s in zip(grid, centre, semi_axes, strict=True)) <= 1.0
+
+
+def simulate_phantom(
+    n: int = 64,
+    voxel_size=(1.5, 1.5, 2.0),
+    b0_dir=(0.1, -0.2, 1.0),
+    noise_ppm: float = 0.0,
+    seed: int = 0,
+) -> QsmPhantom:
+    """Ellipsoid 'brain' with deep-grey-like blobs, a vein, a skull shell and an air
+    cavity, simulated at 2x resolution and averaged down by 2 along each axis."""
+    rng = np.random.default_rng(seed)
+    hi = 2 * n
+    vs_hi = tuple(v / 2 for v in voxel_size)
+    # Coordinates in mm of the high-resolution voxel centres, origin at the volume centre.
+    axes = [(np.arange(hi) - (hi - 1) / 2) * vs_hi[a] for a in range(3)]
+    grid = np.meshgrid(*axes, indexing="ij", sparse=True)
+    extent = [n * voxel_size[a] for a in range(3)]
+    brain_axes = [0.33 * e for e in extent]
+    brain = _ellipsoid(grid, (0, 0, 0), brain_axes)
+    chi_brain = np.where(brain, -0.02, 0.0)
+    blobs = [
+        ((-0.10, 0.05, 0.0), (0.06, 0.04, 0.05), 0.18),  # pallidum-like
+        ((0.10, 0.05, 0.0), (0.07, 0.05, 0.06), 0.08),  # putamen-like
+        ((0.0, -0.12, 0.05), (0.05, 0.05, 0.04), 0.12),  # nigra-like
+        ((0.0, 0.15, -0.10), (0.04, 0.06, 0.05), -0.05),
+    ]
+    for (cx, cy, cz), (sx, sy, sz), value in blobs:
+        centre = (cx * extent[0], cy * extent[1], cz * extent[2])
+        semi = (sx * extent[0], sy * extent[1], sz * extent[2])
+        chi_brain = np.where(_ellipsoid(grid, centre, semi) & brain, value, chi_brain)
+    # A thin vein along y.
+    vein = ((grid[0] - 0.12 * extent[0]) ** 2 + (grid[2] - 0.1 * extent[2]) ** 2 <= 1.2**2) & brain
+    chi_brain = np.where(vein, 0.4, chi_brain)
+    # Background: skull shell (bone, χ ≈ -2 ppm vs tissue) and an air cavity (+9.4 ppm).
+    skull_outer = _ellipsoid(
+        grid, (0, 0, 0), [a + 0.08 * e for a, e in zip(brain_axes, extent, strict=True)]
+    )
+    skull = skull_outer & ~_ellipsoid(
+        grid, (0, 0, 0), [a + 0.03 * e for a, e in zip(brain_axes, extent, strict=True)]
+    )
+    air = _ellipsoid(
+        grid,
+        (0, 0.36 * extent[1], -0.2 * extent[2]),
+        (0.08 * extent[0], 0.05 * extent[1], 0.06 * extent[2]),
+    )
+    chi_bg = np.where(skull, -2.0, 0.0) + np.where(air & ~brain, 9.4, 0.0)
+
+    def down(x):
+        return x.reshape(n, 2, n, 2, n, 2).mean(axis=(1, 3, 5))
+
+    local_hi = forward_field(chi_brain, vs_hi, b0_dir)
+    bg_hi = forward_field(chi_bg, vs_hi, b0_dir)
+    mask = down(brain.astype(np.float64)) > 0.99
+    local = down(local_hi)
+    total = local + down(bg_hi)
+    if noise_ppm > 0:
+        noise = rng.normal(0.0, noise_ppm, total.shape)
+        total = total + noise
+        local = local + noise
+    return QsmPhantom(
+        chi=np.where(mask, down(chi_brain), 0.0),
+        total_field=total,
+        local_field=local,
+        mask=mask,
+        voxel_size=tuple(voxel_size),
+        b0_dir=tuple(b0_dir),
+    )
