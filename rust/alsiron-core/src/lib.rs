@@ -9,7 +9,10 @@
 //! - Kernels return [`CoreError`] for bad arguments and never panic on user data.
 
 pub mod error;
+pub mod fieldmap;
 pub mod grid;
+pub mod r2star;
+pub mod unwrap;
 
 pub use error::{CoreError, CoreResult};
 pub use grid::Shape3;
