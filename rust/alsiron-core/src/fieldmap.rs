@@ -23,7 +23,7 @@
 
 use crate::error::{CoreError, CoreResult};
 use crate::grid::Shape3;
-use crate::unwrap::{unwrap_with_labels, wrap_angle};
+use crate::unwrap::{round_fast, unwrap_with_labels, wrap_angle};
 use rayon::prelude::*;
 use std::f64::consts::PI;
 
@@ -145,7 +145,7 @@ pub fn fit_multi_echo_field(
                     return;
                 }
                 let predicted = phi0 + omega0 * te;
-                let y = raw + TWO_PI * ((predicted - raw) / TWO_PI).round() - phi0;
+                let y = raw + TWO_PI * round_fast((predicted - raw) * (1.0 / TWO_PI)) - phi0;
                 let w = m * m;
                 swty += w * te * y;
                 swtt += w * te * te;

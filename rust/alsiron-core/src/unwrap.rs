@@ -29,10 +29,23 @@ use std::f64::consts::PI;
 const TWO_PI: f64 = 2.0 * PI;
 const N_BINS: usize = 256;
 
+/// Round to the nearest integer (ties to even) without a libm call: the baseline x86-64
+/// target has no rounding instruction, and `f64::round` dominated the unwrapping time.
+/// Exact for |x| < 2^51; NaN stays NaN.
+#[inline(always)]
+pub fn round_fast(x: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
+    if x.abs() < 2_251_799_813_685_248.0 {
+        (x + MAGIC) - MAGIC
+    } else {
+        x.round()
+    }
+}
+
 /// Wrap an angle to [−π, π].
-#[inline]
+#[inline(always)]
 pub fn wrap_angle(x: f64) -> f64 {
-    x - TWO_PI * (x / TWO_PI).round()
+    x - TWO_PI * round_fast(x * (1.0 / TWO_PI))
 }
 
 /// Unwrap a wrapped 3-D phase [rad] (C order, `shape`), optionally guided by a magnitude
@@ -158,7 +171,7 @@ fn edge_costs(
                             q *= coherence * (lo * inv_ref).min(1.0);
                         }
                         let q = q.clamp(0.0, 1.0);
-                        plane[3 * (j * nz + k) + d] = ((1.0 - q) * 255.0).round() as u8;
+                        plane[3 * (j * nz + k) + d] = ((1.0 - q) * 255.0 + 0.5) as u8;
                     }
                 }
             }
@@ -218,6 +231,10 @@ fn seed_order(costs: &[u8], active: &[bool], shape: Shape3) -> Vec<u32> {
 }
 
 /// Region growing through the bucketed priority queue.
+///
+/// Memory traffic dominates, so the loop touches as little as possible: one byte of
+/// state per voxel (inactive / pending / done), the output array (which still holds the
+/// raw phase of voxels not yet reached) and the edge costs; labels are only written.
 fn grow(
     phase: &[f32],
     costs: &[u8],
@@ -225,17 +242,24 @@ fn grow(
     order: &[u32],
     shape: Shape3,
 ) -> (Vec<f32>, Vec<u32>) {
+    const INACTIVE: u8 = 0;
+    const PENDING: u8 = 1;
+    const DONE: u8 = 2;
     let [nx, ny, nz] = shape.0;
     let dims = [nx, ny, nz];
     let strides = [ny * nz, nz, 1];
     let mut out = phase.to_vec();
     let mut labels = vec![0u32; shape.len()];
+    let mut state: Vec<u8> = active
+        .iter()
+        .map(|&a| if a { PENDING } else { INACTIVE })
+        .collect();
     let mut buckets: Vec<Vec<u32>> = (0..N_BINS).map(|_| Vec::new()).collect();
     let mut component = 0u32;
 
-    // Push the edges from a freshly reached voxel `v` to its unreached active neighbours.
+    // Push the edges from a freshly reached voxel `v` to its pending neighbours.
     // Entry = target * 8 + dir, dir 0..3: source = target − stride, 3..6: target + stride.
-    let push_neighbours = |v: usize, labels: &[u32], buckets: &mut [Vec<u32>], top: &mut usize| {
+    let push_neighbours = |v: usize, state: &[u8], buckets: &mut [Vec<u32>], top: &mut usize| {
         let k = v % nz;
         let j = (v / nz) % ny;
         let i = v / (ny * nz);
@@ -243,7 +267,7 @@ fn grow(
         for d in 0..3 {
             if coords[d] + 1 < dims[d] {
                 let u = v + strides[d];
-                if active[u] && labels[u] == 0 {
+                if state[u] == PENDING {
                     let c = costs[3 * v + d] as usize;
                     buckets[c].push((u * 8 + d) as u32);
                     *top = (*top).min(c);
@@ -251,7 +275,7 @@ fn grow(
             }
             if coords[d] > 0 {
                 let u = v - strides[d];
-                if active[u] && labels[u] == 0 {
+                if state[u] == PENDING {
                     let c = costs[3 * u + d] as usize;
                     buckets[c].push((u * 8 + 3 + d) as u32);
                     *top = (*top).min(c);
@@ -262,20 +286,21 @@ fn grow(
 
     for &seed in order {
         let seed = seed as usize;
-        if labels[seed] != 0 {
+        if state[seed] != PENDING {
             continue;
         }
         component += 1;
+        state[seed] = DONE;
         labels[seed] = component;
         let mut top = N_BINS;
-        push_neighbours(seed, &labels, &mut buckets, &mut top);
+        push_neighbours(seed, &state, &mut buckets, &mut top);
         while top < N_BINS {
             let Some(entry) = buckets[top].pop() else {
                 top += 1;
                 continue;
             };
             let t = (entry >> 3) as usize;
-            if labels[t] != 0 {
+            if state[t] != PENDING {
                 continue;
             }
             let dir = (entry & 7) as usize;
@@ -284,11 +309,12 @@ fn grow(
             } else {
                 t + strides[dir - 3]
             };
-            let raw = phase[t] as f64;
-            let k = ((out[s] as f64 - raw) / TWO_PI).round();
+            let raw = out[t] as f64;
+            let k = round_fast((out[s] as f64 - raw) * (1.0 / TWO_PI));
             out[t] = (raw + TWO_PI * k) as f32;
+            state[t] = DONE;
             labels[t] = component;
-            push_neighbours(t, &labels, &mut buckets, &mut top);
+            push_neighbours(t, &state, &mut buckets, &mut top);
         }
     }
     (out, labels)

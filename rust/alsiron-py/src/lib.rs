@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod fit;
 
 /// Number of threads in the global rayon pool.
 #[pyfunction]
@@ -18,5 +19,6 @@ fn num_threads() -> usize {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    fit::register(m)?;
     Ok(())
 }
