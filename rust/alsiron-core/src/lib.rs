@@ -12,8 +12,11 @@ pub mod bfr;
 pub mod dipole;
 pub mod error;
 pub mod fft;
+pub mod fieldmap;
 pub mod grid;
 pub mod inversion;
+pub mod r2star;
+pub mod unwrap;
 
 pub use error::{CoreError, CoreResult};
 pub use grid::Shape3;

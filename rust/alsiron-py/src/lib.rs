@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod fit;
 mod qsm;
 
 /// Number of threads in the global rayon pool.
@@ -38,5 +39,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     qsm::register(m)?;
+    fit::register(m)?;
     Ok(())
 }

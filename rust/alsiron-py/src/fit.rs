@@ -1,0 +1,175 @@
+//! Bindings for phase unwrapping, multi-echo field fitting and the R2* fit.
+//!
+//! Every input must be C-contiguous with the dtype named in the signature (the Python
+//! wrappers in `alsiron.fieldmap` / `alsiron.relax` convert once); outputs are new arrays.
+
+use alsiron_core::{fieldmap, r2star, unwrap, Shape3};
+use numpy::ndarray::{Array1, Array3};
+use numpy::{IntoPyArray, PyArray1, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{PyReadonlyArray3, PyReadonlyArray4, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::to_py;
+
+/// Borrow a C-contiguous array as a flat slice or raise a ValueError naming it.
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    arr: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    arr.as_slice().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be C-contiguous (use numpy.ascontiguousarray)"
+        ))
+    })
+}
+
+fn shape3(dims: &[usize]) -> Shape3 {
+    Shape3([dims[0], dims[1], dims[2]])
+}
+
+fn same_shape(a: &[usize], b: &[usize], what: &str) -> PyResult<()> {
+    if a != b {
+        return Err(PyValueError::new_err(format!(
+            "{what} has shape {b:?}, expected {a:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn volume<'py>(
+    py: Python<'py>,
+    shape: Shape3,
+    data: Vec<f32>,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let [nx, ny, nz] = shape.0;
+    Array3::from_shape_vec((nx, ny, nz), data)
+        .map(|a| a.into_pyarray(py))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Unwrap a 3-D wrapped phase [rad] guided by the magnitude inside a mask.
+///
+/// Voxels outside the mask (or with non-finite input) keep their input value.
+#[pyfunction]
+fn unwrap_phase<'py>(
+    py: Python<'py>,
+    phase: PyReadonlyArray3<'py, f32>,
+    magnitude: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let dims = phase.shape().to_vec();
+    same_shape(&dims, magnitude.shape(), "magnitude")?;
+    same_shape(&dims, mask.shape(), "mask")?;
+    let shape = shape3(&dims);
+    let (p, m, k) = (
+        contiguous(&phase, "phase")?,
+        contiguous(&magnitude, "magnitude")?,
+        contiguous(&mask, "mask")?,
+    );
+    let out = py
+        .detach(|| unwrap::unwrap_phase_3d(p, Some(m), Some(k), shape))
+        .map_err(to_py)?;
+    volume(py, shape, out)
+}
+
+type FieldMaps<'py> = (
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<f32>>,
+);
+
+/// Fit ω [rad/s], φ0 [rad] and the weighted RMS phase residual [rad] from echo-major
+/// magnitude and phase `(E, X, Y, Z)`; NaN outside the mask.
+#[pyfunction]
+fn fit_multi_echo_field<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray4<'py, f32>,
+    phase: PyReadonlyArray4<'py, f32>,
+    echo_times: Vec<f64>,
+    mask: PyReadonlyArray3<'py, u8>,
+) -> PyResult<FieldMaps<'py>> {
+    let dims = magnitude.shape().to_vec();
+    same_shape(&dims, phase.shape(), "phase")?;
+    same_shape(&dims[1..], mask.shape(), "mask")?;
+    if dims[0] != echo_times.len() {
+        return Err(PyValueError::new_err(format!(
+            "magnitude has {} echoes but {} echo times were given",
+            dims[0],
+            echo_times.len()
+        )));
+    }
+    let shape = shape3(&dims[1..]);
+    let (m, p, k) = (
+        contiguous(&magnitude, "magnitude")?,
+        contiguous(&phase, "phase")?,
+        contiguous(&mask, "mask")?,
+    );
+    let fit = py
+        .detach(|| fieldmap::fit_multi_echo_field(m, p, &echo_times, shape, Some(k)))
+        .map_err(to_py)?;
+    Ok((
+        volume(py, shape, fit.omega)?,
+        volume(py, shape, fit.phase_offset)?,
+        volume(py, shape, fit.residual)?,
+    ))
+}
+
+type R2starMaps<'py> = (
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<u8>>,
+);
+
+/// Log-linear R2* fit of echo-major magnitude `(E, N)`: returns R2* [s⁻¹], S0 and a
+/// status code per voxel (0 ok, 1 bad magnitude, 2 degenerate fit, 3 outside mask).
+#[pyfunction]
+#[pyo3(signature = (magnitude, echo_times, mask=None, weighted=false))]
+fn fit_r2star_loglinear<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray2<'py, f32>,
+    echo_times: Vec<f64>,
+    mask: Option<PyReadonlyArray1<'py, u8>>,
+    weighted: bool,
+) -> PyResult<R2starMaps<'py>> {
+    let [n_echo, n] = [magnitude.shape()[0], magnitude.shape()[1]];
+    if n_echo != echo_times.len() {
+        return Err(PyValueError::new_err(format!(
+            "magnitude has {n_echo} echoes (rows) but {} echo times were given",
+            echo_times.len()
+        )));
+    }
+    let m = contiguous(&magnitude, "magnitude")?;
+    let k = match &mask {
+        Some(k) => Some(contiguous(k, "mask")?),
+        None => None,
+    };
+    let mut r2 = vec![0.0f32; n];
+    let mut s0 = vec![0.0f32; n];
+    let mut status = vec![0u8; n];
+    py.detach(|| {
+        r2star::fit_r2star_loglinear_into(
+            m,
+            &echo_times,
+            k,
+            weighted,
+            &mut r2,
+            &mut s0,
+            &mut status,
+        )
+    })
+    .map_err(to_py)?;
+    Ok((
+        Array1::from_vec(r2).into_pyarray(py),
+        Array1::from_vec(s0).into_pyarray(py),
+        Array1::from_vec(status).into_pyarray(py),
+    ))
+}
+
+/// Add this module's functions to `alsiron._core`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(unwrap_phase, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_multi_echo_field, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_r2star_loglinear, m)?)?;
+    Ok(())
+}
