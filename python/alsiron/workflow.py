@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from alsiron import __version__, fieldmap, qsm, relax
 from alsiron.derivatives import DerivativeMap
@@ -33,13 +34,22 @@ class QsmParameters:
 
     Attributes
     ----------
-    mask_erode_voxels : int
-        Erosion of the magnitude brain mask before field mapping (voxels).
+    mask_opening_voxels : int
+        Radius (voxels) of the erosion that separates brain from scalp before the
+        largest connected component is kept (the mask is dilated back afterwards).
     residual_threshold : float
-        Voxels whose relative field-fit residual exceeds this are excluded from the
-        QSM mask (phase-quality masking, consensus: 0.3).
-    vsharp_radii_mm : tuple of float
-        V-SHARP sphere radii, largest first (mm).
+        Voxels whose magnitude-weighted RMS phase residual of the field fit exceeds this
+        [rad] are excluded from the QSM mask (phase-quality masking).
+    bfr_erode_voxels : int
+        Erosion (voxels) of the phase-quality brain mask before background-field removal;
+        the outermost voxels mix tissue with bone or air and their phase is unreliable
+        (consensus example pipeline: 1 voxel; 2 measured better on the phantom: χ NRMSE
+        45 % vs 75 % at 64³, 3 mm).
+    vsharp_radii_mm : tuple of float or None
+        V-SHARP sphere radii in mm; None = :func:`default_vsharp_radii` (24 mm down to
+        one voxel). Radii beyond the consensus' 12 mm keep more of the slowly varying
+        local field: on the head phantom they lowered χ NRMSE from 110 % to 75 % (64³,
+        3 mm) and raised the deep-grey slope from 0.79 to 0.86.
     vsharp_threshold : float
         Truncation of the V-SHARP deconvolution kernel.
     inversion : {"tvadmm", "tkd"}
@@ -56,14 +66,15 @@ class QsmParameters:
         Use the S²-weighted log-linear R2* fit.
     """
 
-    mask_erode_voxels: int = 1
-    residual_threshold: float = 0.3
-    vsharp_radii_mm: tuple[float, ...] = (12.0, 10.0, 8.0, 6.0, 4.0, 2.0)
-    vsharp_threshold: float = 0.05
+    mask_opening_voxels: int = 2
+    residual_threshold: float = 0.5
+    bfr_erode_voxels: int = 2
+    vsharp_radii_mm: tuple[float, ...] | None = None
+    vsharp_threshold: float = qsm.VSHARP_THRESHOLD
     inversion: str = "tvadmm"
-    tkd_threshold: float = 0.19
-    tv_alpha: float = 3e-4
-    tv_mu: float = 3e-2
+    tkd_threshold: float = qsm.TKD_THRESHOLD
+    tv_alpha: float = qsm.TV_ALPHA
+    tv_mu: float = qsm.TV_MU
     tv_max_iter: int = 200
     tv_tol: float = 1e-3
     r2star_weighted: bool = True
@@ -152,7 +163,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     b0dir = series.b0_direction
 
     t0 = step(0)
-    brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p.mask_erode_voxels)
+    brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
     if not brain.any():
         raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
@@ -161,11 +172,15 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     fm = fieldmap.fit_multi_echo_field(series.magnitude, series.phase, series.echo_times,
                                        brain, field_strength=series.field_strength)
     quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.residual_threshold)
+    if p.bfr_erode_voxels > 0:
+        quality = ndimage.binary_erosion(quality, iterations=p.bfr_erode_voxels)
     timings["field_fit"] = time.perf_counter() - t0
 
     t0 = step(2)
-    local, qsm_mask = qsm.vsharp(fm.field_ppm, quality, voxel_size=vsz,
-                                 radii_mm=p.vsharp_radii_mm, threshold=p.vsharp_threshold)
+    radii = (default_vsharp_radii(vsz) if p.vsharp_radii_mm is None
+             else list(p.vsharp_radii_mm))
+    local, qsm_mask = qsm.vsharp(np.nan_to_num(fm.field_ppm), quality, voxel_size=vsz,
+                                 radii_mm=radii, threshold=p.vsharp_threshold)
     qsm_mask = qsm_mask.astype(bool)
     if not qsm_mask.any():
         raise ValueError("mask is empty after V-SHARP erosion: the brain is smaller than the "
@@ -174,11 +189,11 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
 
     t0 = step(3)
     if p.inversion == "tkd":
-        chi = qsm.tkd(local, qsm_mask, voxel_size=vsz, b0_direction=b0dir,
+        chi = qsm.tkd(local, qsm_mask, voxel_size=vsz, b0_dir=b0dir,
                       threshold=p.tkd_threshold)
         inv_params: dict[str, Any] = {"Threshold": p.tkd_threshold}
     else:
-        chi, n_iter = qsm.tv_admm(local, qsm_mask, voxel_size=vsz, b0_direction=b0dir,
+        chi, n_iter = qsm.tv_admm(local, qsm_mask, voxel_size=vsz, b0_dir=b0dir,
                                   alpha=p.tv_alpha, mu=p.tv_mu, max_iter=p.tv_max_iter,
                                   tol=p.tv_tol)
         inv_params = {"Alpha": p.tv_alpha, "Mu": p.tv_mu, "MaxIterations": p.tv_max_iter,
@@ -191,7 +206,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
                                     weighted=p.r2star_weighted)
     timings["r2star"] = time.perf_counter() - t0
 
-    provenance = pipeline_provenance(series, p)
+    provenance = pipeline_provenance(series, p, radii)
     provenance["Steps"]["DipoleInversion"].update(inv_params)
     provenance["QsmMaskVoxels"] = int(qsm_mask.sum())
     provenance["BrainMaskVoxels"] = int(brain.sum())
@@ -218,7 +233,16 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     )
 
 
-def pipeline_provenance(series: MegreSeries, p: QsmParameters) -> dict[str, Any]:
+def default_vsharp_radii(voxel_size: tuple[float, float, float]) -> list[float]:
+    """V-SHARP radii [mm]: 24, 20, 16, 12, 9, 6, 3 mm (those above the largest voxel
+    edge) and one voxel edge as the smallest."""
+    vmax = max(voxel_size)
+    return sorted({r for r in (24.0, 20.0, 16.0, 12.0, 9.0, 6.0, 3.0) if r > vmax} | {vmax},
+                  reverse=True)
+
+
+def pipeline_provenance(series: MegreSeries, p: QsmParameters,
+                        radii: list[float]) -> dict[str, Any]:
     """Acquisition and processing record (the 2024 QSM consensus reporting items)."""
     te_ms = [round(t * 1e3, 4) for t in series.echo_times]
     meta = series.metadata
@@ -240,15 +264,17 @@ def pipeline_provenance(series: MegreSeries, p: QsmParameters) -> dict[str, Any]
             "NonFiniteVoxelsZeroed": meta.get("NonFiniteVoxels", 0),
         },
         "Steps": {
-            "BrainMask": {"Method": "magnitude threshold + morphology (echo 1)",
-                          "ErodeVoxels": p.mask_erode_voxels},
+            "BrainMask": {"Method": "Otsu threshold of echo-1 magnitude, opening, largest "
+                          "component, hole filling", "OpeningVoxels": p.mask_opening_voxels},
             "PhaseUnwrapping": {"Method": "quality-guided region growing (echo-difference "
                                 "phase) + temporal unwrapping"},
             "EchoCombination": {"Method": "magnitude-weighted linear fit of unwrapped phase "
                                 "over echo time (before background removal)"},
-            "PhaseQualityMask": {"Method": "relative field-fit residual",
+            "PhaseQualityMask": {"Method": "magnitude-weighted RMS phase residual of the "
+                                 "field fit [rad]",
                                  "Threshold": p.residual_threshold},
-            "BackgroundFieldRemoval": {"Method": "V-SHARP", "Radii_mm": list(p.vsharp_radii_mm),
+            "BackgroundFieldRemoval": {"Method": "V-SHARP", "Radii_mm": radii,
+                                       "MaskErosionVoxels": p.bfr_erode_voxels,
                                        "Threshold": p.vsharp_threshold},
             "DipoleInversion": {"Method": "TV-ADMM" if p.inversion == "tvadmm" else "TKD"},
             "Referencing": {"Method": "whole-brain mean over the QSM mask set to 0"},

@@ -1,0 +1,255 @@
+"""End to end on the head phantom: `alsiron phantom` then `alsiron qsm`, checked
+against the phantom's ground truth (DESIGN.md §5 metrics), plus output safety.
+
+The phantom is simulated at 2x supersampling with a padded continuous-like dipole
+kernel and averaged down, so the pipeline never inverts the kernel that made the data.
+Tolerances are the measured values (64³, 3 mm, SNR 100, seed 3) plus a margin for
+noise; see the comments at each assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from alsiron import evaluate, ingest, phantom, workflow
+from alsiron.cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, main
+
+OUTPUTS = ["Chimap", "R2starmap", "T2starmap", "S0map", "desc-r2starfit_status",
+           "desc-total_fieldmap", "desc-local_fieldmap", "desc-brain_mask", "desc-qsm_mask"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom") / "bids"
+    code = main(["phantom", str(root), "--subjects", "1", "--matrix", "64",
+                 "--voxel-size", "3", "--seed", "3"])
+    assert code == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def qsm_run(dataset) -> Path:
+    assert main(["qsm", str(dataset / "sub-01")]) == 0
+    return dataset / "derivatives" / "alsiron" / "sub-01" / "ses-01" / "anat"
+
+
+def out_file(anat: Path, tail: str) -> Path:
+    return anat / f"sub-01_ses-01_{tail}.nii.gz"
+
+
+def test_outputs_and_sidecars(dataset, qsm_run):
+    raw = nib.load(str(dataset / "sub-01/ses-01/anat/sub-01_ses-01_echo-1_part-mag_MEGRE.nii.gz"))
+    for tail in OUTPUTS:
+        img = nib.load(str(out_file(qsm_run, tail)))
+        assert img.shape == raw.shape
+        np.testing.assert_allclose(img.affine, raw.affine, atol=1e-6)
+        side = json.loads(out_file(qsm_run, tail).with_suffix("").with_suffix(".json").read_text())
+        assert side["Software"]["Name"] == "alsiron" and side["Sources"]
+    chi_side = json.loads((qsm_run / "sub-01_ses-01_Chimap.json").read_text())
+    assert chi_side["Units"] == "ppm"
+    steps = chi_side["Steps"]
+    assert steps["BackgroundFieldRemoval"]["Method"] == "V-SHARP"
+    assert steps["DipoleInversion"]["Method"] == "TV-ADMM"
+    assert steps["DipoleInversion"]["IterationsRun"] >= 1
+    acq = chi_side["Acquisition"]
+    assert acq["MagneticFieldStrength"] == 3.0 and acq["NumberOfEchoes"] == 6
+    assert acq["B0Direction_voxel"] == pytest.approx([0, 0, 1], abs=1e-9)
+    assert json.loads((qsm_run / "sub-01_ses-01_R2starmap.json").read_text())["Units"] == "1/s"
+    assert json.loads((qsm_run / "sub-01_ses-01_T2starmap.json").read_text())["Units"] == "s"
+    # Whole-brain referencing: the χ mean over the QSM mask is zero.
+    chi = np.asarray(nib.load(str(out_file(qsm_run, "Chimap"))).dataobj)
+    mask = np.asarray(nib.load(str(out_file(qsm_run, "desc-qsm_mask"))).dataobj).astype(bool)
+    assert abs(float(np.mean(chi[mask]))) < 1e-5
+    assert np.isnan(chi[~mask]).all()
+    assert (dataset / "derivatives" / "alsiron" / "dataset_description.json").is_file()
+
+
+def load_chi_and_truth(dataset: Path, anat: Path):
+    truth = evaluate.load_truth(dataset, {"sub": "01", "ses": "01"})
+    chi = np.asarray(nib.load(str(out_file(anat, "Chimap"))).dataobj, dtype=np.float64)
+    mask = np.asarray(nib.load(str(out_file(anat, "desc-qsm_mask"))).dataobj).astype(bool)
+    return chi, mask, truth
+
+
+def test_chi_accuracy_against_truth(dataset, qsm_run):
+    chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
+    scores = evaluate.score_chi(chi, mask, truth)
+    # Measured at this seed: NRMSE 44.9 %, HFEN 30.6 %, XSIM 0.39, slope 0.87, R² 0.94.
+    assert scores["NRMSE_pct"] < 55
+    assert scores["HFEN_pct"] < 40
+    assert scores["XSIM"] > 0.3
+    assert 0.75 < scores["DeepGreySlope"] < 1.1
+    assert scores["DeepGreyR2"] > 0.85
+    # The QSM mask keeps most of the brain (erosion for V-SHARP removes the rim).
+    assert mask.sum() > 0.6 * truth.brain_mask.sum()
+
+
+def test_deep_grey_region_means(dataset, qsm_run):
+    chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
+    ref_est = chi[mask].mean()
+    ref_true = truth.chi[mask].mean()
+    names = truth.label_names
+    errors = {}
+    for lab in truth.deep_grey_ids():
+        sel = mask & (truth.labels == lab)
+        if sel.sum() < 5:
+            continue
+        errors[names[lab]] = (chi[sel].mean() - ref_est) - (truth.chi[sel].mean() - ref_true)
+    assert len(errors) >= 8
+    # Region means within 0.04 ppm of truth (globus pallidus truth ≈ 0.18 ppm); the
+    # measured worst case is printed on failure.
+    worst = max(errors, key=lambda k: abs(errors[k]))
+    assert abs(errors[worst]) < 0.04, errors
+    # Iron-rich nuclei come out more paramagnetic than white matter, in the right order.
+    def region(name):
+        sel = mask & np.isin(truth.labels, [i for i, n in names.items() if n.startswith(name)])
+        return chi[sel].mean()
+    assert region("globus_pallidus") > region("putamen") > region("white_matter")
+
+
+def r2star_region_errors(r2star: np.ndarray, labels: np.ndarray, truth_r2star: np.ndarray,
+                         brain: np.ndarray, names: dict[int, str]) -> dict[str, float]:
+    """Relative error of the mean R2* in the interior (1-voxel eroded) of each tissue."""
+    errors = {}
+    for lab, name in names.items():
+        if name in ("air", "bone", "sinus_air", "scalp", "csf", "vein"):
+            continue
+        sel = ndimage.binary_erosion(labels == lab) & brain
+        if sel.sum() < 10:
+            continue
+        errors[name] = float(np.nanmean(r2star[sel]) / truth_r2star[sel].mean() - 1)
+    return errors
+
+
+def test_r2star_in_the_qsm_run(dataset, qsm_run):
+    truth = evaluate.load_truth(dataset, {"sub": "01", "ses": "01"})
+    r2s = np.asarray(nib.load(str(out_file(qsm_run, "R2starmap"))).dataobj, dtype=np.float64)
+    errors = r2star_region_errors(r2s, truth.labels, truth.r2star, truth.brain_mask,
+                                  truth.label_names)
+    assert len(errors) >= 5
+    # At 3 T and 3 mm the phantom's sub-voxel field variation (real intravoxel dephasing,
+    # not modelled by the mono-exponential tissue R2* truth) raises apparent R2*: measured
+    # +1.9 % in WM, +4.6 % in the cortex next to the skull, -0.5..+1.9 % in deep grey.
+    deep = {k: v for k, v in errors.items() if k != "cortical_gm"}
+    assert max(abs(v) for v in deep.values()) < 0.03, errors
+    assert 0 < errors["cortical_gm"] < 0.08, errors
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_r2star_within_two_percent_at_snr_100(seed):
+    """R2* fit accuracy in tissue at SNR 100, with dephasing made negligible (0.5 T)."""
+    ps = phantom.simulate_subject(matrix=64, voxel_size=3.0, snr=100.0, field_strength=0.5,
+                                  rng=np.random.default_rng(seed))
+    from alsiron import relax
+
+    fit = relax.fit_r2star_loglinear(ps.magnitude, ps.echo_times, mask=ps.brain_mask,
+                                     weighted=True)
+    errors = r2star_region_errors(fit.r2star, ps.labels, ps.r2star, ps.brain_mask,
+                                  ps.label_names)
+    assert len(errors) >= 5
+    # Measured (seed 3): |error| <= 0.8 % in every tissue.
+    assert max(abs(v) for v in errors.values()) < 0.02, errors
+
+
+def test_intravoxel_dephasing_bias_grows_with_field():
+    """Documents the bias the 3 T test allows: it vanishes as B0 (hence the field
+    variation inside a voxel) shrinks, so it is physics, not the fitter."""
+    from alsiron import relax
+
+    bias = {}
+    for b0 in (0.5, 3.0):
+        ps = phantom.simulate_subject(matrix=64, voxel_size=3.0, snr=None, field_strength=b0,
+                                      rng=np.random.default_rng(3))
+        fit = relax.fit_r2star_loglinear(ps.magnitude, ps.echo_times, mask=ps.brain_mask)
+        bias[b0] = r2star_region_errors(fit.r2star, ps.labels, ps.r2star, ps.brain_mask,
+                                        ps.label_names)["cortical_gm"]
+    assert abs(bias[0.5]) < 0.01 < bias[3.0]
+
+
+def test_rerun_refuses_then_overwrites(dataset, qsm_run, capsys):
+    chi_path = out_file(qsm_run, "Chimap")
+    before = chi_path.stat().st_mtime_ns
+    code = main(["qsm", str(dataset / "sub-01")])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT_ERROR and "already exists" in err and "--overwrite" in err
+    assert chi_path.stat().st_mtime_ns == before
+    assert main(["qsm", str(dataset / "sub-01"), "--overwrite", "--inversion", "tkd"]) == 0
+    side = json.loads((qsm_run / "sub-01_ses-01_Chimap.json").read_text())
+    assert side["Steps"]["DipoleInversion"]["Method"] == "TKD"
+
+
+def test_interrupted_run_leaves_no_partial_files(dataset, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_save = nib.save
+
+    def save_then_interrupt(img, filename):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with open(filename, "wb") as fh:
+                fh.write(b"partial")
+            raise KeyboardInterrupt
+        real_save(img, filename)
+
+    monkeypatch.setattr(nib, "save", save_then_interrupt)
+    out = tmp_path / "out"
+    assert main(["qsm", str(dataset / "sub-01"), "--out", str(out)]) == EXIT_INTERRUPTED
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if ".part" in p.name]
+    for p in files:
+        if p.name.endswith(".nii.gz"):
+            real_img = nib.load(str(p))
+            assert np.asarray(real_img.dataobj).shape == (64, 64, 64)
+    assert len([p for p in files if p.name.endswith(".nii.gz")]) == 3
+
+
+def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
+    b0 = (0.0, 0.34, 0.94)
+    root = phantom.write_dataset(tmp_path / "obl", subjects=1, matrix=(64, 64, 56),
+                                 voxel_size=(3.0, 3.0, 3.5), b0_direction=b0, seed=5)
+    ses = ingest.find_sessions(root / "sub-01")[0]
+    series = ingest.load_megre(ses.series[0], subject="01", session=ses.session)
+    unit = np.asarray(b0) / np.linalg.norm(b0)
+    assert series.b0_direction == pytest.approx(tuple(unit), abs=1e-6)
+    assert series.voxel_size == pytest.approx((3.0, 3.0, 3.5))
+    truth = evaluate.load_truth(root, {"sub": "01", "ses": "01"})
+    result = workflow.process_series(series)
+    right = evaluate.score_chi(result.chi.data, result.qsm_mask.data, truth)
+    series.b0_direction = (0.0, 0.0, 1.0)  # what a tool that ignores the affine would do
+    wrong = evaluate.score_chi(workflow.process_series(series).chi.data,
+                               result.qsm_mask.data, truth)
+    # Measured: NRMSE 52 % with the affine's B0 vs 72 % assuming (0, 0, 1).
+    assert right["NRMSE_pct"] < 60
+    assert right["NRMSE_pct"] < wrong["NRMSE_pct"] - 8
+    assert 0.75 < right["DeepGreySlope"] < 1.1
+
+
+@pytest.mark.skipif(os.environ.get("ALSIRON_SKIP_REAL") == "1", reason="real data disabled")
+def test_real_romeo_patch_runs(tmp_path):
+    """The in-vivo ROMEO patch (3 echoes, no TEs recorded) runs once TEs are given."""
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "romeo_small"
+    if not (real / "Mag.nii").exists():
+        pytest.skip("shared real data not present")
+    anat = tmp_path / "sub-r" / "anat"
+    anat.mkdir(parents=True)
+    mag, phase = nib.load(str(real / "Mag.nii")), nib.load(str(real / "Phase.nii"))
+    for k in range(3):
+        for part, img in (("mag", mag), ("phase", phase)):
+            raw = np.asarray(img.dataobj.get_unscaled())[..., k]
+            hdr = nib.Nifti1Image(raw, img.affine)
+            hdr.header.set_slope_inter(img.dataobj.slope, img.dataobj.inter)
+            nib.save(hdr, anat / f"sub-r_echo-{k + 1}_part-{part}_MEGRE.nii")
+    code = main(["qsm", str(tmp_path / "sub-r"), "--echo-times", "0.004", "--echo-times",
+                 "0.008", "--echo-times", "0.012", "--field-strength", "3"])
+    assert code == 0
+    out = tmp_path / "derivatives" / "alsiron" / "sub-r" / "anat"
+    chi = np.asarray(nib.load(str(out / "sub-r_Chimap.nii.gz")).dataobj)
+    r2s = np.asarray(nib.load(str(out / "sub-r_R2starmap.nii.gz")).dataobj)
+    assert np.isfinite(chi).sum() > 1000
+    assert 5 < np.nanmedian(r2s) < 80
