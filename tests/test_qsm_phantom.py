@@ -224,8 +224,9 @@ def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
     series.b0_direction = (0.0, 0.0, 1.0)  # what a tool that ignores the affine would do
     wrong = evaluate.score_chi(workflow.process_series(series).chi.data,
                                result.qsm_mask.data, truth)
-    # Measured: NRMSE 52 % with the affine's B0 vs 72 % assuming (0, 0, 1).
-    assert right["NRMSE_pct"] < 60
+    # Measured: NRMSE 43 % (slope 0.86) with the affine's B0 vs 59 % (slope 0.66)
+    # assuming (0, 0, 1).
+    assert right["NRMSE_pct"] < 52
     assert right["NRMSE_pct"] < wrong["NRMSE_pct"] - 8
     assert 0.75 < right["DeepGreySlope"] < 1.1
 
