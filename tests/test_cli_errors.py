@@ -7,9 +7,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from bids_factory import write_megre_session
 
 from alsiron.cli import EXIT_INPUT_ERROR, main
+
+from bids_factory import write_megre_session
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

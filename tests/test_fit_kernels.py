@@ -7,12 +7,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import twins_fit as twins
+from skimage.restoration import unwrap_phase as skimage_unwrap
+
 from alsiron import _core
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.fieldmap import fit_multi_echo_field, omega_to_ppm, unwrap_phase
 from alsiron.relax import R2STAR_STATUS, fit_r2star_loglinear
-from skimage.restoration import unwrap_phase as skimage_unwrap
+
+import twins_fit as twins
 
 TWO_PI = 2.0 * np.pi
 REAL = Path("/work/shared/data/real/romeo_small")

@@ -10,10 +10,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
+
+from alsiron import ingest
 from alsiron.phantom import (
     DEFAULT_ALS_EFFECT_PPM,
     R2STAR_PER_CHI,
-    b0_direction_from_affine,
     draw_cohort,
     simulate_subject,
     write_dataset,
@@ -25,7 +27,6 @@ from alsiron.phantom_tissues import (
     TISSUES,
     table_text,
 )
-from scipy import ndimage
 
 OBLIQUE_B0 = np.array([0.2, -0.3, 0.93]) / np.linalg.norm([0.2, -0.3, 0.93])
 
@@ -102,7 +103,7 @@ def test_dtypes_shapes_and_phase_range(noiseless):
 
 
 def test_oblique_b0_recovered_from_affine(noiseless):
-    np.testing.assert_allclose(b0_direction_from_affine(noiseless.affine), OBLIQUE_B0,
+    np.testing.assert_allclose(ingest.b0_direction_from_affine(noiseless.affine), OBLIQUE_B0,
                                atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(noiseless.affine[:3, :3], axis=0), 3.0)
 
@@ -113,7 +114,7 @@ def test_anisotropic_voxels_keep_the_head_in_mm():
                              b0_direction=(0.0, 0.3, 1.0), rng=0)
     assert aniso.magnitude.shape == (6, 48, 48, 32)
     np.testing.assert_allclose(np.linalg.norm(aniso.affine[:3, :3], axis=0), (4.0, 4.0, 6.0))
-    np.testing.assert_allclose(b0_direction_from_affine(aniso.affine),
+    np.testing.assert_allclose(ingest.b0_direction_from_affine(aniso.affine),
                                np.array([0.0, 0.3, 1.0]) / np.hypot(0.3, 1.0), atol=1e-12)
     vol_iso = iso.brain_mask.sum() * 64.0
     vol_aniso = aniso.brain_mask.sum() * 96.0
@@ -263,7 +264,7 @@ def test_bids_layout_and_sidecars(dataset: Path):
                     assert side["RepetitionTime"] > side["EchoTime"] and side["FlipAngle"] > 0
                     assert side["Manufacturer"] == "alsiron-phantom"
                     nifti = nib.load(img)
-                    np.testing.assert_allclose(b0_direction_from_affine(nifti.affine),
+                    np.testing.assert_allclose(ingest.b0_direction_from_affine(nifti.affine),
                                                OBLIQUE_B0, atol=1e-6)
                     data = np.asarray(nifti.dataobj)
                     assert data.dtype == np.float32 and data.shape == (32, 32, 32)

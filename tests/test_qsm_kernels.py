@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import twins_qsm as tw
+
 from alsiron import _core, qsm
+
+import twins_qsm as tw
 
 OBLIQUE = (0.3, -0.2, 1.0)
 ANISO = (1.0, 1.2, 2.0)

@@ -208,25 +208,6 @@ def phantom_affine(matrix: tuple[int, int, int], voxel_size: tuple[float, float,
     return affine
 
 
-def b0_direction_from_affine(affine: np.ndarray) -> np.ndarray:
-    """Unit B0 direction in voxel-index space for B0 along world z (scanner convention).
-
-    Parameters
-    ----------
-    affine : ndarray, shape (4, 4)
-        Voxel-to-world transform (any voxel sizes; shears are not expected).
-
-    Returns
-    -------
-    ndarray, shape (3,)
-        ``R_unit.T @ (0, 0, 1)`` normalised, ``R_unit`` the affine's 3x3 with unit columns.
-    """
-    lin = np.asarray(affine, np.float64)[:3, :3]
-    unit = lin / np.linalg.norm(lin, axis=0, keepdims=True)
-    b = unit.T @ np.array([0.0, 0.0, 1.0])
-    return b / np.linalg.norm(b)
-
-
 # ----------------------------------------------------------------------- forward model
 
 
