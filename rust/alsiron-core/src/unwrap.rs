@@ -59,18 +59,50 @@ pub fn unwrap_phase_3d(
     mask: Option<&[u8]>,
     shape: Shape3,
 ) -> CoreResult<Vec<f32>> {
-    unwrap_with_labels(phase, magnitude, mask, shape).map(|(out, _)| out)
+    unwrap_with_components(phase, magnitude, mask, shape).map(|u| u.phase)
 }
 
-/// Unwrapping as in [`unwrap_phase_3d`], also returning a component label per voxel
-/// (0 = not unwrapped, c ≥ 1 = grown from the c-th seed), so callers can fix the
-/// 2πk ambiguity of each disconnected part separately.
-pub fn unwrap_with_labels(
+/// Result of [`unwrap_with_components`].
+#[derive(Debug, Clone)]
+pub struct Unwrapped {
+    /// Unwrapped phase [rad]; unreached voxels keep their input value.
+    pub phase: Vec<f32>,
+    /// Flat indices of the reached voxels in the order they were reached.
+    pub visit_order: Vec<u32>,
+    /// `visit_order[component_starts[c]..component_starts[c + 1]]` is the c-th
+    /// connected part (its first voxel is the seed); the last entry is `visit_order.len()`.
+    pub component_starts: Vec<usize>,
+}
+
+impl Unwrapped {
+    /// Number of separately grown parts.
+    pub fn n_components(&self) -> usize {
+        self.component_starts.len().saturating_sub(1)
+    }
+
+    /// Voxel indices of the c-th part.
+    pub fn component(&self, c: usize) -> &[u32] {
+        &self.visit_order[self.component_starts[c]..self.component_starts[c + 1]]
+    }
+
+    /// Per-voxel flag: true where the voxel was reached (unwrapped).
+    pub fn reached(&self, n_voxels: usize) -> Vec<bool> {
+        let mut reached = vec![false; n_voxels];
+        for &v in &self.visit_order {
+            reached[v as usize] = true;
+        }
+        reached
+    }
+}
+
+/// Unwrapping as in [`unwrap_phase_3d`], also returning which voxels form each
+/// separately grown part, so callers can fix the 2πk ambiguity of each part.
+pub fn unwrap_with_components(
     phase: &[f32],
     magnitude: Option<&[f32]>,
     mask: Option<&[u8]>,
     shape: Shape3,
-) -> CoreResult<(Vec<f32>, Vec<u32>)> {
+) -> CoreResult<Unwrapped> {
     shape.check_len(phase.len(), "phase")?;
     if let Some(m) = magnitude {
         shape.check_len(m.len(), "magnitude")?;
@@ -234,14 +266,9 @@ fn seed_order(costs: &[u8], active: &[bool], shape: Shape3) -> Vec<u32> {
 ///
 /// Memory traffic dominates, so the loop touches as little as possible: one byte of
 /// state per voxel (inactive / pending / done), the output array (which still holds the
-/// raw phase of voxels not yet reached) and the edge costs; labels are only written.
-fn grow(
-    phase: &[f32],
-    costs: &[u8],
-    active: &[bool],
-    order: &[u32],
-    shape: Shape3,
-) -> (Vec<f32>, Vec<u32>) {
+/// raw phase of voxels not yet reached) and the edge costs; membership of the parts is
+/// recorded as the (sequentially written) visit order rather than a label volume.
+fn grow(phase: &[f32], costs: &[u8], active: &[bool], order: &[u32], shape: Shape3) -> Unwrapped {
     const INACTIVE: u8 = 0;
     const PENDING: u8 = 1;
     const DONE: u8 = 2;
@@ -249,13 +276,13 @@ fn grow(
     let dims = [nx, ny, nz];
     let strides = [ny * nz, nz, 1];
     let mut out = phase.to_vec();
-    let mut labels = vec![0u32; shape.len()];
+    let mut visit_order: Vec<u32> = Vec::with_capacity(order.len());
+    let mut component_starts = Vec::new();
     let mut state: Vec<u8> = active
         .iter()
         .map(|&a| if a { PENDING } else { INACTIVE })
         .collect();
     let mut buckets: Vec<Vec<u32>> = (0..N_BINS).map(|_| Vec::new()).collect();
-    let mut component = 0u32;
 
     // Push the edges from a freshly reached voxel `v` to its pending neighbours.
     // Entry = target * 8 + dir, dir 0..3: source = target − stride, 3..6: target + stride.
@@ -289,9 +316,9 @@ fn grow(
         if state[seed] != PENDING {
             continue;
         }
-        component += 1;
+        component_starts.push(visit_order.len());
         state[seed] = DONE;
-        labels[seed] = component;
+        visit_order.push(seed as u32);
         let mut top = N_BINS;
         push_neighbours(seed, &state, &mut buckets, &mut top);
         while top < N_BINS {
@@ -313,11 +340,16 @@ fn grow(
             let k = round_fast((out[s] as f64 - raw) * (1.0 / TWO_PI));
             out[t] = (raw + TWO_PI * k) as f32;
             state[t] = DONE;
-            labels[t] = component;
+            visit_order.push(t as u32);
             push_neighbours(t, &state, &mut buckets, &mut top);
         }
     }
-    (out, labels)
+    component_starts.push(visit_order.len());
+    Unwrapped {
+        phase: out,
+        visit_order,
+        component_starts,
+    }
 }
 
 #[cfg(test)]
@@ -400,13 +432,15 @@ mod tests {
         mask[0] = 1;
         let mut w_nan = w.clone();
         w_nan[shape.idx(15, 5, 5)] = f32::NAN;
-        let (out, labels) = unwrap_with_labels(&w_nan, None, Some(&mask), shape).unwrap();
+        let unwrapped = unwrap_with_components(&w_nan, None, Some(&mask), shape).unwrap();
+        let out = &unwrapped.phase;
         let nan_voxel = shape.idx(15, 5, 5);
-        assert!(out[nan_voxel].is_nan() && labels[nan_voxel] == 0);
-        let n_comp = labels.iter().copied().max().unwrap();
-        assert_eq!(n_comp, 2);
-        assert_exact(&out, &truth, |v| v / 100 < 10);
-        assert_exact(&out, &truth, |v| v / 100 > 10 && v != nan_voxel);
+        assert!(out[nan_voxel].is_nan() && !unwrapped.reached(shape.len())[nan_voxel]);
+        assert_eq!(unwrapped.n_components(), 2);
+        let sizes = [unwrapped.component(0).len(), unwrapped.component(1).len()];
+        assert_eq!(sizes[0] + sizes[1], 1900 - 1);
+        assert_exact(out, &truth, |v| v / 100 < 10);
+        assert_exact(out, &truth, |v| v / 100 > 10 && v != nan_voxel);
         for v in 1000..1100 {
             assert_eq!(out[v], w[v], "outside-mask voxel changed");
         }
