@@ -136,7 +136,7 @@ pub fn unwrap_with_components(
 
     let m_ref = magnitude.map(|m| magnitude_reference(m, &active));
     let costs = edge_costs(phase, magnitude, m_ref, &active, shape);
-    let order = seed_order(&costs, &active, shape);
+    let order = seed_order(&costs, &active);
     Ok(grow(phase, &costs, &active, &order, shape))
 }
 
@@ -161,9 +161,13 @@ fn magnitude_reference(mag: &[f32], active: &[bool]) -> f32 {
     }
 }
 
-/// Cost in 0..=255 (0 best) of the forward edges of every voxel: `costs[3*i + d]` joins
-/// voxel `i` to its neighbour one step further along axis `d`. Edges leaving the volume
-/// or touching an inactive voxel get 255 but are never used.
+/// Cost marking "no edge": the neighbour is outside the volume or inactive.
+const NO_EDGE: u8 = u8::MAX;
+
+/// Costs in 0..=254 (0 best) of the six edges of every voxel: `costs[6*v + e]` joins voxel
+/// `v` to its neighbour `v + stride[e]` (e = 0..3, along axis e) or `v − stride[e−3]`
+/// (e = 3..6). Edges leaving the volume or touching an inactive voxel are [`NO_EDGE`].
+/// Each edge is stored from both ends so the growth reads one record per voxel.
 fn edge_costs(
     phase: &[f32],
     magnitude: Option<&[f32]>,
@@ -172,11 +176,24 @@ fn edge_costs(
     shape: Shape3,
 ) -> Vec<u8> {
     let [nx, ny, nz] = shape.0;
+    let dims = [nx, ny, nz];
     let strides = [ny * nz, nz, 1];
-    let mut costs = vec![u8::MAX; 3 * shape.len()];
+    let mut costs = vec![NO_EDGE; 6 * shape.len()];
     let inv_ref = 1.0 / m_ref.unwrap_or(1.0);
+    let cost = |v: usize, u: usize| -> u8 {
+        let dphi = wrap_angle(phase[u] as f64 - phase[v] as f64).abs() as f32;
+        let mut q = 1.0 - dphi * std::f32::consts::FRAC_1_PI;
+        if let Some(m) = magnitude {
+            let (a, b) = (m[u].abs(), m[v].abs());
+            let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+            let coherence = if hi > 0.0 { lo / hi } else { 0.0 };
+            q *= coherence * (lo * inv_ref).min(1.0);
+        }
+        let q = q.clamp(0.0, 1.0);
+        ((1.0 - q) * 254.0 + 0.5) as u8
+    };
     costs
-        .par_chunks_mut(3 * ny * nz)
+        .par_chunks_mut(6 * ny * nz)
         .enumerate()
         .for_each(|(i, plane)| {
             for j in 0..ny {
@@ -185,25 +202,15 @@ fn edge_costs(
                     if !active[v] {
                         continue;
                     }
-                    let within = [i + 1 < nx, j + 1 < ny, k + 1 < nz];
+                    let coords = [i, j, k];
+                    let record = &mut plane[6 * (j * nz + k)..6 * (j * nz + k) + 6];
                     for d in 0..3 {
-                        if !within[d] {
-                            continue;
+                        if coords[d] + 1 < dims[d] && active[v + strides[d]] {
+                            record[d] = cost(v, v + strides[d]);
                         }
-                        let u = v + strides[d];
-                        if !active[u] {
-                            continue;
+                        if coords[d] > 0 && active[v - strides[d]] {
+                            record[3 + d] = cost(v - strides[d], v);
                         }
-                        let dphi = wrap_angle(phase[u] as f64 - phase[v] as f64).abs() as f32;
-                        let mut q = 1.0 - dphi * std::f32::consts::FRAC_1_PI;
-                        if let Some(m) = magnitude {
-                            let (a, b) = (m[u].abs(), m[v].abs());
-                            let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-                            let coherence = if hi > 0.0 { lo / hi } else { 0.0 };
-                            q *= coherence * (lo * inv_ref).min(1.0);
-                        }
-                        let q = q.clamp(0.0, 1.0);
-                        plane[3 * (j * nz + k) + d] = ((1.0 - q) * 255.0 + 0.5) as u8;
                     }
                 }
             }
@@ -214,31 +221,20 @@ fn edge_costs(
 /// Active voxels ordered by decreasing seed quality (sum of the qualities of their
 /// usable edges), by counting sort. The first not-yet-reached voxel of this list is the
 /// best seed of the part of the mask it belongs to.
-fn seed_order(costs: &[u8], active: &[bool], shape: Shape3) -> Vec<u32> {
-    let [nx, ny, nz] = shape.0;
-    let strides = [ny * nz, nz, 1];
+fn seed_order(costs: &[u8], active: &[bool]) -> Vec<u32> {
     const MAX_SCORE: usize = 6 * 255;
-    let scores: Vec<u16> = (0..shape.len())
-        .into_par_iter()
-        .map(|v| {
-            if !active[v] {
+    let scores: Vec<u16> = costs
+        .par_chunks(6)
+        .zip(active.par_iter())
+        .map(|(record, &a)| {
+            if !a {
                 return 0;
             }
-            let k = v % nz;
-            let j = (v / nz) % ny;
-            let i = v / (ny * nz);
-            let coords = [i, j, k];
-            let dims = [nx, ny, nz];
-            let mut score = 0u16;
-            for d in 0..3 {
-                if coords[d] + 1 < dims[d] && active[v + strides[d]] {
-                    score += 255 - costs[3 * v + d] as u16;
-                }
-                if coords[d] > 0 && active[v - strides[d]] {
-                    score += 255 - costs[3 * (v - strides[d]) + d] as u16;
-                }
-            }
-            score
+            record
+                .iter()
+                .filter(|&&c| c != NO_EDGE)
+                .map(|&c| 255 - c as u16)
+                .sum()
         })
         .collect();
     let mut counts = vec![0usize; MAX_SCORE + 2];
@@ -272,8 +268,7 @@ fn grow(phase: &[f32], costs: &[u8], active: &[bool], order: &[u32], shape: Shap
     const INACTIVE: u8 = 0;
     const PENDING: u8 = 1;
     const DONE: u8 = 2;
-    let [nx, ny, nz] = shape.0;
-    let dims = [nx, ny, nz];
+    let [_, ny, nz] = shape.0;
     let strides = [ny * nz, nz, 1];
     let mut out = phase.to_vec();
     let mut visit_order: Vec<u32> = Vec::with_capacity(order.len());
@@ -285,28 +280,29 @@ fn grow(phase: &[f32], costs: &[u8], active: &[bool], order: &[u32], shape: Shap
     let mut buckets: Vec<Vec<u32>> = (0..N_BINS).map(|_| Vec::new()).collect();
 
     // Push the edges from a freshly reached voxel `v` to its pending neighbours.
-    // Entry = target * 8 + dir, dir 0..3: source = target − stride, 3..6: target + stride.
+    // Entry = target * 8 + e, with e the edge index seen from the target: the source is
+    // target − stride[e] (e = 0..3) or target + stride[e − 3] (e = 3..6).
+    let offsets: [isize; 6] = [
+        strides[0] as isize,
+        strides[1] as isize,
+        strides[2] as isize,
+        -(strides[0] as isize),
+        -(strides[1] as isize),
+        -(strides[2] as isize),
+    ];
     let push_neighbours = |v: usize, state: &[u8], buckets: &mut [Vec<u32>], top: &mut usize| {
-        let k = v % nz;
-        let j = (v / nz) % ny;
-        let i = v / (ny * nz);
-        let coords = [i, j, k];
-        for d in 0..3 {
-            if coords[d] + 1 < dims[d] {
-                let u = v + strides[d];
-                if state[u] == PENDING {
-                    let c = costs[3 * v + d] as usize;
-                    buckets[c].push((u * 8 + d) as u32);
-                    *top = (*top).min(c);
-                }
+        let record = &costs[6 * v..6 * v + 6];
+        for e in 0..6 {
+            let c = record[e];
+            if c == NO_EDGE {
+                continue;
             }
-            if coords[d] > 0 {
-                let u = v - strides[d];
-                if state[u] == PENDING {
-                    let c = costs[3 * u + d] as usize;
-                    buckets[c].push((u * 8 + 3 + d) as u32);
-                    *top = (*top).min(c);
-                }
+            let u = v.wrapping_add_signed(offsets[e]);
+            if state[u] == PENDING {
+                let c = c as usize;
+                // u = v ± stride, so the source seen from u is u ∓ stride: same code e.
+                buckets[c].push((u * 8 + e) as u32);
+                *top = (*top).min(c);
             }
         }
     };
