@@ -178,11 +178,14 @@ fn edge_costs(
     let [nx, ny, nz] = shape.0;
     let dims = [nx, ny, nz];
     let strides = [ny * nz, nz, 1];
-    let mut costs = vec![NO_EDGE; 6 * shape.len()];
+    let plane = ny * nz;
     let inv_ref = 1.0 / m_ref.unwrap_or(1.0);
     let cost = |v: usize, u: usize| -> u8 {
-        let dphi = wrap_angle(phase[u] as f64 - phase[v] as f64).abs() as f32;
-        let mut q = 1.0 - dphi * std::f32::consts::FRAC_1_PI;
+        // f32 is plenty here: the quality is quantised to 255 levels.
+        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: round to nearest for |x| < 2^22
+        let d = (phase[u] - phase[v]) * std::f32::consts::FRAC_1_PI * 0.5;
+        let turns = (d + MAGIC) - MAGIC;
+        let mut q = 1.0 - 2.0 * (d - turns).abs();
         if let Some(m) = magnitude {
             let (a, b) = (m[u].abs(), m[v].abs());
             let (lo, hi) = if a < b { (a, b) } else { (b, a) };
@@ -192,10 +195,12 @@ fn edge_costs(
         let q = q.clamp(0.0, 1.0);
         ((1.0 - q) * 254.0 + 0.5) as u8
     };
-    costs
-        .par_chunks_mut(6 * ny * nz)
+    // Pass 1: each edge once, stored at its lower end (forward direction).
+    let mut forward = vec![NO_EDGE; 3 * shape.len()];
+    forward
+        .par_chunks_mut(3 * plane)
         .enumerate()
-        .for_each(|(i, plane)| {
+        .for_each(|(i, chunk)| {
             for j in 0..ny {
                 for k in 0..nz {
                     let v = shape.idx(i, j, k);
@@ -203,13 +208,29 @@ fn edge_costs(
                         continue;
                     }
                     let coords = [i, j, k];
-                    let record = &mut plane[6 * (j * nz + k)..6 * (j * nz + k) + 6];
                     for d in 0..3 {
                         if coords[d] + 1 < dims[d] && active[v + strides[d]] {
-                            record[d] = cost(v, v + strides[d]);
+                            chunk[3 * (j * nz + k) + d] = cost(v, v + strides[d]);
                         }
-                        if coords[d] > 0 && active[v - strides[d]] {
-                            record[3 + d] = cost(v - strides[d], v);
+                    }
+                }
+            }
+        });
+    // Pass 2: six-entry records, the backward edges copied from the neighbours below.
+    let mut costs = vec![NO_EDGE; 6 * shape.len()];
+    costs
+        .par_chunks_mut(6 * plane)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            for j in 0..ny {
+                for k in 0..nz {
+                    let v = shape.idx(i, j, k);
+                    let record = &mut chunk[6 * (j * nz + k)..6 * (j * nz + k) + 6];
+                    record[..3].copy_from_slice(&forward[3 * v..3 * v + 3]);
+                    let coords = [i, j, k];
+                    for d in 0..3 {
+                        if coords[d] > 0 {
+                            record[3 + d] = forward[3 * (v - strides[d]) + d];
                         }
                     }
                 }
@@ -448,5 +469,50 @@ mod tests {
         assert!(unwrap_phase_3d(&[0.0; 63], None, None, shape).is_err());
         assert!(unwrap_phase_3d(&[0.0; 64], Some(&[1.0; 10]), None, shape).is_err());
         assert!(unwrap_phase_3d(&[0.0; 64], None, Some(&[1; 3]), shape).is_err());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --release -p alsiron-core unwrap_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn unwrap_timing() {
+        let shape = Shape3([256, 256, 176]);
+        let [nx, ny, nz] = shape.0;
+        let mut truth = Vec::with_capacity(shape.len());
+        let mut mag = Vec::with_capacity(shape.len());
+        for i in 0..nx {
+            for j in 0..ny {
+                for k in 0..nz {
+                    let (x, y, z) = (
+                        i as f64 / 128.0 - 1.0,
+                        j as f64 / 128.0 - 1.0,
+                        k as f64 / 88.0 - 1.0,
+                    );
+                    truth.push(40.0 * x * x + 30.0 * y * z + 20.0 * (3.0 * z).sin());
+                    mag.push(1.0 + 0.1 * (((i * 7 + j * 13 + k * 31) % 17) as f32 / 17.0));
+                }
+            }
+        }
+        let phase: Vec<f32> = truth.iter().map(|&t| wrap_angle(t) as f32).collect();
+        for _ in 0..2 {
+            let t0 = std::time::Instant::now();
+            let active = vec![true; shape.len()];
+            let m_ref = magnitude_reference(&mag, &active);
+            let t1 = t0.elapsed();
+            let costs = edge_costs(&phase, Some(&mag), Some(m_ref), &active, shape);
+            let t2 = t0.elapsed();
+            let order = seed_order(&costs, &active);
+            let t3 = t0.elapsed();
+            let out = grow(&phase, &costs, &active, &order, shape);
+            let t4 = t0.elapsed();
+            eprintln!(
+                "m_ref {t1:?} costs {t2:?} seeds {t3:?} grow {t4:?} ({} parts)",
+                out.n_components()
+            );
+        }
     }
 }
