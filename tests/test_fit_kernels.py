@@ -315,3 +315,26 @@ def test_real_romeo_small_runs_and_is_finite_in_brain():
     ok = r2.status[brain] == 0
     assert ok.mean() > 0.99
     assert 5 < np.median(r2.r2star[brain][ok]) < 100
+
+
+def test_r2star_negative_rate_is_kept_and_t2star_nan():
+    tes = [0.005, 0.010, 0.015]
+    growing = (100 * np.exp(5.0 * np.array(tes)))[:, None].astype(np.float32)
+    res = fit_r2star_loglinear(growing, tes)
+    assert res.status[0] == 0 and res.r2star[0] == pytest.approx(-5.0, rel=1e-4)
+    assert np.isnan(res.t2star[0])
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="real data not available")
+def test_real_phase_with_nan_does_not_crash():
+    # 2-echo phantom phase with 1280 NaN voxels and values slightly outside (−π, π].
+    phase = np.asarray(nib.load(REAL / "phase_with_nan.nii").dataobj, np.float32)
+    nan = np.isnan(phase).any(axis=-1)
+    assert nan.sum() > 0
+    unwrapped = unwrap_phase(phase[..., 0])
+    assert np.isnan(unwrapped[np.isnan(phase[..., 0])]).all()
+    assert np.isfinite(unwrapped[~np.isnan(phase[..., 0])]).all()
+    res = fit_multi_echo_field(np.ones_like(phase), phase, [0.004, 0.008], None,
+                               field_strength=3.0, echo_axis=-1)
+    assert np.isnan(res.field_ppm[nan]).all()
+    assert np.isfinite(res.field_ppm[~nan]).mean() > 0.99

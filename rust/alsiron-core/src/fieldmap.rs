@@ -23,7 +23,7 @@
 
 use crate::error::{CoreError, CoreResult};
 use crate::grid::Shape3;
-use crate::unwrap::{round_fast, unwrap_with_labels, wrap_angle};
+use crate::unwrap::{round_fast, unwrap_with_components, wrap_angle, Unwrapped};
 use rayon::prelude::*;
 use std::f64::consts::PI;
 
@@ -116,8 +116,10 @@ pub fn fit_multi_echo_field(
             (d, m)
         })
         .unzip();
-    let (mut dphi_unwrapped, labels) = unwrap_with_labels(&dphi, Some(&pair_mag), mask, shape)?;
-    centre_components(&mut dphi_unwrapped, &pair_mag, &labels);
+    let mut unwrapped = unwrap_with_components(&dphi, Some(&pair_mag), mask, shape)?;
+    centre_components(&mut unwrapped, &pair_mag);
+    let reached = unwrapped.reached(n);
+    let dphi_unwrapped = unwrapped.phase;
 
     // 2–4. Per-voxel offset, temporal unwrapping and weighted fit.
     let mut fit = FieldFit {
@@ -131,7 +133,7 @@ pub fn fit_multi_echo_field(
         .zip(fit.residual.par_iter_mut())
         .enumerate()
         .for_each(|(i, ((omega, offset), residual))| {
-            if labels[i] == 0 {
+            if !reached[i] {
                 return;
             }
             let omega0 = dphi_unwrapped[i] as f64 / spacing;
@@ -165,43 +167,40 @@ pub fn fit_multi_echo_field(
     Ok(fit)
 }
 
-/// Shift each labelled component by the multiple of 2π that brings its weighted mean
-/// (weights = magnitude²) closest to zero.
-fn centre_components(values: &mut [f32], magnitude: &[f32], labels: &[u32]) {
-    let n_comp = labels.iter().copied().max().unwrap_or(0) as usize;
-    if n_comp == 0 {
-        return;
-    }
-    let mut sums = vec![(0.0f64, 0.0f64, 0usize, 0.0f64); n_comp + 1];
-    for ((&v, &m), &l) in values.iter().zip(magnitude).zip(labels) {
-        if l != 0 {
-            let w = (m as f64) * (m as f64);
-            let entry = &mut sums[l as usize];
-            entry.0 += w * v as f64;
-            entry.1 += w;
-            entry.2 += 1;
-            entry.3 += v as f64;
-        }
-    }
-    let shifts: Vec<f32> = sums
-        .iter()
-        .map(|&(swv, sw, count, sv)| {
+/// Shift each separately unwrapped part by the multiple of 2π that brings its weighted
+/// mean (weights = magnitude²; plain mean if all weights vanish) closest to zero.
+fn centre_components(unwrapped: &mut Unwrapped, magnitude: &[f32]) {
+    let shifts: Vec<f32> = (0..unwrapped.n_components())
+        .into_par_iter()
+        .map(|c| {
+            let (mut swv, mut sw, mut sv) = (0.0f64, 0.0f64, 0.0f64);
+            let voxels = unwrapped.component(c);
+            for &v in voxels {
+                let value = unwrapped.phase[v as usize] as f64;
+                let w = (magnitude[v as usize] as f64).powi(2);
+                swv += w * value;
+                sw += w;
+                sv += value;
+            }
             let mean = if sw > 0.0 {
                 swv / sw
             } else {
-                sv / count.max(1) as f64
+                sv / voxels.len().max(1) as f64
             };
-            (TWO_PI * (mean / TWO_PI).round()) as f32
+            (TWO_PI * round_fast(mean / TWO_PI)) as f32
         })
         .collect();
-    values
-        .par_iter_mut()
-        .zip(labels.par_iter())
-        .for_each(|(v, &l)| {
-            if l != 0 {
-                *v -= shifts[l as usize];
+    for (c, &shift) in shifts.iter().enumerate() {
+        if shift != 0.0 {
+            let (start, end) = (
+                unwrapped.component_starts[c],
+                unwrapped.component_starts[c + 1],
+            );
+            for &v in &unwrapped.visit_order[start..end] {
+                unwrapped.phase[v as usize] -= shift;
             }
-        });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -59,18 +59,50 @@ pub fn unwrap_phase_3d(
     mask: Option<&[u8]>,
     shape: Shape3,
 ) -> CoreResult<Vec<f32>> {
-    unwrap_with_labels(phase, magnitude, mask, shape).map(|(out, _)| out)
+    unwrap_with_components(phase, magnitude, mask, shape).map(|u| u.phase)
 }
 
-/// Unwrapping as in [`unwrap_phase_3d`], also returning a component label per voxel
-/// (0 = not unwrapped, c ≥ 1 = grown from the c-th seed), so callers can fix the
-/// 2πk ambiguity of each disconnected part separately.
-pub fn unwrap_with_labels(
+/// Result of [`unwrap_with_components`].
+#[derive(Debug, Clone)]
+pub struct Unwrapped {
+    /// Unwrapped phase [rad]; unreached voxels keep their input value.
+    pub phase: Vec<f32>,
+    /// Flat indices of the reached voxels in the order they were reached.
+    pub visit_order: Vec<u32>,
+    /// `visit_order[component_starts[c]..component_starts[c + 1]]` is the c-th
+    /// connected part (its first voxel is the seed); the last entry is `visit_order.len()`.
+    pub component_starts: Vec<usize>,
+}
+
+impl Unwrapped {
+    /// Number of separately grown parts.
+    pub fn n_components(&self) -> usize {
+        self.component_starts.len().saturating_sub(1)
+    }
+
+    /// Voxel indices of the c-th part.
+    pub fn component(&self, c: usize) -> &[u32] {
+        &self.visit_order[self.component_starts[c]..self.component_starts[c + 1]]
+    }
+
+    /// Per-voxel flag: true where the voxel was reached (unwrapped).
+    pub fn reached(&self, n_voxels: usize) -> Vec<bool> {
+        let mut reached = vec![false; n_voxels];
+        for &v in &self.visit_order {
+            reached[v as usize] = true;
+        }
+        reached
+    }
+}
+
+/// Unwrapping as in [`unwrap_phase_3d`], also returning which voxels form each
+/// separately grown part, so callers can fix the 2πk ambiguity of each part.
+pub fn unwrap_with_components(
     phase: &[f32],
     magnitude: Option<&[f32]>,
     mask: Option<&[u8]>,
     shape: Shape3,
-) -> CoreResult<(Vec<f32>, Vec<u32>)> {
+) -> CoreResult<Unwrapped> {
     shape.check_len(phase.len(), "phase")?;
     if let Some(m) = magnitude {
         shape.check_len(m.len(), "magnitude")?;
@@ -104,7 +136,7 @@ pub fn unwrap_with_labels(
 
     let m_ref = magnitude.map(|m| magnitude_reference(m, &active));
     let costs = edge_costs(phase, magnitude, m_ref, &active, shape);
-    let order = seed_order(&costs, &active, shape);
+    let order = seed_order(&costs, &active);
     Ok(grow(phase, &costs, &active, &order, shape))
 }
 
@@ -129,9 +161,13 @@ fn magnitude_reference(mag: &[f32], active: &[bool]) -> f32 {
     }
 }
 
-/// Cost in 0..=255 (0 best) of the forward edges of every voxel: `costs[3*i + d]` joins
-/// voxel `i` to its neighbour one step further along axis `d`. Edges leaving the volume
-/// or touching an inactive voxel get 255 but are never used.
+/// Cost marking "no edge": the neighbour is outside the volume or inactive.
+const NO_EDGE: u8 = u8::MAX;
+
+/// Costs in 0..=254 (0 best) of the six edges of every voxel: `costs[6*v + e]` joins voxel
+/// `v` to its neighbour `v + stride[e]` (e = 0..3, along axis e) or `v − stride[e−3]`
+/// (e = 3..6). Edges leaving the volume or touching an inactive voxel are [`NO_EDGE`].
+/// Each edge is stored from both ends so the growth reads one record per voxel.
 fn edge_costs(
     phase: &[f32],
     magnitude: Option<&[f32]>,
@@ -140,38 +176,62 @@ fn edge_costs(
     shape: Shape3,
 ) -> Vec<u8> {
     let [nx, ny, nz] = shape.0;
+    let dims = [nx, ny, nz];
     let strides = [ny * nz, nz, 1];
-    let mut costs = vec![u8::MAX; 3 * shape.len()];
+    let plane = ny * nz;
     let inv_ref = 1.0 / m_ref.unwrap_or(1.0);
-    costs
-        .par_chunks_mut(3 * ny * nz)
+    let cost = |v: usize, u: usize| -> u8 {
+        // f32 is plenty here: the quality is quantised to 255 levels.
+        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: round to nearest for |x| < 2^22
+        let d = (phase[u] - phase[v]) * std::f32::consts::FRAC_1_PI * 0.5;
+        let turns = (d + MAGIC) - MAGIC;
+        let mut q = 1.0 - 2.0 * (d - turns).abs();
+        if let Some(m) = magnitude {
+            let (a, b) = (m[u].abs(), m[v].abs());
+            let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+            let coherence = if hi > 0.0 { lo / hi } else { 0.0 };
+            q *= coherence * (lo * inv_ref).min(1.0);
+        }
+        let q = q.clamp(0.0, 1.0);
+        ((1.0 - q) * 254.0 + 0.5) as u8
+    };
+    // Pass 1: each edge once, stored at its lower end (forward direction).
+    let mut forward = vec![NO_EDGE; 3 * shape.len()];
+    forward
+        .par_chunks_mut(3 * plane)
         .enumerate()
-        .for_each(|(i, plane)| {
+        .for_each(|(i, chunk)| {
             for j in 0..ny {
                 for k in 0..nz {
                     let v = shape.idx(i, j, k);
                     if !active[v] {
                         continue;
                     }
-                    let within = [i + 1 < nx, j + 1 < ny, k + 1 < nz];
+                    let coords = [i, j, k];
                     for d in 0..3 {
-                        if !within[d] {
-                            continue;
+                        if coords[d] + 1 < dims[d] && active[v + strides[d]] {
+                            chunk[3 * (j * nz + k) + d] = cost(v, v + strides[d]);
                         }
-                        let u = v + strides[d];
-                        if !active[u] {
-                            continue;
+                    }
+                }
+            }
+        });
+    // Pass 2: six-entry records, the backward edges copied from the neighbours below.
+    let mut costs = vec![NO_EDGE; 6 * shape.len()];
+    costs
+        .par_chunks_mut(6 * plane)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            for j in 0..ny {
+                for k in 0..nz {
+                    let v = shape.idx(i, j, k);
+                    let record = &mut chunk[6 * (j * nz + k)..6 * (j * nz + k) + 6];
+                    record[..3].copy_from_slice(&forward[3 * v..3 * v + 3]);
+                    let coords = [i, j, k];
+                    for d in 0..3 {
+                        if coords[d] > 0 {
+                            record[3 + d] = forward[3 * (v - strides[d]) + d];
                         }
-                        let dphi = wrap_angle(phase[u] as f64 - phase[v] as f64).abs() as f32;
-                        let mut q = 1.0 - dphi * std::f32::consts::FRAC_1_PI;
-                        if let Some(m) = magnitude {
-                            let (a, b) = (m[u].abs(), m[v].abs());
-                            let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-                            let coherence = if hi > 0.0 { lo / hi } else { 0.0 };
-                            q *= coherence * (lo * inv_ref).min(1.0);
-                        }
-                        let q = q.clamp(0.0, 1.0);
-                        plane[3 * (j * nz + k) + d] = ((1.0 - q) * 255.0 + 0.5) as u8;
                     }
                 }
             }
@@ -182,31 +242,20 @@ fn edge_costs(
 /// Active voxels ordered by decreasing seed quality (sum of the qualities of their
 /// usable edges), by counting sort. The first not-yet-reached voxel of this list is the
 /// best seed of the part of the mask it belongs to.
-fn seed_order(costs: &[u8], active: &[bool], shape: Shape3) -> Vec<u32> {
-    let [nx, ny, nz] = shape.0;
-    let strides = [ny * nz, nz, 1];
+fn seed_order(costs: &[u8], active: &[bool]) -> Vec<u32> {
     const MAX_SCORE: usize = 6 * 255;
-    let scores: Vec<u16> = (0..shape.len())
-        .into_par_iter()
-        .map(|v| {
-            if !active[v] {
+    let scores: Vec<u16> = costs
+        .par_chunks(6)
+        .zip(active.par_iter())
+        .map(|(record, &a)| {
+            if !a {
                 return 0;
             }
-            let k = v % nz;
-            let j = (v / nz) % ny;
-            let i = v / (ny * nz);
-            let coords = [i, j, k];
-            let dims = [nx, ny, nz];
-            let mut score = 0u16;
-            for d in 0..3 {
-                if coords[d] + 1 < dims[d] && active[v + strides[d]] {
-                    score += 255 - costs[3 * v + d] as u16;
-                }
-                if coords[d] > 0 && active[v - strides[d]] {
-                    score += 255 - costs[3 * (v - strides[d]) + d] as u16;
-                }
-            }
-            score
+            record
+                .iter()
+                .filter(|&&c| c != NO_EDGE)
+                .map(|&c| 255 - c as u16)
+                .sum()
         })
         .collect();
     let mut counts = vec![0usize; MAX_SCORE + 2];
@@ -234,52 +283,47 @@ fn seed_order(costs: &[u8], active: &[bool], shape: Shape3) -> Vec<u32> {
 ///
 /// Memory traffic dominates, so the loop touches as little as possible: one byte of
 /// state per voxel (inactive / pending / done), the output array (which still holds the
-/// raw phase of voxels not yet reached) and the edge costs; labels are only written.
-fn grow(
-    phase: &[f32],
-    costs: &[u8],
-    active: &[bool],
-    order: &[u32],
-    shape: Shape3,
-) -> (Vec<f32>, Vec<u32>) {
+/// raw phase of voxels not yet reached) and the edge costs; membership of the parts is
+/// recorded as the (sequentially written) visit order rather than a label volume.
+fn grow(phase: &[f32], costs: &[u8], active: &[bool], order: &[u32], shape: Shape3) -> Unwrapped {
     const INACTIVE: u8 = 0;
     const PENDING: u8 = 1;
     const DONE: u8 = 2;
-    let [nx, ny, nz] = shape.0;
-    let dims = [nx, ny, nz];
+    let [_, ny, nz] = shape.0;
     let strides = [ny * nz, nz, 1];
     let mut out = phase.to_vec();
-    let mut labels = vec![0u32; shape.len()];
+    let mut visit_order: Vec<u32> = Vec::with_capacity(order.len());
+    let mut component_starts = Vec::new();
     let mut state: Vec<u8> = active
         .iter()
         .map(|&a| if a { PENDING } else { INACTIVE })
         .collect();
     let mut buckets: Vec<Vec<u32>> = (0..N_BINS).map(|_| Vec::new()).collect();
-    let mut component = 0u32;
 
     // Push the edges from a freshly reached voxel `v` to its pending neighbours.
-    // Entry = target * 8 + dir, dir 0..3: source = target − stride, 3..6: target + stride.
+    // Entry = target * 8 + e, with e the edge index seen from the target: the source is
+    // target − stride[e] (e = 0..3) or target + stride[e − 3] (e = 3..6).
+    let offsets: [isize; 6] = [
+        strides[0] as isize,
+        strides[1] as isize,
+        strides[2] as isize,
+        -(strides[0] as isize),
+        -(strides[1] as isize),
+        -(strides[2] as isize),
+    ];
     let push_neighbours = |v: usize, state: &[u8], buckets: &mut [Vec<u32>], top: &mut usize| {
-        let k = v % nz;
-        let j = (v / nz) % ny;
-        let i = v / (ny * nz);
-        let coords = [i, j, k];
-        for d in 0..3 {
-            if coords[d] + 1 < dims[d] {
-                let u = v + strides[d];
-                if state[u] == PENDING {
-                    let c = costs[3 * v + d] as usize;
-                    buckets[c].push((u * 8 + d) as u32);
-                    *top = (*top).min(c);
-                }
+        let record = &costs[6 * v..6 * v + 6];
+        for e in 0..6 {
+            let c = record[e];
+            if c == NO_EDGE {
+                continue;
             }
-            if coords[d] > 0 {
-                let u = v - strides[d];
-                if state[u] == PENDING {
-                    let c = costs[3 * u + d] as usize;
-                    buckets[c].push((u * 8 + 3 + d) as u32);
-                    *top = (*top).min(c);
-                }
+            let u = v.wrapping_add_signed(offsets[e]);
+            if state[u] == PENDING {
+                let c = c as usize;
+                // u = v ± stride, so the source seen from u is u ∓ stride: same code e.
+                buckets[c].push((u * 8 + e) as u32);
+                *top = (*top).min(c);
             }
         }
     };
@@ -289,9 +333,9 @@ fn grow(
         if state[seed] != PENDING {
             continue;
         }
-        component += 1;
+        component_starts.push(visit_order.len());
         state[seed] = DONE;
-        labels[seed] = component;
+        visit_order.push(seed as u32);
         let mut top = N_BINS;
         push_neighbours(seed, &state, &mut buckets, &mut top);
         while top < N_BINS {
@@ -313,11 +357,16 @@ fn grow(
             let k = round_fast((out[s] as f64 - raw) * (1.0 / TWO_PI));
             out[t] = (raw + TWO_PI * k) as f32;
             state[t] = DONE;
-            labels[t] = component;
+            visit_order.push(t as u32);
             push_neighbours(t, &state, &mut buckets, &mut top);
         }
     }
-    (out, labels)
+    component_starts.push(visit_order.len());
+    Unwrapped {
+        phase: out,
+        visit_order,
+        component_starts,
+    }
 }
 
 #[cfg(test)]
@@ -400,13 +449,15 @@ mod tests {
         mask[0] = 1;
         let mut w_nan = w.clone();
         w_nan[shape.idx(15, 5, 5)] = f32::NAN;
-        let (out, labels) = unwrap_with_labels(&w_nan, None, Some(&mask), shape).unwrap();
+        let unwrapped = unwrap_with_components(&w_nan, None, Some(&mask), shape).unwrap();
+        let out = &unwrapped.phase;
         let nan_voxel = shape.idx(15, 5, 5);
-        assert!(out[nan_voxel].is_nan() && labels[nan_voxel] == 0);
-        let n_comp = labels.iter().copied().max().unwrap();
-        assert_eq!(n_comp, 2);
-        assert_exact(&out, &truth, |v| v / 100 < 10);
-        assert_exact(&out, &truth, |v| v / 100 > 10 && v != nan_voxel);
+        assert!(out[nan_voxel].is_nan() && !unwrapped.reached(shape.len())[nan_voxel]);
+        assert_eq!(unwrapped.n_components(), 2);
+        let sizes = [unwrapped.component(0).len(), unwrapped.component(1).len()];
+        assert_eq!(sizes[0] + sizes[1], 1900 - 1);
+        assert_exact(out, &truth, |v| v / 100 < 10);
+        assert_exact(out, &truth, |v| v / 100 > 10 && v != nan_voxel);
         for v in 1000..1100 {
             assert_eq!(out[v], w[v], "outside-mask voxel changed");
         }
@@ -418,5 +469,50 @@ mod tests {
         assert!(unwrap_phase_3d(&[0.0; 63], None, None, shape).is_err());
         assert!(unwrap_phase_3d(&[0.0; 64], Some(&[1.0; 10]), None, shape).is_err());
         assert!(unwrap_phase_3d(&[0.0; 64], None, Some(&[1; 3]), shape).is_err());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --release -p alsiron-core unwrap_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn unwrap_timing() {
+        let shape = Shape3([256, 256, 176]);
+        let [nx, ny, nz] = shape.0;
+        let mut truth = Vec::with_capacity(shape.len());
+        let mut mag = Vec::with_capacity(shape.len());
+        for i in 0..nx {
+            for j in 0..ny {
+                for k in 0..nz {
+                    let (x, y, z) = (
+                        i as f64 / 128.0 - 1.0,
+                        j as f64 / 128.0 - 1.0,
+                        k as f64 / 88.0 - 1.0,
+                    );
+                    truth.push(40.0 * x * x + 30.0 * y * z + 20.0 * (3.0 * z).sin());
+                    mag.push(1.0 + 0.1 * (((i * 7 + j * 13 + k * 31) % 17) as f32 / 17.0));
+                }
+            }
+        }
+        let phase: Vec<f32> = truth.iter().map(|&t| wrap_angle(t) as f32).collect();
+        for _ in 0..2 {
+            let t0 = std::time::Instant::now();
+            let active = vec![true; shape.len()];
+            let m_ref = magnitude_reference(&mag, &active);
+            let t1 = t0.elapsed();
+            let costs = edge_costs(&phase, Some(&mag), Some(m_ref), &active, shape);
+            let t2 = t0.elapsed();
+            let order = seed_order(&costs, &active);
+            let t3 = t0.elapsed();
+            let out = grow(&phase, &costs, &active, &order, shape);
+            let t4 = t0.elapsed();
+            eprintln!(
+                "m_ref {t1:?} costs {t2:?} seeds {t3:?} grow {t4:?} ({} parts)",
+                out.n_components()
+            );
+        }
     }
 }
