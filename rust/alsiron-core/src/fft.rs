@@ -121,8 +121,15 @@ impl Fft3Plan {
     }
 
     /// A zeroed half-spectrum buffer.
+    ///
+    /// Filled in parallel: `vec![zero; n]` would write (and page-fault) tens of MB from
+    /// one thread, which costs as much as a whole FFT pass on large volumes.
     pub fn make_spectrum(&self) -> Vec<Complex32> {
-        vec![Complex32::new(0.0, 0.0); self.spectrum_len()]
+        (0..self.spectrum_len())
+            .into_par_iter()
+            .with_min_len(1 << 14)
+            .map(|_| Complex32::new(0.0, 0.0))
+            .collect()
     }
 
     /// Forward transform (unnormalised, like `numpy.fft.rfftn`).
@@ -337,7 +344,7 @@ pub fn forward(input: &[f32], shape: Shape3) -> CoreResult<Vec<Complex32>> {
 /// Inverse FFT of a half spectrum back to a real volume of `shape` (allocating convenience).
 pub fn inverse(spectrum: &[Complex32], shape: Shape3) -> CoreResult<Vec<f32>> {
     let plan = Fft3Plan::get(shape)?;
-    let mut work = spectrum.to_vec();
+    let mut work: Vec<Complex32> = spectrum.par_iter().with_min_len(1 << 14).copied().collect();
     let mut out = vec![0.0f32; shape.len()];
     plan.inverse(&mut work, &mut out)?;
     Ok(out)
