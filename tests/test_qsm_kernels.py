@@ -232,3 +232,22 @@ def test_brain_mask_separates_brain_from_scalp():
     dice = 2 * (mask & brain).sum() / (mask.sum() + brain.sum())
     assert dice > 0.97, dice
     assert not np.any(mask & scalp)
+
+
+def test_tv_admm_is_interruptible_with_ctrl_c():
+    import os
+    import signal
+    import threading
+    import time
+
+    _, field, mask = small_case((48, 48, 48))
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # 100000 iterations would take minutes; the SIGINT must stop it promptly.
+            qsm.tv_admm(field, mask, voxel_size=ANISO, b0_dir=OBLIQUE, max_iter=100_000, tol=0.0)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - t0 < 10.0

@@ -135,12 +135,12 @@ pub fn vsharp(
     let plan = Fft3Plan::get(padded)?;
     let n = padded.len();
     let mask_f: Vec<f32> = mask
-        .iter()
+        .par_iter()
         .map(|&m| if m != 0 { 1.0 } else { 0.0 })
         .collect();
     let masked_field: Vec<f32> = field
-        .iter()
-        .zip(mask)
+        .par_iter()
+        .zip(mask.par_iter())
         .map(|(&f, &m)| if m != 0 { f } else { 0.0 })
         .collect();
     let mut field_hat = plan.make_spectrum();

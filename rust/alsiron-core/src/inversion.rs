@@ -154,9 +154,10 @@ fn difference_symbols(shape: Shape3, voxel_size: [f64; 3]) -> [Vec<Complex32>; 3
     ]
 }
 
-/// Split z = ∇χ and scaled dual u of the ADMM iteration, interleaved per voxel so the
-/// fused update passes stream through memory once: [zx, zy, zz, ux, uy, uz].
-type SplitState = [f32; 6];
+/// Per-voxel 3-vector (x, y, z components) of the ADMM split variables. The iteration
+/// keeps the scaled dual u and w = z − u (all the χ-update needs), so the divergence pass
+/// reads 12 bytes per voxel and the update pass streams u and w once.
+type Vec3 = [f32; 3];
 
 /// Periodic forward differences of `chi` at voxel (i, j, k) divided by the voxel size.
 #[inline]
@@ -178,17 +179,6 @@ fn gradient_at(
         (chi[shape.idx(i, jp, k)] - c) * inv_h[1],
         (chi[shape.idx(i, j, kp)] - c) * inv_h[2],
     ]
-}
-
-#[inline]
-fn soft_threshold(v: f32, t: f32) -> f32 {
-    if v > t {
-        v - t
-    } else if v < -t {
-        v + t
-    } else {
-        0.0
-    }
 }
 
 /// Value of the TV-ADMM objective ½‖Dχ − f‖² + α‖∇χ‖₁ (f masked, periodic gradients);
@@ -281,7 +271,8 @@ pub fn tv_admm(
 
     let inv_h = voxel_size.map(|h| (1.0 / h) as f32);
     let threshold = (params.alpha / params.mu) as f32;
-    let mut state: Vec<SplitState> = vec![[0.0; 6]; shape.len()];
+    let mut u: Vec<Vec3> = vec![[0.0; 3]; shape.len()];
+    let mut w: Vec<Vec3> = vec![[0.0; 3]; shape.len()];
     let mut chi = vec![0.0f32; shape.len()];
     let mut chi_prev = vec![0.0f32; shape.len()];
     let mut divergence = vec![0.0f32; shape.len()];
@@ -294,24 +285,27 @@ pub fn tv_admm(
         }
         iterations = iter;
         // μ·∇ᵀ(z − u): adjoint of the periodic forward difference is a backward
-        // difference with a sign flip, (w[i−1] − w[i]) / h.
+        // difference with a sign flip, (w[i−1] − w[i]) / h, with w = z − u.
         {
-            let state = &state;
+            let w = &w;
             divergence
                 .par_chunks_mut(plane)
                 .enumerate()
                 .for_each(|(i, out)| {
                     let im = if i == 0 { nx - 1 } else { i - 1 };
-                    for j in 0..ny {
+                    for (j, out_row) in out.chunks_exact_mut(nz).enumerate() {
                         let jm = if j == 0 { ny - 1 } else { j - 1 };
+                        let here = &w[shape.idx(i, j, 0)..][..nz];
+                        let xm = &w[shape.idx(im, j, 0)..][..nz];
+                        let ym = &w[shape.idx(i, jm, 0)..][..nz];
+                        let mut zm = here[nz - 1][2];
                         for k in 0..nz {
-                            let km = if k == 0 { nz - 1 } else { k - 1 };
-                            let w = |s: &SplitState, a: usize| s[a] - s[a + 3];
-                            let here = &state[shape.idx(i, j, k)];
-                            let dx = w(&state[shape.idx(im, j, k)], 0) - w(here, 0);
-                            let dy = w(&state[shape.idx(i, jm, k)], 1) - w(here, 1);
-                            let dz = w(&state[shape.idx(i, j, km)], 2) - w(here, 2);
-                            out[j * nz + k] = mu * (dx * inv_h[0] + dy * inv_h[1] + dz * inv_h[2]);
+                            let h = here[k];
+                            let d = (xm[k][0] - h[0]) * inv_h[0]
+                                + (ym[k][1] - h[1]) * inv_h[1]
+                                + (zm - h[2]) * inv_h[2];
+                            out_row[k] = mu * d;
+                            zm = h[2];
                         }
                     }
                 });
@@ -325,30 +319,49 @@ pub fn tv_admm(
         std::mem::swap(&mut chi, &mut chi_prev);
         plan.inverse(&mut spectrum, &mut chi)?;
 
-        // Fused z/u update with the convergence measure.
+        // Fused z/u update (z = soft(∇χ + u), u ← ∇χ + u − z, w = z − u) with the
+        // convergence measure, one row of the volume at a time.
         let (change, norm) = {
             let chi = &chi;
             let chi_prev = &chi_prev;
-            state
-                .par_chunks_mut(plane)
+            u.par_chunks_mut(plane)
+                .zip(w.par_chunks_mut(plane))
                 .enumerate()
-                .map(|(i, st)| {
+                .map(|(i, (u_plane, w_plane))| {
+                    let ip = if i + 1 == nx { 0 } else { i + 1 };
                     let (mut change, mut norm) = (0.0f64, 0.0f64);
-                    for j in 0..ny {
+                    let rows = u_plane
+                        .chunks_exact_mut(nz)
+                        .zip(w_plane.chunks_exact_mut(nz));
+                    for (j, (u_row, w_row)) in rows.enumerate() {
+                        let jp = if j + 1 == ny { 0 } else { j + 1 };
+                        let c = &chi[shape.idx(i, j, 0)..][..nz];
+                        let cx = &chi[shape.idx(ip, j, 0)..][..nz];
+                        let cy = &chi[shape.idx(i, jp, 0)..][..nz];
+                        let prev = &chi_prev[shape.idx(i, j, 0)..][..nz];
+                        let (mut row_change, mut row_norm) = (0.0f32, 0.0f32);
                         for k in 0..nz {
-                            let g = gradient_at(chi, shape, inv_h, i, j, k);
-                            let s = &mut st[j * nz + k];
+                            let ck = c[k];
+                            let cz = if k + 1 == nz { c[0] } else { c[k + 1] };
+                            let g = [
+                                (cx[k] - ck) * inv_h[0],
+                                (cy[k] - ck) * inv_h[1],
+                                (cz - ck) * inv_h[2],
+                            ];
+                            // z = soft(v, t) = v − clamp(v, ±t), so u = v − z = clamp(v)
+                            // and w = z − u = v − 2u: branch-free and vectorisable.
                             for a in 0..3 {
-                                let v = g[a] + s[a + 3];
-                                let z = soft_threshold(v, threshold);
-                                s[a] = z;
-                                s[a + 3] = v - z;
+                                let v = g[a] + u_row[k][a];
+                                let clamped = v.clamp(-threshold, threshold);
+                                u_row[k][a] = clamped;
+                                w_row[k][a] = v - 2.0 * clamped;
                             }
-                            let idx = shape.idx(i, j, k);
-                            let d = (chi[idx] - chi_prev[idx]) as f64;
-                            change += d * d;
-                            norm += (chi[idx] as f64).powi(2);
+                            let d = ck - prev[k];
+                            row_change += d * d;
+                            row_norm += ck * ck;
                         }
+                        change += row_change as f64;
+                        norm += row_norm as f64;
                     }
                     (change, norm)
                 })

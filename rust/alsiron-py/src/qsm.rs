@@ -166,6 +166,9 @@ fn tv_admm<'py>(
     Ok((to_array(py, shape, chi)?, iterations))
 }
 
+/// (local field float32, eroded mask uint8) returned by `vsharp`.
+type LocalFieldAndMask<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>);
+
 /// V-SHARP background removal → (local field [ppm], eroded mask uint8).
 #[pyfunction]
 fn vsharp<'py>(
@@ -175,7 +178,7 @@ fn vsharp<'py>(
     voxel_size: [f64; 3],
     radii_mm: Vec<f64>,
     threshold: f64,
-) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>)> {
+) -> PyResult<LocalFieldAndMask<'py>> {
     let shape = shape_of(&field);
     same_shape(shape, shape_of(&mask), "mask")?;
     let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);

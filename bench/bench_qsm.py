@@ -1,0 +1,144 @@
+"""Benchmark of the QSM kernels: Rust core vs the NumPy twins (and scipy.fft float32).
+
+Full size is one 256 × 256 × 176 volume (QSM kernels act on the combined field map, not
+per echo). Rows: {"kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"} with
+ratio = numpy_ms / rust_ms and throughput in M voxels/s of the Rust kernel. Rows whose
+kernel name ends in "[scipy]" compare against ``scipy.fft`` in float32 with
+``workers=-1`` instead of the float64 NumPy twin.
+
+Run: ``python bench/bench_qsm.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import twins_qsm as tw  # noqa: E402
+from alsiron import _core, qsm  # noqa: E402
+
+FULL_SHAPE = (256, 256, 176)
+QUICK_SHAPE = (48, 48, 40)
+VOXEL = (1.0, 1.0, 1.0)
+B0 = (0.1, -0.15, 1.0)
+ADMM_ITERATIONS = 10
+
+
+def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def _row(kernel: str, shape, rust_ms: float, other_ms: float) -> dict:
+    n_vox = int(np.prod(shape))
+    return {
+        "kernel": kernel,
+        "shape": "x".join(str(s) for s in shape),
+        "rust_ms": round(rust_ms, 2),
+        "numpy_ms": round(other_ms, 2),
+        "ratio": round(other_ms / rust_ms, 2),
+        "throughput": round(n_vox / (rust_ms * 1e-3) / 1e6, 2),
+    }
+
+
+def _scipy_tkd(field, mask, threshold=qsm.TKD_THRESHOLD):
+    import scipy.fft as sfft
+
+    d = tw.dipole_kernel(field.shape, VOXEL, B0).astype(np.float32)
+    inv = np.where(np.abs(d) > threshold, 1.0 / np.where(d == 0, 1.0, d), np.sign(d) / threshold)
+    spec = sfft.rfftn(np.where(mask, field, np.float32(0)), workers=-1)
+    chi = sfft.irfftn(spec * inv.astype(np.float32), s=field.shape, workers=-1)
+    return np.where(mask, chi, 0)
+
+
+def run(quick: bool = False) -> list[dict]:
+    import scipy.fft as sfft
+
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    rng = np.random.default_rng(0)
+    g = np.indices(shape, sparse=True)
+    mask = sum(((g[a] - (shape[a] - 1) / 2) / (0.42 * shape[a])) ** 2 for a in range(3)) <= 1
+    field = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    mask_u8 = mask.astype(np.uint8)
+    reps_fast = 5 if quick else 3
+    reps_slow = 3 if quick else 1
+    rows = []
+
+    # FFT forward + inverse.
+    def rust_fft():
+        return _core.fft3_inverse(_core.fft3_forward(field), shape[2])
+
+    rust_fft()  # plan once
+    t_rust = _best_ms(rust_fft, reps_fast)
+    t_np = _best_ms(lambda: tw.fft3_inverse(tw.fft3_forward(field), shape[2]), reps_slow)
+    rows.append(_row("fft3 fwd+inv", shape, t_rust, t_np))
+
+    def scipy_fft():
+        return sfft.irfftn(sfft.rfftn(field, workers=-1), s=shape, workers=-1)
+
+    scipy_fft()
+    rows.append(_row("fft3 fwd+inv [scipy]", shape, t_rust, _best_ms(scipy_fft, reps_fast)))
+
+    # TKD.
+    def rust_tkd():
+        return qsm.tkd(field, mask, voxel_size=VOXEL, b0_dir=B0)
+
+    rust_tkd()
+    t_rust = _best_ms(rust_tkd, reps_fast)
+    t_np = _best_ms(lambda: tw.tkd(field, mask_u8, VOXEL, B0, qsm.TKD_THRESHOLD), reps_slow)
+    rows.append(_row("tkd", shape, t_rust, t_np))
+    rows.append(
+        _row("tkd [scipy]", shape, t_rust, _best_ms(lambda: _scipy_tkd(field, mask), reps_fast))
+    )
+
+    # V-SHARP with the default radii (12 mm down to 1 mm at 1 mm voxels).
+    radii = qsm.vsharp_default_radii(VOXEL)
+    if quick:
+        radii = [r for r in radii if r <= 6.0]
+
+    def rust_vsharp():
+        return qsm.vsharp(field, mask, voxel_size=VOXEL, radii_mm=radii)
+
+    rust_vsharp()
+    t_rust = _best_ms(rust_vsharp, reps_slow)
+    t_np = _best_ms(lambda: tw.vsharp(field, mask_u8, VOXEL, radii, qsm.VSHARP_THRESHOLD), 1)
+    rows.append(_row(f"vsharp ({len(radii)} radii)", shape, t_rust, t_np))
+
+    # TV-ADMM, fixed iteration count.
+    def rust_admm():
+        return qsm.tv_admm(
+            field, mask, voxel_size=VOXEL, b0_dir=B0, max_iter=ADMM_ITERATIONS, tol=0.0
+        )
+
+    t_rust = _best_ms(rust_admm, reps_slow)
+    t_np = _best_ms(
+        lambda: tw.tv_admm(field, mask_u8, VOXEL, B0, qsm.TV_ALPHA, qsm.TV_MU, ADMM_ITERATIONS), 1
+    )
+    rows.append(_row(f"tv_admm ({ADMM_ITERATIONS} it)", shape, t_rust, t_np))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    rows = run(quick="--quick" in args)
+    print(f"rayon threads: {_core.num_threads()}")
+    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"]
+    print("  ".join(f"{h:>22}" if i == 0 else f"{h:>12}" for i, h in enumerate(header)))
+    for r in rows:
+        print(
+            "  ".join(f"{r[h]!s:>22}" if i == 0 else f"{r[h]!s:>12}" for i, h in enumerate(header))
+        )
+
+
+if __name__ == "__main__":
+    main()
