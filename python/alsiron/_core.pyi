@@ -1,0 +1,89 @@
+"""Type stubs of the compiled module ``alsiron._core`` (Rust, PyO3).
+
+Hand-written; keep in step with ``rust/alsiron-py/src``. Array arguments must be
+C-contiguous with exactly the dtypes shown; the Python stage modules convert once.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def num_threads() -> int:
+    """Threads in the global rayon pool."""
+
+def set_num_threads(n: int) -> bool:
+    """Size the global pool before first use; False if it already exists."""
+
+# --- qsm (rust/alsiron-py/src/qsm.rs) ---
+# Arrays: 3-D, C-contiguous; float32 volumes, uint8 masks (nonzero = inside).
+# Fields and χ in ppm, voxel sizes in mm, B0 direction in voxel-index space.
+
+def fft3_forward(x: npt.NDArray[np.float32]) -> npt.NDArray[np.complex64]: ...
+def fft3_inverse(spectrum: npt.NDArray[np.complex64], nz: int) -> npt.NDArray[np.float32]: ...
+def dipole_kernel(
+    shape: tuple[int, int, int],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+) -> npt.NDArray[np.float32]: ...
+def forward_field(
+    chi: npt.NDArray[np.float32],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+) -> npt.NDArray[np.float32]: ...
+def tkd(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    threshold: float,
+) -> npt.NDArray[np.float32]: ...
+def tv_admm(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    alpha: float,
+    mu: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[npt.NDArray[np.float32], int]: ...
+def vsharp(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    radii_mm: list[float],
+    threshold: float,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]: ...
+def vsharp_default_radii(voxel_size: tuple[float, float, float]) -> list[float]: ...
+def fft_fast_len(n: int) -> int: ...
+
+# --- fit: phase unwrapping, multi-echo field fit, log-linear R2* (rust/alsiron-py/src/fit.rs)
+# All array inputs must be C-contiguous with exactly these dtypes.
+
+def unwrap_phase(
+    phase: npt.NDArray[np.float32],
+    magnitude: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+) -> npt.NDArray[np.float32]:
+    """Quality-guided region-growing unwrap of a 3-D phase [rad]; outside mask unchanged."""
+
+def fit_multi_echo_field(
+    magnitude: npt.NDArray[np.float32],
+    phase: npt.NDArray[np.float32],
+    echo_times: Sequence[float],
+    mask: npt.NDArray[np.uint8],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(E,X,Y,Z) magnitude/phase, TEs [s] -> (omega [rad/s], phi0 [rad], residual [rad]);
+    NaN outside mask."""
+
+def fit_r2star_loglinear(
+    magnitude: npt.NDArray[np.float32],
+    echo_times: Sequence[float],
+    mask: npt.NDArray[np.uint8] | None = None,
+    weighted: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """(E,N) magnitude, TEs [s] -> (R2* [1/s], S0, status) of length N; status 0 ok,
+    1 bad magnitude, 2 degenerate fit, 3 outside mask; NaN where status != 0."""
