@@ -251,3 +251,23 @@ def test_tv_admm_is_interruptible_with_ctrl_c():
     finally:
         timer.cancel()
     assert time.perf_counter() - t0 < 10.0
+
+
+def test_tv_admm_reports_progress_and_stops_on_callback_error():
+    rng = np.random.default_rng(0)
+    field = rng.standard_normal((16, 16, 16)).astype(np.float32) * 0.01
+    mask = np.ones((16, 16, 16), bool)
+    seen = []
+    qsm.tv_admm(field, mask, voxel_size=(1, 1, 1), b0_dir=(0, 0, 1), max_iter=6, tol=0,
+                progress=lambda it, n: seen.append((it, n)))
+    assert seen and all(n == 6 for _, n in seen) and seen == sorted(seen)
+
+    class Stop(Exception):
+        pass
+
+    def stop(it, n):
+        raise Stop("user stop")
+
+    with pytest.raises(Stop):
+        qsm.tv_admm(field, mask, voxel_size=(1, 1, 1), b0_dir=(0, 0, 1), max_iter=50, tol=0,
+                    progress=stop)

@@ -4,7 +4,7 @@ Hand-written; keep in step with ``rust/alsiron-py/src``. Array arguments must be
 C-contiguous with exactly the dtypes shown; the Python stage modules convert once.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,7 @@ def tv_admm(
     mu: float,
     max_iter: int,
     tol: float,
+    progress: Callable[[int, int], object] | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
 def vsharp(
     field: npt.NDArray[np.float32],

@@ -105,6 +105,13 @@ def _progress(i: int, n: int, message: str) -> None:
     click.echo(f"  [{i + 1}/{n}] {message}", err=True)
 
 
+def _iteration_progress(iteration: int, max_iter: int) -> None:
+    # Redrawn in place on a terminal; silent in logs, where the step lines suffice.
+    if sys.stderr.isatty():
+        click.echo(f"\r        iteration {iteration}/{max_iter} (stops early when converged)",
+                   err=True, nl=False)
+
+
 @cli.command("qsm")
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -142,7 +149,10 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, echo_times: tuple[
                                        field_strength=field_strength,
                                        fill_nonfinite=fill_nonfinite)
             t0 = time.perf_counter()
-            result = workflow.process_series(series, params, progress=_progress)
+            result = workflow.process_series(series, params, progress=_progress,
+                                             iteration_progress=_iteration_progress)
+            if sys.stderr.isatty():
+                click.echo("", err=True)
             written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
                                              result.provenance, overwrite=overwrite)
             elapsed = time.perf_counter() - t0

@@ -18,7 +18,7 @@ Conventions chosen here
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -207,6 +207,7 @@ def tv_admm(
     mu: float = TV_MU,
     max_iter: int = 100,
     tol: float = 1e-3,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Total-variation regularised dipole inversion solved by ADMM (linear FANSI).
 
@@ -230,6 +231,9 @@ def tv_admm(
         Iteration cap.
     tol : float
         Stop when ‖χₙ − χₙ₋₁‖/‖χₙ‖ < tol.
+    progress : callable, optional
+        Called as ``progress(iteration, max_iter)`` every few iterations; an exception
+        it raises stops the solver and propagates.
 
     Returns
     -------
@@ -257,6 +261,7 @@ def tv_admm(
         float(mu),
         int(max_iter),
         float(tol),
+        progress,
     )
     logger.debug("tv_admm stopped after %d iterations", n_iter)
     return chi, int(n_iter)

@@ -129,7 +129,9 @@ def _steps(inversion: str) -> list[str]:
 
 
 def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
-                   progress: ProgressCallback | None = None) -> SessionResult:
+                   progress: ProgressCallback | None = None,
+                   iteration_progress: Callable[[int, int], None] | None = None
+                   ) -> SessionResult:
     """Run the QSM and R2* chain on one MEGRE series.
 
     Parameters
@@ -140,6 +142,8 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         Algorithm parameters (defaults when omitted).
     progress : callable, optional
         ``progress(i, n, message)`` called before each step.
+    iteration_progress : callable, optional
+        ``iteration_progress(iteration, max_iter)`` called during iterative solvers.
 
     Returns
     -------
@@ -195,7 +199,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     else:
         chi, n_iter = qsm.tv_admm(local, qsm_mask, voxel_size=vsz, b0_dir=b0dir,
                                   alpha=p.tv_alpha, mu=p.tv_mu, max_iter=p.tv_max_iter,
-                                  tol=p.tv_tol)
+                                  tol=p.tv_tol, progress=iteration_progress)
         inv_params = {"Alpha": p.tv_alpha, "Mu": p.tv_mu, "MaxIterations": p.tv_max_iter,
                       "Tolerance": p.tv_tol, "IterationsRun": int(n_iter)}
     chi = qsm.reference_to_mean(chi, qsm_mask)

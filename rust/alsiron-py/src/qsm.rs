@@ -9,6 +9,7 @@ use numpy::ndarray::Array3;
 use numpy::{Complex32, IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use std::sync::Mutex;
 
 use crate::errors::to_py;
 
@@ -134,7 +135,12 @@ fn tkd<'py>(
 }
 
 /// TV-regularised dipole inversion (ADMM) → (χ [ppm], iterations run).
+///
+/// `progress`, when given, is called as `progress(iteration, max_iter)` every few
+/// iterations (with the GIL held); an exception it raises stops the solver and is
+/// re-raised.
 #[pyfunction]
+#[pyo3(signature = (field, mask, voxel_size, b0_dir, alpha, mu, max_iter, tol, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn tv_admm<'py>(
     py: Python<'py>,
@@ -146,6 +152,7 @@ fn tv_admm<'py>(
     mu: f64,
     max_iter: usize,
     tol: f64,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
     let shape = shape_of(&field);
     same_shape(shape, shape_of(&mask), "mask")?;
@@ -156,13 +163,36 @@ fn tv_admm<'py>(
         max_iter,
         tol,
     };
+    // The first Python error seen while detached (Ctrl-C or a failing callback).
+    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
     // Poll Python's signal handlers from the detached solver so Ctrl-C stops it.
     let should_stop = |iter: usize| {
-        iter % SIGNAL_POLL_EVERY == 0 && Python::attach(|py| py.check_signals().is_err())
+        if iter % SIGNAL_POLL_EVERY != 0 {
+            return false;
+        }
+        let outcome = Python::attach(|py| -> PyResult<()> {
+            py.check_signals()?;
+            if let Some(cb) = &progress {
+                cb.call1(py, (iter, max_iter))?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => false,
+            Err(err) => {
+                if let Ok(mut slot) = pending.lock() {
+                    slot.get_or_insert(err);
+                }
+                true
+            }
+        }
     };
-    let (chi, iterations) = py
-        .detach(|| inversion::tv_admm(f, m, shape, voxel_size, b0_dir, params, &should_stop))
-        .map_err(to_py)?;
+    let result =
+        py.detach(|| inversion::tv_admm(f, m, shape, voxel_size, b0_dir, params, &should_stop));
+    if let Some(err) = pending.into_inner().ok().flatten() {
+        return Err(err);
+    }
+    let (chi, iterations) = result.map_err(to_py)?;
     Ok((to_array(py, shape, chi)?, iterations))
 }
 
