@@ -20,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import twins_qsm as tw  # noqa: E402
 from alsiron import _core, qsm  # noqa: E402
+
+import twins_qsm as tw  # noqa: E402
 
 FULL_SHAPE = (256, 256, 176)
 QUICK_SHAPE = (48, 48, 40)

@@ -1,0 +1,76 @@
+"""Whole default QSM + R2* chain (``workflow.process_series``) on a full-size volume.
+
+A synthetic 256 x 256 x 176, 6-echo, 1 mm head (ellipsoidal brain with deep-grey-like
+spheres inside an air surround that makes background fields) is built with the Rust
+forward model; the point is time and memory per step, not accuracy (the phantom tests
+measure accuracy). There is no NumPy twin of the whole chain: ``numpy_ms`` is NaN.
+Peak memory is the process's maximum resident set size after the run.
+
+Run: ``python bench/bench_chain.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+
+import numpy as np
+
+from alsiron import qsm, workflow
+from alsiron.constants import GAMMA_BAR_HZ_PER_T
+from alsiron.volume import MegreSeries
+
+FULL_SHAPE = (256, 256, 176)
+QUICK_SHAPE = (64, 64, 48)
+ECHO_TIMES = (0.004, 0.009, 0.014, 0.019, 0.024, 0.029)
+
+
+def synthetic_series(shape: tuple[int, int, int], seed: int = 0) -> MegreSeries:
+    """Six-echo magnitude/phase of an ellipsoidal head at 3 T, 1 mm voxels."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape],
+                       indexing="ij")
+    r = np.sqrt(sum((g / a) ** 2 for g, a in zip(grid, (0.75, 0.85, 0.8), strict=True)))
+    brain = r < 1.0
+    chi = np.where(brain, np.float32(0.0), np.float32(9.4))  # air outside
+    for centre, radius, value in (((0.2, 0.1, 0.0), 0.08, 0.15), ((-0.2, 0.1, 0.0), 0.08, 0.15),
+                                  ((0.0, -0.3, 0.2), 0.1, -0.03)):
+        d = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
+        chi[d < radius] = value
+    field = qsm.forward_field(chi, voxel_size=(1, 1, 1), b0_dir=(0, 0, 1))
+    omega = 2 * math.pi * GAMMA_BAR_HZ_PER_T * 3.0 * 1e-6 * field
+    mags, phases = [], []
+    for te in ECHO_TIMES:
+        sig = np.where(brain, np.exp(-20.0 * te), 0.0) * np.exp(1j * omega * te)
+        sig = sig + 0.01 * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
+        mags.append(np.abs(sig).astype(np.float32))
+        phases.append(np.angle(sig).astype(np.float32))
+    return MegreSeries(magnitude=np.stack(mags), phase=np.stack(phases),
+                       echo_times=np.asarray(ECHO_TIMES), field_strength=3.0,
+                       affine=np.eye(4), voxel_size=(1.0, 1.0, 1.0),
+                       b0_direction=(0.0, 0.0, 1.0), subject="bench", session="")
+
+
+def run(quick: bool = False) -> list[dict]:
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    series = synthetic_series(shape)
+    t0 = time.perf_counter()
+    result = workflow.process_series(series)
+    total = time.perf_counter() - t0
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    n_vox = int(np.prod(shape))
+    label = "x".join(map(str, shape)) + "x6e"
+    rows = [{"kernel": f"chain step: {step}", "shape": label, "rust_ms": 1e3 * sec,
+             "numpy_ms": float("nan"), "ratio": float("nan"),
+             "throughput": n_vox / sec / 1e6} for step, sec in result.timings_s.items()]
+    rows.append({"kernel": f"whole chain (peak RSS {peak_gb:.2f} GB)", "shape": label,
+                 "rust_ms": 1e3 * total, "numpy_ms": float("nan"), "ratio": float("nan"),
+                 "throughput": n_vox / total / 1e6})
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run(quick="--quick" in sys.argv):
+        print(row)
