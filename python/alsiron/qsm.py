@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from alsiron import _core
 
@@ -331,16 +332,27 @@ def vsharp(
 # --------------------------------------------------------------------------- masks, reference
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mean0 = m0 / np.maximum(w0, 1)
-    mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(centres[int(np.argmax(between))])
+#: Below this ratio of the mean intensities of Otsu's two classes, the lower class is
+#: background (noise); above it both classes are tissue (a field of view inside the brain).
+_BACKGROUND_CONTRAST = 0.5
+#: Threshold, as a fraction of the 99th percentile, used when there is no background class.
+_NO_BACKGROUND_FRACTION = 0.25
+
+
+def magnitude_threshold(values: np.ndarray) -> float:
+    """Intensity separating head signal from background in a magnitude image.
+
+    Otsu's threshold when the image has a background (noise) class; when Otsu's two
+    classes are both tissue (their mean intensities differ by less than 2x, as in a
+    field of view cropped inside the brain) a quarter of the 99th percentile instead,
+    so that darker tissue is not cut away.
+    """
+    level = float(threshold_otsu(values))
+    low, high = values[values <= level], values[values > level]
+    if low.size and high.size and low.mean() > _BACKGROUND_CONTRAST * high.mean():
+        level = _NO_BACKGROUND_FRACTION * float(np.percentile(values, 99))
+        logger.info("magnitude has no background class; brain-mask threshold %.4g", level)
+    return level
 
 
 def brain_mask(
@@ -351,10 +363,10 @@ def brain_mask(
 ) -> np.ndarray:
     """Brain mask from the first-echo magnitude.
 
-    Steps: threshold (Otsu unless given) → erode by ``erode_voxels`` (a ball) to cut thin
-    links between brain and scalp across the signal-free skull → keep the largest
-    connected component → fill holes → dilate back by the same ball, restricted to the
-    thresholded voxels → fill holes again.
+    Steps: threshold (:func:`magnitude_threshold` unless given) → erode by
+    ``erode_voxels`` (a ball) to cut thin links between brain and scalp across the
+    signal-free skull → keep the largest connected component → fill holes → dilate back
+    by the same ball, restricted to the thresholded voxels → fill holes again.
 
     Parameters
     ----------
@@ -363,7 +375,7 @@ def brain_mask(
     erode_voxels : int
         Radius of the erosion/dilation ball in voxels (0 disables). Default 2.
     threshold : float, optional
-        Intensity threshold; default Otsu's threshold of the non-zero voxels.
+        Intensity threshold; default :func:`magnitude_threshold` of the non-zero voxels.
 
     Returns
     -------
@@ -375,7 +387,7 @@ def brain_mask(
     positive = mag[mag > 0]
     if positive.size == 0:
         raise ValueError("magnitude_echo1 has no positive voxel; cannot derive a brain mask")
-    level = _otsu_threshold(positive) if threshold is None else float(threshold)
+    level = magnitude_threshold(positive) if threshold is None else float(threshold)
     fg = mag > level
     r = int(erode_voxels)
     ball = None
