@@ -21,6 +21,7 @@ from scipy import ndimage
 from alsiron import evaluate, ingest, phantom, workflow
 from alsiron.cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, main
 
+PRECENTRAL = [20, 21, 22, 23]
 OUTPUTS = ["Chimap", "R2starmap", "T2starmap", "S0map", "desc-r2starfit_status",
            "desc-total_fieldmap", "desc-local_fieldmap", "desc-brain_mask", "desc-qsm_mask"]
 
@@ -55,7 +56,8 @@ def test_outputs_and_sidecars(dataset, qsm_run):
     chi_side = json.loads((qsm_run / "sub-01_ses-01_Chimap.json").read_text())
     assert chi_side["Units"] == "ppm"
     steps = chi_side["Steps"]
-    assert steps["BackgroundFieldRemoval"]["Method"] == "V-SHARP"
+    assert steps["BackgroundFieldRemoval"]["Method"] == "PDF"
+    assert steps["BackgroundFieldRemoval"]["IterationsRun"] >= 1
     assert steps["DipoleInversion"]["Method"] == "TV-ADMM"
     assert steps["DipoleInversion"]["IterationsRun"] >= 1
     acq = chi_side["Acquisition"]
@@ -81,14 +83,39 @@ def load_chi_and_truth(dataset: Path, anat: Path):
 def test_chi_accuracy_against_truth(dataset, qsm_run):
     chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
     scores = evaluate.score_chi(chi, mask, truth)
-    # Measured at this seed: NRMSE 44.9 %, HFEN 30.6 %, XSIM 0.39, slope 0.87, R² 0.94.
-    assert scores["NRMSE_pct"] < 55
-    assert scores["HFEN_pct"] < 40
-    assert scores["XSIM"] > 0.3
-    assert 0.75 < scores["DeepGreySlope"] < 1.1
+    # Measured at this seed with PDF (the default): NRMSE 58.1 %, HFEN 37.8 %, XSIM 0.54,
+    # slope 0.91, R² 0.96. With V-SHARP NRMSE was 44.9 % and XSIM 0.39, but on a mask
+    # that had lost 88 % of the cortex (V-SHARP erodes one more voxel, and the phantom's
+    # cortex is the outer 6 mm of the brain): compare on that same smaller mask below.
+    assert scores["NRMSE_pct"] < 65
+    assert scores["HFEN_pct"] < 45
+    assert scores["XSIM"] > 0.45
+    assert 0.8 < scores["DeepGreySlope"] < 1.1
     assert scores["DeepGreyR2"] > 0.85
-    # The QSM mask keeps most of the brain (erosion for V-SHARP removes the rim).
-    assert mask.sum() > 0.6 * truth.brain_mask.sum()
+    # The QSM mask keeps most of the brain (only the 2-voxel BFR erosion removes the rim).
+    assert mask.sum() > 0.7 * truth.brain_mask.sum()
+    # On the V-SHARP pipeline's mask (one voxel less): measured 42.1 % (V-SHARP 44.9 %).
+    core = ndimage.binary_erosion(mask)
+    assert evaluate.score_chi(chi, core, truth)["NRMSE_pct"] < 50
+
+
+def test_cortical_contrast_survives_background_removal(dataset, qsm_run):
+    chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
+
+    def contrast(x, ids):
+        sel = mask & np.isin(truth.labels, ids)
+        wm = mask & (truth.labels == 5)
+        assert sel.sum() >= 100 and wm.sum() >= 100
+        return float(x[sel].mean() - x[wm].mean())
+
+    cortex_true, m1_true = contrast(truth.chi, [6]), contrast(truth.chi, PRECENTRAL)
+    cortex, m1 = contrast(chi, [6]), contrast(chi, PRECENTRAL)
+    print(f"GM-WM {cortex:.4f} (true {cortex_true:.4f}), M1-WM {m1:.4f} (true {m1_true:.4f})")
+    # Measured: GM − WM +0.014 ppm of a true +0.032, precentral − WM +0.012 of +0.038
+    # (V-SHARP: +0.000 and +0.002 on the 1007 cortical voxels it kept). PDF keeps
+    # about half of the contrast; the rest is lost at the brain edge (see docs/qsm_bfr.md).
+    assert cortex > 0.3 * cortex_true
+    assert m1 > 0.2 * m1_true
 
 
 def test_deep_grey_region_means(dataset, qsm_run):
