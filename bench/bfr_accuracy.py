@@ -49,6 +49,7 @@ def methods(vsz, b0):
         "pdf_tol1e-2": pdf(1e-2),
         "pdf_tol3e-3": pdf(3e-3),
         "pdf_tol1e-3": pdf(1e-3),
+        "lbv": lambda f, m: qsm.lbv(f, m, voxel_size=vsz)[:2],
         "ismv_r1": ismv(1),
         "ismv_r2": ismv(2),
     }

@@ -348,3 +348,52 @@ def ismv(field, mask, voxel_size, radius_mm, *, tol=1e-3, max_iter=500):
     local = np.where(eroded, f - fb, 0.0)
     sl = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
     return local[sl], eroded[sl].astype(np.uint8), it
+
+
+def lbv(field, mask, voxel_size, *, tol=1e-4, max_iter=2000):
+    """Laplacian boundary value, twin of bfr_iterative::lbv (CG on the 7-point Laplacian)."""
+    inside = np.asarray(mask) != 0
+    f = np.asarray(field, np.float64)
+    interior = inside.copy()
+    for a in range(3):
+        # Interior along axis a: not on the volume border and both neighbours inside.
+        centre, ahead, behind = ([slice(None)] * 3 for _ in range(3))
+        centre[a], ahead[a], behind[a] = slice(1, -1), slice(2, None), slice(0, -2)
+        both = np.zeros_like(inside)
+        both[tuple(centre)] = inside[tuple(ahead)] & inside[tuple(behind)]
+        interior &= both
+    inv_h2 = [1.0 / h**2 for h in voxel_size]
+
+    def shifted_sum(v, a):
+        out = np.zeros_like(v)
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[a], hi[a] = slice(0, -1), slice(1, None)
+        out[tuple(lo)] += v[tuple(hi)]
+        out[tuple(hi)] += v[tuple(lo)]
+        return out
+
+    def apply(p):
+        out = 2.0 * sum(inv_h2) * p
+        for a in range(3):
+            out -= inv_h2[a] * shifted_sum(p, a)
+        return np.where(interior, out, 0.0)
+
+    boundary = np.where(inside & ~interior, f, 0.0)
+    rhs = np.where(interior, sum(inv_h2[a] * shifted_sum(boundary, a) for a in range(3)), 0.0)
+    x = np.where(interior, f, 0.0)
+    r = rhs - apply(x)
+    p = r.copy()
+    rs = float(np.vdot(r, r))
+    stop = tol * max(np.linalg.norm(rhs), np.sqrt(rs))
+    it = 0
+    while it < max_iter and np.sqrt(rs) > stop and rs > 0:
+        ap = apply(p)
+        alpha = rs / float(np.vdot(p, ap))
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = float(np.vdot(r, r))
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+        it += 1
+    return np.where(interior, f - x, 0.0), interior.astype(np.uint8), it

@@ -111,7 +111,7 @@ def _progress(i: int, n: int, message: str) -> None:
               help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
 @click.option("--inversion", type=click.Choice(["tvadmm", "tkd"]), default="tvadmm",
               show_default=True, help="Dipole inversion.")
-@click.option("--bfr", type=click.Choice(["vsharp", "pdf", "ismv"]), default=None,
+@click.option("--bfr", type=click.Choice(["pdf", "vsharp", "ismv", "lbv"]), default=None,
               help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
 @click.option("--echo-times", type=float, multiple=True,
               help="Echo times in seconds, one per echo (repeat the option), for data whose "

@@ -28,6 +28,8 @@ from alsiron import _core
 __all__ = [
     "ISMV_MAX_ITER",
     "ISMV_TOL",
+    "LBV_MAX_ITER",
+    "LBV_TOL",
     "PDF_MAX_ITER",
     "PDF_PAD_VOXELS",
     "PDF_TOL",
@@ -39,6 +41,7 @@ __all__ = [
     "dipole_kernel",
     "forward_field",
     "ismv",
+    "lbv",
     "pdf",
     "reference_to_mean",
     "tkd",
@@ -67,6 +70,10 @@ PDF_PAD_VOXELS = 16
 ISMV_TOL = 1e-3
 #: Default cap on iSMV iterations (Wen et al. 2014).
 ISMV_MAX_ITER = 500
+#: Default LBV stopping tolerance on the relative CG residual.
+LBV_TOL = 1e-4
+#: Default cap on LBV's CG iterations.
+LBV_MAX_ITER = 2000
 
 
 # --------------------------------------------------------------------------- validation
@@ -492,6 +499,58 @@ def ismv(
                                            _iterations(max_iter, "max_iter"))
     logger.debug("ismv: %d iterations", iterations)
     return local, eroded.astype(bool), int(iterations)
+
+
+def lbv(
+    total_field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    tol: float = LBV_TOL,
+    max_iter: int = LBV_MAX_ITER,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Laplacian boundary value (LBV) background field removal.
+
+    The background field is the harmonic function (7-point Laplacian with the voxel
+    spacing) that equals the total field on the mask's boundary voxels — those with a
+    6-neighbour outside the mask or the volume, where the local field is assumed to be 0.
+    Solved by conjugate gradients from the total field as the starting guess.
+
+    Parameters
+    ----------
+    total_field : ndarray, shape (X, Y, Z)
+        Unwrapped total field in ppm; values outside ``mask`` are ignored.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask.
+    voxel_size : (float, float, float)
+        Voxel size in mm (the Laplacian's spacing).
+    tol : float
+        Stop when the CG residual falls below ``tol`` times the norm of the right-hand
+        side. Default 1e-4.
+    max_iter : int
+        Maximum CG iterations. Default 2000.
+
+    Returns
+    -------
+    local_field : ndarray, float32
+        Local field in ppm, 0 outside ``interior_mask``.
+    interior_mask : ndarray of bool
+        ``mask`` without its boundary voxels (one-voxel erosion).
+    iterations : int
+        CG iterations run.
+
+    References
+    ----------
+    Zhou D. et al., "Background field removal by solving the Laplacian boundary value
+    problem", NMR Biomed 27:312 (2014).
+    """
+    field = _volume(total_field, "total_field")
+    m = _mask(mask, field.shape)
+    vs = _vec3(voxel_size, "voxel_size", positive=True)
+    local, interior, iterations = _core.lbv(field, m, vs, _tolerance(tol, "tol"),
+                                            _iterations(max_iter, "max_iter"))
+    logger.debug("lbv: %d CG iterations", iterations)
+    return local, interior.astype(bool), int(iterations)
 
 
 # --------------------------------------------------------------------------- masks, reference

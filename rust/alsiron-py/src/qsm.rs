@@ -1,4 +1,4 @@
-//! QSM bindings: FFT, dipole kernel, forward model, TKD, TV-ADMM, V-SHARP, PDF, iSMV.
+//! QSM bindings: FFT, dipole kernel, forward model, TKD, TV-ADMM, V-SHARP, PDF, iSMV, LBV.
 //!
 //! Arrays are 3-D, C-contiguous, float32 (masks uint8, nonzero = inside); the Python
 //! wrappers in `alsiron.qsm` validate and convert before calling. The GIL is released
@@ -272,6 +272,35 @@ fn ismv<'py>(
     ))
 }
 
+/// Laplacian boundary value background removal → (local field [ppm], interior mask uint8,
+/// CG iterations).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn lbv<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    tol: f64,
+    max_iter: usize,
+) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let params = bfr_iterative::LbvParams { tol, max_iter };
+    // An LBV iteration is one stencil pass (no FFT): poll every 32.
+    let should_stop =
+        |iter: usize| iter % 32 == 0 && Python::attach(|py| py.check_signals().is_err());
+    let (local, interior, iterations) = py
+        .detach(|| bfr_iterative::lbv(f, m, shape, voxel_size, params, &should_stop))
+        .map_err(to_py)?;
+    Ok((
+        to_array(py, shape, local)?,
+        to_array(py, shape, interior)?,
+        iterations,
+    ))
+}
+
 /// Default V-SHARP radii [mm] for a voxel size [mm].
 #[pyfunction]
 fn vsharp_default_radii(voxel_size: [f64; 3]) -> Vec<f64> {
@@ -295,6 +324,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vsharp_default_radii, m)?)?;
     m.add_function(wrap_pyfunction!(pdf, m)?)?;
     m.add_function(wrap_pyfunction!(ismv, m)?)?;
+    m.add_function(wrap_pyfunction!(lbv, m)?)?;
     m.add_function(wrap_pyfunction!(fft_fast_len, m)?)?;
     Ok(())
 }
