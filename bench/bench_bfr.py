@@ -1,4 +1,4 @@
-"""Benchmark: background-field removal by PDF and iSMV.
+"""Benchmark: background-field removal by PDF, iSMV and LBV.
 
 Each Rust kernel runs a fixed number of iterations (``tol = 0``) and is timed against a
 SciPy implementation of the same iterations (``scipy.fft`` real transforms in float32
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft as sfft
+from scipy import ndimage
 
 from alsiron import qsm
 
@@ -27,6 +28,7 @@ VOXEL = (1.0, 1.0, 1.0)
 B0 = (0.0, 0.1, 1.0)
 PDF_ITER = 10
 ISMV_ITER = 20
+LBV_ITER = 50
 
 
 def _best_of(fn, repeats):
@@ -106,6 +108,45 @@ def scipy_ismv(field, mask, n_iter):
     return local[: shape[0], : shape[1], : shape[2]]
 
 
+def scipy_lbv(field, mask, n_iter):
+    """LBV: ``n_iter`` CG steps on the 7-point Laplacian, float32 NumPy slicing with a
+    ``scipy.ndimage.correlate`` stencil."""
+    inside = mask.astype(bool)
+    interior = inside & (ndimage.correlate(inside.astype(np.uint8), _CROSS, mode="constant")
+                         == 7)
+    inv_h2 = [np.float32(1.0 / h**2) for h in VOXEL]
+    stencil = np.zeros((3, 3, 3), np.float32)
+    stencil[1, 1, 1] = 2 * sum(inv_h2)
+    for a in range(3):
+        for side in (0, 2):
+            idx = [1, 1, 1]
+            idx[a] = side
+            stencil[tuple(idx)] = -inv_h2[a]
+
+    def apply(v):
+        return np.where(interior, ndimage.correlate(v, stencil, mode="constant"), 0)
+
+    f = field.astype(np.float32)
+    boundary = np.where(inside & ~interior, f, 0).astype(np.float32)
+    rhs = np.where(interior, -ndimage.correlate(boundary, stencil, mode="constant"), 0)
+    x = np.where(interior, f, 0).astype(np.float32)
+    r = (rhs - apply(x)).astype(np.float32)
+    p = r.copy()
+    rs = _dot(r, r)
+    for _ in range(n_iter):
+        ap = apply(p)
+        alpha = np.float32(rs / _dot(p, ap))
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = _dot(r, r)
+        p = r + np.float32(rs_new / rs) * p
+        rs = rs_new
+    return np.where(interior, f - x, 0)
+
+
+_CROSS = ndimage.generate_binary_structure(3, 1).astype(np.uint8)
+
+
 def _row(kernel, shape, rust_s, ref_s):
     n_vox = int(np.prod(shape))
     return {"kernel": kernel, "shape": "x".join(map(str, shape)),
@@ -114,7 +155,7 @@ def _row(kernel, shape, rust_s, ref_s):
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Time PDF and iSMV (Rust vs SciPy, same iterations); rows as in bench/run.py."""
+    """Time PDF, iSMV and LBV (Rust vs SciPy, same iterations); rows as in bench/run.py."""
     shape = (64, 64, 48) if quick else (256, 256, 176)
     repeats = 3 if quick else 1
     field, mask = _data(shape)
@@ -131,6 +172,12 @@ def run(quick: bool = False) -> list[dict]:
     ref_s, want = _best_of(lambda: scipy_ismv(field, mask, ISMV_ITER), repeats)
     _check(got, want, "ismv")
     rows.append(_row(f"ismv ({ISMV_ITER} it)", shape, rust_s, ref_s))
+
+    rust_s, (got, _, _) = _best_of(lambda: qsm.lbv(field, mask, voxel_size=VOXEL, tol=0.0,
+                                                   max_iter=LBV_ITER), repeats)
+    ref_s, want = _best_of(lambda: scipy_lbv(field, mask, LBV_ITER), repeats)
+    _check(got, want, "lbv")
+    rows.append(_row(f"lbv ({LBV_ITER} CG it)", shape, rust_s, ref_s))
     return rows
 
 
