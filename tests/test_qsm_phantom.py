@@ -116,6 +116,10 @@ def test_cortical_contrast_survives_background_removal(dataset, qsm_run):
     # about half of the contrast; the rest is lost at the brain edge (see docs/qsm_bfr.md).
     assert cortex > 0.3 * cortex_true
     assert m1 > 0.2 * m1_true
+    # The CLI's truth summary reports the same numbers.
+    scores = evaluate.score_chi(chi, mask, truth)
+    assert scores["CortexMinusWM"] == pytest.approx(cortex, abs=1e-6)
+    assert scores["PrecentralMinusWM_true"] == pytest.approx(m1_true, abs=1e-6)
 
 
 def test_deep_grey_region_means(dataset, qsm_run):
