@@ -21,6 +21,7 @@ from scipy import ndimage
 from alsiron import evaluate, ingest, phantom, workflow
 from alsiron.cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, main
 
+PRECENTRAL = [20, 21, 22, 23]
 OUTPUTS = ["Chimap", "R2starmap", "T2starmap", "S0map", "desc-r2starfit_status",
            "desc-total_fieldmap", "desc-local_fieldmap", "desc-brain_mask", "desc-qsm_mask"]
 
@@ -55,7 +56,8 @@ def test_outputs_and_sidecars(dataset, qsm_run):
     chi_side = json.loads((qsm_run / "sub-01_ses-01_Chimap.json").read_text())
     assert chi_side["Units"] == "ppm"
     steps = chi_side["Steps"]
-    assert steps["BackgroundFieldRemoval"]["Method"] == "V-SHARP"
+    assert steps["BackgroundFieldRemoval"]["Method"] == "PDF"
+    assert steps["BackgroundFieldRemoval"]["IterationsRun"] >= 1
     assert steps["DipoleInversion"]["Method"] == "TV-ADMM"
     assert steps["DipoleInversion"]["IterationsRun"] >= 1
     acq = chi_side["Acquisition"]
@@ -81,14 +83,44 @@ def load_chi_and_truth(dataset: Path, anat: Path):
 def test_chi_accuracy_against_truth(dataset, qsm_run):
     chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
     scores = evaluate.score_chi(chi, mask, truth)
-    # Measured at this seed: NRMSE 44.9 %, HFEN 30.6 %, XSIM 0.39, slope 0.87, R² 0.94.
-    assert scores["NRMSE_pct"] < 55
-    assert scores["HFEN_pct"] < 40
-    assert scores["XSIM"] > 0.3
-    assert 0.75 < scores["DeepGreySlope"] < 1.1
+    # Measured at this seed with PDF (the default): NRMSE 58.1 %, HFEN 37.8 %, XSIM 0.54,
+    # slope 0.91, R² 0.96. With V-SHARP NRMSE was 44.9 % and XSIM 0.39, but on a mask
+    # that had lost 88 % of the cortex (V-SHARP erodes one more voxel, and the phantom's
+    # cortex is the outer 6 mm of the brain): compare on that same smaller mask below.
+    assert scores["NRMSE_pct"] < 65
+    assert scores["HFEN_pct"] < 45
+    assert scores["XSIM"] > 0.45
+    assert 0.8 < scores["DeepGreySlope"] < 1.1
     assert scores["DeepGreyR2"] > 0.85
-    # The QSM mask keeps most of the brain (erosion for V-SHARP removes the rim).
-    assert mask.sum() > 0.6 * truth.brain_mask.sum()
+    # The QSM mask keeps most of the brain (only the 2-voxel BFR erosion removes the rim).
+    assert mask.sum() > 0.7 * truth.brain_mask.sum()
+    # On the V-SHARP pipeline's mask (one voxel less): measured 42.1 % (V-SHARP 44.9 %).
+    core = ndimage.binary_erosion(mask)
+    assert evaluate.score_chi(chi, core, truth)["NRMSE_pct"] < 50
+
+
+def test_cortical_contrast_survives_background_removal(dataset, qsm_run):
+    chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
+
+    def contrast(x, ids):
+        sel = mask & np.isin(truth.labels, ids)
+        wm = mask & (truth.labels == 5)
+        assert sel.sum() >= 100 and wm.sum() >= 100
+        return float(x[sel].mean() - x[wm].mean())
+
+    cortex_true, m1_true = contrast(truth.chi, [6]), contrast(truth.chi, PRECENTRAL)
+    cortex, m1 = contrast(chi, [6]), contrast(chi, PRECENTRAL)
+    print(f"GM-WM {cortex:.4f} (true {cortex_true:.4f}), M1-WM {m1:.4f} (true {m1_true:.4f})")
+    # Measured: GM − WM +0.014 ppm of a true +0.032, precentral − WM +0.012 of +0.038
+    # (V-SHARP: +0.000 and +0.002 on the 1007 cortical voxels it kept). PDF keeps about
+    # 45 %, of which ~3 ppb is bias (no-contrast control); the rest is lost at the brain
+    # edge (see docs/qsm_bfr.md).
+    assert cortex > 0.3 * cortex_true
+    assert m1 > 0.2 * m1_true
+    # The CLI's truth summary reports the same numbers.
+    scores = evaluate.score_chi(chi, mask, truth)
+    assert scores["CortexMinusWM"] == pytest.approx(cortex, abs=1e-6)
+    assert scores["PrecentralMinusWM_true"] == pytest.approx(m1_true, abs=1e-6)
 
 
 def test_deep_grey_region_means(dataset, qsm_run):
@@ -173,6 +205,29 @@ def test_intravoxel_dephasing_bias_grows_with_field():
     assert abs(bias[0.5]) < 0.01 < bias[3.0]
 
 
+def test_bfr_option_selects_the_method(dataset, qsm_run, tmp_path):
+    out = tmp_path / "vsharp"
+    assert main(["qsm", str(dataset / "sub-01"), "--bfr", "vsharp", "--out", str(out)]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
+    bfr = side["Steps"]["BackgroundFieldRemoval"]
+    assert bfr["Method"] == "V-SHARP" and bfr["Radii_mm"][0] == 24.0
+    assert side["Parameters"]["bfr"] == "vsharp"
+    chi_v, mask_v, truth = load_chi_and_truth(dataset, anat)
+    chi_p, mask_p, _ = load_chi_and_truth(dataset, qsm_run)
+    # Measured: V-SHARP NRMSE 44.9 % on 1007 cortical voxels (PDF: 58.1 % on 5412).
+    assert evaluate.score_chi(chi_v, mask_v, truth)["NRMSE_pct"] < 50
+    cortex = truth.labels == 6
+    assert (mask_p & cortex).sum() > 3 * (mask_v & cortex).sum()
+
+    def gm_wm(chi, mask):
+        return chi[mask & cortex].mean() - chi[mask & (truth.labels == 5)].mean()
+
+    # Measured GM − WM: V-SHARP +0.000 ppm, PDF +0.014 ppm (truth +0.031).
+    assert gm_wm(chi_v, mask_v) < 0.005 < 0.01 < gm_wm(chi_p, mask_p)
+    assert main(["qsm", str(dataset / "sub-01"), "--bfr", "sharp", "--out", str(out)]) != 0
+
+
 def test_rerun_refuses_then_overwrites(dataset, qsm_run, capsys):
     chi_path = out_file(qsm_run, "Chimap")
     before = chi_path.stat().st_mtime_ns
@@ -224,9 +279,11 @@ def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
     series.b0_direction = (0.0, 0.0, 1.0)  # what a tool that ignores the affine would do
     wrong = evaluate.score_chi(workflow.process_series(series).chi.data,
                                result.qsm_mask.data, truth)
-    # Measured: NRMSE 43 % (slope 0.86) with the affine's B0 vs 59 % (slope 0.66)
-    # assuming (0, 0, 1).
-    assert right["NRMSE_pct"] < 52
+    # Measured with PDF (default): NRMSE 50.9 % (slope 0.87, XSIM 0.51) with the affine's
+    # B0 vs 64.4 % (slope 0.70) assuming (0, 0, 1); with V-SHARP 42.9 % vs 59.4 %, on a
+    # mask without most of the cortex (PDF's mask keeps the cortical rim, hence the
+    # bound moved from 52 to 55 %).
+    assert right["NRMSE_pct"] < 55
     assert right["NRMSE_pct"] < wrong["NRMSE_pct"] - 8
     assert 0.75 < right["DeepGreySlope"] < 1.1
 

@@ -248,3 +248,152 @@ def simulate_phantom(
         voxel_size=tuple(voxel_size),
         b0_dir=tuple(b0_dir),
     )
+
+
+# --------------------------------------------------------------------------- PDF, iSMV
+
+
+def _pad_corner(x, padded):
+    out = np.zeros(padded)
+    out[: x.shape[0], : x.shape[1], : x.shape[2]] = x
+    return out
+
+
+def dipole_kernel_image_space(shape, voxel_size, b0_dir) -> np.ndarray:
+    """Half spectrum of the point-dipole field sampled on the periodic grid (twin of
+    bfr_iterative::dipole_kernel_image_space): V/(4π)·(3cos²θ − 1)/r³, 0 at r = 0."""
+    b = np.asarray(b0_dir, dtype=np.float64)
+    b = b / np.linalg.norm(b)
+    offs = [np.fft.fftfreq(n, d=1.0 / n) * h for n, h in zip(shape, voxel_size, strict=True)]
+    x, y, z = np.meshgrid(*offs, indexing="ij")
+    r2 = x * x + y * y + z * z
+    rb = x * b[0] + y * b[1] + z * b[2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.prod(voxel_size) / (4 * np.pi) * (3 * rb * rb / r2 - 1.0) / r2**1.5
+    d[0, 0, 0] = 0.0
+    return np.fft.rfftn(d).real
+
+
+def pdf(field, mask, voxel_size, b0_dir, *, weight=None, pad_voxels=(0, 0, 0),
+        tol=1e-2, max_iter=100, kernel="image"):
+    """Projection onto dipole fields by CG on the normal equations (twin of bfr::pdf).
+
+    The volume is zero-padded at the far end of each axis to fast_len(n + pad); the
+    background sources χ_b live everywhere outside the mask in the padded grid. Solves
+    P Dᵀ W² M D P x = P Dᵀ W² M f with P = 1 − M, returns
+    (M·(f − D P x) cropped, iterations run).
+    """
+    shape = field.shape
+    padded = tuple(fast_len(n + p) for n, p in zip(shape, pad_voxels, strict=True))
+    inside = _pad_corner(mask != 0, padded) > 0.5
+    outside = ~inside
+    w = np.ones(shape) if weight is None else np.asarray(weight, np.float64)
+    w2 = _pad_corner(np.where(mask != 0, w * w, 0.0), padded)
+    f = _pad_corner(np.where(mask != 0, field, 0.0), padded)
+    d = (dipole_kernel_image_space if kernel == "image" else dipole_kernel)(
+        padded, voxel_size, b0_dir)
+
+    def conv(x):
+        return np.fft.irfftn(d * np.fft.rfftn(x), s=padded, axes=(0, 1, 2))
+
+    def normal(x):
+        return np.where(outside, conv(w2 * conv(np.where(outside, x, 0.0))), 0.0)
+
+    b = np.where(outside, conv(w2 * f), 0.0)
+    x = np.zeros(padded)
+    r = b.copy()
+    p = r.copy()
+    rs = float(np.vdot(r, r))
+    stop = tol * np.sqrt(rs)
+    it = 0
+    while it < max_iter and np.sqrt(rs) > stop and rs > 0:
+        ap = normal(p)
+        alpha = rs / float(np.vdot(p, ap))
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = float(np.vdot(r, r))
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+        it += 1
+    local = np.where(inside, f - conv(np.where(outside, x, 0.0)), 0.0)
+    return local[: shape[0], : shape[1], : shape[2]], it
+
+
+def ismv(field, mask, voxel_size, radius_mm, *, tol=1e-3, max_iter=500):
+    """Iterative SMV (Wen et al. 2014), twin of bfr::ismv.
+
+    Background f_b starts as the total field; iterate f_b ← E·(S∗f_b) + (M − E)·f with E the
+    mask eroded by the sphere, until ‖Δf_b‖ ≤ tol·‖E·f‖. Returns (E·(f − f_b), E, iterations).
+    """
+    shape = field.shape
+    padded = tuple(fast_len(n) for n in shape)
+    inside = _pad_corner(mask != 0, padded) > 0.5
+    f = _pad_corner(np.where(mask != 0, field, 0.0), padded)
+    sphere = sphere_indicator(padded, voxel_size, radius_mm)
+    count = sphere.sum()
+    s_hat = np.fft.rfftn(sphere).real
+    eroded = np.fft.irfftn(np.fft.rfftn(inside.astype(float)) * s_hat, s=padded,
+                           axes=(0, 1, 2)) > count - 0.5
+    boundary = np.where(inside & ~eroded, f, 0.0)
+    fb = f.copy()
+    stop = tol * np.linalg.norm(np.where(eroded, f, 0.0))
+    it = 0
+    change = np.inf
+    while it < max_iter and change > stop:
+        smooth = np.fft.irfftn(np.fft.rfftn(fb) * (s_hat / count), s=padded, axes=(0, 1, 2))
+        new = np.where(eroded, smooth, 0.0) + boundary
+        change = np.linalg.norm(new - fb)
+        fb = new
+        it += 1
+    local = np.where(eroded, f - fb, 0.0)
+    sl = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    return local[sl], eroded[sl].astype(np.uint8), it
+
+
+def lbv(field, mask, voxel_size, *, tol=1e-4, max_iter=2000):
+    """Laplacian boundary value, twin of bfr_iterative::lbv (CG on the 7-point Laplacian)."""
+    inside = np.asarray(mask) != 0
+    f = np.asarray(field, np.float64)
+    interior = inside.copy()
+    for a in range(3):
+        # Interior along axis a: not on the volume border and both neighbours inside.
+        centre, ahead, behind = ([slice(None)] * 3 for _ in range(3))
+        centre[a], ahead[a], behind[a] = slice(1, -1), slice(2, None), slice(0, -2)
+        both = np.zeros_like(inside)
+        both[tuple(centre)] = inside[tuple(ahead)] & inside[tuple(behind)]
+        interior &= both
+    inv_h2 = [1.0 / h**2 for h in voxel_size]
+
+    def shifted_sum(v, a):
+        out = np.zeros_like(v)
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[a], hi[a] = slice(0, -1), slice(1, None)
+        out[tuple(lo)] += v[tuple(hi)]
+        out[tuple(hi)] += v[tuple(lo)]
+        return out
+
+    def apply(p):
+        out = 2.0 * sum(inv_h2) * p
+        for a in range(3):
+            out -= inv_h2[a] * shifted_sum(p, a)
+        return np.where(interior, out, 0.0)
+
+    boundary = np.where(inside & ~interior, f, 0.0)
+    rhs = np.where(interior, sum(inv_h2[a] * shifted_sum(boundary, a) for a in range(3)), 0.0)
+    x = np.where(interior, f, 0.0)
+    r = rhs - apply(x)
+    p = r.copy()
+    rs = float(np.vdot(r, r))
+    stop = tol * max(np.linalg.norm(rhs), np.sqrt(rs))
+    it = 0
+    while it < max_iter and np.sqrt(rs) > stop and rs > 0:
+        ap = apply(p)
+        alpha = rs / float(np.vdot(p, ap))
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = float(np.vdot(r, r))
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+        it += 1
+    return np.where(interior, f - x, 0.0), interior.astype(np.uint8), it

@@ -88,3 +88,31 @@ def fit_r2star_loglinear(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """(E,N) magnitude, TEs [s] -> (R2* [1/s], S0, status) of length N; status 0 ok,
     1 bad magnitude, 2 degenerate fit, 3 outside mask; NaN where status != 0."""
+
+# --- background field removal: PDF, iSMV, LBV (rust/alsiron-py/src/qsm.rs) ---
+def pdf(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    weight: npt.NDArray[np.float32] | None,
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    pad_voxels: tuple[int, int, int],
+    tol: float,
+    max_iter: int,
+    kernel: str,
+) -> tuple[npt.NDArray[np.float32], int]: ...
+def ismv(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    radius_mm: float,
+    tol: float,
+    max_iter: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], int]: ...
+def lbv(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    tol: float,
+    max_iter: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], int]: ...

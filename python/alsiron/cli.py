@@ -118,6 +118,8 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
               help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
 @click.option("--inversion", type=click.Choice(["tvadmm", "tkd"]), default="tvadmm",
               show_default=True, help="Dipole inversion.")
+@click.option("--bfr", type=click.Choice(["pdf", "vsharp", "ismv", "lbv"]), default=None,
+              help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
 @click.option("--echo-times", type=float, multiple=True,
               help="Echo times in seconds, one per echo (repeat the option), for data whose "
                    "sidecars lack EchoTime.")
@@ -126,7 +128,8 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
 @click.option("--fill-nonfinite", is_flag=True,
               help="Zero NaN/inf voxels and exclude them from the mask instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, echo_times: tuple[float, ...],
+def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
+            echo_times: tuple[float, ...],
             field_strength: float | None, fill_nonfinite: bool, overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject."""
     from alsiron import derivatives, ingest, workflow
@@ -136,6 +139,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, echo_times: tuple[
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)
     params = workflow.QsmParameters(inversion=inversion)
+    if bfr is not None:
+        params.bfr = bfr
     for ses in sessions:
         for files in ses.series:
             label = files.prefix

@@ -71,6 +71,9 @@ def score_chi(chi: np.ndarray, mask: np.ndarray, truth: PhantomTruth) -> dict[st
         "HFEN_pct": metrics.hfen(est, truth.chi, m),
         "XSIM": metrics.xsim(est - est[m].mean(), truth.chi - truth.chi[m].mean(), m),
     }
+    contrast = cortical_contrast(chi, m, truth)
+    if contrast is not None:
+        scores.update(contrast)
     ids = truth.deep_grey_ids()
     if len(ids) >= 2:
         labels = np.where(m, truth.labels, 0)
@@ -78,6 +81,25 @@ def score_chi(chi: np.ndarray, mask: np.ndarray, truth: PhantomTruth) -> dict[st
         scores["DeepGreySlope"] = slope
         scores["DeepGreyR2"] = r2
     return scores
+
+
+def cortical_contrast(chi: np.ndarray, mask: np.ndarray, truth: PhantomTruth
+                      ) -> dict[str, float] | None:
+    """Mean χ of cortical GM and of precentral cortex minus mean χ of WM, in ``mask`` [ppm],
+    with the same differences of the truth (``..._true``); None without those labels."""
+    ids = {name: i for i, name in truth.label_names.items()}
+    if "cortical_gm" not in ids or "white_matter" not in ids:
+        return None
+    wm = mask & (truth.labels == ids["white_matter"])
+    groups = {"CortexMinusWM": [ids["cortical_gm"]],
+              "PrecentralMinusWM": [i for n, i in ids.items() if n.startswith("precentral")]}
+    out: dict[str, float] = {}
+    for key, labels in groups.items():
+        sel = mask & np.isin(truth.labels, labels)
+        if labels and sel.sum() >= 10 and wm.sum() >= 10:
+            out[key] = float(chi[sel].mean() - chi[wm].mean())
+            out[key + "_true"] = float(truth.chi[sel].mean() - truth.chi[wm].mean())
+    return out
 
 
 def score_r2star(r2star: np.ndarray, mask: np.ndarray, truth: PhantomTruth) -> float:
@@ -99,6 +121,9 @@ def compare_with_truth(result, dataset_root: Path, entities: dict[str, str]
            "XSIM": f"{s['XSIM']:.3f}"}
     if "DeepGreySlope" in s:
         out["deep-grey slope"] = f"{s['DeepGreySlope']:.2f}"
+    for key, text in (("CortexMinusWM", "cortex-WM"), ("PrecentralMinusWM", "precentral-WM")):
+        if key in s:
+            out[text] = f"{1e3 * s[key]:+.1f} ppb (true {1e3 * s[key + '_true']:+.1f})"
     out["R2* median |error|"] = (
         f"{score_r2star(result.r2star.data, result.brain_mask.data, truth):.1f} %")
     return out

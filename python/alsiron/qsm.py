@@ -27,6 +27,13 @@ from skimage.filters import threshold_otsu
 from alsiron import _core
 
 __all__ = [
+    "ISMV_MAX_ITER",
+    "ISMV_TOL",
+    "LBV_MAX_ITER",
+    "LBV_TOL",
+    "PDF_MAX_ITER",
+    "PDF_PAD_VOXELS",
+    "PDF_TOL",
     "TKD_THRESHOLD",
     "TV_ALPHA",
     "TV_MU",
@@ -34,6 +41,9 @@ __all__ = [
     "brain_mask",
     "dipole_kernel",
     "forward_field",
+    "ismv",
+    "lbv",
+    "pdf",
     "reference_to_mean",
     "tkd",
     "tv_admm",
@@ -51,6 +61,20 @@ TV_ALPHA = 7e-4
 TV_MU = 7e-2
 #: Default truncation of the V-SHARP deconvolution kernel |1 − Ŝ|.
 VSHARP_THRESHOLD = 0.05
+#: Default PDF stopping tolerance on the relative CG residual (measured on the head phantom).
+PDF_TOL = 3e-3
+#: Default cap on PDF's CG iterations.
+PDF_MAX_ITER = 100
+#: Default zero padding (voxels per axis) of PDF's grid against wrap-around.
+PDF_PAD_VOXELS = 16
+#: Default iSMV tolerance on the change of the background field (Wen et al. 2014).
+ISMV_TOL = 1e-3
+#: Default cap on iSMV iterations (Wen et al. 2014).
+ISMV_MAX_ITER = 500
+#: Default LBV stopping tolerance on the relative CG residual.
+LBV_TOL = 1e-4
+#: Default cap on LBV's CG iterations.
+LBV_MAX_ITER = 2000
 
 
 # --------------------------------------------------------------------------- validation
@@ -327,6 +351,212 @@ def vsharp(
             f"the mask is too thin for the V-SHARP radii {radii} mm: nothing survives erosion"
         )
     return local, eroded.astype(bool)
+
+
+def _iterations(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _tolerance(value: float, name: str) -> float:
+    tol = float(value)
+    if not (np.isfinite(tol) and tol >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return tol
+
+
+def pdf(
+    total_field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    b0_dir: Sequence[float],
+    weight: np.ndarray | None = None,
+    pad_voxels: int | Sequence[int] = PDF_PAD_VOXELS,
+    tol: float = PDF_TOL,
+    max_iter: int = PDF_MAX_ITER,
+    kernel: str = "kspace",
+) -> tuple[np.ndarray, int]:
+    """Projection onto dipole fields (PDF) background field removal.
+
+    The background field is modelled as the field of susceptibility sources outside
+    ``mask``; their susceptibility is fitted to the total field inside the mask by
+    conjugate gradients on the (weighted) normal equations, and the local field is the
+    remainder. The full dipole kernel is used, so ``b0_dir`` (oblique acquisitions) and
+    anisotropic ``voxel_size`` enter as in the forward model. The grid is zero-padded by
+    ``pad_voxels`` (then to fast FFT sizes) so that sources do not wrap around. The mask
+    is not eroded.
+
+    Parameters
+    ----------
+    total_field : ndarray, shape (X, Y, Z)
+        Unwrapped total field in ppm; values outside ``mask`` are ignored.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain (tissue) mask.
+    voxel_size : (float, float, float)
+        Voxel size in mm along the array axes.
+    b0_dir : (float, float, float)
+        B0 direction in voxel-index space (normalised internally).
+    weight : ndarray, shape (X, Y, Z), optional
+        Data reliability per voxel (e.g. echo-1 magnitude, or 1/σ of the field), ≥ 0,
+        squared in the data term; None weighs every mask voxel equally.
+    pad_voxels : int or (int, int, int)
+        Zero padding added to each axis before rounding up to a fast FFT size. Default 16.
+    tol : float
+        Stop when the CG residual falls below ``tol`` times its initial norm. Default 1e-2.
+    max_iter : int
+        Maximum CG iterations. Default 100.
+    kernel : {"kspace", "image"}
+        Dipole discretisation: sampled in k-space (as the forward model) or the
+        point-dipole field sampled in image space (no band-limit ringing).
+
+    Returns
+    -------
+    local_field : ndarray, float32
+        Local field in ppm, 0 outside ``mask``.
+    iterations : int
+        CG iterations run.
+
+    References
+    ----------
+    Liu T. et al., "A novel background field removal method for MRI using projection
+    onto dipole fields", NMR Biomed 24:1129 (2011).
+    """
+    field = _volume(total_field, "total_field")
+    m = _mask(mask, field.shape)
+    vs = _vec3(voxel_size, "voxel_size", positive=True)
+    b0 = _vec3(b0_dir, "b0_dir", positive=False)
+    w = None
+    if weight is not None:
+        w = _volume(weight, "weight")
+        if w.shape != field.shape:
+            raise ValueError(f"weight has shape {w.shape}, expected {field.shape}")
+        if np.any(w < 0):
+            raise ValueError("weight must be >= 0 everywhere")
+        if not np.any(w[m != 0] > 0):
+            raise ValueError("weight is zero everywhere inside the mask")
+    pads = np.broadcast_to(np.asarray(pad_voxels), (3,))
+    if not np.issubdtype(pads.dtype, np.integer) or np.any(pads < 0) or np.any(pads > 4096):
+        raise ValueError(f"pad_voxels must be integers in [0, 4096], got {pad_voxels!r}")
+    if kernel not in ("kspace", "image"):
+        raise ValueError(f"kernel must be 'kspace' or 'image', got {kernel!r}")
+    local, iterations = _core.pdf(field, m, w, vs, b0, tuple(int(p) for p in pads),
+                                  _tolerance(tol, "tol"), _iterations(max_iter, "max_iter"),
+                                  kernel)
+    logger.debug("pdf: %d CG iterations", iterations)
+    return local, int(iterations)
+
+
+def ismv(
+    total_field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    radius_mm: float | None = None,
+    tol: float = ISMV_TOL,
+    max_iter: int = ISMV_MAX_ITER,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Iterative spherical mean value (iSMV) background field removal.
+
+    Inside the mask eroded by a sphere of ``radius_mm`` the background field equals its
+    own spherical mean; on the eroded rim it is taken to equal the total field (local
+    field ≈ 0 there). The fixed point f_b = E·(S∗f_b) + (M − E)·f is found by iteration
+    and the local field is E·(f − f_b). The grid is zero-padded to fast FFT sizes.
+
+    Parameters
+    ----------
+    total_field : ndarray, shape (X, Y, Z)
+        Unwrapped total field in ppm; values outside ``mask`` are ignored.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask.
+    voxel_size : (float, float, float)
+        Voxel size in mm (the sphere is round in mm).
+    radius_mm : float, optional
+        Sphere radius in mm; default two (largest) voxel edges, as Wen et al.
+    tol : float
+        Stop when the change of the background field per iteration falls below
+        ``tol`` times the norm of the field in the eroded mask. Default 1e-3.
+    max_iter : int
+        Maximum iterations. Default 500.
+
+    Returns
+    -------
+    local_field : ndarray, float32
+        Local field in ppm, 0 outside ``eroded_mask``.
+    eroded_mask : ndarray of bool
+        ``mask`` eroded by the sphere: where ``local_field`` is valid.
+    iterations : int
+        Iterations run.
+
+    References
+    ----------
+    Wen Y. et al., "An iterative spherical mean value method for background field
+    removal in MRI", Magn Reson Med 72:1065 (2014).
+    """
+    field = _volume(total_field, "total_field")
+    m = _mask(mask, field.shape)
+    vs = _vec3(voxel_size, "voxel_size", positive=True)
+    radius = 2.0 * max(vs) if radius_mm is None else float(radius_mm)
+    if not (np.isfinite(radius) and radius >= max(vs)):
+        raise ValueError(f"radius_mm must be at least the largest voxel edge {max(vs)} mm, "
+                         f"got {radius_mm!r}")
+    local, eroded, iterations = _core.ismv(field, m, vs, radius, _tolerance(tol, "tol"),
+                                           _iterations(max_iter, "max_iter"))
+    logger.debug("ismv: %d iterations", iterations)
+    return local, eroded.astype(bool), int(iterations)
+
+
+def lbv(
+    total_field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    tol: float = LBV_TOL,
+    max_iter: int = LBV_MAX_ITER,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Laplacian boundary value (LBV) background field removal.
+
+    The background field is the harmonic function (7-point Laplacian with the voxel
+    spacing) that equals the total field on the mask's boundary voxels — those with a
+    6-neighbour outside the mask or the volume, where the local field is assumed to be 0.
+    Solved by conjugate gradients from the total field as the starting guess.
+
+    Parameters
+    ----------
+    total_field : ndarray, shape (X, Y, Z)
+        Unwrapped total field in ppm; values outside ``mask`` are ignored.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask.
+    voxel_size : (float, float, float)
+        Voxel size in mm (the Laplacian's spacing).
+    tol : float
+        Stop when the CG residual falls below ``tol`` times the norm of the right-hand
+        side. Default 1e-4.
+    max_iter : int
+        Maximum CG iterations. Default 2000.
+
+    Returns
+    -------
+    local_field : ndarray, float32
+        Local field in ppm, 0 outside ``interior_mask``.
+    interior_mask : ndarray of bool
+        ``mask`` without its boundary voxels (one-voxel erosion).
+    iterations : int
+        CG iterations run.
+
+    References
+    ----------
+    Zhou D. et al., "Background field removal by solving the Laplacian boundary value
+    problem", NMR Biomed 27:312 (2014).
+    """
+    field = _volume(total_field, "total_field")
+    m = _mask(mask, field.shape)
+    vs = _vec3(voxel_size, "voxel_size", positive=True)
+    local, interior, iterations = _core.lbv(field, m, vs, _tolerance(tol, "tol"),
+                                            _iterations(max_iter, "max_iter"))
+    logger.debug("lbv: %d CG iterations", iterations)
+    return local, interior.astype(bool), int(iterations)
 
 
 # --------------------------------------------------------------------------- masks, reference

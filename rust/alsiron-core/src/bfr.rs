@@ -39,7 +39,11 @@ pub fn default_radii_mm(voxel_size: [f64; 3]) -> Vec<f64> {
 
 /// Unnormalised indicator of a sphere of radius `radius_mm` on a periodic grid of
 /// `shape`, centred at voxel 0 (offsets wrap around). Returns (indicator, voxel count).
-fn sphere_indicator(shape: Shape3, voxel_size: [f64; 3], radius_mm: f64) -> (Vec<f32>, usize) {
+pub(crate) fn sphere_indicator(
+    shape: Shape3,
+    voxel_size: [f64; 3],
+    radius_mm: f64,
+) -> (Vec<f32>, usize) {
     let [nx, ny, nz] = shape.0;
     let reach = |h: f64| (radius_mm / h).floor() as isize;
     let (rx, ry, rz) = (
@@ -70,7 +74,7 @@ fn sphere_indicator(shape: Shape3, voxel_size: [f64; 3], radius_mm: f64) -> (Vec
     (sphere, count)
 }
 
-fn pad(values: &[f32], shape: Shape3, padded: Shape3) -> Vec<f32> {
+pub(crate) fn pad(values: &[f32], shape: Shape3, padded: Shape3) -> Vec<f32> {
     let [_, ny, nz] = shape.0;
     let [_, pny, pnz] = padded.0;
     let mut out = vec![0.0f32; padded.len()];
@@ -84,7 +88,7 @@ fn pad(values: &[f32], shape: Shape3, padded: Shape3) -> Vec<f32> {
     out
 }
 
-fn crop(values: &[f32], padded: Shape3, shape: Shape3) -> Vec<f32> {
+pub(crate) fn crop(values: &[f32], padded: Shape3, shape: Shape3) -> Vec<f32> {
     let [_, ny, nz] = shape.0;
     let [_, pny, pnz] = padded.0;
     let mut out = vec![0.0f32; shape.len()];

@@ -9,6 +9,7 @@
 //! - Kernels return [`CoreError`] for bad arguments and never panic on user data.
 
 pub mod bfr;
+pub mod bfr_iterative;
 pub mod dipole;
 pub mod error;
 pub mod fft;

@@ -1,10 +1,10 @@
-//! QSM bindings: FFT, dipole kernel, forward model, TKD, TV-ADMM, V-SHARP.
+//! QSM bindings: FFT, dipole kernel, forward model, TKD, TV-ADMM, V-SHARP, PDF, iSMV, LBV.
 //!
 //! Arrays are 3-D, C-contiguous, float32 (masks uint8, nonzero = inside); the Python
 //! wrappers in `alsiron.qsm` validate and convert before calling. The GIL is released
 //! around every computation.
 
-use alsiron_core::{bfr, dipole, fft, inversion, CoreError, Shape3};
+use alsiron_core::{bfr, bfr_iterative, dipole, fft, inversion, CoreError, Shape3};
 use numpy::ndarray::Array3;
 use numpy::{Complex32, IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -218,6 +218,122 @@ fn vsharp<'py>(
     Ok((to_array(py, shape, local)?, to_array(py, shape, eroded)?))
 }
 
+/// Projection onto dipole fields → (local field [ppm], CG iterations run).
+///
+/// `weight` optional float32 reliability per voxel (same shape), `kernel` "kspace" or
+/// "image" (dipole discretisation), `pad_voxels` zero padding added per axis.
+#[pyfunction]
+#[pyo3(signature = (field, mask, weight, voxel_size, b0_dir, pad_voxels, tol, max_iter, kernel))]
+#[allow(clippy::too_many_arguments)]
+fn pdf<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    weight: Option<PyReadonlyArray3<'py, f32>>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    pad_voxels: [usize; 3],
+    tol: f64,
+    max_iter: usize,
+    kernel: &str,
+) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let w = match &weight {
+        Some(w) => {
+            same_shape(shape, shape_of(w), "weight")?;
+            Some(contiguous(w, "weight")?)
+        }
+        None => None,
+    };
+    let kernel = match kernel {
+        "kspace" => bfr_iterative::DipoleDiscretisation::KSpace,
+        "image" => bfr_iterative::DipoleDiscretisation::ImageSpace,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "PDF kernel must be 'kspace' or 'image', got {other:?}"
+            )))
+        }
+    };
+    let params = bfr_iterative::PdfParams {
+        pad_voxels,
+        tol,
+        max_iter,
+        kernel,
+    };
+    let should_stop = |iter: usize| {
+        iter % SIGNAL_POLL_EVERY == 0 && Python::attach(|py| py.check_signals().is_err())
+    };
+    let (local, iterations) = py
+        .detach(|| bfr_iterative::pdf(f, m, w, shape, voxel_size, b0_dir, params, &should_stop))
+        .map_err(to_py)?;
+    Ok((to_array(py, shape, local)?, iterations))
+}
+
+/// Iterative SMV background removal → (local field [ppm], eroded mask uint8, iterations).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn ismv<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    radius_mm: f64,
+    tol: f64,
+    max_iter: usize,
+) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let params = bfr_iterative::IsmvParams {
+        radius_mm,
+        tol,
+        max_iter,
+    };
+    // One iSMV iteration is a single FFT pair, so poll less often than ADMM.
+    let should_stop = |iter: usize| {
+        iter % (4 * SIGNAL_POLL_EVERY) == 0 && Python::attach(|py| py.check_signals().is_err())
+    };
+    let (local, eroded, iterations) = py
+        .detach(|| bfr_iterative::ismv(f, m, shape, voxel_size, params, &should_stop))
+        .map_err(to_py)?;
+    Ok((
+        to_array(py, shape, local)?,
+        to_array(py, shape, eroded)?,
+        iterations,
+    ))
+}
+
+/// Laplacian boundary value background removal → (local field [ppm], interior mask uint8,
+/// CG iterations).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn lbv<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    tol: f64,
+    max_iter: usize,
+) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let params = bfr_iterative::LbvParams { tol, max_iter };
+    // An LBV iteration is one stencil pass (no FFT): poll every 32.
+    let should_stop =
+        |iter: usize| iter % 32 == 0 && Python::attach(|py| py.check_signals().is_err());
+    let (local, interior, iterations) = py
+        .detach(|| bfr_iterative::lbv(f, m, shape, voxel_size, params, &should_stop))
+        .map_err(to_py)?;
+    Ok((
+        to_array(py, shape, local)?,
+        to_array(py, shape, interior)?,
+        iterations,
+    ))
+}
+
 /// Default V-SHARP radii [mm] for a voxel size [mm].
 #[pyfunction]
 fn vsharp_default_radii(voxel_size: [f64; 3]) -> Vec<f64> {
@@ -239,6 +355,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tv_admm, m)?)?;
     m.add_function(wrap_pyfunction!(vsharp, m)?)?;
     m.add_function(wrap_pyfunction!(vsharp_default_radii, m)?)?;
+    m.add_function(wrap_pyfunction!(pdf, m)?)?;
+    m.add_function(wrap_pyfunction!(ismv, m)?)?;
+    m.add_function(wrap_pyfunction!(lbv, m)?)?;
     m.add_function(wrap_pyfunction!(fft_fast_len, m)?)?;
     Ok(())
 }
