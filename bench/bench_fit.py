@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from alsiron import _core
 from skimage.restoration import unwrap_phase as skimage_unwrap
+
+from alsiron import _core
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import twins_fit as twins  # noqa: E402
