@@ -197,7 +197,12 @@ fn simulate<T: EpgNum>(
         fp[0] = fm[0];
         *top += 1;
     };
-    for echo in echoes.iter_mut() {
+    let n_echo = echoes.len();
+    for (n, echo) in echoes.iter_mut().enumerate() {
+        // A state of order k needs k more shifts to reach F₀; with 2·(E−n) shifts left,
+        // higher orders can never be read out, so they are not updated (they only mix
+        // with states of the same order, which cannot be read out either).
+        top = top.min(2 * (n_echo - n));
         relax_and_shift(fp, fm, w, &mut top);
         for k in 0..=top {
             let (p, m, z) = (fp[k], fm[k], w[k]);
@@ -205,6 +210,7 @@ fn simulate<T: EpgNum>(
             fm[k] = s2 * p + c2 * m - sin_a * z;
             w[k] = half_sin * (m - p) + cos_a * z;
         }
+        top = top.min(2 * (n_echo - n) - 1);
         relax_and_shift(fp, fm, w, &mut top);
         *echo = fp[0];
     }
