@@ -145,6 +145,7 @@ def fit_r2star(
     mask: np.ndarray | None = None,
     noise_sigma: float | None = None,
     max_iter: int = 100,
+    quality: bool = True,
 ) -> R2starResult:
     """Fit R2*, S0 and quality maps voxel-wise with a choice of estimator.
 
@@ -169,6 +170,9 @@ def fit_r2star(
         mean (removes the noise-floor bias of late echoes).
     max_iter : int
         Iteration limit of the nonlinear fit (status 4 when reached).
+    quality : bool
+        Compute the R² and Cramér–Rao maps (one more pass over the data); False leaves
+        them NaN and roughly doubles the speed of the closed-form methods.
 
     Returns
     -------
@@ -186,7 +190,7 @@ def fit_r2star(
         magnitude, echo_times, mask, 3 if method == "arlo" else 2)
     sigma = None if noise_sigma is None else float(noise_sigma)
     r2, s0, sd, gof, status = _core.fit_r2star(flat, list(tes), mask_flat, method, sigma,
-                                               int(max_iter))
+                                               int(max_iter), bool(quality))
     r2, s0, sd, gof, status = (a.reshape(vol_shape, order=order)
                                for a in (r2, s0, sd, gof, status))
     return R2starResult(r2star=r2, t2star=_t2(r2), s0=s0, status=status,

@@ -181,9 +181,11 @@ type R2starQualityMaps<'py> = (
 /// R2* fit of echo-major magnitude `(E, N)` by `method` ("loglinear", "weighted", "arlo",
 /// "nlls"): returns R2* [s⁻¹], S0, CRLB standard deviation of R2* [s⁻¹], R² goodness of
 /// fit and a status code per voxel (0 ok, 1 bad magnitude, 2 degenerate, 3 outside mask,
-/// 4 not converged). `noise_sigma` switches the nonlinear fit to the Rician model.
+/// 4 not converged). `noise_sigma` switches the nonlinear fit to the Rician model;
+/// `quality=False` skips the R² and CRLB maps (NaN).
 #[pyfunction]
-#[pyo3(signature = (magnitude, echo_times, mask=None, method="weighted", noise_sigma=None, max_iter=100))]
+#[pyo3(signature = (magnitude, echo_times, mask=None, method="weighted", noise_sigma=None, max_iter=100, quality=true))]
+#[allow(clippy::too_many_arguments)]
 fn fit_r2star<'py>(
     py: Python<'py>,
     magnitude: PyReadonlyArray2<'py, f32>,
@@ -192,6 +194,7 @@ fn fit_r2star<'py>(
     method: &str,
     noise_sigma: Option<f64>,
     max_iter: usize,
+    quality: bool,
 ) -> PyResult<R2starQualityMaps<'py>> {
     let [n_echo, n] = [magnitude.shape()[0], magnitude.shape()[1]];
     if n_echo != echo_times.len() {
@@ -204,6 +207,7 @@ fn fit_r2star<'py>(
         method: R2starMethod::from_name(method).map_err(to_py)?,
         noise_sigma,
         max_iter,
+        quality,
     };
     let m = contiguous(&magnitude, "magnitude")?;
     let k = match &mask {
