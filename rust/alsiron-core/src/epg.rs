@@ -180,20 +180,21 @@ fn simulate<T: EpgNum>(
     w.fill(zero);
     fp[0] = T::constant(1.0);
     let mut top = 0usize; // highest order that can be non-zero
+    // Relaxation over half an echo spacing fused with dephasing by one order: F⁺ moves
+    // up, F⁻ moves down, F⁺₀ = (F⁻₀)* = F⁻₀ (real); the old F⁻₀ is the same state as the
+    // old F⁺₀ (now F⁺₁) and is dropped.
     let relax_and_shift = |fp: &mut [T], fm: &mut [T], w: &mut [T], top: &mut usize| {
-        for k in 0..=*top {
-            fp[k] = fp[k] * e2h;
-            fm[k] = fm[k] * e2h;
-            w[k] = w[k] * e1h;
+        let t = *top;
+        for k in (1..=t + 1).rev() {
+            fp[k] = fp[k - 1] * e2h;
         }
-        // Dephasing by one order: F⁺ moves up, F⁻ moves down, F⁺₀ = (F⁻₀)* = F⁻₀ (real).
-        for k in (1..=*top + 1).rev() {
-            fp[k] = fp[k - 1];
+        for k in 0..=t {
+            fm[k] = fm[k + 1] * e2h;
         }
-        for k in 0..=*top {
-            fm[k] = fm[k + 1];
+        for z in &mut w[..=t] {
+            *z = *z * e1h;
         }
-        fm[*top + 1] = zero;
+        fm[t + 1] = zero;
         fp[0] = fm[0];
         *top += 1;
     };
@@ -373,6 +374,7 @@ struct VoxelFitter {
     work_dual: EpgWork<Dual>,
     shape: Vec<f64>,
     shape_dual: Vec<Dual>,
+    trial_dual: Vec<Dual>,
 }
 
 impl VoxelFitter {
@@ -391,6 +393,7 @@ impl VoxelFitter {
             work_dual: EpgWork::new(n),
             shape: vec![0.0; n],
             shape_dual: vec![Dual::constant(0.0); n],
+            trial_dual: vec![Dual::constant(0.0); n],
         }
     }
 
@@ -405,14 +408,6 @@ impl VoxelFitter {
         }
         let s0 = sys / sss;
         ((syy - s0 * sys).max(0.0), s0)
-    }
-
-    fn rss(&mut self, y: &[f64], s0: f64, t2: f64, b1: f64) -> f64 {
-        cpmg_echoes(&self.seq, t2, b1, &mut self.work, &mut self.shape);
-        y.iter()
-            .zip(&self.shape)
-            .map(|(&yk, &sk)| (yk - s0 * sk).powi(2))
-            .sum()
     }
 
     fn start(&mut self, y: &[f64]) -> (f64, f64, f64) {
@@ -443,12 +438,22 @@ impl VoxelFitter {
         (best.1, t2, best.2)
     }
 
+    fn dual_cost(&mut self, y: &[f64], s0: f64, t2: f64, b1: f64) -> f64 {
+        cpmg_echoes_dual(&self.seq, t2, b1, &mut self.work_dual, &mut self.trial_dual);
+        y.iter()
+            .zip(&self.trial_dual)
+            .map(|(&yk, sk)| (yk - s0 * sk.v).powi(2))
+            .sum()
+    }
+
     fn fit(&mut self, y: &[f64]) -> EpgVoxel {
         let (mut s0, mut t2, mut b1) = self.start(y);
-        let mut current = self.rss(y, s0, t2, b1);
+        // Trial points are simulated with derivatives, so an accepted step's simulation
+        // is the next iteration's Jacobian (one simulation per iteration).
+        let mut current = self.dual_cost(y, s0, t2, b1);
+        std::mem::swap(&mut self.shape_dual, &mut self.trial_dual);
         let mut lambda = 1e-3;
         for _ in 0..self.max_iter {
-            cpmg_echoes_dual(&self.seq, t2, b1, &mut self.work_dual, &mut self.shape_dual);
             // Normal equations in (S0, T2, B1).
             let mut a = [[0.0f64; 3]; 3];
             let mut g = [0.0f64; 3];
@@ -482,7 +487,7 @@ impl VoxelFitter {
                 let new_t2 = (t2 + step[1]).clamp(self.t2_bounds.0, self.t2_bounds.1);
                 let new_b1 = (b1 + step[2]).clamp(self.b1_bounds.0, self.b1_bounds.1);
                 let trial = if new_s0 > 0.0 {
-                    self.rss(y, new_s0, new_t2, new_b1)
+                    self.dual_cost(y, new_s0, new_t2, new_b1)
                 } else {
                     f64::INFINITY
                 };
@@ -490,14 +495,15 @@ impl VoxelFitter {
                     // Converged on a negligible step, or on a negligible decrease of the
                     // cost (needed at B1·α = 180°, where the echoes depend on B1 only to
                     // second order and Gauss–Newton steps shrink slowly).
-                    let small = ((new_s0 - s0).abs() <= 1e-9 * new_s0
-                        && (new_t2 - t2).abs() <= 1e-9 * new_t2
-                        && (new_b1 - b1).abs() <= 1e-9)
-                        || current - trial <= 1e-8 * current;
+                    let small = ((new_s0 - s0).abs() <= STEP_TOL * new_s0
+                        && (new_t2 - t2).abs() <= STEP_TOL * new_t2
+                        && (new_b1 - b1).abs() <= STEP_TOL)
+                        || current - trial <= COST_TOL * current;
                     s0 = new_s0;
                     t2 = new_t2;
                     b1 = new_b1;
                     current = trial;
+                    std::mem::swap(&mut self.shape_dual, &mut self.trial_dual);
                     lambda = (lambda * 0.3).max(1e-12);
                     if small {
                         return self.finish(s0, t2, b1, current, true);
@@ -523,6 +529,12 @@ impl VoxelFitter {
         }
     }
 }
+
+/// Relative parameter step and relative cost decrease at which the EPG fit stops. Looser
+/// values (1e-6/1e-7) save little time and leave B1 0.55 % off in noiseless data near
+/// B1·α = 180°, where the cost is flat to fourth order in B1.
+const STEP_TOL: f64 = 1e-9;
+const COST_TOL: f64 = 1e-8;
 
 /// Solve a 3×3 linear system by Cramer's rule; None when (nearly) singular.
 fn solve3(m: [[f64; 3]; 3], b: [f64; 3]) -> Option<[f64; 3]> {
