@@ -15,8 +15,8 @@ from alsiron.ingest import find_mese_series, load_mese
 from alsiron.phantom import LABELS, MeseProtocol, write_dataset
 from alsiron.relax_workflow import r2prime, resample_to_grid
 
-TISSUES = ("white_matter", "caudate_L", "putamen_R", "globus_pallidus_L", "thalamus_L",
-           "thalamus_R")
+# Bilateral regions (left + right labels) so that small nuclei have enough voxels.
+TISSUES = ("white_matter", "caudate", "putamen", "globus_pallidus", "thalamus")
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,8 @@ def relaxed(tmp_path_factory):
     root = tmp_path_factory.mktemp("relax") / "bids"
     write_dataset(root, subjects=1, matrix=64, voxel_size=3.0, seed=5, mese=MeseProtocol())
     assert main(["relax", str(root / "sub-01"), "--r2star-method", "weighted"]) == 0
+    assert main(["relax", str(root / "sub-01"), "--b0-gradient-correction", "--out",
+                 str(root / "derivatives" / "corrected")]) == 0
     return root
 
 
@@ -38,7 +40,8 @@ def _tissue_means(root):
     labels, _ = _load(root, "phantom", "dseg")
     out = {}
     for name in TISSUES:
-        label = labels == LABELS[name]
+        label = np.isin(labels, [v for k, v in LABELS.items()
+                                 if k == name or k in (f"{name}_L", f"{name}_R")])
         inner = ndimage.binary_erosion(label)  # away from partial volume where possible
         out[name] = inner if inner.sum() >= 20 else label
     return out
@@ -63,6 +66,18 @@ def test_relax_phantom_r2_b1_r2star_and_r2prime(relaxed):
         assert abs(prime_abs - r2s_abs) < 0.1, f"{name}: R2' {prime_abs:+.3f} s⁻¹"
         assert abs(np.nanmean(est["TB1map"][m]) - np.mean(truth["TB1map"][m])) < 0.01
     # Sidecars: units, method, negative-voxel summary.
+    # With the macroscopic-gradient correction R2* and R2' are within 3 % of the truth.
+    # Measured (seed 5): R2* −0.6…+1.0 %, R2' WM −1.6, caudate +2.6, putamen +0.1,
+    # pallidum +2.3, thalamus −0.8 % (cortical GM −4 %, not asserted).
+    corrected = {s: _load(relaxed, "corrected", s)[0] for s in ("R2starmap", "R2primemap")}
+    for name, m in masks.items():
+        r2s_err = np.nanmean(corrected["R2starmap"][m]) / np.mean(truth["R2starmap"][m]) - 1
+        prime_true = np.mean(truth["R2starmap"][m] - truth["R2map"][m])
+        prime_err = np.nanmean(corrected["R2primemap"][m]) / prime_true - 1
+        assert abs(r2s_err) < 0.015, f"{name}: corrected R2* {r2s_err:+.4f}"
+        assert abs(prime_err) < 0.03, f"{name}: corrected R2' {prime_err:+.4f}"
+    side = _load(relaxed, "corrected", "R2starmap")[1]
+    assert side["Steps"]["R2star"]["B0GradientCorrection"]["Applied"] is True
     _, side = _load(relaxed, "alsiron", "R2primemap")
     assert side["Units"] == "1/s"
     neg = side["MapProvenance"]["NegativeValues"]

@@ -164,11 +164,14 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, echo_times: tuple[
               default="weighted", show_default=True, help="R2* estimator.")
 @click.option("--noise-sigma", type=float, default=None,
               help="Noise SD of the magnitude data (Rician NLLS and CRLB maps).")
+@click.option("--b0-gradient-correction", is_flag=True,
+              help="Correct R2* for intravoxel dephasing in macroscopic field gradients.")
 @click.option("--field-strength", type=float, default=None,
               help="B0 in tesla, overriding MagneticFieldStrength.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def relax_cmd(subj_dir: Path, out: Path | None, r2star_method: str, noise_sigma: float | None,
-              field_strength: float | None, overwrite: bool) -> None:
+              b0_gradient_correction: bool, field_strength: float | None,
+              overwrite: bool) -> None:
     """R2*/T2*/S0 (MEGRE), R2/T2/B1 (MESE, EPG) and R2' maps for every session."""
     from alsiron import derivatives, ingest, relax_workflow
 
@@ -176,7 +179,8 @@ def relax_cmd(subj_dir: Path, out: Path | None, r2star_method: str, noise_sigma:
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)
     params = relax_workflow.RelaxParameters(r2star_method=r2star_method,
-                                            noise_sigma=noise_sigma)
+                                            noise_sigma=noise_sigma,
+                                            b0_gradient_correction=b0_gradient_correction)
     for ses in sessions:
         mese_sets = ingest.find_mese_series(ses.series[0].session_dir) if ses.series else []
         if len(mese_sets) > 1:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from alsiron import __version__, qsm, relax
+from alsiron import __version__, fieldmap, qsm, relax
 from alsiron.derivatives import DerivativeMap
 from alsiron.volume import MegreSeries, MeseSeries, Volume
 
@@ -40,12 +40,20 @@ class RelaxParameters:
         Opening of the brain mask from the echo-1 magnitude (as in ``alsiron qsm``).
     t1 : float
         T1 [s] assumed by the EPG fit.
+    b0_gradient_correction : bool
+        Divide the MEGRE magnitude by the sinc dephasing factor of the macroscopic field
+        gradient (field from the multi-echo phase fit) before the R2* fit; voxels where
+        any echo keeps less than ``min_gradient_factor`` of its signal stay uncorrected.
+    min_gradient_factor : float
+        See ``b0_gradient_correction``.
     """
 
     r2star_method: str = "weighted"
     noise_sigma: float | None = None
     mask_opening_voxels: int = 2
     t1: float = 1.0
+    b0_gradient_correction: bool = False
+    min_gradient_factor: float = 0.3
 
 
 @dataclass
@@ -190,8 +198,22 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
     if not brain.any():
         raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
+    magnitude = megre.magnitude
+    correction: dict[str, Any] = {"Applied": False}
+    if p.b0_gradient_correction:
+        t0 = time.perf_counter()
+        fm = fieldmap.fit_multi_echo_field(megre.magnitude, megre.phase, megre.echo_times,
+                                           brain, field_strength=megre.field_strength)
+        factor = relax.gradient_dephasing_factor(fm.omega, megre.echo_times, brain)
+        too_lossy = np.any(factor < p.min_gradient_factor, axis=0)
+        factor[:, too_lossy] = 1.0
+        magnitude = megre.magnitude / factor
+        correction = {"Applied": True, "Method": "magnitude / Π sinc(∂ω/∂i·TE/2π), field "
+                      "from the multi-echo phase fit", "MinFactor": p.min_gradient_factor,
+                      "UncorrectedVoxels": int((too_lossy & brain).sum())}
+        timings["b0_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r2s = relax.fit_r2star(megre.magnitude, megre.echo_times, method=p.r2star_method,
+    r2s = relax.fit_r2star(magnitude, megre.echo_times, method=p.r2star_method,
                            mask=brain, noise_sigma=p.noise_sigma)
     timings["r2star"] = time.perf_counter() - t0
     t2fit = r2_m = t2_m = b1_m = rprime = None
@@ -200,7 +222,8 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
         "BrainMask": {"Method": "Otsu threshold of echo-1 MEGRE magnitude, opening"},
         "R2star": {"Method": p.r2star_method, "NoiseSigma": p.noise_sigma,
                    "EchoTime": [float(t) for t in megre.echo_times],
-                   "Uncertainty": "Cramér–Rao SD at the fitted parameters"},
+                   "Uncertainty": "Cramér–Rao SD at the fitted parameters",
+                   "B0GradientCorrection": correction},
     }
     if mese is not None:
         t0 = time.perf_counter()
