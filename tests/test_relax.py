@@ -223,3 +223,14 @@ def test_epg_bad_input():
     assert res.status.tolist() == [1, 1, 3, 0]
     assert np.all(np.isnan(res.t2[:3])) and np.all(np.isnan(res.b1[:3]))
     assert res.t2[3] == pytest.approx(0.07, rel=1e-4)
+
+
+def test_epg_fit_accepts_nibabel_layout():
+    t2 = np.array([[0.05, 0.07], [0.09, 0.11]])
+    mag = 400 * simulate_mese(t2, 0.85, n_echoes=N_MESE, echo_spacing=ESP,
+                              refocusing_angle=180.0)  # (E, 2, 2)
+    a = fit_t2_epg(mag, ESP, 180.0)
+    b = fit_t2_epg(np.asfortranarray(np.moveaxis(mag, 0, -1)), ESP, 180.0)  # (2, 2, E)
+    assert a.t2.shape == b.t2.shape == (2, 2)
+    np.testing.assert_allclose(a.t2, t2, rtol=1e-4)
+    np.testing.assert_array_equal(a.t2, b.t2)
