@@ -1,4 +1,4 @@
-"""Command line: ``alsiron phantom`` and ``alsiron qsm``.
+"""Command line: ``alsiron phantom``, ``alsiron qsm`` and ``alsiron relax``.
 
 The CLI only parses options, loads, calls the stage functions and saves; every
 :class:`~alsiron.errors.AlsironError` (and a ``ValueError`` from input validation) is
@@ -76,10 +76,12 @@ def cli(ctx: click.Context, verbose: bool, debug: bool, threads: int | None) -> 
 @click.option("--b0-direction", type=float, nargs=3, default=None,
               help="B0 direction in voxel-index space (oblique acquisitions), e.g. 0 0.2 1.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--mese", is_flag=True,
+              help="Also write a 16-echo multi-echo spin echo with B1 inhomogeneity.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset's files.")
 def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
             voxel_size: float | None, field_strength: float, snr: float | None,
-            b0_direction: tuple[float, float, float] | None, seed: int,
+            b0_direction: tuple[float, float, float] | None, seed: int, mese: bool,
             overwrite: bool) -> None:
     """Write a simulated BIDS dataset (MEGRE) with ground truth in derivatives/phantom."""
     from alsiron import phantom as ph
@@ -95,6 +97,8 @@ def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
         kwargs["snr"] = snr
     if b0_direction is not None:
         kwargs["b0_direction"] = tuple(b0_direction)
+    if mese:
+        kwargs["mese"] = ph.MeseProtocol()
     t0 = time.perf_counter()
     root = ph.write_dataset(out_dir, **kwargs)
     click.echo(f"phantom: {subjects} subject(s) x {sessions} session(s) written to {root} "
@@ -165,6 +169,63 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             truth = compare_with_truth(result, root, entities)
             if truth:
                 click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in truth.items()))
+
+
+@cli.command("relax")
+@click.argument("subj_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
+@click.option("--r2star-method", type=click.Choice(["loglinear", "weighted", "arlo", "nlls"]),
+              default="weighted", show_default=True, help="R2* estimator.")
+@click.option("--noise-sigma", type=float, default=None,
+              help="Noise SD of the magnitude data (Rician NLLS and CRLB maps).")
+@click.option("--b0-gradient-correction", is_flag=True,
+              help="Correct R2* for intravoxel dephasing in macroscopic field gradients.")
+@click.option("--field-strength", type=float, default=None,
+              help="B0 in tesla, overriding MagneticFieldStrength.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def relax_cmd(subj_dir: Path, out: Path | None, r2star_method: str, noise_sigma: float | None,
+              b0_gradient_correction: bool, field_strength: float | None,
+              overwrite: bool) -> None:
+    """R2*/T2*/S0 (MEGRE), R2/T2/B1 (MESE, EPG) and R2' maps for every session."""
+    from alsiron import derivatives, ingest, relax_workflow
+
+    sessions = ingest.find_sessions(subj_dir)
+    root = ingest.dataset_root(subj_dir)
+    out_root = derivatives.derivatives_root(root, out)
+    params = relax_workflow.RelaxParameters(r2star_method=r2star_method,
+                                            noise_sigma=noise_sigma,
+                                            b0_gradient_correction=b0_gradient_correction)
+    for ses in sessions:
+        mese_sets = ingest.find_mese_series(ses.series[0].session_dir) if ses.series else []
+        if len(mese_sets) > 1:
+            log.warning("%d MESE series found; using %s", len(mese_sets), mese_sets[0][0])
+        mese = (ingest.load_mese(mese_sets[0], subject=ses.subject, session=ses.session)
+                if mese_sets else None)
+        for files in ses.series:
+            label = files.prefix
+            entities = dict(files.entities)
+            series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
+                                       field_strength=field_strength)
+            t0 = time.perf_counter()
+            result = relax_workflow.process_relax(series, mese, params)
+            maps = result.derivative_maps()
+            derivatives.check_free([derivatives.map_path(out_root, entities, m.suffix, m.desc)
+                                    for m in maps], overwrite)
+            written = derivatives.write_maps(out_root, entities, maps, result.provenance,
+                                             overwrite=overwrite)
+            r2s = result.r2star.r2star[result.brain_mask]
+            line = (f"{label}: R2* ({r2star_method}) median "
+                    f"{np.nanmedian(r2s):.1f} 1/s")
+            if result.r2prime is not None:
+                neg = result.r2prime_summary
+                line += (f", R2 median {np.nanmedian(result.r2_on_megre[result.brain_mask]):.1f}"
+                         f" 1/s, R2' negative in {neg['NegativeVoxels']} of {neg['Voxels']} "
+                         "voxels")
+            else:
+                line += " (no MESE: R2, T2, B1, R2' skipped)"
+            click.echo(line + f"\n  {len(written)} maps written to {out_root} in "
+                       f"{time.perf_counter() - t0:.1f} s")
 
 
 def _summary(label: str, series, result, elapsed: float, n_written: int, out_root: Path) -> str:

@@ -22,11 +22,12 @@ import numpy as np
 
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.errors import InputError
-from alsiron.volume import MegreSeries
+from alsiron.volume import MegreSeries, MeseSeries
 
 log = logging.getLogger("alsiron")
 
 _MEGRE_RE = re.compile(r"^(?P<stem>sub-[^_]+.*)_MEGRE\.nii(\.gz)?$")
+_MESE_RE = re.compile(r"^(?P<stem>sub-[^_]+.*)_MESE\.nii(\.gz)?$")
 _ENTITY_RE = re.compile(r"^(?P<key>[a-zA-Z0-9]+)-(?P<value>[a-zA-Z0-9]+)$")
 #: Phase values within this distance of ±π are still taken as radians.
 _RADIAN_TOL = 1e-3
@@ -476,3 +477,120 @@ def load_megre(
         sources=sources,
         metadata=meta,
     )
+
+
+# ------------------------------------------------------------------ multi-echo spin echo
+def find_mese_series(session_dir: str | Path) -> list[list[Path]]:
+    """Find the ``*_echo-<K>_MESE.nii[.gz]`` series of a session folder.
+
+    Parameters
+    ----------
+    session_dir : path
+        ``sub-XX`` or ``sub-XX/ses-YY`` folder (the files are in its ``anat/``).
+
+    Returns
+    -------
+    list of list of Path
+        One list of files per series (grouped by their other BIDS entities), ordered by
+        echo number; empty when there is none.
+    """
+    anat = Path(session_dir) / "anat"
+    if not anat.is_dir():
+        return []
+    groups: dict[tuple[tuple[str, str], ...], dict[int, Path]] = {}
+    for f in sorted(anat.iterdir()):
+        m = _MESE_RE.match(f.name)
+        if m is None:
+            continue
+        ents = _parse_entities(m["stem"])
+        echo = ents.pop("echo", None)
+        if echo is None or not echo.isdigit():
+            raise InputError(f, "MESE file without a numeric echo-<K> entity")
+        per_echo = groups.setdefault(tuple(ents.items()), {})
+        if int(echo) in per_echo:
+            raise InputError(f, f"duplicate echo-{echo} MESE file")
+        per_echo[int(echo)] = f
+    return [[echoes[k] for k in sorted(echoes)] for echoes in groups.values()]
+
+
+def load_mese(
+    files: Sequence[Path],
+    *,
+    subject: str,
+    session: str,
+    echo_times: Sequence[float] | None = None,
+    refocusing_angle: float | None = None,
+) -> MeseSeries:
+    """Load one MESE series for the EPG T2 fit.
+
+    Parameters
+    ----------
+    files : sequence of Path
+        One 3-D NIfTI per echo, in echo order (from :func:`find_mese_series`).
+    subject, session : str
+        BIDS labels without prefix.
+    echo_times : sequence of float, optional
+        Echo times [s] overriding the sidecars' ``EchoTime``.
+    refocusing_angle : float, optional
+        Nominal refocusing angle [deg] overriding the sidecar's ``RefocusingFlipAngle``.
+
+    Returns
+    -------
+    MeseSeries
+
+    Raises
+    ------
+    InputError
+        Fewer than 3 echoes, missing echo times (the EPG needs the echo spacing), echo
+        times that are not k·ΔTE, missing refocusing angle, mismatched geometry,
+        non-finite or negative magnitudes.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise InputError(".", "no MESE files given")
+    first = files[0]
+    if len(files) < 3:
+        raise InputError(first, f"{len(files)} MESE echoes found; the T2 fit needs at least 3")
+    if echo_times is not None and len(echo_times) != len(files):
+        raise InputError(first, f"{len(echo_times)} echo times given for {len(files)} echoes")
+    mags, tes = [], []
+    ref_shape = ref_affine = None
+    meta0: dict[str, Any] = {}
+    for n, path in enumerate(files):
+        mag, _, aff = _load_image(path)
+        if ref_shape is None:
+            ref_shape, ref_affine = mag.shape, aff
+        elif mag.shape != ref_shape:
+            raise InputError(path, f"shape {mag.shape} differs from {ref_shape} of {first}")
+        elif not np.allclose(aff, ref_affine, atol=1e-3):
+            raise InputError(path, f"affine differs from that of {first}")
+        side = read_sidecar(path)
+        if n == 0:
+            meta0 = dict(side)
+        te = float(echo_times[n]) if echo_times is not None else _echo_time(side, path)
+        if te is None:
+            raise InputError(path, "no EchoTime in the JSON sidecar: the EPG fit needs the echo "
+                             "spacing; give the echo times explicitly")
+        tes.append(te)
+        if not np.all(np.isfinite(mag)):
+            raise InputError(path, f"{int((~np.isfinite(mag)).sum())} non-finite voxels")
+        if mag.min() < 0:
+            raise InputError(path, "magnitude has negative values")
+        mags.append(mag)
+    te_arr = np.asarray(tes, dtype=np.float64)
+    spacing = float(te_arr[0])
+    expected = spacing * np.arange(1, len(files) + 1)
+    if not (spacing > 0 and np.allclose(te_arr, expected, rtol=0.01, atol=1e-5)):
+        raise InputError(first, f"echo times {te_arr.tolist()} s are not k·ΔTE (k = 1, 2, …): "
+                         "the CPMG model needs equally spaced echoes starting at ΔTE")
+    angle = refocusing_angle if refocusing_angle is not None else meta0.get(
+        "RefocusingFlipAngle")
+    if not isinstance(angle, (int, float)) or not (0 < float(angle) <= 180):
+        raise InputError(first, f"refocusing flip angle {angle!r} missing or outside (0, 180] "
+                         "degrees; add RefocusingFlipAngle to the sidecar or give it")
+    assert ref_affine is not None
+    return MeseSeries(
+        magnitude=np.ascontiguousarray(np.stack(mags), dtype=np.float32),
+        echo_times=te_arr, echo_spacing=spacing, refocusing_angle=float(angle),
+        affine=ref_affine, voxel_size=voxel_size_from_affine(ref_affine),
+        subject=subject, session=session, sources=[str(f) for f in files], metadata=meta0)

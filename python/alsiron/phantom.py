@@ -51,6 +51,8 @@ DEFAULT_ECHO_TIMES_S = (0.004, 0.009, 0.014, 0.019, 0.024, 0.029)
 #: Repetition time and flip angle written to the sidecars (not used by the signal model).
 REPETITION_TIME_S = 0.035
 FLIP_ANGLE_DEG = 15.0
+#: Repetition time written to the MESE sidecars (the signal model assumes full recovery).
+MESE_REPETITION_TIME_S = 3.0
 #: Field of view (mm, smallest axis) at which the reference head is drawn at true size;
 #: smaller fields of view shrink the head uniformly.
 REFERENCE_FOV_MM = 192.0
@@ -82,6 +84,40 @@ SESSION_INTERVAL_DAYS = 182.0
 SESSION_JITTER_DAYS = 14.0
 
 Group = Literal["control", "ALS"]
+
+
+@dataclass(frozen=True)
+class MeseProtocol:
+    """Multi-echo spin-echo (CPMG) acquisition simulated beside the MEGRE.
+
+    Attributes
+    ----------
+    n_echoes : int
+        Number of echoes; echo k at k·``echo_spacing``.
+    echo_spacing : float
+        Echo spacing [s].
+    refocusing_angle : float
+        Nominal refocusing flip angle [degrees]; the actual angle is B1 times it.
+    t1 : float
+        T1 [s] of the stimulated-echo pathways (one value for all tissues).
+    b1_centre, b1_curvature, b1_tilt : float
+        Smooth transmit field B1(u) = centre − curvature·|u|² + tilt·u_x with u the
+        position in units of the half field of view (a centre-bright pattern as at 3 T).
+    """
+
+    n_echoes: int = 16
+    echo_spacing: float = 0.01
+    refocusing_angle: float = 160.0
+    t1: float = 1.0
+    b1_centre: float = 1.02
+    b1_curvature: float = 0.2
+    b1_tilt: float = 0.04
+
+    def b1_field(self, unit_coords: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """B1 scale on a grid given its coordinates in half-field-of-view units."""
+        ux, uy, uz = unit_coords
+        return (self.b1_centre - self.b1_curvature * (ux ** 2 + uy ** 2 + uz ** 2)
+                + self.b1_tilt * ux).astype(np.float32)
 
 
 @dataclass
@@ -131,6 +167,15 @@ class PhantomSession:
         Name of every label value.
     parameters : dict
         Every parameter that made this session (written to the truth sidecars).
+    mese_magnitude : ndarray, float32, shape (E', X, Y, Z), or None
+        Multi-echo spin-echo magnitudes (same grid; Rician noise of the same σ) when a
+        :class:`MeseProtocol` was given: the label-fraction-weighted sum of M0·EPG echo
+        trains of each tissue's T2 at the voxel's B1.
+    mese_echo_times : ndarray or None
+        Spin-echo times [s].
+    mese_protocol : MeseProtocol or None
+    b1 : ndarray, float32, or None
+        Refocusing-angle scale (actual/nominal) of the MESE.
     """
 
     magnitude: np.ndarray
@@ -153,6 +198,10 @@ class PhantomSession:
     noise_sigma: float
     label_names: dict[int, str] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
+    mese_magnitude: np.ndarray | None = None
+    mese_echo_times: np.ndarray | None = None
+    mese_protocol: MeseProtocol | None = None
+    b1: np.ndarray | None = None
 
     @property
     def complex_echoes(self) -> np.ndarray:
@@ -328,6 +377,7 @@ def simulate_subject(
     precentral_offset_ppm: float = 0.0,
     deep_grey_chi_scale: float = 1.0,
     r2star_per_chi: float = R2STAR_PER_CHI,
+    mese: MeseProtocol | None = None,
     rng: np.random.Generator | int | None = None,
 ) -> PhantomSession:
     """Simulate one multi-echo GRE session of the head phantom with its ground truth.
@@ -365,6 +415,9 @@ def simulate_subject(
         Factor applied to the χ of the deep-grey nuclei (between-subject variation).
     r2star_per_chi : float
         R2* change (s⁻¹) per ppm of χ change in the precentral and deep-grey labels.
+    mese : MeseProtocol, optional
+        Also simulate a multi-echo spin echo with a smooth B1 field (its noise is drawn
+        after the MEGRE noise, so the MEGRE data do not change).
     rng : numpy Generator, int seed or None
         Source of the phase offset and the noise (drawn in that order).
 
@@ -475,8 +528,15 @@ def simulate_subject(
         "supersampling": ss, "pad_factor": PAD_FACTOR,
         "noise_sigma": sigma,
     }
+    mese_fields: dict[str, Any] = {}
+    if mese is not None:
+        mese_fields = _simulate_mese(mese, labels_fine, unit, ss, sigma, gen)
+        params["mese"] = {"n_echoes": mese.n_echoes, "echo_spacing_s": mese.echo_spacing,
+                          "refocusing_angle_deg": mese.refocusing_angle, "t1_s": mese.t1,
+                          "b1": [mese.b1_centre, mese.b1_curvature, mese.b1_tilt]}
     log.debug("phantom session simulated: %s", params)
     return PhantomSession(
+        **mese_fields,
         magnitude=np.abs(signal).astype(np.float32),
         phase=phase,
         echo_times=tes,
@@ -498,6 +558,36 @@ def simulate_subject(
         label_names=dict(enumerate(TISSUES.names)),
         parameters=params,
     )
+
+
+def _simulate_mese(protocol: MeseProtocol, labels_fine: np.ndarray,
+                   unit_fine: tuple[np.ndarray, ...], ss: int, sigma: float,
+                   gen: np.random.Generator) -> dict[str, Any]:
+    """MESE magnitudes: per output voxel Σ_label fraction·M0·EPG(T2_label, B1_voxel)."""
+    from alsiron.relax import simulate_mese
+
+    shape = tuple(n // ss for n in labels_fine.shape)
+    # B1 at the output voxel centres (smooth, so partial volume of B1 is negligible).
+    centres = tuple(u.reshape(-1, ss).mean(axis=1) for u in unit_fine)
+    b1 = protocol.b1_field(np.meshgrid(*centres, indexing="ij"))
+    signal = np.zeros((protocol.n_echoes, *shape), np.float32)
+    m0 = TISSUES.m0
+    t2 = 1.0 / np.maximum(TISSUES.r2_per_s, 1e-6)
+    for label in np.unique(labels_fine):
+        if m0[label] <= 0:
+            continue
+        fraction = _block_mean((labels_fine == label).astype(np.float32), ss)
+        where = np.nonzero(fraction > 0)
+        trains = simulate_mese(np.full(where[0].size, t2[label]), b1[where],
+                               n_echoes=protocol.n_echoes, echo_spacing=protocol.echo_spacing,
+                               refocusing_angle=protocol.refocusing_angle, t1=protocol.t1)
+        signal[(slice(None),) + where] += np.float32(m0[label]) * fraction[where] * trains
+    if sigma > 0:
+        noise = gen.standard_normal((2, *signal.shape), dtype=np.float32) * np.float32(sigma)
+        signal = np.hypot(signal + noise[0], noise[1])
+    tes = protocol.echo_spacing * np.arange(1, protocol.n_echoes + 1)
+    return {"mese_magnitude": signal.astype(np.float32), "mese_echo_times": tes,
+            "mese_protocol": protocol, "b1": b1}
 
 
 # ------------------------------------------------------------------------------ cohort
@@ -588,7 +678,7 @@ def _generated_by() -> list[dict[str, str]]:
 
 def write_session(out_dir: str | Path, session: PhantomSession, subject: str,
                   session_label: str, *, overwrite: bool = False) -> list[Path]:
-    """Write one simulated session as BIDS raw MEGRE files plus phantom ground truth.
+    """Write one simulated session as BIDS raw MEGRE (and MESE) files plus ground truth.
 
     Parameters
     ----------
@@ -626,6 +716,22 @@ def write_session(out_dir: str | Path, session: PhantomSession, subject: str,
             written.append(save_nifti(path, data, session.affine, sidecar={**common, **extra},
                                       overwrite=overwrite))
 
+    if session.mese_magnitude is not None and session.mese_protocol is not None:
+        proto = session.mese_protocol
+        for e, te in enumerate(session.mese_echo_times):
+            sidecar = {
+                "EchoTime": float(te), "EchoNumber": e + 1,
+                "MagneticFieldStrength": session.field_strength,
+                "ImagingFrequency": round(freq_mhz, 6), "FlipAngle": 90.0,
+                "RefocusingFlipAngle": proto.refocusing_angle,
+                "RepetitionTime": MESE_REPETITION_TIME_S, "Manufacturer": "alsiron-phantom",
+                "ManufacturersModelName": "numerical head phantom",
+                "MRAcquisitionType": "2D", "PulseSequenceType": "multi-echo spin echo (CPMG)",
+            }
+            path = anat / f"{stem}_echo-{e + 1}_MESE.nii.gz"
+            written.append(save_nifti(path, session.mese_magnitude[e], session.affine,
+                                      sidecar=sidecar, overwrite=overwrite))
+
     params = session.parameters
     truths: list[tuple[str, np.ndarray, dict[str, Any]]] = [
         ("Chimap", session.chi, {
@@ -650,6 +756,10 @@ def write_session(out_dir: str | Path, session: PhantomSession, subject: str,
         ("desc-phaseoffset_phasemap", session.phase_offset, {
             "Units": "rad", "Description": "echo-independent phase offset phi0, unwrapped"}),
     ]
+    if session.b1 is not None:
+        truths.append(("TB1map", session.b1, {
+            "Units": "ratio", "Description": "refocusing flip angle of the MESE as a "
+            "fraction of the nominal RefocusingFlipAngle (1 = nominal)"}))
     for suffix, data, side in truths:
         sidecar = {**side, "GeneratedBy": _generated_by(), "PhantomParameters": params}
         path = truth / f"{stem}_{suffix}.nii.gz"
@@ -676,6 +786,7 @@ def write_dataset(
     als_fraction: float = 0.5,
     als_effect_ppm: float = DEFAULT_ALS_EFFECT_PPM,
     als_progression_ppm_per_year: float = DEFAULT_ALS_PROGRESSION_PPM_PER_YEAR,
+    mese: MeseProtocol | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Simulate a phantom cohort and write it as a BIDS dataset with ground truth.
@@ -695,6 +806,10 @@ def write_dataset(
         Fraction of ALS participants, interleaved with controls.
     als_effect_ppm, als_progression_ppm_per_year : float
         ALS whole-precentral χ excess at baseline (ppm) and its yearly growth (ppm/year).
+    mese : MeseProtocol, optional
+        Also write a multi-echo spin echo per session (``echo-<K>_MESE`` files, sidecars
+        with EchoTime [s], FlipAngle 90 and RefocusingFlipAngle [deg]) and the B1 truth
+        (``TB1map`` under derivatives/phantom).
     overwrite : bool
         Replace existing files instead of refusing.
 
@@ -744,7 +859,7 @@ def write_dataset(
                 als_progression_ppm_per_year=als_progression_ppm_per_year,
                 years_since_baseline=years,
                 precentral_offset_ppm=subj.precentral_offset_ppm(years),
-                deep_grey_chi_scale=subj.deep_grey_chi_scale,
+                deep_grey_chi_scale=subj.deep_grey_chi_scale, mese=mese,
                 rng=np.random.default_rng([seed, i, k]),
             )
             session.parameters.update({"participant_id": subj.participant_id,

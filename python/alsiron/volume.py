@@ -79,3 +79,41 @@ class MegreSeries:
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape (X, Y, Z)."""
         return tuple(int(s) for s in self.magnitude.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class MeseSeries:
+    """One multi-echo spin-echo (CPMG) acquisition (magnitude only).
+
+    Attributes
+    ----------
+    magnitude : ndarray, float32, shape (E, X, Y, Z), C-contiguous
+        Echo-major magnitude, echoes in increasing echo time.
+    echo_times : ndarray, float64, shape (E,)
+        Echo times in seconds: k·``echo_spacing`` for k = 1…E.
+    echo_spacing : float
+        Echo spacing in seconds.
+    refocusing_angle : float
+        Nominal refocusing flip angle in degrees.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world transform shared by all echoes.
+    voxel_size : tuple of 3 floats
+        Voxel edge lengths in mm.
+    subject, session : str
+        BIDS labels without prefix.
+    sources : list of str
+        Input file paths.
+    metadata : dict
+        Sidecar of the first echo.
+    """
+
+    magnitude: np.ndarray
+    echo_times: np.ndarray
+    echo_spacing: float
+    refocusing_angle: float
+    affine: np.ndarray
+    voxel_size: tuple[float, float, float]
+    subject: str
+    session: str
+    sources: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)

@@ -11,12 +11,14 @@
 pub mod bfr;
 pub mod bfr_iterative;
 pub mod dipole;
+pub mod epg;
 pub mod error;
 pub mod fft;
 pub mod fieldmap;
 pub mod grid;
 pub mod inversion;
 pub mod r2star;
+pub mod r2star_fit;
 pub mod unwrap;
 
 pub use error::{CoreError, CoreResult};

@@ -46,7 +46,7 @@ pub struct R2starFit {
 }
 
 /// Voxels per work unit: big enough to amortise scheduling, small enough for L1/L2.
-const CHUNK: usize = 1024;
+pub(crate) const CHUNK: usize = 1024;
 
 /// Allocating wrapper around [`fit_r2star_loglinear_into`].
 pub fn fit_r2star_loglinear(
@@ -164,7 +164,7 @@ pub fn fit_r2star_loglinear_into(
 /// bad too, because [`ln_fast`] reads the exponent bits.
 #[inline(always)]
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must count as bad: `!(s >= MIN)` is true for NaN
-fn not_loggable(s: f32) -> bool {
+pub(crate) fn not_loggable(s: f32) -> bool {
     !(s >= f32::MIN_POSITIVE) | (s == f32::INFINITY)
 }
 
@@ -175,7 +175,7 @@ fn not_loggable(s: f32) -> bool {
 /// by its odd series to u⁹ (truncation < 1e-9). Absolute error < 1e-7 (f32 rounding of the mantissa part).
 /// Garbage for inputs that [`not_loggable`] flags; those voxels are discarded.
 #[inline(always)]
-fn ln_fast(s: f32) -> f64 {
+pub(crate) fn ln_fast(s: f32) -> f64 {
     const LN2: f64 = std::f64::consts::LN_2;
     let bits = s.to_bits();
     // Re-bias so the mantissa lands in [√½, √2): offset by the bits of √½.
@@ -193,7 +193,7 @@ fn ln_fast(s: f32) -> f64 {
 /// vectorises. x is clamped to ±110: beyond that the f32 result is 0 or +∞ anyway
 /// (exp(110) ≈ 6e47 > f32::MAX), so clamping changes nothing; NaN stays NaN.
 #[inline(always)]
-fn exp_fast(x: f64) -> f64 {
+pub(crate) fn exp_fast(x: f64) -> f64 {
     use std::f64::consts::{LN_2, LOG2_E};
     const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52: rounds and exposes the integer
     let x = x.clamp(-110.0, 110.0);
@@ -213,7 +213,7 @@ fn exp_fast(x: f64) -> f64 {
     p * scale
 }
 
-fn fit_chunk_ols<'a>(
+pub(crate) fn fit_chunk_ols<'a>(
     rows: impl Fn(usize) -> &'a [f32],
     slope_coef: &[f64],
     intercept_coef: &[f64],
@@ -240,7 +240,7 @@ fn fit_chunk_ols<'a>(
     }
 }
 
-fn fit_chunk_weighted<'a>(
+pub(crate) fn fit_chunk_weighted<'a>(
     rows: impl Fn(usize) -> &'a [f32],
     echo_times: &[f64],
     r2_out: &mut [f32],

@@ -3,8 +3,12 @@
 //! Every input must be C-contiguous with the dtype named in the signature (the Python
 //! wrappers in `alsiron.fieldmap` / `alsiron.relax` convert once); outputs are new arrays.
 
-use alsiron_core::{fieldmap, r2star, unwrap, Shape3};
+use alsiron_core::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
+use alsiron_core::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
+use alsiron_core::{epg, fieldmap, r2star, r2star_fit, unwrap, Shape3};
+use numpy::ndarray::Array2;
 use numpy::ndarray::{Array1, Array3};
+use numpy::PyArray2;
 use numpy::{IntoPyArray, PyArray1, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
 use numpy::{PyReadonlyArray3, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -166,10 +170,176 @@ fn fit_r2star_loglinear<'py>(
     ))
 }
 
+type R2starQualityMaps<'py> = (
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<u8>>,
+);
+
+/// R2* fit of echo-major magnitude `(E, N)` by `method` ("loglinear", "weighted", "arlo",
+/// "nlls"): returns R2* [s⁻¹], S0, CRLB standard deviation of R2* [s⁻¹], R² goodness of
+/// fit and a status code per voxel (0 ok, 1 bad magnitude, 2 degenerate, 3 outside mask,
+/// 4 not converged). `noise_sigma` switches the nonlinear fit to the Rician model;
+/// `quality=False` skips the R² and CRLB maps (NaN).
+#[pyfunction]
+#[pyo3(signature = (magnitude, echo_times, mask=None, method="weighted", noise_sigma=None, max_iter=100, quality=true))]
+#[allow(clippy::too_many_arguments)]
+fn fit_r2star<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray2<'py, f32>,
+    echo_times: Vec<f64>,
+    mask: Option<PyReadonlyArray1<'py, u8>>,
+    method: &str,
+    noise_sigma: Option<f64>,
+    max_iter: usize,
+    quality: bool,
+) -> PyResult<R2starQualityMaps<'py>> {
+    let [n_echo, n] = [magnitude.shape()[0], magnitude.shape()[1]];
+    if n_echo != echo_times.len() {
+        return Err(PyValueError::new_err(format!(
+            "magnitude has {n_echo} echoes (rows) but {} echo times were given",
+            echo_times.len()
+        )));
+    }
+    let options = R2starOptions {
+        method: R2starMethod::from_name(method).map_err(to_py)?,
+        noise_sigma,
+        max_iter,
+        quality,
+    };
+    let m = contiguous(&magnitude, "magnitude")?;
+    let k = match &mask {
+        Some(k) => Some(contiguous(k, "mask")?),
+        None => None,
+    };
+    let (mut r2, mut s0) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut sd, mut gof) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let mut status = vec![0u8; n];
+    py.detach(|| {
+        r2star_fit::fit_r2star_into(
+            m,
+            &echo_times,
+            k,
+            &options,
+            R2starOutputs {
+                r2star: &mut r2,
+                s0: &mut s0,
+                sd: &mut sd,
+                gof: &mut gof,
+                status: &mut status,
+            },
+        )
+    })
+    .map_err(to_py)?;
+    Ok((
+        Array1::from_vec(r2).into_pyarray(py),
+        Array1::from_vec(s0).into_pyarray(py),
+        Array1::from_vec(sd).into_pyarray(py),
+        Array1::from_vec(gof).into_pyarray(py),
+        Array1::from_vec(status).into_pyarray(py),
+    ))
+}
+
+/// Echo trains (S0 = 1) of a CPMG multi-echo spin echo by extended phase graphs for
+/// per-voxel T2 [s] and B1 scale: returns `(E, N)` float32.
+#[pyfunction]
+#[pyo3(signature = (t2, b1, n_echo, echo_spacing, refocusing_deg, t1=1.0))]
+fn cpmg_echo_trains<'py>(
+    py: Python<'py>,
+    t2: PyReadonlyArray1<'py, f64>,
+    b1: PyReadonlyArray1<'py, f64>,
+    n_echo: usize,
+    echo_spacing: f64,
+    refocusing_deg: f64,
+    t1: f64,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let seq = CpmgSequence {
+        n_echo,
+        echo_spacing,
+        refocusing_deg,
+        t1,
+    };
+    let (t, b) = (contiguous(&t2, "t2")?, contiguous(&b1, "b1")?);
+    let n = t.len();
+    let flat = py
+        .detach(|| epg::cpmg_echo_trains(&seq, t, b))
+        .map_err(to_py)?;
+    Array2::from_shape_vec((n_echo, n), flat)
+        .map(|a| a.into_pyarray(py))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Stimulated-echo corrected T2 fit of echo-major MESE magnitude `(E, N)` (echoes at
+/// k·ESP): returns T2 [s], S0, B1 scale, R² and status (0 ok, 1 bad magnitude,
+/// 2 degenerate, 3 outside mask, 4 not converged).
+#[pyfunction]
+#[pyo3(signature = (magnitude, echo_spacing, refocusing_deg, mask=None, t1=1.0, t2_min=0.005, t2_max=2.0, b1_min=0.3, max_iter=200))]
+#[allow(clippy::too_many_arguments)]
+fn fit_t2_epg<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray2<'py, f32>,
+    echo_spacing: f64,
+    refocusing_deg: f64,
+    mask: Option<PyReadonlyArray1<'py, u8>>,
+    t1: f64,
+    t2_min: f64,
+    t2_max: f64,
+    b1_min: f64,
+    max_iter: usize,
+) -> PyResult<R2starQualityMaps<'py>> {
+    let [n_echo, n] = [magnitude.shape()[0], magnitude.shape()[1]];
+    let options = EpgFitOptions {
+        sequence: CpmgSequence {
+            n_echo,
+            echo_spacing,
+            refocusing_deg,
+            t1,
+        },
+        t2_bounds: (t2_min, t2_max),
+        b1_min,
+        max_iter,
+    };
+    let m = contiguous(&magnitude, "magnitude")?;
+    let k = match &mask {
+        Some(k) => Some(contiguous(k, "mask")?),
+        None => None,
+    };
+    let (mut t2, mut s0) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut b1, mut gof) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let mut status = vec![0u8; n];
+    py.detach(|| {
+        epg::fit_t2_epg_into(
+            m,
+            k,
+            &options,
+            EpgOutputs {
+                t2: &mut t2,
+                s0: &mut s0,
+                b1: &mut b1,
+                gof: &mut gof,
+                status: &mut status,
+            },
+        )
+    })
+    .map_err(to_py)?;
+    Ok((
+        Array1::from_vec(t2).into_pyarray(py),
+        Array1::from_vec(s0).into_pyarray(py),
+        Array1::from_vec(b1).into_pyarray(py),
+        Array1::from_vec(gof).into_pyarray(py),
+        Array1::from_vec(status).into_pyarray(py),
+    ))
+}
+
 /// Add this module's functions to `alsiron._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unwrap_phase, m)?)?;
     m.add_function(wrap_pyfunction!(fit_multi_echo_field, m)?)?;
     m.add_function(wrap_pyfunction!(fit_r2star_loglinear, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_r2star, m)?)?;
+    m.add_function(wrap_pyfunction!(cpmg_echo_trains, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_t2_epg, m)?)?;
     Ok(())
 }
