@@ -116,3 +116,45 @@ def lbv(
     tol: float,
     max_iter: int,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], int]: ...
+
+# --- relax: R2* fitters with quality maps, EPG (CPMG) simulation and T2/B1 fit
+# (rust/alsiron-py/src/fit.rs; kernels rust/alsiron-core/src/{r2star_fit,epg}.rs)
+# All array inputs must be C-contiguous with exactly these dtypes; (E, N) is echo-major.
+
+def fit_r2star(
+    magnitude: npt.NDArray[np.float32],
+    echo_times: Sequence[float],
+    mask: npt.NDArray[np.uint8] | None = None,
+    method: str = "weighted",
+    noise_sigma: float | None = None,
+    max_iter: int = 100,
+    quality: bool = True,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
+           npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """(E,N) magnitude, TEs [s], method loglinear|weighted|arlo|nlls -> (R2* [1/s], S0,
+    CRLB SD of R2* [1/s], R², status); status 0 ok, 1 bad magnitude, 2 degenerate,
+    3 outside mask, 4 not converged; NaN where status != 0."""
+
+def cpmg_echo_trains(
+    t2: npt.NDArray[np.float64],
+    b1: npt.NDArray[np.float64],
+    n_echo: int,
+    echo_spacing: float,
+    refocusing_deg: float,
+    t1: float = 1.0,
+) -> npt.NDArray[np.float32]:
+    """Per-voxel T2 [s] and B1 scale (N,) -> (E, N) EPG echo amplitudes with S0 = 1."""
+
+def fit_t2_epg(
+    magnitude: npt.NDArray[np.float32],
+    echo_spacing: float,
+    refocusing_deg: float,
+    mask: npt.NDArray[np.uint8] | None = None,
+    t1: float = 1.0,
+    t2_min: float = 0.005,
+    t2_max: float = 2.0,
+    b1_min: float = 0.3,
+    max_iter: int = 200,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
+           npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """(E,N) MESE magnitude at k·ESP -> (T2 [s], S0, B1, R², status), codes as fit_r2star."""
