@@ -20,6 +20,7 @@
 //! gives the same echoes as 180°−x, B1 is bounded so that B1·α ≤ 180°.
 
 use crate::error::{CoreError, CoreResult};
+use crate::grid::check_echo_major;
 use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
 
@@ -615,21 +616,17 @@ pub fn fit_t2_epg_into(
         )));
     }
     let n_echo = options.sequence.n_echo;
-    let n = out.t2.len();
-    if [out.s0.len(), out.b1.len(), out.gof.len(), out.status.len()]
-        .iter()
-        .any(|&l| l != n)
-    {
-        return Err(CoreError::ShapeMismatch(
-            "output arrays must all have the same length".into(),
-        ));
-    }
-    if n == 0 || magnitude.len() != n_echo * n {
-        return Err(CoreError::ShapeMismatch(format!(
-            "magnitude has {} elements, expected {n_echo} echoes × {n} voxels",
-            magnitude.len()
-        )));
-    }
+    let n = check_echo_major(
+        magnitude.len(),
+        n_echo,
+        &[
+            out.t2.len(),
+            out.s0.len(),
+            out.b1.len(),
+            out.gof.len(),
+            out.status.len(),
+        ],
+    )?;
     if mask.is_some_and(|m| m.len() != n) {
         return Err(CoreError::ShapeMismatch(format!(
             "mask must have {n} elements"

@@ -47,6 +47,29 @@ impl Shape3 {
     }
 }
 
+/// Check an echo-major `[n_echo][n]` input against per-voxel output lengths.
+///
+/// `n` is the length of the first output; every other output must match it, the input
+/// must hold exactly `n_echo · n` values and `n` must be non-zero. Returns `n`.
+pub fn check_echo_major(
+    magnitude_len: usize,
+    n_echo: usize,
+    outputs: &[usize],
+) -> CoreResult<usize> {
+    let n = outputs.first().copied().unwrap_or(0);
+    if outputs.iter().any(|&l| l != n) {
+        return Err(CoreError::ShapeMismatch(format!(
+            "output arrays must all have the same length, got {outputs:?}"
+        )));
+    }
+    if n == 0 || magnitude_len != n_echo * n {
+        return Err(CoreError::ShapeMismatch(format!(
+            "magnitude has {magnitude_len} elements, expected {n_echo} echoes × {n} voxels"
+        )));
+    }
+    Ok(n)
+}
+
 /// Validate a voxel size in mm: three finite positive numbers.
 pub fn check_voxel_size(voxel_size: [f64; 3]) -> CoreResult<()> {
     if voxel_size.iter().any(|v| !v.is_finite() || *v <= 0.0) {

@@ -18,6 +18,7 @@
 
 use crate::error::{CoreError, CoreResult};
 use crate::fieldmap::check_echo_times;
+use crate::grid::check_echo_major;
 use rayon::prelude::*;
 
 /// Reason codes of the per-voxel status map.
@@ -86,20 +87,11 @@ pub fn fit_r2star_loglinear_into(
 ) -> CoreResult<()> {
     check_echo_times(echo_times, 2)?;
     let n_echo = echo_times.len();
-    let n = r2star.len();
-    if s0.len() != n || status.len() != n {
-        return Err(CoreError::ShapeMismatch(format!(
-            "output lengths differ: r2star {n}, s0 {}, status {}",
-            s0.len(),
-            status.len()
-        )));
-    }
-    if n == 0 || magnitude.len() != n_echo * n {
-        return Err(CoreError::ShapeMismatch(format!(
-            "magnitude has {} elements, expected {n_echo} echoes × {n} voxels",
-            magnitude.len()
-        )));
-    }
+    let n = check_echo_major(
+        magnitude.len(),
+        n_echo,
+        &[r2star.len(), s0.len(), status.len()],
+    )?;
     if let Some(m) = mask {
         if m.len() != n {
             return Err(CoreError::ShapeMismatch(format!(

@@ -28,6 +28,7 @@
 
 use crate::error::{CoreError, CoreResult};
 use crate::fieldmap::check_echo_times;
+use crate::grid::check_echo_major;
 use crate::r2star::{exp_fast, fit_chunk_ols, fit_chunk_weighted, not_loggable, CHUNK};
 use rayon::prelude::*;
 
@@ -127,21 +128,17 @@ pub fn fit_r2star_into(
     };
     check_echo_times(echo_times, needed)?;
     let n_echo = echo_times.len();
-    let n = out.r2star.len();
-    if [out.s0.len(), out.sd.len(), out.gof.len(), out.status.len()]
-        .iter()
-        .any(|&l| l != n)
-    {
-        return Err(CoreError::ShapeMismatch(
-            "output arrays must all have the same length".into(),
-        ));
-    }
-    if n == 0 || magnitude.len() != n_echo * n {
-        return Err(CoreError::ShapeMismatch(format!(
-            "magnitude has {} elements, expected {n_echo} echoes × {n} voxels",
-            magnitude.len()
-        )));
-    }
+    let n = check_echo_major(
+        magnitude.len(),
+        n_echo,
+        &[
+            out.r2star.len(),
+            out.s0.len(),
+            out.sd.len(),
+            out.gof.len(),
+            out.status.len(),
+        ],
+    )?;
     if let Some(m) = mask {
         if m.len() != n {
             return Err(CoreError::ShapeMismatch(format!(
