@@ -259,21 +259,14 @@ pub fn pdf(
         if curvature <= 0.0 {
             break; // direction in the null space: nothing left to fit
         }
-        let alpha = (rs / curvature) as f32;
-        x.par_iter_mut()
-            .zip(direction.par_iter())
-            .for_each(|(xi, &d)| *xi += alpha * d);
-        residual
-            .par_iter_mut()
-            .zip(product.par_iter())
-            .for_each(|(r, &q)| *r -= alpha * q);
-        let rs_new = dot(&residual, &residual);
-        let beta = (rs_new / rs) as f32;
-        direction
-            .par_iter_mut()
-            .zip(residual.par_iter())
-            .for_each(|(d, &r)| *d = r + beta * *d);
-        rs = rs_new;
+        rs = cg_step(
+            &mut x,
+            &mut residual,
+            &mut direction,
+            &product,
+            rs,
+            curvature,
+        );
         iterations += 1;
     }
     // Background field D∗(P·x); local = M·(f − background).
@@ -567,21 +560,14 @@ pub fn lbv(
         if curvature <= 0.0 {
             break;
         }
-        let alpha = (rs / curvature) as f32;
-        x.par_iter_mut()
-            .zip(direction.par_iter())
-            .for_each(|(xi, &d)| *xi += alpha * d);
-        residual
-            .par_iter_mut()
-            .zip(product.par_iter())
-            .for_each(|(r, &q)| *r -= alpha * q);
-        let rs_new = dot(&residual, &residual);
-        let beta = (rs_new / rs) as f32;
-        direction
-            .par_iter_mut()
-            .zip(residual.par_iter())
-            .for_each(|(d, &r)| *d = r + beta * *d);
-        rs = rs_new;
+        rs = cg_step(
+            &mut x,
+            &mut residual,
+            &mut direction,
+            &product,
+            rs,
+            curvature,
+        );
         iterations += 1;
     }
     let local: Vec<f32> = field
@@ -591,6 +577,34 @@ pub fn lbv(
         .collect();
     let interior_u8 = interior.iter().map(|&e| e as u8).collect();
     Ok((local, interior_u8, iterations))
+}
+
+/// One conjugate-gradient update once the operator has been applied to the search
+/// direction (`product` = A·direction, `curvature` = direction·product): moves `x` and
+/// the residual, then the direction. Returns the new squared residual norm.
+fn cg_step(
+    x: &mut [f32],
+    residual: &mut [f32],
+    direction: &mut [f32],
+    product: &[f32],
+    rs: f64,
+    curvature: f64,
+) -> f64 {
+    let alpha = (rs / curvature) as f32;
+    x.par_iter_mut()
+        .zip(direction.par_iter())
+        .for_each(|(xi, &d)| *xi += alpha * d);
+    residual
+        .par_iter_mut()
+        .zip(product.par_iter())
+        .for_each(|(r, &q)| *r -= alpha * q);
+    let rs_new = dot(residual, residual);
+    let beta = (rs_new / rs) as f32;
+    direction
+        .par_iter_mut()
+        .zip(residual.par_iter())
+        .for_each(|(d, &r)| *d = r + beta * *d);
+    rs_new
 }
 
 #[cfg(test)]
