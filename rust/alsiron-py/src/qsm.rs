@@ -134,6 +134,12 @@ fn tkd<'py>(
     to_array(py, shape, chi)
 }
 
+/// A `should_stop` for detached iterative solvers: every `every` iterations it takes
+/// the GIL and runs Python's signal handlers, so Ctrl-C stops the solver.
+fn poll_signals_every(every: usize) -> impl Fn(usize) -> bool + Sync {
+    move |iter: usize| iter % every == 0 && Python::attach(|py| py.check_signals().is_err())
+}
+
 /// TV-regularised dipole inversion (ADMM) → (χ [ppm], iterations run).
 ///
 /// `progress`, when given, is called as `progress(iteration, max_iter)` every few
@@ -262,9 +268,7 @@ fn pdf<'py>(
         max_iter,
         kernel,
     };
-    let should_stop = |iter: usize| {
-        iter % SIGNAL_POLL_EVERY == 0 && Python::attach(|py| py.check_signals().is_err())
-    };
+    let should_stop = poll_signals_every(SIGNAL_POLL_EVERY);
     let (local, iterations) = py
         .detach(|| bfr_iterative::pdf(f, m, w, shape, voxel_size, b0_dir, params, &should_stop))
         .map_err(to_py)?;
@@ -292,9 +296,7 @@ fn ismv<'py>(
         max_iter,
     };
     // One iSMV iteration is a single FFT pair, so poll less often than ADMM.
-    let should_stop = |iter: usize| {
-        iter % (4 * SIGNAL_POLL_EVERY) == 0 && Python::attach(|py| py.check_signals().is_err())
-    };
+    let should_stop = poll_signals_every(4 * SIGNAL_POLL_EVERY);
     let (local, eroded, iterations) = py
         .detach(|| bfr_iterative::ismv(f, m, shape, voxel_size, params, &should_stop))
         .map_err(to_py)?;
@@ -322,8 +324,7 @@ fn lbv<'py>(
     let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
     let params = bfr_iterative::LbvParams { tol, max_iter };
     // An LBV iteration is one stencil pass (no FFT): poll every 32.
-    let should_stop =
-        |iter: usize| iter % 32 == 0 && Python::attach(|py| py.check_signals().is_err());
+    let should_stop = poll_signals_every(32);
     let (local, interior, iterations) = py
         .detach(|| bfr_iterative::lbv(f, m, shape, voxel_size, params, &should_stop))
         .map_err(to_py)?;
