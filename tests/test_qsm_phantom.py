@@ -317,3 +317,48 @@ def test_real_romeo_patch_runs(tmp_path):
     # Measured: +0.015 ppm in the top 2 % of R2* vs 0 over the mask.
     veins = mask & (r2s > np.nanpercentile(r2s[mask], 98))
     assert chi[veins].mean() > chi[mask].mean() + 0.005
+
+
+def test_negate_phase_option_flips_susceptibility(dataset, tmp_path):
+    """GE stores phase with the opposite sign: --negate-phase must restore paramagnetic > 0."""
+    out = tmp_path / "neg"
+    assert main(["qsm", str(dataset / "sub-01"), "--out", str(out), "--negate-phase"]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    chi, mask, truth = load_chi_and_truth(dataset, anat)
+    pallidum = mask & np.isin(truth.labels, [i for i, n in truth.label_names.items()
+                                             if n.startswith("globus_pallidus")])
+    # Negated phase = negated field = negated χ: iron-rich pallidum now reads diamagnetic.
+    assert chi[pallidum].mean() < chi[mask].mean() - 0.05
+    side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
+    assert side["Acquisition"]["PhaseNegated"] is True
+
+
+def test_user_mask(dataset, tmp_path, capsys):
+    truth_mask = (dataset / "derivatives/phantom/sub-01/ses-01/anat/"
+                  "sub-01_ses-01_desc-brain_mask.nii.gz")
+    out = tmp_path / "um"
+    assert main(["qsm", str(dataset / "sub-01"), "--out", str(out),
+                 "--mask", str(truth_mask)]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    used = np.asarray(nib.load(str(out_file(anat, "desc-brain_mask"))).dataobj).astype(bool)
+    given = np.asarray(nib.load(str(truth_mask)).dataobj).astype(bool)
+    np.testing.assert_array_equal(used, given)
+    side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
+    assert side["Steps"]["BrainMask"] == {"Method": "given by the user",
+                                          "Source": str(truth_mask)}
+    # A mask on another grid is refused, naming the file; nothing is written.
+    bad = tmp_path / "bad_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), bad)
+    capsys.readouterr()
+    assert main(["qsm", str(dataset / "sub-01"), "--out", str(tmp_path / "um2"),
+                 "--mask", str(bad)]) == EXIT_INPUT_ERROR
+    err = capsys.readouterr().err
+    assert str(bad) in err and "differs" in err
+    assert not (tmp_path / "um2" / "sub-01").exists()
+
+
+def test_list_methods(capsys):
+    assert main(["qsm", "--list-methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pdf (default)", "vsharp", "ismv", "lbv", "tvadmm", "tkd"):
+        assert name in out

@@ -131,10 +131,19 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
               help="B0 in tesla, overriding MagneticFieldStrength.")
 @click.option("--fill-nonfinite", is_flag=True,
               help="Zero NaN/inf voxels and exclude them from the mask instead of refusing.")
+@click.option("--negate-phase", is_flag=True,
+              help="Negate the phase (GE scanners), so that paramagnetic χ comes out positive.")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Brain mask NIfTI on the MEGRE grid, used instead of the "
+                                 "magnitude-derived mask.")
+@click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False,
+              callback=lambda ctx, _p, value: _list_methods(ctx) if value else None,
+              help="Print the available algorithms and exit.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
-            echo_times: tuple[float, ...],
-            field_strength: float | None, fill_nonfinite: bool, overwrite: bool) -> None:
+            echo_times: tuple[float, ...], field_strength: float | None,
+            fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
+            overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject."""
     from alsiron import derivatives, ingest, workflow
     from alsiron.evaluate import compare_with_truth
@@ -156,9 +165,15 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
                                        echo_times=list(echo_times) or None,
                                        field_strength=field_strength,
-                                       fill_nonfinite=fill_nonfinite)
+                                       fill_nonfinite=fill_nonfinite,
+                                       negate_phase=negate_phase)
+            user_mask = None
+            if mask_path is not None:
+                user_mask = ingest.load_mask(mask_path, series)
+                series.metadata["BrainMaskSource"] = str(mask_path)
             t0 = time.perf_counter()
-            result = workflow.process_series(series, params, progress=_progress,
+            result = workflow.process_series(series, params, brain_mask=user_mask,
+                                             progress=_progress,
                                              iteration_progress=_iteration_progress)
             if sys.stderr.isatty():
                 click.echo("", err=True)
@@ -226,6 +241,24 @@ def relax_cmd(subj_dir: Path, out: Path | None, r2star_method: str, noise_sigma:
                 line += " (no MESE: R2, T2, B1, R2' skipped)"
             click.echo(line + f"\n  {len(written)} maps written to {out_root} in "
                        f"{time.perf_counter() - t0:.1f} s")
+
+
+def _list_methods(ctx: click.Context) -> None:
+    from alsiron import workflow
+
+    default = workflow.QsmParameters()
+    lines = [
+        "phase unwrapping : quality-guided region growing + temporal unwrapping (only one)",
+        "echo combination : magnitude-weighted linear fit of phase over TE (only one)",
+        "brain mask       : magnitude threshold + morphology (default) | --mask FILE",
+        "background (--bfr): " + ", ".join(
+            f"{k}{' (default)' if k == default.bfr else ''}" for k in workflow.BFR_METHODS),
+        "inversion        : tvadmm (default), tkd",
+        "reference        : whole-brain mean over the QSM mask",
+        "R2*              : weighted log-linear (alsiron relax offers loglinear, arlo, nlls)",
+    ]
+    click.echo("\n".join(lines))
+    ctx.exit(0)
 
 
 def _summary(label: str, series, result, elapsed: float, n_written: int, out_root: Path) -> str:

@@ -72,6 +72,27 @@ class SessionInput:
     series: list[MegreFileSet] = field(default_factory=list)
 
 
+def load_mask(path: str | Path, series: MegreSeries) -> np.ndarray:
+    """Load a user mask (nonzero = inside) and check that it lies on the data's grid.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, a shape or affine different from the MEGRE data, or an empty mask.
+    """
+    path = Path(path)
+    data, _, affine = _load_image(path)
+    if data.shape != series.shape:
+        raise InputError(path, f"mask shape {data.shape} differs from the data's {series.shape}")
+    if not np.allclose(affine, series.affine, atol=1e-3):
+        raise InputError(path, "mask affine differs from the data's (resample it to the "
+                         "MEGRE grid first)")
+    mask = np.isfinite(data) & (data != 0)
+    if not mask.any():
+        raise InputError(path, "mask is empty")
+    return mask
+
+
 def dataset_root(path: str | Path) -> Path:
     """The BIDS dataset root above a subject or session folder.
 
@@ -351,6 +372,7 @@ def load_megre(
     echo_times: Sequence[float] | None = None,
     field_strength: float | None = None,
     fill_nonfinite: bool = False,
+    negate_phase: bool = False,
 ) -> MegreSeries:
     """Load one MEGRE series, checking geometry, echo times, phase range and finiteness.
 
@@ -367,6 +389,9 @@ def load_megre(
     fill_nonfinite : bool
         Replace NaN/inf voxels by zero magnitude and phase instead of refusing the data;
         such voxels are recorded in ``metadata["NonFiniteVoxels"]`` and excluded from masks.
+    negate_phase : bool
+        Negate the phase (GE scanners store it with the opposite sign, which would make
+        paramagnetic tissue negative); recorded in ``metadata["PhaseNegated"]``.
 
     Returns
     -------
@@ -455,6 +480,9 @@ def load_megre(
     phase_all = np.ascontiguousarray(np.stack(phases, axis=0), dtype=np.float32)
     meta = dict(meta0)
     meta["PhaseConversion"] = sorted(conversions)
+    if negate_phase:
+        phase_all = _wrap(-phase_all)
+        meta["PhaseNegated"] = True
     if bad_voxels is not None:
         magnitude[:, bad_voxels] = 0.0
         phase_all[:, bad_voxels] = 0.0

@@ -179,6 +179,7 @@ def _steps(inversion: str, bfr: str) -> list[str]:
 
 
 def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
+                   brain_mask: np.ndarray | None = None,
                    progress: ProgressCallback | None = None,
                    iteration_progress: Callable[[int, int], None] | None = None
                    ) -> SessionResult:
@@ -190,6 +191,9 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         Loaded magnitude/phase, echo times [s], B0 [T] and geometry.
     params : QsmParameters, optional
         Algorithm parameters (defaults when omitted).
+    brain_mask : ndarray of bool, shape (X, Y, Z), optional
+        A brain mask given by the user, used instead of the one derived from the
+        magnitude (phase-quality masking and erosion still apply).
     progress : callable, optional
         ``progress(i, n, message)`` called before each step.
     iteration_progress : callable, optional
@@ -220,7 +224,12 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     b0dir = series.b0_direction
 
     t0 = step(0)
-    brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
+    if brain_mask is None:
+        brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
+    else:
+        brain = np.asarray(brain_mask, dtype=bool)
+        if brain.shape != series.shape:
+            raise ValueError(f"brain mask has shape {brain.shape}, the data {series.shape}")
     if not brain.any():
         raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
@@ -266,6 +275,10 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     provenance = pipeline_provenance(series, p, radii)
     provenance["Steps"]["BackgroundFieldRemoval"].update(bfr_record)
     provenance["Steps"]["DipoleInversion"].update(inv_params)
+    if brain_mask is not None:
+        provenance["Steps"]["BrainMask"] = {
+            "Method": "given by the user",
+            "Source": series.metadata.get("BrainMaskSource", "array")}
     provenance["QsmMaskVoxels"] = int(qsm_mask.sum())
     provenance["BrainMaskVoxels"] = int(brain.sum())
     vox_ml = math.prod(vsz) / 1000.0
@@ -373,6 +386,7 @@ def pipeline_provenance(series: MegreSeries, p: QsmParameters,
             "Matrix": list(series.shape),
             "B0Direction_voxel": list(series.b0_direction),
             "PhaseConversion": meta.get("PhaseConversion"),
+            "PhaseNegated": bool(meta.get("PhaseNegated", False)),
             "NonFiniteVoxelsZeroed": meta.get("NonFiniteVoxels", 0),
         },
         "Steps": {
