@@ -362,3 +362,23 @@ def test_list_methods(capsys):
     out = capsys.readouterr().out
     for name in ("pdf (default)", "vsharp", "ismv", "lbv", "tvadmm", "tkd"):
         assert name in out
+
+
+def test_reference_region_from_a_label_image(dataset, tmp_path):
+    dseg = dataset / "derivatives/phantom/sub-01/ses-01/anat/sub-01_ses-01_dseg.nii.gz"
+    truth = evaluate.load_truth(dataset, {"sub": "01", "ses": "01"})
+    csf = next(i for i, n in truth.label_names.items() if n == "csf")
+    out = tmp_path / "ref"
+    assert main(["qsm", str(dataset / "sub-01"), "--out", str(out),
+                 "--reference-mask", str(dseg), "--reference-label", str(csf)]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    chi = np.asarray(nib.load(str(out_file(anat, "Chimap"))).dataobj, dtype=np.float64)
+    mask = np.asarray(nib.load(str(out_file(anat, "desc-qsm_mask"))).dataobj).astype(bool)
+    region = mask & (truth.labels == csf)
+    assert abs(chi[region].mean()) < 1e-5
+    ref = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())["Steps"]["Referencing"]
+    # The region's offset from the whole-brain reference is reported: the whole-brain
+    # mean of the region-referenced map is minus that offset.
+    np.testing.assert_allclose(chi[mask].mean(), -ref["RegionMeanVsWholeBrain_ppm"], atol=1e-5)
+    assert ref["RegionVoxels"] == int(region.sum()) and ref["RegionSDVsWholeBrain_ppm"] > 0
+    assert main(["qsm", str(dataset / "sub-01"), "--reference-label", "4"]) != 0

@@ -136,6 +136,11 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Brain mask NIfTI on the MEGRE grid, used instead of the "
                                  "magnitude-derived mask.")
+@click.option("--reference-mask", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Reference region (mask or label image on the MEGRE grid): "
+                                 "χ = 0 on its mean instead of the whole-brain mean.")
+@click.option("--reference-label", type=int, default=None,
+              help="With --reference-mask: use the voxels with this label value.")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda ctx, _p, value: _list_methods(ctx) if value else None,
               help="Print the available algorithms and exit.")
@@ -143,11 +148,14 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             echo_times: tuple[float, ...], field_strength: float | None,
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
+            reference_mask: Path | None, reference_label: int | None,
             overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject."""
     from alsiron import derivatives, ingest, workflow
     from alsiron.evaluate import compare_with_truth
 
+    if reference_label is not None and reference_mask is None:
+        raise click.UsageError("--reference-label needs --reference-mask")
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)
@@ -171,8 +179,15 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             if mask_path is not None:
                 user_mask = ingest.load_mask(mask_path, series)
                 series.metadata["BrainMaskSource"] = str(mask_path)
+            ref_region = None
+            if reference_mask is not None:
+                ref_region = ingest.load_mask(reference_mask, series, label=reference_label)
+                series.metadata["ReferenceSource"] = (
+                    str(reference_mask) if reference_label is None
+                    else f"{reference_mask} label {reference_label}")
             t0 = time.perf_counter()
             result = workflow.process_series(series, params, brain_mask=user_mask,
+                                             reference_mask=ref_region,
                                              progress=_progress,
                                              iteration_progress=_iteration_progress)
             if sys.stderr.isatty():
@@ -254,7 +269,8 @@ def _list_methods(ctx: click.Context) -> None:
         "background (--bfr): " + ", ".join(
             f"{k}{' (default)' if k == default.bfr else ''}" for k in workflow.BFR_METHODS),
         "inversion        : tvadmm (default), tkd",
-        "reference        : whole-brain mean over the QSM mask",
+        "reference        : whole-brain mean (default) | --reference-mask FILE "
+        "[--reference-label N]",
         "R2*              : weighted log-linear (alsiron relax offers loglinear, arlo, nlls)",
     ]
     click.echo("\n".join(lines))

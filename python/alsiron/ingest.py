@@ -72,8 +72,10 @@ class SessionInput:
     series: list[MegreFileSet] = field(default_factory=list)
 
 
-def load_mask(path: str | Path, series: MegreSeries) -> np.ndarray:
-    """Load a user mask (nonzero = inside) and check that it lies on the data's grid.
+def load_mask(path: str | Path, series: MegreSeries, *, label: int | None = None
+              ) -> np.ndarray:
+    """Load a user mask (nonzero = inside, or ``== label`` for a label image) and check
+    that it lies on the data's grid.
 
     Raises
     ------
@@ -87,9 +89,10 @@ def load_mask(path: str | Path, series: MegreSeries) -> np.ndarray:
     if not np.allclose(affine, series.affine, atol=1e-3):
         raise InputError(path, "mask affine differs from the data's (resample it to the "
                          "MEGRE grid first)")
-    mask = np.isfinite(data) & (data != 0)
+    mask = np.isfinite(data) & ((data != 0) if label is None else (data == label))
     if not mask.any():
-        raise InputError(path, "mask is empty")
+        raise InputError(path, "mask is empty" if label is None
+                         else f"no voxel has label {label}")
     return mask
 
 

@@ -180,6 +180,7 @@ def _steps(inversion: str, bfr: str) -> list[str]:
 
 def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
                    brain_mask: np.ndarray | None = None,
+                   reference_mask: np.ndarray | None = None,
                    progress: ProgressCallback | None = None,
                    iteration_progress: Callable[[int, int], None] | None = None
                    ) -> SessionResult:
@@ -194,6 +195,10 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     brain_mask : ndarray of bool, shape (X, Y, Z), optional
         A brain mask given by the user, used instead of the one derived from the
         magnitude (phase-quality masking and erosion still apply).
+    reference_mask : ndarray of bool, shape (X, Y, Z), optional
+        Reference region (e.g. CSF): χ is shifted so that its mean there is 0, and the
+        region's mean ± SD relative to the whole brain is recorded (consensus advice).
+        Default: the whole-brain mean is 0.
     progress : callable, optional
         ``progress(i, n, message)`` called before each step.
     iteration_progress : callable, optional
@@ -265,6 +270,19 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         inv_params = {"Alpha": p.tv_alpha, "Mu": p.tv_mu, "MaxIterations": p.tv_max_iter,
                       "Tolerance": p.tv_tol, "IterationsRun": int(n_iter)}
     chi = qsm.reference_to_mean(chi, qsm_mask)
+    referencing: dict[str, Any] = {"Method": "whole-brain mean over the QSM mask set to 0"}
+    if reference_mask is not None:
+        region = np.asarray(reference_mask, dtype=bool) & qsm_mask
+        if region.sum() < 10:
+            raise ValueError(f"reference region has {int(region.sum())} voxels inside the QSM "
+                             "mask; need at least 10")
+        offset = float(chi[region].mean())
+        referencing = {"Method": "mean over the given reference region set to 0",
+                       "Source": series.metadata.get("ReferenceSource", "array"),
+                       "RegionVoxels": int(region.sum()),
+                       "RegionMeanVsWholeBrain_ppm": offset,
+                       "RegionSDVsWholeBrain_ppm": float(chi[region].std())}
+        chi = np.where(qsm_mask, chi - np.float32(offset), np.float32(0.0))
     timings["inversion"] = time.perf_counter() - t0
 
     t0 = step(4)
@@ -275,6 +293,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     provenance = pipeline_provenance(series, p, radii)
     provenance["Steps"]["BackgroundFieldRemoval"].update(bfr_record)
     provenance["Steps"]["DipoleInversion"].update(inv_params)
+    provenance["Steps"]["Referencing"] = referencing
     if brain_mask is not None:
         provenance["Steps"]["BrainMask"] = {
             "Method": "given by the user",
@@ -401,7 +420,6 @@ def pipeline_provenance(series: MegreSeries, p: QsmParameters,
                                  "Threshold": p.residual_threshold},
             "BackgroundFieldRemoval": _bfr_provenance(p, series, radii),
             "DipoleInversion": {"Method": "TV-ADMM" if p.inversion == "tvadmm" else "TKD"},
-            "Referencing": {"Method": "whole-brain mean over the QSM mask set to 0"},
             "R2star": {"Method": "weighted log-linear" if p.r2star_weighted else "log-linear"},
         },
         "Parameters": asdict(p),
