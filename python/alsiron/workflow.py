@@ -3,7 +3,8 @@
 Order follows the 2024 ISMRM QSM consensus: brain mask from the first-echo magnitude,
 echoes combined by a magnitude-weighted fit of the unwrapped phase over echo time
 (before background removal), phase-quality masking with the fit residual, background
-field removal (V-SHARP, PDF or iSMV), regularised dipole inversion, whole-brain-mean referencing.
+field removal (PDF by default; V-SHARP, iSMV or LBV), regularised dipole inversion,
+whole-brain-mean referencing (or a given reference region).
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     else:
         brain = np.asarray(brain_mask, dtype=bool)
         if brain.shape != series.shape:
-            raise ValueError(f"brain mask has shape {brain.shape}, the data {series.shape}")
+            raise ValueError(f"brain mask has shape {brain.shape} but the data {series.shape}")
     if not brain.any():
         raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
