@@ -10,7 +10,6 @@ noise; see the comments at each assertion.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -288,7 +287,6 @@ def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
     assert 0.75 < right["DeepGreySlope"] < 1.1
 
 
-@pytest.mark.skipif(os.environ.get("ALSIRON_SKIP_REAL") == "1", reason="real data disabled")
 def test_real_romeo_patch_runs(tmp_path):
     """The in-vivo ROMEO patch (3 echoes, no TEs recorded) runs once TEs are given."""
     real = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "romeo_small"
