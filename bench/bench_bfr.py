@@ -12,12 +12,12 @@ background removal); ``quick=True`` uses 64×64×48. Run ``python bench/bench_bf
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
+from timing import best_of, row  # noqa: E402
 
 from alsiron import qsm
 
@@ -29,15 +29,6 @@ B0 = (0.0, 0.1, 1.0)
 PDF_ITER = 10
 ISMV_ITER = 20
 LBV_ITER = 50
-
-
-def _best_of(fn, repeats):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _data(shape):
@@ -147,13 +138,6 @@ def scipy_lbv(field, mask, n_iter):
 _CROSS = ndimage.generate_binary_structure(3, 1).astype(np.uint8)
 
 
-def _row(kernel, shape, rust_s, ref_s):
-    n_vox = int(np.prod(shape))
-    return {"kernel": kernel, "shape": "x".join(map(str, shape)),
-            "rust_ms": round(rust_s * 1e3, 1), "numpy_ms": round(ref_s * 1e3, 1),
-            "ratio": round(ref_s / rust_s, 2), "throughput": round(n_vox / rust_s / 1e6, 2)}
-
-
 def run(quick: bool = False) -> list[dict]:
     """Time PDF, iSMV and LBV (Rust vs SciPy, same iterations); rows as in bench/run.py."""
     shape = (64, 64, 48) if quick else (256, 256, 176)
@@ -161,23 +145,23 @@ def run(quick: bool = False) -> list[dict]:
     field, mask = _data(shape)
     rows = []
 
-    rust_s, (got, _) = _best_of(lambda: qsm.pdf(field, mask, voxel_size=VOXEL, b0_dir=B0,
+    rust_s, (got, _) = best_of(lambda: qsm.pdf(field, mask, voxel_size=VOXEL, b0_dir=B0,
                                                 tol=0.0, max_iter=PDF_ITER), repeats)
-    ref_s, want = _best_of(lambda: scipy_pdf(field, mask, PDF_ITER), repeats)
+    ref_s, want = best_of(lambda: scipy_pdf(field, mask, PDF_ITER), repeats)
     _check(got, want, "pdf")
-    rows.append(_row(f"pdf ({PDF_ITER} CG it)", shape, rust_s, ref_s))
+    rows.append(row(f"pdf ({PDF_ITER} CG it)", shape, rust_s, ref_s))
 
-    rust_s, (got, _, _) = _best_of(lambda: qsm.ismv(field, mask, voxel_size=VOXEL, tol=0.0,
+    rust_s, (got, _, _) = best_of(lambda: qsm.ismv(field, mask, voxel_size=VOXEL, tol=0.0,
                                                     max_iter=ISMV_ITER), repeats)
-    ref_s, want = _best_of(lambda: scipy_ismv(field, mask, ISMV_ITER), repeats)
+    ref_s, want = best_of(lambda: scipy_ismv(field, mask, ISMV_ITER), repeats)
     _check(got, want, "ismv")
-    rows.append(_row(f"ismv ({ISMV_ITER} it)", shape, rust_s, ref_s))
+    rows.append(row(f"ismv ({ISMV_ITER} it)", shape, rust_s, ref_s))
 
-    rust_s, (got, _, _) = _best_of(lambda: qsm.lbv(field, mask, voxel_size=VOXEL, tol=0.0,
+    rust_s, (got, _, _) = best_of(lambda: qsm.lbv(field, mask, voxel_size=VOXEL, tol=0.0,
                                                    max_iter=LBV_ITER), repeats)
-    ref_s, want = _best_of(lambda: scipy_lbv(field, mask, LBV_ITER), repeats)
+    ref_s, want = best_of(lambda: scipy_lbv(field, mask, LBV_ITER), repeats)
     _check(got, want, "lbv")
-    rows.append(_row(f"lbv ({LBV_ITER} CG it)", shape, rust_s, ref_s))
+    rows.append(row(f"lbv ({LBV_ITER} CG it)", shape, rust_s, ref_s))
     return rows
 
 

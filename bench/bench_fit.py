@@ -14,11 +14,11 @@ Run ``python bench/bench_fit.py [--quick]``.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from skimage.restoration import unwrap_phase as skimage_unwrap
+from timing import best_of, row  # noqa: E402
 
 from alsiron import _core
 
@@ -26,15 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import twins_fit as twins  # noqa: E402
 
 TES = [0.003, 0.007, 0.011, 0.015, 0.019, 0.023]
-
-
-def _best_of(fn, repeats):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _data(shape, rng):
@@ -52,15 +43,8 @@ def _data(shape, rng):
             inside.astype(np.uint8))
 
 
-def _row(kernel, shape, rust_s, numpy_s, n_vox):
-    return {
-        "kernel": kernel,
-        "shape": "x".join(map(str, shape)) + f"x{len(TES)}e",
-        "rust_ms": round(rust_s * 1e3, 2),
-        "numpy_ms": round(numpy_s * 1e3, 2),
-        "ratio": round(numpy_s / rust_s, 2),
-        "throughput": round(n_vox / rust_s / 1e6, 2),
-    }
+def _label(shape) -> str:
+    return "x".join(map(str, shape)) + f"x{len(TES)}e"
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -74,9 +58,9 @@ def run(quick: bool = False) -> list[dict]:
 
     wrapped = phase[1]
     ones = np.ones(shape, np.uint8)
-    rust_s, _ = _best_of(lambda: _core.unwrap_phase(wrapped, mag[1], ones), repeats)
-    numpy_s, _ = _best_of(lambda: skimage_unwrap(wrapped), 1)
-    rows.append(_row("unwrap_phase (vs skimage)", shape, rust_s, numpy_s, n_vox))
+    rust_s, _ = best_of(lambda: _core.unwrap_phase(wrapped, mag[1], ones), repeats)
+    numpy_s, _ = best_of(lambda: skimage_unwrap(wrapped), 1)
+    rows.append(row("unwrap_phase (vs skimage)", _label(shape), rust_s, numpy_s, n_vox))
 
     def numpy_field():
         dphi, pair_mag = twins.pair_difference(mag, phase, TES)
@@ -84,19 +68,20 @@ def run(quick: bool = False) -> list[dict]:
         unwrapped = twins.centre(unwrapped, pair_mag, mask)
         return twins.fit_field_reference(mag, phase, TES, unwrapped, mask)
 
-    rust_s, _ = _best_of(lambda: _core.fit_multi_echo_field(mag, phase, TES, mask), repeats)
-    numpy_s, _ = _best_of(numpy_field, 1)
-    rows.append(_row("fit_multi_echo_field (vs skimage+numpy)", shape, rust_s, numpy_s, n_vox))
+    rust_s, _ = best_of(lambda: _core.fit_multi_echo_field(mag, phase, TES, mask), repeats)
+    numpy_s, _ = best_of(numpy_field, 1)
+    rows.append(row("fit_multi_echo_field (vs skimage+numpy)", _label(shape), rust_s, numpy_s,
+                    n_vox))
 
     flat = mag.reshape(len(TES), -1)
     for weighted in (False, True):
         name = "fit_r2star_loglinear" + (" weighted" if weighted else "")
-        rust_s, _ = _best_of(
+        rust_s, _ = best_of(
             lambda w=weighted: _core.fit_r2star_loglinear(flat, TES, None, w), repeats + 2)
         with np.errstate(all="ignore"):
-            numpy_s, _ = _best_of(
+            numpy_s, _ = best_of(
                 lambda w=weighted: twins.r2star_loglinear_vectorised(flat, TES, w), repeats)
-        rows.append(_row(name + " (vs numpy f32)", shape, rust_s, numpy_s, n_vox))
+        rows.append(row(name + " (vs numpy f32)", _label(shape), rust_s, numpy_s, n_vox))
     return rows
 
 

@@ -12,13 +12,13 @@ Run: ``python bench/bench_qsm.py [--quick]``.
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from timing import best_of, row  # noqa: E402
 
 from alsiron import _core, qsm  # noqa: E402
 
@@ -29,27 +29,6 @@ QUICK_SHAPE = (48, 48, 40)
 VOXEL = (1.0, 1.0, 1.0)
 B0 = (0.1, -0.15, 1.0)
 ADMM_ITERATIONS = 10
-
-
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best
-
-
-def _row(kernel: str, shape, rust_ms: float, other_ms: float) -> dict:
-    n_vox = int(np.prod(shape))
-    return {
-        "kernel": kernel,
-        "shape": "x".join(str(s) for s in shape),
-        "rust_ms": round(rust_ms, 2),
-        "numpy_ms": round(other_ms, 2),
-        "ratio": round(other_ms / rust_ms, 2),
-        "throughput": round(n_vox / (rust_ms * 1e-3) / 1e6, 2),
-    }
 
 
 def _scipy_tkd(field, mask, threshold=qsm.TKD_THRESHOLD):
@@ -80,26 +59,26 @@ def run(quick: bool = False) -> list[dict]:
         return _core.fft3_inverse(_core.fft3_forward(field), shape[2])
 
     rust_fft()  # plan once
-    t_rust = _best_ms(rust_fft, reps_fast)
-    t_np = _best_ms(lambda: tw.fft3_inverse(tw.fft3_forward(field), shape[2]), reps_slow)
-    rows.append(_row("fft3 fwd+inv", shape, t_rust, t_np))
+    t_rust = best_of(rust_fft, reps_fast)[0]
+    t_np = best_of(lambda: tw.fft3_inverse(tw.fft3_forward(field), shape[2]), reps_slow)[0]
+    rows.append(row("fft3 fwd+inv", shape, t_rust, t_np))
 
     def scipy_fft():
         return sfft.irfftn(sfft.rfftn(field, workers=-1), s=shape, workers=-1)
 
     scipy_fft()
-    rows.append(_row("fft3 fwd+inv [scipy]", shape, t_rust, _best_ms(scipy_fft, reps_fast)))
+    rows.append(row("fft3 fwd+inv [scipy]", shape, t_rust, best_of(scipy_fft, reps_fast)[0]))
 
     # TKD.
     def rust_tkd():
         return qsm.tkd(field, mask, voxel_size=VOXEL, b0_dir=B0)
 
     rust_tkd()
-    t_rust = _best_ms(rust_tkd, reps_fast)
-    t_np = _best_ms(lambda: tw.tkd(field, mask_u8, VOXEL, B0, qsm.TKD_THRESHOLD), reps_slow)
-    rows.append(_row("tkd", shape, t_rust, t_np))
+    t_rust = best_of(rust_tkd, reps_fast)[0]
+    t_np = best_of(lambda: tw.tkd(field, mask_u8, VOXEL, B0, qsm.TKD_THRESHOLD), reps_slow)[0]
+    rows.append(row("tkd", shape, t_rust, t_np))
     rows.append(
-        _row("tkd [scipy]", shape, t_rust, _best_ms(lambda: _scipy_tkd(field, mask), reps_fast))
+        row("tkd [scipy]", shape, t_rust, best_of(lambda: _scipy_tkd(field, mask), reps_fast)[0])
     )
 
     # V-SHARP with the default radii (12 mm down to 1 mm at 1 mm voxels).
@@ -111,9 +90,9 @@ def run(quick: bool = False) -> list[dict]:
         return qsm.vsharp(field, mask, voxel_size=VOXEL, radii_mm=radii)
 
     rust_vsharp()
-    t_rust = _best_ms(rust_vsharp, reps_slow)
-    t_np = _best_ms(lambda: tw.vsharp(field, mask_u8, VOXEL, radii, qsm.VSHARP_THRESHOLD), 1)
-    rows.append(_row(f"vsharp ({len(radii)} radii)", shape, t_rust, t_np))
+    t_rust = best_of(rust_vsharp, reps_slow)[0]
+    t_np = best_of(lambda: tw.vsharp(field, mask_u8, VOXEL, radii, qsm.VSHARP_THRESHOLD), 1)[0]
+    rows.append(row(f"vsharp ({len(radii)} radii)", shape, t_rust, t_np))
 
     # TV-ADMM, fixed iteration count.
     def rust_admm():
@@ -121,11 +100,11 @@ def run(quick: bool = False) -> list[dict]:
             field, mask, voxel_size=VOXEL, b0_dir=B0, max_iter=ADMM_ITERATIONS, tol=0.0
         )
 
-    t_rust = _best_ms(rust_admm, reps_slow)
-    t_np = _best_ms(
+    t_rust = best_of(rust_admm, reps_slow)[0]
+    t_np = best_of(
         lambda: tw.tv_admm(field, mask_u8, VOXEL, B0, qsm.TV_ALPHA, qsm.TV_MU, ADMM_ITERATIONS), 1
-    )
-    rows.append(_row(f"tv_admm ({ADMM_ITERATIONS} it)", shape, t_rust, t_np))
+    )[0]
+    rows.append(row(f"tv_admm ({ADMM_ITERATIONS} it)", shape, t_rust, t_np))
     return rows
 
 

@@ -20,10 +20,10 @@ Run ``python bench/bench_relax.py [--quick]``.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import best_of, row  # noqa: E402
 
 from alsiron import _core, relax
 
@@ -34,22 +34,6 @@ import twins_fit as twins  # noqa: E402
 
 TES = [0.003, 0.007, 0.011, 0.015, 0.019, 0.023]
 ESP, N_MESE = 0.01, 32
-
-
-def _best_of(fn, repeats):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def _row(kernel, shape, rust_s, numpy_s, n_vox):
-    return {"kernel": kernel, "shape": shape, "rust_ms": round(rust_s * 1e3, 2),
-            "numpy_ms": round(numpy_s * 1e3, 2),
-            "ratio": round(numpy_s / rust_s, 1) if rust_s > 0 else float("nan"),
-            "throughput": round(n_vox / rust_s / 1e6, 3)}
 
 
 def _gre(n, rng, tes=TES):
@@ -69,46 +53,46 @@ def run(quick: bool = False) -> list[dict]:
     flat = _gre(n, rng)
     repeats = 3
     with np.errstate(all="ignore"):
-        numpy_ols, _ = _best_of(lambda: twins.r2star_loglinear_vectorised(flat, TES), repeats)
-        numpy_w, _ = _best_of(lambda: twins.r2star_loglinear_vectorised(flat, TES, True),
+        numpy_ols, _ = best_of(lambda: twins.r2star_loglinear_vectorised(flat, TES), repeats)
+        numpy_w, _ = best_of(lambda: twins.r2star_loglinear_vectorised(flat, TES, True),
                               repeats)
-        numpy_arlo, _ = _best_of(lambda: twins.r2star_arlo_vectorised(flat, TES), repeats)
-    rust, _ = _best_of(lambda: _core.fit_r2star_loglinear(flat, TES, None, False), repeats + 2)
-    rows.append(_row("fit_r2star_loglinear fast path (vs numpy f32 OLS)", shape, rust,
+        numpy_arlo, _ = best_of(lambda: twins.r2star_arlo_vectorised(flat, TES), repeats)
+    rust, _ = best_of(lambda: _core.fit_r2star_loglinear(flat, TES, None, False), repeats + 2)
+    rows.append(row("fit_r2star_loglinear fast path (vs numpy f32 OLS)", shape, rust,
                      numpy_ols, n))
     for method, base in (("loglinear", numpy_ols), ("weighted", numpy_w),
                          ("arlo", numpy_arlo)):
         for quality in (False, True):
-            rust, _ = _best_of(lambda m=method, q=quality: _core.fit_r2star(
+            rust, _ = best_of(lambda m=method, q=quality: _core.fit_r2star(
                 flat, TES, None, m, None, 100, q), repeats + 2)
             maps = " +R²+CRLB maps" if quality else ""
-            rows.append(_row(f"fit_r2star {method}{maps} (vs numpy f32 {method})", shape,
+            rows.append(row(f"fit_r2star {method}{maps} (vs numpy f32 {method})", shape,
                              rust, base, n))
 
     n_nl = 50_000 if quick else 1_000_000
     sub = np.ascontiguousarray(flat[:, :n_nl])
     n_ref = 200
     for sigma in (None, 5.0):
-        rust, _ = _best_of(lambda s=sigma: _core.fit_r2star(sub, TES, None, "nlls", s), 2)
-        ref, _ = _best_of(lambda s=sigma: twins.r2star_nlls_reference(sub[:, :n_ref], TES, s),
+        rust, _ = best_of(lambda s=sigma: _core.fit_r2star(sub, TES, None, "nlls", s), 2)
+        ref, _ = best_of(lambda s=sigma: twins.r2star_nlls_reference(sub[:, :n_ref], TES, s),
                           1)
         label = "fit_r2star nlls" + (" rician" if sigma else "")
-        rows.append(_row(label + " (vs scipy least_squares, scaled)", f"{n_nl}x{len(TES)}e",
+        rows.append(row(label + " (vs scipy least_squares, scaled)", f"{n_nl}x{len(TES)}e",
                          rust, ref * n_nl / n_ref, n_nl))
 
     n_epg = 2_000 if quick else 20_000
     t2 = rng.uniform(0.04, 0.12, n_epg)
     b1 = rng.uniform(0.7, 1.0, n_epg)
-    rust, clean = _best_of(lambda: _core.cpmg_echo_trains(t2, b1, N_MESE, ESP, 180.0, 1.0), 3)
+    rust, clean = best_of(lambda: _core.cpmg_echo_trains(t2, b1, N_MESE, ESP, 180.0, 1.0), 3)
     n_ref = 50
-    ref, _ = _best_of(lambda: [twins_epg.cpmg_bloch_reference(
+    ref, _ = best_of(lambda: [twins_epg.cpmg_bloch_reference(
         t2[i], b1[i], n_echoes=N_MESE, echo_spacing=ESP, refocusing_angle=180.0)
         for i in range(n_ref)], 1)
-    rows.append(_row("cpmg_echo_trains EPG (vs Bloch isochromats, scaled)",
+    rows.append(row("cpmg_echo_trains EPG (vs Bloch isochromats, scaled)",
                      f"{n_epg}x{N_MESE}e", rust, ref * n_epg / n_ref, n_epg))
     mag = np.abs(1000 * clean + rng.standard_normal(clean.shape).astype(np.float32) * 10)
     mag = np.ascontiguousarray(mag, dtype=np.float32)
-    rust, _ = _best_of(lambda: _core.fit_t2_epg(mag, ESP, 180.0), 2)
+    rust, _ = best_of(lambda: _core.fit_t2_epg(mag, ESP, 180.0), 2)
 
     def scipy_epg(k=5):
         from scipy.optimize import least_squares
@@ -119,13 +103,13 @@ def run(quick: bool = False) -> list[dict]:
                     p[1], p[2], n_echoes=N_MESE, echo_spacing=ESP, refocusing_angle=180) - y
             least_squares(resid, [mag[0, i] * 1.1, 0.08, 0.9],
                           bounds=([0, 0.005, 0.3], [np.inf, 2.0, 1.0]))
-    ref, _ = _best_of(scipy_epg, 1)
-    rows.append(_row("fit_t2_epg T2+B1+S0 (vs scipy over Bloch twin, scaled)",
+    ref, _ = best_of(scipy_epg, 1)
+    rows.append(row("fit_t2_epg T2+B1+S0 (vs scipy over Bloch twin, scaled)",
                      f"{n_epg}x{N_MESE}e", rust, ref * n_epg / 5, n_epg))
     mono = relax.fit_t2_monoexponential
     tes = ESP * np.arange(1, N_MESE + 1)
-    rust, _ = _best_of(lambda: mono(mag, tes, drop_first=True, method="nlls"), 2)
-    rows.append(_row("fit_t2_monoexponential nlls (vs same scaled scipy)", f"{n_epg}x{N_MESE}e",
+    rust, _ = best_of(lambda: mono(mag, tes, drop_first=True, method="nlls"), 2)
+    rows.append(row("fit_t2_monoexponential nlls (vs same scaled scipy)", f"{n_epg}x{N_MESE}e",
                      rust, ref * n_epg / 5, n_epg))
     return rows
 
