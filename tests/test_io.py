@@ -57,3 +57,16 @@ def test_existing_output_is_not_overwritten_unless_asked(tmp_path):
         io.save_json(target, {"a": 2})
     io.save_json(target, {"a": 2}, overwrite=True)
     assert '"a": 2' in target.read_text()
+
+
+def test_finished_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
+    import os
+
+    from alsiron.io import save_text
+
+    old = os.umask(0o022)
+    try:
+        path = save_text(tmp_path / "table.tsv", "a\tb\n")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

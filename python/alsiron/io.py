@@ -20,6 +20,12 @@ import numpy as np
 from alsiron.errors import OutputExistsError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
@@ -40,6 +46,8 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600; a finished output gets the mode any new file would get.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
