@@ -1,4 +1,5 @@
-"""Command line: ``alsiron phantom``, ``alsiron qsm`` and ``alsiron relax``.
+"""Command line: ``alsiron phantom``, ``qsm``, ``relax``, ``registry export``,
+``longitudinal`` and ``power``.
 
 The CLI only parses options, loads, calls the stage functions and saves; every
 :class:`~alsiron.errors.AlsironError` (and a ``ValueError`` from input validation) is
@@ -275,6 +276,40 @@ def _list_methods(ctx: click.Context) -> None:
     ]
     click.echo("\n".join(lines))
     ctx.exit(0)
+
+
+def registry_option(func):
+    """The ``--registry URL|PATH`` option shared by every command that reads or writes
+    the results registry (default: ``$ALSIRON_REGISTRY``, else the dataset's
+    ``derivatives/alsiron/registry.sqlite``); resolve it with
+    :func:`alsiron.registry.resolve_location`."""
+    return click.option(
+        "--registry", "registry", default=None, metavar="URL|PATH",
+        help="Results registry: an SQLite file or an SQLAlchemy URL (postgresql://...). "
+             "Default: $ALSIRON_REGISTRY, else <dataset>/derivatives/alsiron/registry.sqlite.",
+    )(func)
+
+
+@cli.group("registry")
+def registry_group() -> None:
+    """Results registry: one record per processed session, with history."""
+
+
+@registry_group.command("export")
+@click.argument("out_tsv", type=click.Path(dir_okay=False, path_type=Path))
+@registry_option
+@click.option("--all", "include_history", is_flag=True,
+              help="Also export superseded records (with is_current and superseded_at).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing TSV.")
+def registry_export(out_tsv: Path, registry: str | None, include_history: bool,
+                    overwrite: bool) -> None:
+    """Write the registry's current records as TSV (plus a JSON data dictionary)."""
+    from alsiron.registry import Registry, resolve_location
+
+    with Registry.open(resolve_location(registry), create=False) as reg:
+        n = len(reg.rows(include_history=include_history))
+        reg.export_tsv(out_tsv, overwrite=overwrite, include_history=include_history)
+    click.echo(f"registry: {n} record(s) written to {out_tsv}")
 
 
 def _summary(label: str, series, result, elapsed: float, n_written: int, out_root: Path) -> str:
