@@ -18,6 +18,7 @@ from alsiron.normative import (
     build_normative_model,
     combat_fit,
     load_model,
+    score_session,
     session_zscores,
     write_zscores,
     zscore_table,
@@ -236,6 +237,10 @@ def test_model_round_trips_through_json_and_rejects_bad_files(tmp_path):
     out = write_zscores(tmp_path / "z.json", records[0], loaded.z_scores(records[0]), path)
     stored = json.loads(out.read_text())
     assert stored["normative_model"]["sha256"] and len(stored["zscores"]) == 6
+    zs, text = score_session(records[1], path, out=tmp_path / "z2.json")
+    assert len(zs) == 6 and HEADLINE_INDEX in text
+    assert json.loads((tmp_path / "z2.json").read_text())["subject"] == records[1].subject
+    assert score_session(records[1], None) == ({}, NO_MODEL_MESSAGE)
 
 
 def test_without_a_model_the_message_says_how_to_build_one():

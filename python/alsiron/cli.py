@@ -312,6 +312,103 @@ def registry_export(out_tsv: Path, registry: str | None, include_history: bool,
     click.echo(f"registry: {n} record(s) written to {out_tsv}")
 
 
+@cli.group("normative")
+def normative_group() -> None:
+    """Normative model of the indices in healthy controls (for z-scores)."""
+
+
+@normative_group.command("build")
+@click.option("--group", default="control", show_default=True,
+              help="Reference group label (participants.tsv 'group').")
+@registry_option
+@click.option("--dataset", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="BIDS dataset whose default registry to read (instead of --registry).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Model file to write (JSON).")
+@click.option("--index", "indices", multiple=True,
+              help="Index to model (repeat); default: every index finite in >= 90 % of the "
+                   "controls, voxel counts excepted.")
+@click.option("--age-df", type=click.Choice(["auto", "1", "2", "3", "4"]), default="auto",
+              show_default=True, help="Age spline degrees of freedom (1 = linear; auto = BIC).")
+@click.option("--visits", type=click.Choice(["baseline", "all"]), default="baseline",
+              show_default=True, help="One scan per control (earliest) or every visit.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+def normative_build(group: str, registry: str | None, dataset: Path | None, out: Path,
+                    indices: tuple[str, ...], age_df: str, visits: str,
+                    overwrite: bool) -> None:
+    """Fit the normative model to the registry's GROUP sessions and save it as JSON."""
+    from alsiron.errors import OutputExistsError
+    from alsiron.normative import build_normative_model
+    from alsiron.registry import Registry, resolve_location
+
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (use --overwrite to replace it)")
+    location = resolve_location(registry, dataset)
+    with Registry.open(location, create=False) as reg:
+        records = reg.sessions()
+    model = build_normative_model(records, group=group, indices=list(indices) or None,
+                                  age_df="auto" if age_df == "auto" else int(age_df),
+                                  visits=visits, source=str(location))  # type: ignore[arg-type]
+    model.save(out, overwrite=overwrite)
+    c = model.cohort
+    click.echo(f"normative: {c['n_sessions']} {group} sessions (sites "
+               f"{', '.join(f'{k}: {v}' for k, v in c['n_by_site'].items())}; ages "
+               f"{c['age_range_years'][0]:g}-{c['age_range_years'][1]:g}), "
+               f"{len(model.indices)} indices, age df {model.age_basis.df}, "
+               f"{'EB ' if model.combat.empirical_bayes else ''}ComBat -> {out}")
+
+
+@cli.command("report")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.option("--cohort", is_flag=True,
+              help="Write the cohort page (PATH, if given, is the dataset folder).")
+@registry_option
+@click.option("--normative", "normative", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Normative model JSON for z-scores and bands.")
+@click.option("--qc", "qc_images", multiple=True, type=click.Path(path_type=Path),
+              help="QC montage PNG to embed (repeat); default: every PNG under the subject's "
+                   "derivatives folder.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file (default: <derivatives>/alsiron/sub-X/sub-X_report.html or "
+                   "<derivatives>/alsiron/cohort_report.html).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing page.")
+def report_cmd(path: Path | None, cohort: bool, registry: str | None,
+               normative: Path | None, qc_images: tuple[Path, ...], out: Path | None,
+               overwrite: bool) -> None:
+    """Self-contained HTML report of a subject (PATH = sub-XX folder) or of the cohort."""
+    from alsiron import ingest, report
+    from alsiron.normative import NO_MODEL_MESSAGE, load_model
+    from alsiron.registry import Registry, resolve_location
+
+    if path is None and not cohort:
+        raise click.UsageError("give a subject folder, or --cohort")
+    root = ingest.dataset_root(path) if path is not None else None
+    location = resolve_location(registry, root)
+    model = load_model(normative) if normative is not None else None
+    if model is None:
+        click.echo(f"report: {NO_MODEL_MESSAGE}", err=True)
+    derivs = (root / "derivatives" / "alsiron") if root is not None else Path(".")
+    with Registry.open(location, create=False) as reg:
+        if cohort:
+            records = reg.sessions()
+            if not records:
+                raise click.UsageError(f"the registry {location} has no sessions")
+            page = report.render_cohort_report(records, model=model, model_path=normative)
+            target = out or derivs / "cohort_report.html"
+        else:
+            subject = Path(path).resolve().name  # type: ignore[arg-type]
+            records = reg.sessions(subject)
+            if not records:
+                raise click.UsageError(f"the registry {location} has no sessions of "
+                                       f"{subject}: process it first (alsiron qsm)")
+            qc = list(qc_images) or report.find_qc_images(derivs / subject)
+            page = report.render_subject_report(records, model=model, model_path=normative,
+                                                qc_images=qc)
+            target = out or derivs / subject / f"{subject}_report.html"
+    report.write_report(target, page, overwrite=overwrite)
+    click.echo(f"report: {target}")
+
+
 def _summary(label: str, series, result, elapsed: float, n_written: int, out_root: Path) -> str:
     chi = result.chi.data[np.isfinite(result.chi.data)]
     r2s = result.r2star.data[result.brain_mask.data.astype(bool)]

@@ -944,6 +944,24 @@ def session_zscores(record: SessionRecord, model_path: str | os.PathLike[str] | 
     return load_model(model_path).z_scores(record)
 
 
+def score_session(record: SessionRecord, model_path: str | os.PathLike[str] | None, *,
+                  out: str | os.PathLike[str] | None = None, overwrite: bool = False
+                  ) -> tuple[dict[str, ZScore], str]:
+    """What ``alsiron qsm ... --normative MODEL`` does with one session's record.
+
+    Returns the z-scores and the text to print (:func:`zscore_table`); with ``out`` also
+    stores them as JSON there (:func:`write_zscores`). With ``model_path`` None nothing
+    is computed and the text is :data:`NO_MODEL_MESSAGE` (how to build a model).
+    """
+    if model_path is None:
+        return {}, NO_MODEL_MESSAGE
+    zscores = session_zscores(record, model_path)
+    if out is not None:
+        write_zscores(out, record, zscores, model_path, overwrite=overwrite)
+    return zscores, f"{record.subject} {record.session}: z-scores against {model_path}\n" \
+        + zscore_table(zscores)
+
+
 def write_zscores(path: str | os.PathLike[str], record: SessionRecord,
                   zscores: Mapping[str, ZScore], model_path: str | os.PathLike[str], *,
                   overwrite: bool = False) -> Path:
