@@ -257,3 +257,17 @@ def test_too_few_controls_is_a_clear_error():
         build_normative_model(records)
     with pytest.raises(InputError, match="no usable 'healthy'"):
         build_normative_model(records, group="healthy")
+
+
+def test_visit_selection_baseline_or_all():
+    records, _ = simulate_index_cohort(60, 3, seed=8, als_fraction=0.5, repeat_fraction=0.5)
+    failed = dataclasses.replace(records[0], qc_status="fail")  # sub-01 is a control
+    records = [failed, *records[1:]]
+    base = build_normative_model(records)
+    every = build_normative_model(records, visits="all")
+    assert base.cohort["n_sessions"] == base.cohort["n_subjects"] == 30
+    assert every.cohort["n_sessions"] == 30 * 3 - 1  # repeats and the failed scan left out
+    assert every.selection["dropped"]["qc_failed"] == 1
+    assert every.selection["dropped"]["repeat_runs"] > 0
+    # sub-01's baseline failed QC, so its earliest usable visit (ses-02) stands in
+    assert base.selection["dropped"]["later_visits"] == 30 * 3 - 1 - 30
