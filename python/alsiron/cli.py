@@ -1,4 +1,5 @@
-"""Command line: ``alsiron phantom``, ``alsiron qsm`` and ``alsiron relax``.
+"""Command line: ``alsiron phantom``, ``qsm``, ``relax``, ``registry export``,
+``longitudinal`` and ``power``.
 
 The CLI only parses options, loads, calls the stage functions and saves; every
 :class:`~alsiron.errors.AlsironError` (and a ``ValueError`` from input validation) is
@@ -275,6 +276,137 @@ def _list_methods(ctx: click.Context) -> None:
     ]
     click.echo("\n".join(lines))
     ctx.exit(0)
+
+
+def registry_option(func):
+    """The ``--registry URL|PATH`` option shared by every command that reads or writes
+    the results registry (default: ``$ALSIRON_REGISTRY``, else the dataset's
+    ``derivatives/alsiron/registry.sqlite``); resolve it with
+    :func:`alsiron.registry.resolve_location`."""
+    return click.option(
+        "--registry", "registry", default=None, metavar="URL|PATH",
+        help="Results registry: an SQLite file or an SQLAlchemy URL (postgresql://...). "
+             "Default: $ALSIRON_REGISTRY, else <dataset>/derivatives/alsiron/registry.sqlite.",
+    )(func)
+
+
+@cli.group("registry")
+def registry_group() -> None:
+    """Results registry: one record per processed session, with history."""
+
+
+@registry_group.command("export")
+@click.argument("out_tsv", type=click.Path(dir_okay=False, path_type=Path))
+@registry_option
+@click.option("--all", "include_history", is_flag=True,
+              help="Also export superseded records (with is_current and superseded_at).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing TSV.")
+def registry_export(out_tsv: Path, registry: str | None, include_history: bool,
+                    overwrite: bool) -> None:
+    """Write the registry's current records as TSV (plus a JSON data dictionary)."""
+    from alsiron.registry import Registry, resolve_location
+
+    with Registry.open(resolve_location(registry), create=False) as reg:
+        n = len(reg.rows(include_history=include_history))
+        reg.export_tsv(out_tsv, overwrite=overwrite, include_history=include_history)
+    click.echo(f"registry: {n} record(s) written to {out_tsv}")
+
+
+@cli.group("normative")
+def normative_group() -> None:
+    """Normative model of the indices in healthy controls (for z-scores)."""
+
+
+@normative_group.command("build")
+@click.option("--group", default="control", show_default=True,
+              help="Reference group label (participants.tsv 'group').")
+@registry_option
+@click.option("--dataset", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="BIDS dataset whose default registry to read (instead of --registry).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Model file to write (JSON).")
+@click.option("--index", "indices", multiple=True,
+              help="Index to model (repeat); default: every index finite in >= 90 % of the "
+                   "controls, voxel counts excepted.")
+@click.option("--age-df", type=click.Choice(["auto", "1", "2", "3", "4"]), default="auto",
+              show_default=True, help="Age spline degrees of freedom (1 = linear; auto = BIC).")
+@click.option("--visits", type=click.Choice(["baseline", "all"]), default="baseline",
+              show_default=True, help="One scan per control (earliest) or every visit.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+def normative_build(group: str, registry: str | None, dataset: Path | None, out: Path,
+                    indices: tuple[str, ...], age_df: str, visits: str,
+                    overwrite: bool) -> None:
+    """Fit the normative model to the registry's GROUP sessions and save it as JSON."""
+    from alsiron.errors import OutputExistsError
+    from alsiron.normative import build_normative_model
+    from alsiron.registry import Registry, resolve_location
+
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (use --overwrite to replace it)")
+    location = resolve_location(registry, dataset)
+    with Registry.open(location, create=False) as reg:
+        records = reg.sessions()
+    model = build_normative_model(records, group=group, indices=list(indices) or None,
+                                  age_df="auto" if age_df == "auto" else int(age_df),
+                                  visits=visits, source=str(location))  # type: ignore[arg-type]
+    model.save(out, overwrite=overwrite)
+    c = model.cohort
+    click.echo(f"normative: {c['n_sessions']} {group} sessions (sites "
+               f"{', '.join(f'{k}: {v}' for k, v in c['n_by_site'].items())}; ages "
+               f"{c['age_range_years'][0]:g}-{c['age_range_years'][1]:g}), "
+               f"{len(model.indices)} indices, age df {model.age_basis.df}, "
+               f"{'EB ' if model.combat.empirical_bayes else ''}ComBat -> {out}")
+
+
+@cli.command("report")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.option("--cohort", is_flag=True,
+              help="Write the cohort page (PATH, if given, is the dataset folder).")
+@registry_option
+@click.option("--normative", "normative", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Normative model JSON for z-scores and bands.")
+@click.option("--qc", "qc_images", multiple=True, type=click.Path(path_type=Path),
+              help="QC montage PNG to embed (repeat); default: every PNG under the subject's "
+                   "derivatives folder.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file (default: <derivatives>/alsiron/sub-X/sub-X_report.html or "
+                   "<derivatives>/alsiron/cohort_report.html).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing page.")
+def report_cmd(path: Path | None, cohort: bool, registry: str | None,
+               normative: Path | None, qc_images: tuple[Path, ...], out: Path | None,
+               overwrite: bool) -> None:
+    """Self-contained HTML report of a subject (PATH = sub-XX folder) or of the cohort."""
+    from alsiron import ingest, report
+    from alsiron.normative import NO_MODEL_MESSAGE, load_model
+    from alsiron.registry import Registry, resolve_location
+
+    if path is None and not cohort:
+        raise click.UsageError("give a subject folder, or --cohort")
+    root = ingest.dataset_root(path) if path is not None else None
+    location = resolve_location(registry, root)
+    model = load_model(normative) if normative is not None else None
+    if model is None:
+        click.echo(f"report: {NO_MODEL_MESSAGE}", err=True)
+    derivs = (root / "derivatives" / "alsiron") if root is not None else Path(".")
+    with Registry.open(location, create=False) as reg:
+        if cohort:
+            records = reg.sessions()
+            if not records:
+                raise click.UsageError(f"the registry {location} has no sessions")
+            page = report.render_cohort_report(records, model=model, model_path=normative)
+            target = out or derivs / "cohort_report.html"
+        else:
+            subject = Path(path).resolve().name  # type: ignore[arg-type]
+            records = reg.sessions(subject)
+            if not records:
+                raise click.UsageError(f"the registry {location} has no sessions of "
+                                       f"{subject}: process it first (alsiron qsm)")
+            qc = list(qc_images) or report.find_qc_images(derivs / subject)
+            page = report.render_subject_report(records, model=model, model_path=normative,
+                                                qc_images=qc)
+            target = out or derivs / subject / f"{subject}_report.html"
+    report.write_report(target, page, overwrite=overwrite)
+    click.echo(f"report: {target}")
 
 
 def _summary(label: str, series, result, elapsed: float, n_written: int, out_root: Path) -> str:
