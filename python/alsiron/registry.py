@@ -104,6 +104,15 @@ index_values_table = sa.Table(
 )
 
 
+#: Marks the current record of a key superseded (statement built once, compiled once).
+_SUPERSEDE = records_table.update().where(
+    (records_table.c.subject == sa.bindparam("k_subject"))
+    & (records_table.c.session == sa.bindparam("k_session"))
+    & (records_table.c.run == sa.bindparam("k_run"))
+    & records_table.c.is_current).values(is_current=False,
+                                         superseded_at=sa.bindparam("k_now"))
+
+
 def _migrate_0_to_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[records_table, index_values_table])
 
@@ -187,7 +196,7 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
                                   "--registry PATH|URL)")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool,
+    engine = sa.create_engine(f"sqlite:///{path}",
                               connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @sa.event.listens_for(engine, "connect")
@@ -407,13 +416,11 @@ class Registry:
                 conn.exec_driver_sql("LOCK TABLE session_records IN SHARE ROW EXCLUSIVE MODE")
             now = _now()
             for row, values in rows:
-                key = ((records_table.c.subject == row["subject"])
-                       & (records_table.c.session == row["session"])
-                       & (records_table.c.run == row["run"]) & records_table.c.is_current)
-                conn.execute(records_table.update().where(key)
-                             .values(is_current=False, superseded_at=now))
-                new_id = conn.execute(records_table.insert().values(
-                    **row, recorded_at=now, superseded_at=None, is_current=True)
+                conn.execute(_SUPERSEDE, {"k_subject": row["subject"],
+                                          "k_session": row["session"], "k_run": row["run"],
+                                          "k_now": now})
+                new_id = conn.execute(records_table.insert(), {
+                    **row, "recorded_at": now, "superseded_at": None, "is_current": True}
                 ).inserted_primary_key[0]
                 _insert_index_values(conn, new_id, values)
 
