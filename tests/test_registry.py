@@ -143,8 +143,8 @@ def test_killed_mid_write_leaves_registry_consistent_and_rerun_completes(tmp_pat
         from alsiron import registry
         from alsiron.records import SessionRecord
         original = registry._insert_index_values
-        def slow(conn, record_id, values):
-            original(conn, record_id, values)
+        def slow(conn, rows):
+            original(conn, rows)
             print("inside", flush=True)   # old row superseded and new rows written, uncommitted
             time.sleep(60)
         registry._insert_index_values = slow

@@ -415,6 +415,7 @@ class Registry:
                 # insert a current row and the second would fail on the unique index.
                 conn.exec_driver_sql("LOCK TABLE session_records IN SHARE ROW EXCLUSIVE MODE")
             now = _now()
+            index_rows: list[dict[str, Any]] = []
             for row, values in rows:
                 conn.execute(_SUPERSEDE, {"k_subject": row["subject"],
                                           "k_session": row["session"], "k_run": row["run"],
@@ -422,7 +423,8 @@ class Registry:
                 new_id = conn.execute(records_table.insert(), {
                     **row, "recorded_at": now, "superseded_at": None, "is_current": True}
                 ).inserted_primary_key[0]
-                _insert_index_values(conn, new_id, values)
+                index_rows += [{"record_id": new_id, "name": n, "value": v} for n, v in values]
+            _insert_index_values(conn, index_rows)
 
     # ------------------------------------------------------------------ reading
     def sessions(self, subject: str | None = None) -> list[SessionRecord]:
@@ -582,11 +584,10 @@ def _record_row(rec: SessionRecord) -> tuple[dict[str, Any], list[tuple[str, flo
     return row, values
 
 
-def _insert_index_values(conn: Connection, record_id: int,
-                         values: list[tuple[str, float | None]]) -> None:
-    if values:
-        conn.execute(index_values_table.insert(),
-                     [{"record_id": record_id, "name": n, "value": v} for n, v in values])
+def _insert_index_values(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """All index values of a transaction in one executemany."""
+    if rows:
+        conn.execute(index_values_table.insert(), rows)
 
 
 def _row_record(row: dict[str, Any]) -> SessionRecord:
