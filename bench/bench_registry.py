@@ -81,6 +81,12 @@ def _twin_read(path: Path) -> int:
     return len(out)
 
 
+def _row(kernel: str, shape: str, seconds: float, twin_seconds: float, count: int) -> dict:
+    out = row(kernel, shape, seconds, twin_seconds, count)
+    out["records_per_s"] = round(count / seconds) if seconds > 0 else float("nan")
+    return out
+
+
 def run(quick: bool = False) -> list[dict]:
     n = 1000 if quick else 10_000
     n_single = 200 if quick else 1000
@@ -95,7 +101,7 @@ def run(quick: bool = False) -> list[dict]:
             for r in records[:n_single]:
                 reg.record_session(r)
             t_single = time.perf_counter() - t0
-        rows.append(row("registry record_session (1 txn each)", f"{n_single} sessions",
+        rows.append(_row("registry record_session (1 txn each)", f"{n_single} sessions",
                         t_single, float("nan"), n_single))
         path = tmp / "bulk.sqlite"
         t0 = time.perf_counter()
@@ -105,17 +111,17 @@ def run(quick: bool = False) -> list[dict]:
         t0 = time.perf_counter()
         _twin_insert(tmp / "twin.sqlite", records)
         t_twin = time.perf_counter() - t0
-        rows.append(row("registry record_sessions (1 txn)", label, t_bulk, t_twin, n))
+        rows.append(_row("registry record_sessions (1 txn)", label, t_bulk, t_twin, n))
         # Re-running every session: replace + keep history.
         t0 = time.perf_counter()
         with Registry.open(path) as reg:
             reg.record_sessions(records)
-        rows.append(row("registry replace all (history kept)", label,
+        rows.append(_row("registry replace all (history kept)", label,
                         time.perf_counter() - t0, float("nan"), n))
         t0 = time.perf_counter()
         reg = Registry.open(path, create=False)
         t_open = time.perf_counter() - t0
-        rows.append(row("registry open (quick_check, schema)", f"{2 * n} rows", t_open,
+        rows.append(_row("registry open (quick_check, schema)", f"{2 * n} rows", t_open,
                         float("nan"), 2 * n))
         t0 = time.perf_counter()
         current = reg.sessions()
@@ -123,23 +129,23 @@ def run(quick: bool = False) -> list[dict]:
         assert len(current) == n
         t0 = time.perf_counter()
         assert _twin_read(tmp / "twin.sqlite") == n
-        rows.append(row("registry sessions() all current", label, t_read,
+        rows.append(_row("registry sessions() all current", label, t_read,
                         time.perf_counter() - t0, n))
         subjects = sorted({r.subject for r in records})[:: max(1, n // 500)]
         t0 = time.perf_counter()
         for s in subjects:
             reg.sessions(s)
         t_subj = (time.perf_counter() - t0) / len(subjects)
-        rows.append(row("registry sessions(subject)", "5 sessions", t_subj, float("nan"), 5))
+        rows.append(_row("registry sessions(subject)", "5 sessions", t_subj, float("nan"), 5))
         t0 = time.perf_counter()
         for s in subjects:
             reg.history(s, "ses-01")
         t_hist = (time.perf_counter() - t0) / len(subjects)
-        rows.append(row("registry history(subject, session)", "2 records", t_hist,
+        rows.append(_row("registry history(subject, session)", "2 records", t_hist,
                         float("nan"), 2))
         t0 = time.perf_counter()
         reg.export_tsv(tmp / "export.tsv")
-        rows.append(row("registry export_tsv", label, time.perf_counter() - t0,
+        rows.append(_row("registry export_tsv", label, time.perf_counter() - t0,
                         float("nan"), n))
         reg.close()
         size_mb = path.stat().st_size / 1e6
@@ -149,5 +155,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
+    print("| operation | size | registry [ms] | sqlite3 twin [ms] | records/s |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for r in run(quick="--quick" in sys.argv):
-        print(r)
+        twin = "–" if r["numpy_ms"] != r["numpy_ms"] else f"{r['numpy_ms']:.0f}"
+        print(f"| {r['kernel']} | {r['shape']} | {r['rust_ms']:.1f} | {twin} "
+              f"| {r['records_per_s']:,} |")
+    print(r["note"])
