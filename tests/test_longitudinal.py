@@ -182,3 +182,30 @@ def test_index_name_is_checked():
     with pytest.raises(AlsironError, match="no usable value"):
         lg.subject_trajectory(records, "chi_precentral_p90")
     assert HEADLINE_INDEX in records[0].indices
+
+
+def test_normative_residual_sd_is_the_fallback(tmp_path, capsys):
+    import json
+
+    model = tmp_path / "norm.json"
+    model.write_text(json.dumps({"format": "alsiron-normative-model", "schema_version": 1,
+                                 "indices": {HEADLINE_INDEX: {"residual_sd": 0.004}}}))
+    retest = lg.retest_from_normative(model)
+    assert retest.sd == 0.004 and "conservative" in retest.source
+    with pytest.raises(AlsironError, match="no residual SD"):
+        lg.retest_from_normative(model, "chi_precentral_p90")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(AlsironError, match="not an alsiron normative model"):
+        lg.retest_from_normative(tmp_path / "bad.json")
+    records, _ = simulate_index_cohort(4, 3, seed=1)          # no repeats
+    path = tmp_path / "r.sqlite"
+    with Registry.open(path) as reg:
+        reg.record_sessions(records)
+    subj = tmp_path / "sub-01"
+    subj.mkdir()
+    assert main(["longitudinal", str(subj), "--registry", str(path)]) == 0
+    assert "no test-retest SD" in capsys.readouterr().out
+    assert main(["longitudinal", str(subj), "--registry", str(path),
+                 "--normative", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "4.00 ppb (normative residual" in out and "11.09 ppb" in out

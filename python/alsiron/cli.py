@@ -333,20 +333,25 @@ def _fmt(value: float, units: str, *, signed: bool = False) -> str:
     return f"{value:{'+' if signed else ''}.3g} {units}"
 
 
-def _retest_from_option(retest_sd: float | None, records, index: str):
+def _retest_from_option(retest_sd: float | None, normative: Path | None, records, index: str):
+    """--retest-sd if given, else same-day repeats in the registry, else the normative
+    model's residual SD (conservative), else None."""
     from alsiron import longitudinal as lg
 
     if retest_sd is not None:
         if not retest_sd > 0:
             raise click.BadParameter("--retest-sd must be positive")
         return lg.RetestSD(sd=retest_sd, source="given")
-    return lg.within_subject_sd(records, index)
+    found = lg.within_subject_sd(records, index)
+    if found is None and normative is not None:
+        found = lg.retest_from_normative(normative, index)
+    return found
 
 
 def _retest_line(retest, units: str) -> str:
     if retest is None:
-        return ("no test-retest SD (no same-day repeat scans in the registry and no "
-                "--retest-sd): changes are shown without RCI/MDC")
+        return ("no test-retest SD (no same-day repeat scans in the registry, no "
+                "--retest-sd, no --normative): changes are shown without RCI/MDC")
     where = (f"from {retest.n_pairs} same-day repeat session(s), {retest.df} df"
              if retest.source == "repeat scans" else retest.source)
     return (f"test-retest SD {_fmt(retest.sd, units)} ({where}); "
@@ -363,13 +368,16 @@ def _retest_line(retest, units: str) -> str:
               help="Within-subject (test-retest) SD in index units (ppm for χ) when the "
                    "registry has no same-day repeats, e.g. a published value or the "
                    "normative model's residual SD (conservative).")
+@click.option("--normative", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Normative model JSON whose residual SD stands in for the test-retest SD "
+                   "when the registry has no same-day repeats (conservative).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the per-visit table as TSV (+ JSON dictionary; with --cohort "
                    "the mixed model as <stem>_model.json).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def longitudinal_cmd(subj_dir: Path | None, cohort: bool, index: str | None,
-                     registry: str | None, retest_sd: float | None, out: Path | None,
-                     overwrite: bool) -> None:
+                     registry: str | None, retest_sd: float | None, normative: Path | None,
+                     out: Path | None, overwrite: bool) -> None:
     """Change from baseline (with RCI and MDC95), yearly slopes and the cohort model."""
     from alsiron import ingest
     from alsiron import longitudinal as lg
@@ -382,7 +390,7 @@ def longitudinal_cmd(subj_dir: Path | None, cohort: bool, index: str | None,
     units = index_units(index)
     dataset_root = ingest.dataset_root(subj_dir) if subj_dir is not None else None
     records = _open_registry_records(registry, dataset_root)
-    retest = _retest_from_option(retest_sd, records, index)
+    retest = _retest_from_option(retest_sd, normative, records, index)
     if subj_dir is not None:
         subject = subj_dir.resolve().name
         mine = [r for r in records if r.subject == subject]

@@ -266,6 +266,41 @@ def within_subject_sd(records: Iterable[SessionRecord], index: str = HEADLINE_IN
     return RetestSD(sd=math.sqrt(ss / df), source="repeat scans", n_pairs=pairs, df=df)
 
 
+def retest_from_normative(path, index: str = HEADLINE_INDEX) -> RetestSD:
+    """Residual SD of ``index`` from a normative model file (``alsiron normative build``).
+
+    The normative residual SD holds between-subject as well as scan-to-scan variation, so
+    RCIs and MDCs from it are conservative (too wide); use it only without repeat scans.
+
+    Raises
+    ------
+    InputError
+        The file is missing, not JSON, not a normative model, or lacks ``index``.
+    """
+    import json
+    from pathlib import Path
+
+    from alsiron.errors import InputError
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "no such normative model (build one with alsiron normative "
+                               "build)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read the normative model: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != "alsiron-normative-model":
+        raise InputError(path, "not an alsiron normative model")
+    try:
+        sd = float(doc["indices"][index]["residual_sd"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(path, f"the normative model has no residual SD for {index}") from None
+    if not (math.isfinite(sd) and sd > 0):
+        raise InputError(path, f"residual SD of {index} is {sd}, not a positive number")
+    return RetestSD(sd=sd, source="normative residual (conservative)")
+
+
 def ols_slope(years: np.ndarray, values: np.ndarray, *, confidence: float = 0.95
               ) -> tuple[float, float, tuple[float, float]]:
     """OLS slope of ``values`` on ``years`` with its SE and t-based CI.
