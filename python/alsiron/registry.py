@@ -311,6 +311,10 @@ class Registry:
                 raise self._error(f"registry stayed locked by another writer for more than "
                                   f"{BUSY_TIMEOUT_MS / 1000:.0f} s ({text})") from None
             raise self._error(f"cannot use the registry: {text.splitlines()[0]}") from None
+        except sa.exc.IntegrityError as exc:
+            text = str(exc.orig) if exc.orig is not None else str(exc)
+            raise self._error(f"write conflicted with another writer and was not stored "
+                              f"({text.splitlines()[0]}); run it again") from None
         except sa.exc.DatabaseError as exc:
             text = str(exc.orig) if exc.orig is not None else str(exc)
             raise self._error(f"registry is damaged or not a registry: "
