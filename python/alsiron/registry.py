@@ -144,6 +144,38 @@ def default_registry_path(derivatives_root: Path) -> Path:
     return root / "alsiron" / REGISTRY_FILE_NAME
 
 
+def input_checksums(paths: Iterable[str | os.PathLike[str]],
+                    root: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """SHA-256 hex digests of input files, keyed by path relative to ``root`` (POSIX form).
+
+    For ``SessionRecord.input_checksums``: with the dataset root as ``root`` the keys stay
+    valid when the dataset moves.  Files outside ``root`` keep their absolute path.
+
+    Raises
+    ------
+    InputError
+        A file cannot be read.
+    """
+    import hashlib
+
+    base = Path(root).resolve() if root is not None else None
+    out = {}
+    for p in paths:
+        path = Path(p)
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise InputError(path, f"cannot read for its checksum: {exc.strerror}") from None
+        key = path.resolve()
+        if base is not None and key.is_relative_to(base):
+            key = key.relative_to(base)
+        out[key.as_posix()] = digest.hexdigest()
+    return dict(sorted(out.items()))
+
+
 def resolve_location(option: str | os.PathLike[str] | None,
                      dataset_root: Path | None = None) -> str | Path:
     """Registry named by ``--registry``, else ``$ALSIRON_REGISTRY``, else the dataset default.
