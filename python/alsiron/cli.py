@@ -365,9 +365,8 @@ def _retest_line(retest, units: str) -> str:
               help="Index name (default: chi_precentral_deep_mean).")
 @registry_option
 @click.option("--retest-sd", type=float, default=None,
-              help="Within-subject (test-retest) SD in index units (ppm for χ) when the "
-                   "registry has no same-day repeats, e.g. a published value or the "
-                   "normative model's residual SD (conservative).")
+              help="Within-subject (test-retest) SD in index units (ppm for χ), e.g. a "
+                   "published value; overrides the SD from same-day repeats in the registry.")
 @click.option("--normative", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Normative model JSON whose residual SD stands in for the test-retest SD "
                    "when the registry has no same-day repeats (conservative).")
