@@ -143,8 +143,8 @@ def test_killed_mid_write_leaves_registry_consistent_and_rerun_completes(tmp_pat
         from alsiron import registry
         from alsiron.records import SessionRecord
         original = registry._insert_index_values
-        def slow(conn, record_id, values):
-            original(conn, record_id, values)
+        def slow(conn, rows):
+            original(conn, rows)
             print("inside", flush=True)   # old row superseded and new rows written, uncommitted
             time.sleep(60)
         registry._insert_index_values = slow
@@ -300,3 +300,19 @@ def test_cli_export_writes_tsv_and_dictionary(tmp_path, capsys, monkeypatch):
     with pytest.raises(OutputExistsError):
         with Registry.open(path) as reg:
             reg.export_tsv(out)
+
+
+def test_input_checksums_are_sha256_relative_to_the_dataset(tmp_path):
+    import hashlib
+
+    a = tmp_path / "sub-01" / "anat" / "a.nii.gz"
+    a.parent.mkdir(parents=True)
+    a.write_bytes(b"x" * (3 << 20))
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.bin"
+    outside.write_bytes(b"")
+    sums = regmod.input_checksums([a, outside], root=tmp_path)
+    assert sums == {"sub-01/anat/a.nii.gz": hashlib.sha256(b"x" * (3 << 20)).hexdigest(),
+                    outside.resolve().as_posix(): hashlib.sha256(b"").hexdigest()}
+    outside.unlink()
+    with pytest.raises(regmod.InputError, match="cannot read"):
+        regmod.input_checksums([tmp_path / "missing.nii.gz"])

@@ -104,6 +104,15 @@ index_values_table = sa.Table(
 )
 
 
+#: Marks the current record of a key superseded (statement built once, compiled once).
+_SUPERSEDE = records_table.update().where(
+    (records_table.c.subject == sa.bindparam("k_subject"))
+    & (records_table.c.session == sa.bindparam("k_session"))
+    & (records_table.c.run == sa.bindparam("k_run"))
+    & records_table.c.is_current).values(is_current=False,
+                                         superseded_at=sa.bindparam("k_now"))
+
+
 def _migrate_0_to_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[records_table, index_values_table])
 
@@ -133,6 +142,38 @@ def default_registry_path(derivatives_root: Path) -> Path:
     if root.name == "alsiron":
         return root / REGISTRY_FILE_NAME
     return root / "alsiron" / REGISTRY_FILE_NAME
+
+
+def input_checksums(paths: Iterable[str | os.PathLike[str]],
+                    root: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """SHA-256 hex digests of input files, keyed by path relative to ``root`` (POSIX form).
+
+    For ``SessionRecord.input_checksums``: with the dataset root as ``root`` the keys stay
+    valid when the dataset moves.  Files outside ``root`` keep their absolute path.
+
+    Raises
+    ------
+    InputError
+        A file cannot be read.
+    """
+    import hashlib
+
+    base = Path(root).resolve() if root is not None else None
+    out = {}
+    for p in paths:
+        path = Path(p)
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise InputError(path, f"cannot read for its checksum: {exc.strerror}") from None
+        key = path.resolve()
+        if base is not None and key.is_relative_to(base):
+            key = key.relative_to(base)
+        out[key.as_posix()] = digest.hexdigest()
+    return dict(sorted(out.items()))
 
 
 def resolve_location(option: str | os.PathLike[str] | None,
@@ -187,7 +228,7 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
                                   "--registry PATH|URL)")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool,
+    engine = sa.create_engine(f"sqlite:///{path}",
                               connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @sa.event.listens_for(engine, "connect")
@@ -302,6 +343,10 @@ class Registry:
                 raise self._error(f"registry stayed locked by another writer for more than "
                                   f"{BUSY_TIMEOUT_MS / 1000:.0f} s ({text})") from None
             raise self._error(f"cannot use the registry: {text.splitlines()[0]}") from None
+        except sa.exc.IntegrityError as exc:
+            text = str(exc.orig) if exc.orig is not None else str(exc)
+            raise self._error(f"write conflicted with another writer and was not stored "
+                              f"({text.splitlines()[0]}); run it again") from None
         except sa.exc.DatabaseError as exc:
             text = str(exc.orig) if exc.orig is not None else str(exc)
             raise self._error(f"registry is damaged or not a registry: "
@@ -406,16 +451,16 @@ class Registry:
                 # insert a current row and the second would fail on the unique index.
                 conn.exec_driver_sql("LOCK TABLE session_records IN SHARE ROW EXCLUSIVE MODE")
             now = _now()
+            index_rows: list[dict[str, Any]] = []
             for row, values in rows:
-                key = ((records_table.c.subject == row["subject"])
-                       & (records_table.c.session == row["session"])
-                       & (records_table.c.run == row["run"]) & records_table.c.is_current)
-                conn.execute(records_table.update().where(key)
-                             .values(is_current=False, superseded_at=now))
-                new_id = conn.execute(records_table.insert().values(
-                    **row, recorded_at=now, superseded_at=None, is_current=True)
+                conn.execute(_SUPERSEDE, {"k_subject": row["subject"],
+                                          "k_session": row["session"], "k_run": row["run"],
+                                          "k_now": now})
+                new_id = conn.execute(records_table.insert(), {
+                    **row, "recorded_at": now, "superseded_at": None, "is_current": True}
                 ).inserted_primary_key[0]
-                _insert_index_values(conn, new_id, values)
+                index_rows += [{"record_id": new_id, "name": n, "value": v} for n, v in values]
+            _insert_index_values(conn, index_rows)
 
     # ------------------------------------------------------------------ reading
     def sessions(self, subject: str | None = None) -> list[SessionRecord]:
@@ -575,11 +620,10 @@ def _record_row(rec: SessionRecord) -> tuple[dict[str, Any], list[tuple[str, flo
     return row, values
 
 
-def _insert_index_values(conn: Connection, record_id: int,
-                         values: list[tuple[str, float | None]]) -> None:
-    if values:
-        conn.execute(index_values_table.insert(),
-                     [{"record_id": record_id, "name": n, "value": v} for n, v in values])
+def _insert_index_values(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """All index values of a transaction in one executemany."""
+    if rows:
+        conn.execute(index_values_table.insert(), rows)
 
 
 def _row_record(row: dict[str, Any]) -> SessionRecord:
