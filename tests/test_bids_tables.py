@@ -1,10 +1,8 @@
-"""Visit metadata from participants.tsv / sessions.tsv, and checksums."""
-
-import hashlib
+"""Visit metadata from participants.tsv / sessions.tsv."""
 
 import pytest
 
-from alsiron.bids_tables import sha256_files, visit_info
+from alsiron.bids_tables import visit_info
 from alsiron.errors import InputError
 
 
@@ -38,9 +36,3 @@ def test_bad_acq_time_names_the_file(tmp_path):
     with pytest.raises(InputError, match="sub-01_sessions.tsv.*ISO 8601"):
         visit_info(tmp_path, "sub-01", "ses-01")
 
-
-def test_checksums_are_sha256_keyed_by_relative_path(tmp_path):
-    f = tmp_path / "a" / "b.nii"
-    _write(f, "data")
-    sums = sha256_files([f], tmp_path)
-    assert sums == {"a/b.nii": hashlib.sha256(b"data").hexdigest()}

@@ -1,4 +1,4 @@
-"""Participant and visit metadata from a BIDS dataset's tables, and input checksums.
+"""Participant and visit metadata from a BIDS dataset's tables.
 
 ``participants.tsv`` gives age (at the first session, years), sex, group and site;
 ``sub-XX/sub-XX_sessions.tsv`` gives each visit's ``acq_time`` and, when present,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,18 +122,3 @@ def visit_info(dataset_root: Path, subject: str, session: str) -> VisitInfo:
                      group=person.get("group") or None, site=person.get("site") or None,
                      acq_time=acq_time, years_since_baseline=years)
 
-
-def sha256_files(paths: list[Path], relative_to: Path) -> dict[str, str]:
-    """SHA-256 hex digest of each file, keyed by its path relative to ``relative_to``."""
-    out = {}
-    for path in paths:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        try:
-            key = str(Path(path).resolve().relative_to(Path(relative_to).resolve()))
-        except ValueError:
-            key = str(path)
-        out[key] = digest.hexdigest()
-    return out
