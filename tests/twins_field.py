@@ -38,9 +38,10 @@ def linear_fit(mag: np.ndarray, unwrapped: np.ndarray, tes) -> tuple[np.ndarray,
 
 
 def complex_fit(mag: np.ndarray, phase: np.ndarray, tes, omega0: np.ndarray,
-                phi00: np.ndarray, n_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """argmin Σ m²|e^{iφ} − e^{i(φ0+ωt)}|² by plain Newton-free fixed-point Gauss-Newton
-    iterations (fixed count, no stopping rule)."""
+                phi00: np.ndarray, n_iter: int = 50, fixed_offset: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """argmin Σ m²|e^{iφ} − e^{i(φ0+ωt)}|² by Gauss-Newton iterations (fixed count, no
+    stopping rule); ``fixed_offset`` keeps φ0 and fits ω alone."""
     t = np.asarray(tes, np.float64)[:, None]
     w = mag.reshape(len(tes), -1).astype(np.float64) ** 2
     ph = phase.reshape(len(tes), -1).astype(np.float64)
@@ -51,6 +52,9 @@ def complex_fit(mag: np.ndarray, phase: np.ndarray, tes, omega0: np.ndarray,
     for _ in range(n_iter):
         r = np.sin(ph - phi0 - omega * t)
         g0, g1 = (w * r).sum(0), (w * r * t).sum(0)
+        if fixed_offset:
+            omega = omega + g1 / s2
+            continue
         phi0 = phi0 + (s2 * g0 - s1 * g1) / det
         omega = omega + (s0 * g1 - s1 * g0) / det
     return omega.reshape(mag.shape[1:]), wrap(phi0).reshape(mag.shape[1:])

@@ -262,6 +262,13 @@ def _echoes(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequence[float
             np.ascontiguousarray(phase, dtype=np.float32), tes)
 
 
+def _wrap32(x: np.ndarray) -> np.ndarray:
+    """Wrap float32 angles to [−π, π] without complex temporaries."""
+    x = np.asarray(x, dtype=np.float32)
+    two_pi = np.float32(2 * np.pi)
+    return x - two_pi * np.round(x / two_pi)
+
+
 def mcpc3ds_phase_offset(magnitude: np.ndarray, phase: np.ndarray,
                          echo_times: Sequence[float], mask: np.ndarray | None = None, *,
                          voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
@@ -296,15 +303,16 @@ def mcpc3ds_phase_offset(magnitude: np.ndarray, phase: np.ndarray,
     m = _mask_u8(mask, mag.shape[1:])
     _, phi0, _ = _core.fit_multi_echo_field(mag, ph, list(tes), m)
     inside = (m != 0) & np.isfinite(phi0)
-    weight = np.where(inside, mag[0], 0.0).astype(np.float64)
-    z = weight * np.exp(1j * np.where(inside, phi0, 0.0))
+    weight = np.where(inside, mag[0], np.float32(0.0)).astype(np.float32)
+    angle = np.where(inside, phi0, np.float32(0.0))
+    re, im = weight * np.cos(angle), weight * np.sin(angle)
     if sigma_mm > 0:
         from scipy import ndimage
 
         sig = [sigma_mm / float(v) for v in voxel_size]
-        z = (ndimage.gaussian_filter(z.real, sig, mode="constant")
-             + 1j * ndimage.gaussian_filter(z.imag, sig, mode="constant"))
-    return np.where(inside, np.angle(z), 0.0).astype(np.float32)
+        re = ndimage.gaussian_filter(re, sig, mode="constant", truncate=3.0)
+        im = ndimage.gaussian_filter(im, sig, mode="constant", truncate=3.0)
+    return np.where(inside, np.arctan2(im, re), np.float32(0.0)).astype(np.float32)
 
 
 def _centre_parts(unwrapped: np.ndarray, weight: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -351,7 +359,7 @@ def unwrap_echoes(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequence
     if phase_offset is None:
         phase_offset = mcpc3ds_phase_offset(mag, ph, tes, m, voxel_size=voxel_size)
     phi0 = np.asarray(phase_offset, np.float32)
-    centred = np.angle(np.exp(1j * (ph - phi0[None]))).astype(np.float32)
+    centred = _wrap32(ph - phi0[None])
     if method == "romeo":
         first = _core.unwrap_romeo(centred[0], mag[0], m, centred[1], tes[0] / tes[1])
     else:
@@ -398,6 +406,12 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
     omega_to_ppm(np.zeros(1), field_strength)
     m = _mask_u8(mask, mag.shape[1:])
     method: dict = {}
+    # With a known offset (MCPC-3D-S, or the echo pair's for "echodiff") the line is
+    # pinned at TE = 0 and only ω is fitted: at the brain's edge, where intravoxel
+    # dephasing bends the phase of later echoes, this keeps ω at the mean field that
+    # the early echoes carry (χ NRMSE 51.6-55 % vs 54.5-56.5 % with a free intercept on
+    # the oblique phantom).
+    fixed_offset = not phase_unwrapped
     if phase_unwrapped:
         omega, phi0 = _core.fit_field_linear(mag, ph, list(tes), m)
         method["PhaseUnwrapping"] = "input phase already unwrapped"
@@ -405,28 +419,32 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
         omega, phi0, _ = _core.fit_multi_echo_field(mag, ph, list(tes), m)
         method["PhaseUnwrapping"] = UNWRAPPING_METHODS["echodiff"]
     else:
-        unwrapped, offset = unwrap_echoes(mag, ph, tes, m, method=unwrapping,
-                                          voxel_size=voxel_size)
-        omega, intercept = _core.fit_field_linear(mag, unwrapped, list(tes), m)
-        phi0 = (offset + intercept).astype(np.float32)
+        unwrapped, phi0 = unwrap_echoes(mag, ph, tes, m, method=unwrapping,
+                                        voxel_size=voxel_size)
+        omega, _ = _core.fit_field_linear(mag, unwrapped, list(tes), m, True)
         method["PhaseUnwrapping"] = UNWRAPPING_METHODS[unwrapping]
         method["PhaseOffsetRemoval"] = {"Method": "MCPC-3D-S (Eckstein et al. MRM 2018)",
                                         "SmoothingSigma_mm": MCPC_SIGMA_MM}
+    phi0 = np.ascontiguousarray(np.nan_to_num(phi0), np.float32)
+    omega = np.ascontiguousarray(omega, np.float32)
+    wrapped = _wrap32(ph) if phase_unwrapped else ph
+    offset_text = ("φ0 fixed to the offset estimate" if fixed_offset
+                   else "φ0 fitted")
     if complex_fit:
         omega, phi0, residual, sd_unit, sigma_v, _ = _core.fit_field_complex(
-            mag, np.angle(np.exp(1j * ph)).astype(np.float32) if phase_unwrapped else ph,
-            list(tes), m, np.ascontiguousarray(omega, np.float32),
-            np.ascontiguousarray(phi0, np.float32), max_iter, 1e-4)
+            mag, wrapped, list(tes), m, omega, phi0, max_iter, 1e-4, fixed_offset)
         method["EchoCombination"] = ("nonlinear complex fit S = m·exp(i(φ0 + ω·TE)), "
-                                     "magnitude-weighted, Gauss-Newton")
+                                     f"magnitude-weighted, Gauss-Newton; {offset_text}")
     else:
-        # The linear fit's residual and CRLB from one complex-fit pass without updates
-        # would differ; run the complex fit with a single step only for the maps.
+        # One Gauss-Newton evaluation at the linear estimate gives the residual and
+        # noise maps; its updated ω is discarded.
         _, _, residual, sd_unit, sigma_v, _ = _core.fit_field_complex(
-            mag, ph, list(tes), m, np.ascontiguousarray(omega, np.float32),
-            np.ascontiguousarray(phi0, np.float32), 1, 1e-4)
-        method["EchoCombination"] = "magnitude²-weighted linear fit of unwrapped phase over TE"
-    noise_sigma = _global_noise_sigma(sigma_v, m != 0, len(tes))
+            mag, wrapped, list(tes), m, omega, phi0, 1, 1e-4, fixed_offset)
+        method["EchoCombination"] = ("magnitude²-weighted linear fit of unwrapped phase "
+                                     f"over TE; {offset_text}")
+    omega = np.where(m != 0, omega, np.float32(np.nan)).astype(np.float32)
+    n_params = 1 if fixed_offset else 2
+    noise_sigma = _global_noise_sigma(sigma_v, m != 0, len(tes) - n_params)
     ppm = omega_to_ppm(omega, field_strength)
     sd_ppm = omega_to_ppm(sd_unit * np.float32(noise_sigma), field_strength)
     method["NoiseSigma"] = noise_sigma
@@ -435,16 +453,15 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
                          noise_sigma=noise_sigma, method=method)
 
 
-def _global_noise_sigma(sigma_voxel: np.ndarray, mask: np.ndarray, n_echoes: int) -> float:
-    """Complex noise σ from per-voxel residual estimates (E − 2 degrees of freedom each):
-    the median of σ̂² over the mask divided by the χ²_ν median/ν, so outliers (vessels,
-    edges) do not inflate it."""
-    if n_echoes <= 2:
+def _global_noise_sigma(sigma_voxel: np.ndarray, mask: np.ndarray, dof: int) -> float:
+    """Complex noise σ from per-voxel residual estimates (``dof`` degrees of freedom
+    each): the median of σ̂² over the mask divided by the χ²_ν median/ν, so outliers
+    (vessels, edges) do not inflate it."""
+    if dof < 1:
         return float("nan")
     from scipy.stats import chi2
 
     v = sigma_voxel[mask & np.isfinite(sigma_voxel)].astype(np.float64) ** 2
     if v.size == 0:
         return float("nan")
-    dof = n_echoes - 2
     return float(np.sqrt(np.median(v) / (chi2.median(dof) / dof)))

@@ -108,7 +108,8 @@ pub struct ComplexFieldFit {
     /// Standard deviation of ω per unit complex noise σ (same units as the magnitude)
     /// [rad/s per magnitude unit].
     pub omega_sd_per_sigma: Vec<f32>,
-    /// Per-voxel estimate of the complex noise σ (magnitude units); NaN when E ≤ 2.
+    /// Per-voxel estimate of the complex noise σ (magnitude units) from E − 2 (E − 1 with
+    /// a fixed offset) residual degrees of freedom; NaN when there are none.
     pub sigma: Vec<f32>,
     /// Gauss–Newton iterations used per voxel (0 outside the mask).
     pub iterations: Vec<u8>,
@@ -136,14 +137,16 @@ fn moments(magnitude: &[f32], phase: &[f32], n: usize, i: usize, tes: &[f64]) ->
     }
 }
 
-/// Magnitude²-weighted least squares of unwrapped echo-major phase against TE with an
-/// intercept: returns (ω [rad/s], φ0 [rad], unwrapped — not wrapped — intercept).
+/// Magnitude²-weighted least squares of unwrapped echo-major phase against TE: returns
+/// (ω [rad/s], intercept φ0 [rad], not wrapped). With `through_origin` the phase is taken
+/// as offset-free (φ0 = 0, e.g. after MCPC-3D-S) and only the slope is fitted.
 pub fn fit_field_linear(
     magnitude: &[f32],
     unwrapped_phase: &[f32],
     echo_times: &[f64],
     shape: Shape3,
     mask: Option<&[u8]>,
+    through_origin: bool,
 ) -> CoreResult<(Vec<f32>, Vec<f32>)> {
     check_echo_times(echo_times, 2)?;
     let n_echo = echo_times.len();
@@ -170,6 +173,9 @@ pub fn fit_field_linear(
                 sy += w * y;
                 sty += w * t * y;
             }
+            if through_origin {
+                return ((sty / s2) as f32, 0.0);
+            }
             let det = s0 * s2 - s1 * s1;
             let omega = (s0 * sty - s1 * sy) / det;
             let phi0 = (sy - omega * s1) / s0;
@@ -182,6 +188,8 @@ pub fn fit_field_linear(
 /// Nonlinear complex fit of ω and φ0 (see the module notes) from echo-major magnitude and
 /// wrapped phase, starting at `omega_init` [rad/s] (NaN = skip the voxel) and, when
 /// given, `phase_offset_init` [rad] (otherwise the optimal φ0 for the starting ω).
+/// With `fixed_offset` the given φ0 is kept (known from MCPC-3D-S) and only ω is fitted
+/// (Gauss–Newton step `Σm²t·sin r / Σm²t²`, CRLB `1/sqrt(Σm²t²)`, E − 1 residual dof).
 /// Iterates until the update of ω·TE_max is below `tol` [rad] or `max_iter` is reached.
 #[allow(clippy::too_many_arguments)]
 pub fn fit_field_complex(
@@ -192,6 +200,7 @@ pub fn fit_field_complex(
     mask: Option<&[u8]>,
     omega_init: &[f32],
     phase_offset_init: Option<&[f32]>,
+    fixed_offset: bool,
     max_iter: usize,
     tol: f64,
 ) -> CoreResult<ComplexFieldFit> {
@@ -205,6 +214,11 @@ pub fn fit_field_complex(
     }
     if let Some(m) = mask {
         shape.check_len(m.len(), "mask")?;
+    }
+    if fixed_offset && phase_offset_init.is_none() {
+        return Err(CoreError::InvalidArgument(
+            "a fixed phase offset needs phase_offset_init".into(),
+        ));
     }
     if !(tol.is_finite() && tol > 0.0) || max_iter == 0 || max_iter > 255 {
         return Err(CoreError::InvalidArgument(format!(
@@ -255,8 +269,11 @@ pub fn fit_field_complex(
                     g0 += w * r;
                     g1 += w * r * t;
                 }
-                let d_phi0 = (s2 * g0 - s1 * g1) / det;
-                let d_omega = (s0 * g1 - s1 * g0) / det;
+                let (d_phi0, d_omega) = if fixed_offset {
+                    (0.0, g1 / s2)
+                } else {
+                    ((s2 * g0 - s1 * g1) / det, (s0 * g1 - s1 * g0) / det)
+                };
                 phi0 += d_phi0;
                 omega += d_omega;
                 iterations += 1;
@@ -271,16 +288,22 @@ pub fn fit_field_complex(
                 rss += w * r * r;
                 perp += w * r.sin().powi(2);
             }
-            let sigma = if n_echo > 2 {
-                (perp / (n_echo - 2) as f64).sqrt() as f32
+            let n_params = if fixed_offset { 1 } else { 2 };
+            let sigma = if n_echo > n_params {
+                (perp / (n_echo - n_params) as f64).sqrt() as f32
             } else {
                 nan
+            };
+            let sd_unit = if fixed_offset {
+                (1.0 / s2).sqrt()
+            } else {
+                (s0 / det).sqrt()
             };
             [
                 omega as f32,
                 wrap_angle(phi0) as f32,
                 (rss / s0).sqrt() as f32,
-                (s0 / det).sqrt() as f32,
+                sd_unit as f32,
                 sigma,
                 iterations as f32,
             ]
@@ -322,8 +345,10 @@ mod tests {
         let (mag, phase, omega, phi0) = simulate(shape.len(), &tes);
         // Start 40 rad/s off (0.76 rad at the last echo) without φ0.
         let init: Vec<f32> = omega.iter().map(|w| (w + 40.0) as f32).collect();
-        let fit =
-            fit_field_complex(&mag, &phase, &tes, shape, None, &init, None, 30, 1e-7).unwrap();
+        let fit = fit_field_complex(
+            &mag, &phase, &tes, shape, None, &init, None, false, 30, 1e-7,
+        )
+        .unwrap();
         for v in 0..shape.len() {
             assert!((fit.omega[v] as f64 - omega[v]).abs() < 1e-2, "voxel {v}");
             assert!(wrap_angle(fit.phase_offset[v] as f64 - phi0[v]).abs() < 1e-4);
@@ -349,9 +374,11 @@ mod tests {
             }
         }
         let mag = vec![1.0f32; 4 * n];
-        let (w, p0) = fit_field_linear(&mag, &out, &tes, shape, None).unwrap();
-        for v in 0..n {
-            assert!((w[v] as f64 - omega[v]).abs() < 0.05 && p0[v].abs() < 1e-3);
+        for origin in [false, true] {
+            let (w, p0) = fit_field_linear(&mag, &out, &tes, shape, None, origin).unwrap();
+            for v in 0..n {
+                assert!((w[v] as f64 - omega[v]).abs() < 0.05 && p0[v].abs() < 1e-3);
+            }
         }
     }
 
@@ -360,11 +387,15 @@ mod tests {
         let shape = Shape3([2, 2, 2]);
         let x = vec![0.0f32; 16];
         let tes = [0.01, 0.02];
-        assert!(fit_field_complex(&x, &x, &tes, shape, None, &x[..8], None, 0, 1e-6).is_err());
-        assert!(fit_field_complex(&x, &x[..8], &tes, shape, None, &x[..8], None, 5, 1e-6).is_err());
+        let f = |m: &[f32], w: &[f32], fixed: bool, it: usize| {
+            fit_field_complex(&x, m, &tes, shape, None, w, None, fixed, it, 1e-6)
+        };
+        assert!(f(&x, &x[..8], false, 0).is_err());
+        assert!(f(&x[..8], &x[..8], false, 5).is_err());
+        assert!(f(&x, &x[..8], true, 5).is_err(), "fixed offset without one");
         assert!(unwrap_echoes_temporal(&x, &tes, &x[..8], 2, shape).is_err());
         // Zero magnitude: no information, NaN rather than a made-up field.
-        let fit = fit_field_complex(&x, &x, &tes, shape, None, &x[..8], None, 5, 1e-6).unwrap();
+        let fit = f(&x, &x[..8], false, 5).unwrap();
         assert!(fit.omega.iter().all(|w| w.is_nan()));
     }
 }

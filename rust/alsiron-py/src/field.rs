@@ -134,14 +134,17 @@ fn unwrap_echoes_temporal<'py>(
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// Magnitude²-weighted linear fit of unwrapped phase over TE: (ω [rad/s], φ0 [rad]).
+/// Magnitude²-weighted linear fit of unwrapped phase over TE: (ω [rad/s], φ0 [rad]);
+/// `through_origin` fits only the slope of offset-free phase (φ0 = 0).
 #[pyfunction]
+#[pyo3(signature = (magnitude, unwrapped_phase, echo_times, mask, through_origin=false))]
 fn fit_field_linear<'py>(
     py: Python<'py>,
     magnitude: PyReadonlyArray4<'py, f32>,
     unwrapped_phase: PyReadonlyArray4<'py, f32>,
     echo_times: Vec<f64>,
     mask: PyReadonlyArray3<'py, u8>,
+    through_origin: bool,
 ) -> PyResult<TwoVolumes<'py>> {
     let dims = magnitude.shape().to_vec();
     check_shape(&dims, unwrapped_phase.shape(), "phase")?;
@@ -153,7 +156,7 @@ fn fit_field_linear<'py>(
         slice(&mask, "mask")?,
     );
     let (omega, phi0) = py
-        .detach(|| fieldfit::fit_field_linear(m, p, &echo_times, shape, Some(k)))
+        .detach(|| fieldfit::fit_field_linear(m, p, &echo_times, shape, Some(k), through_origin))
         .map_err(to_py)?;
     Ok((vol(py, shape, omega)?, vol(py, shape, phi0)?))
 }
@@ -170,7 +173,7 @@ type ComplexFitMaps<'py> = (
 /// Nonlinear complex fit: (ω [rad/s], φ0 [rad], residual [rad], sd(ω)/σ, σ̂, iterations).
 #[pyfunction]
 #[pyo3(signature = (magnitude, phase, echo_times, mask, omega_init, phase_offset_init=None,
-                    max_iter=20, tol=1e-4))]
+                    max_iter=20, tol=1e-4, fixed_offset=false))]
 #[allow(clippy::too_many_arguments)]
 fn fit_field_complex<'py>(
     py: Python<'py>,
@@ -182,6 +185,7 @@ fn fit_field_complex<'py>(
     phase_offset_init: Option<PyReadonlyArray3<'py, f32>>,
     max_iter: usize,
     tol: f64,
+    fixed_offset: bool,
 ) -> PyResult<ComplexFitMaps<'py>> {
     let dims = magnitude.shape().to_vec();
     check_shape(&dims, phase.shape(), "phase")?;
@@ -203,7 +207,18 @@ fn fit_field_complex<'py>(
     };
     let fit = py
         .detach(|| {
-            fieldfit::fit_field_complex(m, p, &echo_times, shape, Some(k), w, phi0, max_iter, tol)
+            fieldfit::fit_field_complex(
+                m,
+                p,
+                &echo_times,
+                shape,
+                Some(k),
+                w,
+                phi0,
+                fixed_offset,
+                max_iter,
+                tol,
+            )
         })
         .map_err(to_py)?;
     Ok((
