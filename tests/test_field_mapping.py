@@ -158,7 +158,13 @@ def test_mcpc3ds_finds_the_phase_offset(ses, mask, core):
     phi0 = fieldmap.mcpc3ds_phase_offset(ses.magnitude, ses.phase, ses.echo_times, mask,
                                          voxel_size=ses.voxel_size)
     err = np.angle(np.exp(1j * (phi0 - ses.phase_offset)))[core]
-    assert np.sqrt(np.mean(err**2)) < 0.05  # rad
+    assert np.sqrt(np.mean(err**2)) < 0.02  # rad; measured 0.003
+    # σ = 16 mm = 4 voxels: estimated on the 2x coarser grid; the wider smoothing of a
+    # quadratic φ0 costs accuracy (measured 0.036 rad), the coarse grid must not add more.
+    coarse = fieldmap.mcpc3ds_phase_offset(ses.magnitude, ses.phase, ses.echo_times, mask,
+                                           voxel_size=ses.voxel_size, sigma_mm=16.0)
+    err = np.angle(np.exp(1j * (coarse - ses.phase_offset)))[core]
+    assert np.sqrt(np.mean(err**2)) < 0.05
 
 
 def test_unwrapped_phase_input_gives_the_same_field(ses, mask, core):

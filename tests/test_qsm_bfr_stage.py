@@ -9,8 +9,9 @@ not rewarded for eroding away the difficult rim) and in each method's own mask.
 
 Measured (docs/qsm_stages_bfr.md), common mask: PDF local 24.9 %, χ 30.3 %, XSIM 0.66,
 slope 0.90; V-SHARP 25.2 / 27.5 %; iSMV 39.8 / 38.6 %; LBV 69 / 77 %. Chain from
-phase (ROMEO + complex fit + PDF + TV-ADMM): χ 35.2 % common, 59.3 % own mask, slope
-0.93. Published leaders on the QSM-CI phantom: 28.1 % (background stage, iSMV),
+phase (MCPC-3D-S + ROMEO + complex fit + PDF + TV-ADMM): χ 34.0 % common, 58.0 % own
+mask, slope 0.91. These χ numbers follow the default dipole inversion: re-measure them
+when it changes. Published leaders on the QSM-CI phantom: 28.1 % (background stage, iSMV),
 39.1 % (total field → χ), 68.3 % (phase → χ). Margins: 2-3 NRMSE points (the
 phantom is seeded, so they only absorb platform round-off and small solver changes).
 """
@@ -81,9 +82,9 @@ def test_chain_from_phase_beats_the_leader(session, common):
     p = QsmParameters()
     in_common = stage_eval.phase_chain(session, p, eval_mask=common)
     own = stage_eval.phase_chain(session, p)
-    assert in_common.chi_nrmse_pct < 38.0  # measured 35.2 %
-    assert own.chi_nrmse_pct < LEADER_PHASE_TO_CHI - 5  # measured 59.3 %, rim included
-    assert 0.9 <= own.deep_grey_slope <= 1.1  # measured 0.93
+    assert in_common.chi_nrmse_pct < 37.0  # measured 34.0 %
+    assert own.chi_nrmse_pct < LEADER_PHASE_TO_CHI - 7  # measured 58.0 %, rim included
+    assert 0.88 <= own.deep_grey_slope <= 1.1  # measured 0.91
     assert own.mask_voxels > in_common.mask_voxels
 
 
