@@ -238,9 +238,12 @@ def test_cli_fieldmap_errors(small_dataset, tmp_path, capsys):
 @pytest.mark.parametrize("unwrapping", ["laplacian", "echodiff"])
 def test_cli_unwrapping_option(small_dataset, tmp_path, unwrapping):
     assert main(["qsm", str(small_dataset / "sub-01"), "--unwrapping", unwrapping,
+                 "--mask-erode", "1", "--phase-quality-threshold", "0.4",
                  "--out", str(tmp_path)]) == 0
     anat = tmp_path / "sub-01/ses-01/anat"
     side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
     assert side["Steps"]["PhaseUnwrapping"]["Method"] == fieldmap.UNWRAPPING_METHODS[unwrapping]
     assert side["Parameters"]["unwrapping"] == unwrapping
+    assert side["Parameters"]["bfr_erode_voxels"] == 1
+    assert side["Steps"]["PhaseQualityMask"]["Threshold"] == 0.4
     assert (anat / "sub-01_ses-01_desc-totalsd_fieldmap.nii.gz").is_file()

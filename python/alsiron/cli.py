@@ -134,6 +134,13 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
               default=None, help="Total field map NIfTI on the MEGRE grid with a JSON sidecar "
                                  "giving Units (ppm, Hz or rad/s): skips unwrapping and the "
                                  "echo fit.")
+@click.option("--mask-erode", type=click.IntRange(0, 10), default=None,
+              help="Voxels eroded from the phase-quality brain mask before background "
+                   "removal (default: the workflow's bfr_erode_voxels, 2).")
+@click.option("--phase-quality-threshold", type=click.FloatRange(min=0.0, min_open=True),
+              default=None,
+              help="Exclude voxels whose RMS phase residual of the field fit exceeds this "
+                   "[rad] (default 0.5).")
 @click.option("--echo-times", type=float, multiple=True,
               help="Echo times in seconds, one per echo (repeat the option), for data whose "
                    "sidecars lack EchoTime.")
@@ -157,6 +164,7 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
+            mask_erode: int | None, phase_quality_threshold: float | None,
             echo_times: tuple[float, ...], field_strength: float | None,
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
@@ -175,6 +183,10 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
         params.bfr = bfr
     if unwrapping is not None:
         params.unwrapping = unwrapping
+    if mask_erode is not None:
+        params.bfr_erode_voxels = mask_erode
+    if phase_quality_threshold is not None:
+        params.residual_threshold = phase_quality_threshold
     if fieldmap_path is not None and (phase_unwrapped or unwrapping is not None):
         raise click.UsageError("--fieldmap replaces the phase processing; drop "
                                "--phase-unwrapped/--unwrapping")
