@@ -158,3 +158,50 @@ def fit_t2_epg(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
            npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """(E,N) MESE magnitude at k·ESP -> (T2 [s], S0, B1, R², status), codes as fit_r2star."""
+
+# --- multi-echo field mapping (alsiron.fieldmap: ROMEO / Laplacian / complex fit) ---
+
+def unwrap_romeo(
+    phase: npt.NDArray[np.float32],
+    magnitude: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    second_phase: npt.NDArray[np.float32] | None = None,
+    te_ratio: float = 1.0,
+) -> npt.NDArray[np.float32]:
+    """ROMEO-weighted region growing of one echo [rad]; second echo adds the
+    phase-gradient coherence (te_ratio = TE_this / TE_second)."""
+
+def unwrap_laplacian(
+    phase: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Laplacian unwrapping: (input + 2πk snapped, raw smooth estimate) [rad]."""
+
+def unwrap_echoes_temporal(
+    phase: npt.NDArray[np.float32],
+    echo_times: list[float],
+    reference: npt.NDArray[np.float32],
+    reference_echo: int,
+) -> npt.NDArray[np.float32]:
+    """Temporal unwrapping of offset-free (E, X, Y, Z) phase from one unwrapped echo."""
+
+def fit_field_linear(
+    magnitude: npt.NDArray[np.float32],
+    unwrapped_phase: npt.NDArray[np.float32],
+    echo_times: list[float],
+    mask: npt.NDArray[np.uint8],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Magnitude²-weighted linear fit over TE: (ω [rad/s], φ0 [rad])."""
+
+def fit_field_complex(
+    magnitude: npt.NDArray[np.float32],
+    phase: npt.NDArray[np.float32],
+    echo_times: list[float],
+    mask: npt.NDArray[np.uint8],
+    omega_init: npt.NDArray[np.float32],
+    phase_offset_init: npt.NDArray[np.float32] | None = None,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
+           npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Gauss-Newton complex fit: (ω, φ0, residual [rad], sd(ω)/σ, σ̂, iterations)."""

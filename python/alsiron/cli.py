@@ -125,6 +125,23 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
               show_default=True, help="Dipole inversion.")
 @click.option("--bfr", type=click.Choice(["pdf", "vsharp", "ismv", "lbv"]), default=None,
               help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
+@click.option("--unwrapping", type=click.Choice(["romeo", "laplacian", "echodiff"]),
+              default=None, help="Phase unwrapping (default: the workflow's, see "
+                                 "QsmParameters.unwrapping).")
+@click.option("--phase-unwrapped", is_flag=True,
+              help="The phase images are already unwrapped (in space and over echoes): "
+                   "fit them without unwrapping.")
+@click.option("--fieldmap", "fieldmap_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Total field map NIfTI on the MEGRE grid with a JSON sidecar "
+                                 "giving Units (ppm, Hz or rad/s): skips unwrapping and the "
+                                 "echo fit.")
+@click.option("--mask-erode", type=click.IntRange(0, 10), default=None,
+              help="Voxels eroded from the phase-quality brain mask before background "
+                   "removal (default: the workflow's bfr_erode_voxels, 2).")
+@click.option("--phase-quality-threshold", type=click.FloatRange(min=0.0, min_open=True),
+              default=None,
+              help="Exclude voxels whose RMS phase residual of the field fit exceeds this "
+                   "[rad] (default 0.5).")
 @click.option("--echo-times", type=float, multiple=True,
               help="Echo times in seconds, one per echo (repeat the option), for data whose "
                    "sidecars lack EchoTime.")
@@ -147,6 +164,8 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
               help="Print the available algorithms and exit.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
+            unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
+            mask_erode: int | None, phase_quality_threshold: float | None,
             echo_times: tuple[float, ...], field_strength: float | None,
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
@@ -163,6 +182,17 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
     params = workflow.QsmParameters(inversion=inversion)
     if bfr is not None:
         params.bfr = bfr
+    if unwrapping is not None:
+        params.unwrapping = unwrapping
+    if mask_erode is not None:
+        params.bfr_erode_voxels = mask_erode
+    if phase_quality_threshold is not None:
+        params.residual_threshold = phase_quality_threshold
+    if fieldmap_path is not None and (phase_unwrapped or unwrapping is not None):
+        raise click.UsageError("--fieldmap replaces the phase processing; drop "
+                               "--phase-unwrapped/--unwrapping")
+    if phase_unwrapped and unwrapping is not None:
+        raise click.UsageError("--phase-unwrapped skips unwrapping; drop --unwrapping")
     for ses in sessions:
         for files in ses.series:
             label = files.prefix
@@ -175,7 +205,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
                                        echo_times=list(echo_times) or None,
                                        field_strength=field_strength,
                                        fill_nonfinite=fill_nonfinite,
-                                       negate_phase=negate_phase)
+                                       negate_phase=negate_phase,
+                                       phase_unwrapped=phase_unwrapped)
             user_mask = None
             if mask_path is not None:
                 user_mask = ingest.load_mask(mask_path, series)
@@ -186,9 +217,15 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
                 series.metadata["ReferenceSource"] = (
                     str(reference_mask) if reference_label is None
                     else f"{reference_mask} label {reference_label}")
+            user_field = None
+            if fieldmap_path is not None:
+                user_field = ingest.load_fieldmap(fieldmap_path, series)
+                series.metadata["FieldMapSource"] = str(fieldmap_path)
             t0 = time.perf_counter()
             result = workflow.process_series(series, params, brain_mask=user_mask,
                                              reference_mask=ref_region,
+                                             phase_unwrapped=phase_unwrapped,
+                                             total_field_ppm=user_field,
                                              progress=_progress,
                                              iteration_progress=_iteration_progress)
             if sys.stderr.isatty():
@@ -264,8 +301,13 @@ def _list_methods(ctx: click.Context) -> None:
 
     default = workflow.QsmParameters()
     lines = [
-        "phase unwrapping : quality-guided region growing + temporal unwrapping (only one)",
-        "echo combination : magnitude-weighted linear fit of phase over TE (only one)",
+        "phase unwrapping (--unwrapping): " + ", ".join(
+            f"{k}{' (default)' if k == default.unwrapping else ''}"
+            for k in workflow.UNWRAPPING_METHODS)
+        + " | --phase-unwrapped | --fieldmap FILE",
+        "phase offsets    : MCPC-3D-S (romeo, laplacian); echo differences (echodiff)",
+        "echo combination : nonlinear magnitude-weighted complex fit (default), "
+        "with a field noise SD map",
         "brain mask       : magnitude threshold + morphology (default) | --mask FILE",
         "background (--bfr): " + ", ".join(
             f"{k}{' (default)' if k == default.bfr else ''}" for k in workflow.BFR_METHODS),

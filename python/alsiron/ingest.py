@@ -96,6 +96,55 @@ def load_mask(path: str | Path, series: MegreSeries, *, label: int | None = None
     return mask
 
 
+#: Units accepted for a user field map (sidecar ``Units``).
+FIELDMAP_UNITS = ("ppm", "Hz", "rad/s")
+
+
+def load_fieldmap(path: str | Path, series: MegreSeries) -> np.ndarray:
+    """Load a user total-field map on the data's grid and convert it to ppm of B0.
+
+    The units come from the JSON sidecar beside the NIfTI (``Units``: "ppm", "Hz" or
+    "rad/s"; BIDS fieldmaps use "Hz"); Hz and rad/s are converted with the series' field
+    strength: ppm = Hz / (γ̄·B0)·1e6.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, no sidecar or no/unknown ``Units``, a 4-D image, a shape or
+        affine different from the MEGRE data, or non-finite values inside the volume.
+    """
+    path = Path(path)
+    data, _, affine = _load_image(path)
+    sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    if not sidecar.is_file():
+        raise InputError(path, f"no JSON sidecar {sidecar.name} giving its Units "
+                         f"({', '.join(FIELDMAP_UNITS)})")
+    try:
+        units = json.loads(sidecar.read_text()).get("Units")
+    except (OSError, ValueError) as exc:
+        raise InputError(sidecar, f"unreadable sidecar: {exc}") from None
+    if units not in FIELDMAP_UNITS:
+        raise InputError(sidecar, f"Units is {units!r}; a field map needs one of "
+                         f"{', '.join(FIELDMAP_UNITS)}")
+    if data.ndim != 3:
+        raise InputError(path, f"field map must be 3-D, got shape {data.shape}")
+    if data.shape != series.shape:
+        raise InputError(path, f"field map shape {data.shape} differs from the data's "
+                         f"{series.shape}")
+    if not np.allclose(affine, series.affine, atol=1e-3):
+        raise InputError(path, "field map affine differs from the data's (resample it to "
+                         "the MEGRE grid first)")
+    if not np.all(np.isfinite(data)):
+        raise InputError(path, f"{int(np.sum(~np.isfinite(data)))} non-finite voxels; set "
+                         "them to 0 (they are excluded by the mask)")
+    hz_per_ppm = GAMMA_BAR_HZ_PER_T * series.field_strength * 1e-6
+    if units == "Hz":
+        data = data / hz_per_ppm
+    elif units == "rad/s":
+        data = data / (2.0 * np.pi * hz_per_ppm)
+    return np.asarray(data, dtype=np.float32)
+
+
 def dataset_root(path: str | Path) -> Path:
     """The BIDS dataset root above a subject or session folder.
 
@@ -376,6 +425,7 @@ def load_megre(
     field_strength: float | None = None,
     fill_nonfinite: bool = False,
     negate_phase: bool = False,
+    phase_unwrapped: bool = False,
 ) -> MegreSeries:
     """Load one MEGRE series, checking geometry, echo times, phase range and finiteness.
 
@@ -395,6 +445,9 @@ def load_megre(
     negate_phase : bool
         Negate the phase (GE scanners store it with the opposite sign, which would make
         paramagnetic tissue negative); recorded in ``metadata["PhaseNegated"]``.
+    phase_unwrapped : bool
+        The phase images hold unwrapped phase in radians: kept as they are (no range
+        check, wrapping or integer-code rescaling).
 
     Returns
     -------
@@ -462,7 +515,11 @@ def load_megre(
         if np.nanmin(np.where(np.isfinite(mag), mag, 0.0)) < 0:
             raise InputError(ef.magnitude, "magnitude has negative values (is this a phase, real "
                              "or imaginary image?)")
-        phase, conversion = phase_to_radians(ph_scaled, ph_raw, ef.phase)
+        if phase_unwrapped:
+            phase, conversion = (np.asarray(ph_scaled, np.float32),
+                                 "none (unwrapped radians kept as given)")
+        else:
+            phase, conversion = phase_to_radians(ph_scaled, ph_raw, ef.phase)
         conversions.add(conversion)
         mags.append(mag)
         phases.append(phase)

@@ -29,6 +29,9 @@ log = logging.getLogger("alsiron")
 BFR_METHODS: dict[str, str] = {"vsharp": "V-SHARP", "pdf": "PDF", "ismv": "iSMV",
                                 "lbv": "LBV"}
 
+#: Spatial phase-unwrapping methods of :class:`QsmParameters` ``unwrapping``.
+UNWRAPPING_METHODS: dict[str, str] = dict(fieldmap.UNWRAPPING_METHODS)
+
 #: Called as ``progress(step_index, n_steps, message)`` before each step.
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -104,6 +107,14 @@ class QsmParameters:
         Stop when the relative change of χ per iteration falls below this.
     r2star_weighted : bool
         Use the S²-weighted log-linear R2* fit.
+    unwrapping : {"romeo", "laplacian", "echodiff"}
+        Spatial phase unwrapping (see :data:`UNWRAPPING_METHODS`): "romeo" = MCPC-3D-S
+        offset removal, ROMEO-weighted region growing of echo 1 and temporal unwrapping;
+        "laplacian" = the same with FFT Laplacian unwrapping of echo 1; "echodiff" =
+        region growing of the closest echo pair's phase difference (the first chain's).
+    complex_fit : bool
+        Refine the field by the nonlinear magnitude-weighted complex fit over echoes
+        (otherwise the magnitude²-weighted linear fit of the unwrapped phase).
     """
 
     mask_opening_voxels: int = 2
@@ -127,6 +138,8 @@ class QsmParameters:
     tv_max_iter: int = 200
     tv_tol: float = 1e-3
     r2star_weighted: bool = True
+    unwrapping: str = "romeo"
+    complex_fit: bool = True
 
 
 @dataclass
@@ -144,11 +157,12 @@ class SessionResult:
     qsm_mask: Volume
     provenance: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    field_sd: Volume | None = None
 
     def derivative_maps(self) -> list[DerivativeMap]:
         """The maps with their BIDS suffixes, ready for :func:`~alsiron.derivatives.write_maps`."""
         return [DerivativeMap(suffix, getattr(self, attr), text, desc=desc)
-                for attr, suffix, desc, text in _OUTPUTS]
+                for attr, suffix, desc, text in _OUTPUTS if getattr(self, attr) is not None]
 
 
 #: (SessionResult attribute, BIDS suffix, desc entity, description) of every output map.
@@ -161,6 +175,10 @@ _OUTPUTS: list[tuple[str, str, str | None, str]] = [
     ("r2star_status", "status", "r2starfit", "R2* fit status code per voxel (see StatusCodes)"),
     ("total_field", "fieldmap", "total",
      "Total field from the multi-echo phase fit, in ppm of B0"),
+    ("field_sd", "fieldmap", "totalsd",
+     "Standard deviation of the total field from the noise (Cramér-Rao bound of the "
+     "magnitude-weighted complex fit with the noise estimated from its residuals), in ppm; "
+     "absent when the field map was given as input"),
     ("local_field", "fieldmap", "local",
      "Local (tissue) field after background-field removal, in ppm of B0"),
     ("brain_mask", "mask", "brain", "Brain mask from the magnitude"),
@@ -182,6 +200,8 @@ def _steps(inversion: str, bfr: str) -> list[str]:
 def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
                    brain_mask: np.ndarray | None = None,
                    reference_mask: np.ndarray | None = None,
+                   phase_unwrapped: bool = False,
+                   total_field_ppm: np.ndarray | None = None,
                    progress: ProgressCallback | None = None,
                    iteration_progress: Callable[[int, int], None] | None = None
                    ) -> SessionResult:
@@ -200,6 +220,12 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         Reference region (e.g. CSF): χ is shifted so that its mean there is 0, and the
         region's mean ± SD relative to the whole brain is recorded (consensus advice).
         Default: the whole-brain mean is 0.
+    phase_unwrapped : bool
+        ``series.phase`` is already unwrapped (spatially and over echoes): it is only
+        fitted (no unwrapping).
+    total_field_ppm : ndarray, shape (X, Y, Z), optional
+        A total field map [ppm] given by the user: no unwrapping or fit; the phase is
+        not used (phase-quality masking is skipped, no field SD map).
     progress : callable, optional
         ``progress(i, n, message)`` called before each step.
     iteration_progress : callable, optional
@@ -212,6 +238,9 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         local field [ppm], brain and QSM masks, with provenance and step timings.
     """
     p = params or QsmParameters()
+    if p.unwrapping not in UNWRAPPING_METHODS:
+        raise ValueError(f"unknown phase unwrapping {p.unwrapping!r} "
+                         f"(choose one of {', '.join(UNWRAPPING_METHODS)})")
     if p.inversion not in ("tvadmm", "tkd"):
         raise ValueError(f"unknown dipole inversion {p.inversion!r} (choose tvadmm or tkd)")
     if p.bfr not in BFR_METHODS:
@@ -241,9 +270,25 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     timings["brain_mask"] = time.perf_counter() - t0
 
     t0 = step(1)
-    fm = fieldmap.fit_multi_echo_field(series.magnitude, series.phase, series.echo_times,
-                                       brain, field_strength=series.field_strength)
-    quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.residual_threshold)
+    field_sd = None
+    if total_field_ppm is not None:
+        total = np.asarray(total_field_ppm, dtype=np.float32)
+        if total.shape != series.shape:
+            raise ValueError(f"field map has shape {total.shape} but the data {series.shape}")
+        total = np.where(brain, total, np.nan).astype(np.float32)
+        quality = brain & np.isfinite(total)
+        field_record: dict[str, Any] = {"Method": "total field map given as input",
+                                        "Source": series.metadata.get("FieldMapSource",
+                                                                      "array")}
+    else:
+        fm = fieldmap.estimate_field(series.magnitude, series.phase, series.echo_times,
+                                     brain, field_strength=series.field_strength,
+                                     unwrapping=p.unwrapping, phase_unwrapped=phase_unwrapped,
+                                     complex_fit=p.complex_fit, voxel_size=vsz)
+        total = fm.field_ppm
+        field_sd = fm.field_sd_ppm
+        quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.residual_threshold)
+        field_record = dict(fm.method)
     if p.bfr_erode_voxels > 0:
         quality = ndimage.binary_erosion(quality, iterations=p.bfr_erode_voxels)
     timings["field_fit"] = time.perf_counter() - t0
@@ -251,7 +296,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     t0 = step(2)
     radii = (default_vsharp_radii(vsz) if p.vsharp_radii_mm is None
              else list(p.vsharp_radii_mm))
-    local, qsm_mask, bfr_record = remove_background(np.nan_to_num(fm.field_ppm), quality,
+    local, qsm_mask, bfr_record = remove_background(np.nan_to_num(total), quality,
                                                     series, p, radii)
     qsm_mask = qsm_mask.astype(bool)
     if not qsm_mask.any():
@@ -260,16 +305,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     timings["background_removal"] = time.perf_counter() - t0
 
     t0 = step(3)
-    if p.inversion == "tkd":
-        chi = qsm.tkd(local, qsm_mask, voxel_size=vsz, b0_dir=b0dir,
-                      threshold=p.tkd_threshold)
-        inv_params: dict[str, Any] = {"Threshold": p.tkd_threshold}
-    else:
-        chi, n_iter = qsm.tv_admm(local, qsm_mask, voxel_size=vsz, b0_dir=b0dir,
-                                  alpha=p.tv_alpha, mu=p.tv_mu, max_iter=p.tv_max_iter,
-                                  tol=p.tv_tol, progress=iteration_progress)
-        inv_params = {"Alpha": p.tv_alpha, "Mu": p.tv_mu, "MaxIterations": p.tv_max_iter,
-                      "Tolerance": p.tv_tol, "IterationsRun": int(n_iter)}
+    chi, inv_params = invert(local, qsm_mask, vsz, b0dir, p, progress=iteration_progress)
     chi = qsm.reference_to_mean(chi, qsm_mask)
     referencing: dict[str, Any] = {"Method": "whole-brain mean over the QSM mask set to 0"}
     if reference_mask is not None:
@@ -295,6 +331,17 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     provenance["Steps"]["BackgroundFieldRemoval"].update(bfr_record)
     provenance["Steps"]["DipoleInversion"].update(inv_params)
     provenance["Steps"]["Referencing"] = referencing
+    provenance["Steps"]["FieldMap"] = field_record
+    if total_field_ppm is not None:
+        for key in ("PhaseUnwrapping", "EchoCombination", "PhaseQualityMask"):
+            provenance["Steps"].pop(key, None)
+    else:
+        provenance["Steps"]["PhaseUnwrapping"] = {
+            "Method": field_record.get("PhaseUnwrapping"),
+            "PhaseOffsetRemoval": field_record.get("PhaseOffsetRemoval", "none")}
+        provenance["Steps"]["EchoCombination"] = {
+            "Method": field_record.get("EchoCombination"),
+            "NoiseSigma": field_record.get("NoiseSigma")}
     if brain_mask is not None:
         provenance["Steps"]["BrainMask"] = {
             "Method": "given by the user",
@@ -315,13 +362,32 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         r2star_status=Volume(data=r2.status, affine=aff, units="",
                              provenance={"StatusCodes": {str(k): v for k, v in
                                                          relax.R2STAR_STATUS.items()}}),
-        total_field=vol(np.where(brain, fm.field_ppm, np.nan).astype(np.float32), "ppm"),
+        total_field=vol(np.where(brain, total, np.nan).astype(np.float32), "ppm"),
         local_field=vol(np.where(qsm_mask, local, np.nan).astype(np.float32), "ppm"),
         brain_mask=vol(brain.astype(np.uint8), ""),
         qsm_mask=vol(qsm_mask.astype(np.uint8), ""),
         provenance=provenance,
         timings_s=timings,
+        field_sd=(None if field_sd is None
+                  else vol(np.where(brain, field_sd, np.nan).astype(np.float32), "ppm")),
     )
+
+
+def invert(local: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, float, float],
+           b0_dir: tuple[float, float, float], p: QsmParameters, *,
+           progress: Callable[[int, int], None] | None = None
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The dipole inversion chosen in ``p`` (χ [ppm], not yet referenced) and its
+    run-time provenance."""
+    if p.inversion == "tkd":
+        chi = qsm.tkd(local, mask, voxel_size=voxel_size, b0_dir=b0_dir,
+                      threshold=p.tkd_threshold)
+        return chi, {"Threshold": p.tkd_threshold}
+    chi, n_iter = qsm.tv_admm(local, mask, voxel_size=voxel_size, b0_dir=b0_dir,
+                              alpha=p.tv_alpha, mu=p.tv_mu, max_iter=p.tv_max_iter,
+                              tol=p.tv_tol, progress=progress)
+    return chi, {"Alpha": p.tv_alpha, "Mu": p.tv_mu, "MaxIterations": p.tv_max_iter,
+                 "Tolerance": p.tv_tol, "IterationsRun": int(n_iter)}
 
 
 def remove_background(field: np.ndarray, mask: np.ndarray, series: MegreSeries,

@@ -14,12 +14,14 @@ pub mod dipole;
 pub mod epg;
 pub mod error;
 pub mod fft;
+pub mod fieldfit;
 pub mod fieldmap;
 pub mod grid;
 pub mod inversion;
 pub mod r2star;
 pub mod r2star_fit;
 pub mod unwrap;
+pub mod unwrap_laplacian;
 
 pub use error::{CoreError, CoreResult};
 pub use grid::Shape3;

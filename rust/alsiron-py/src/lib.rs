@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod field;
 mod fit;
 mod qsm;
 
@@ -40,5 +41,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     qsm::register(m)?;
     fit::register(m)?;
+    field::register(m)?;
     Ok(())
 }

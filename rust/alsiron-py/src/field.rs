@@ -1,0 +1,241 @@
+//! Bindings for multi-echo ROMEO-style unwrapping, Laplacian unwrapping, temporal
+//! unwrapping and the linear / nonlinear complex field fits.
+//!
+//! Every input must be C-contiguous float32 (uint8 masks); the Python wrappers in
+//! `alsiron.fieldmap` convert once. Outputs are new arrays.
+
+use alsiron_core::unwrap_laplacian as laplacian;
+use alsiron_core::{fieldfit, unwrap, Shape3};
+use numpy::ndarray::{Array3, Array4};
+use numpy::PyUntypedArrayMethods;
+use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyReadonlyArray4};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::to_py;
+
+fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    arr: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    arr.as_slice().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be C-contiguous (use numpy.ascontiguousarray)"
+        ))
+    })
+}
+
+fn check_shape(expected: &[usize], got: &[usize], what: &str) -> PyResult<()> {
+    if expected != got {
+        return Err(PyValueError::new_err(format!(
+            "{what} has shape {got:?}, expected {expected:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn vol<'py, T: numpy::Element>(
+    py: Python<'py>,
+    shape: Shape3,
+    data: Vec<T>,
+) -> PyResult<Bound<'py, PyArray3<T>>> {
+    let [nx, ny, nz] = shape.0;
+    Array3::from_shape_vec((nx, ny, nz), data)
+        .map(|a| a.into_pyarray(py))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+type TwoVolumes<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<f32>>);
+
+fn echoes_shape(a: &[usize], n_te: usize) -> PyResult<Shape3> {
+    if a[0] != n_te {
+        return Err(PyValueError::new_err(format!(
+            "{} echoes but {n_te} echo times",
+            a[0]
+        )));
+    }
+    Ok(Shape3([a[1], a[2], a[3]]))
+}
+
+/// ROMEO-style unwrapping of one echo: edge weights from phase coherence, magnitude and
+/// (when `second_phase` is given) the phase-gradient coherence with a second echo whose
+/// echo time is `TE_this / te_ratio`. Returns the unwrapped phase [rad].
+#[pyfunction]
+#[pyo3(signature = (phase, magnitude, mask, second_phase=None, te_ratio=1.0))]
+fn unwrap_romeo<'py>(
+    py: Python<'py>,
+    phase: PyReadonlyArray3<'py, f32>,
+    magnitude: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    second_phase: Option<PyReadonlyArray3<'py, f32>>,
+    te_ratio: f32,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let dims = phase.shape().to_vec();
+    check_shape(&dims, magnitude.shape(), "magnitude")?;
+    check_shape(&dims, mask.shape(), "mask")?;
+    let shape = Shape3([dims[0], dims[1], dims[2]]);
+    let (p, m, k) = (
+        slice(&phase, "phase")?,
+        slice(&magnitude, "magnitude")?,
+        slice(&mask, "mask")?,
+    );
+    let second = match &second_phase {
+        Some(s) => {
+            check_shape(&dims, s.shape(), "second-echo phase")?;
+            Some(unwrap::SecondEcho {
+                phase: slice(s, "second-echo phase")?,
+                te_ratio,
+            })
+        }
+        None => None,
+    };
+    let out = py
+        .detach(|| unwrap::unwrap_romeo(p, Some(m), second, Some(k), shape))
+        .map_err(to_py)?;
+    vol(py, shape, out.phase)
+}
+
+/// Laplacian unwrapping: returns (snapped phase = input + 2πk, raw smooth estimate) [rad].
+#[pyfunction]
+fn unwrap_laplacian<'py>(
+    py: Python<'py>,
+    phase: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+) -> PyResult<TwoVolumes<'py>> {
+    let dims = phase.shape().to_vec();
+    check_shape(&dims, mask.shape(), "mask")?;
+    let shape = Shape3([dims[0], dims[1], dims[2]]);
+    let (p, k) = (slice(&phase, "phase")?, slice(&mask, "mask")?);
+    let out = py
+        .detach(|| laplacian::unwrap_laplacian(p, Some(k), shape))
+        .map_err(to_py)?;
+    Ok((vol(py, shape, out.phase)?, vol(py, shape, out.raw)?))
+}
+
+/// Temporal unwrapping of offset-free echo-major phases `(E, X, Y, Z)` from the spatially
+/// unwrapped phase of echo `reference_echo`.
+#[pyfunction]
+fn unwrap_echoes_temporal<'py>(
+    py: Python<'py>,
+    phase: PyReadonlyArray4<'py, f32>,
+    echo_times: Vec<f64>,
+    reference: PyReadonlyArray3<'py, f32>,
+    reference_echo: usize,
+) -> PyResult<Bound<'py, PyArray4<f32>>> {
+    let dims = phase.shape().to_vec();
+    let shape = echoes_shape(&dims, echo_times.len())?;
+    check_shape(&dims[1..], reference.shape(), "reference")?;
+    let (p, r) = (slice(&phase, "phase")?, slice(&reference, "reference")?);
+    let out = py
+        .detach(|| fieldfit::unwrap_echoes_temporal(p, &echo_times, r, reference_echo, shape))
+        .map_err(to_py)?;
+    Array4::from_shape_vec((dims[0], dims[1], dims[2], dims[3]), out)
+        .map(|a| a.into_pyarray(py))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Magnitude²-weighted linear fit of unwrapped phase over TE: (ω [rad/s], φ0 [rad]);
+/// `through_origin` fits only the slope of offset-free phase (φ0 = 0).
+#[pyfunction]
+#[pyo3(signature = (magnitude, unwrapped_phase, echo_times, mask, through_origin=false))]
+fn fit_field_linear<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray4<'py, f32>,
+    unwrapped_phase: PyReadonlyArray4<'py, f32>,
+    echo_times: Vec<f64>,
+    mask: PyReadonlyArray3<'py, u8>,
+    through_origin: bool,
+) -> PyResult<TwoVolumes<'py>> {
+    let dims = magnitude.shape().to_vec();
+    check_shape(&dims, unwrapped_phase.shape(), "phase")?;
+    let shape = echoes_shape(&dims, echo_times.len())?;
+    check_shape(&dims[1..], mask.shape(), "mask")?;
+    let (m, p, k) = (
+        slice(&magnitude, "magnitude")?,
+        slice(&unwrapped_phase, "phase")?,
+        slice(&mask, "mask")?,
+    );
+    let (omega, phi0) = py
+        .detach(|| fieldfit::fit_field_linear(m, p, &echo_times, shape, Some(k), through_origin))
+        .map_err(to_py)?;
+    Ok((vol(py, shape, omega)?, vol(py, shape, phi0)?))
+}
+
+type ComplexFitMaps<'py> = (
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<f32>>,
+    Bound<'py, PyArray3<u8>>,
+);
+
+/// Nonlinear complex fit: (ω [rad/s], φ0 [rad], residual [rad], sd(ω)/σ, σ̂, iterations).
+#[pyfunction]
+#[pyo3(signature = (magnitude, phase, echo_times, mask, omega_init, phase_offset_init=None,
+                    max_iter=20, tol=1e-4, fixed_offset=false))]
+#[allow(clippy::too_many_arguments)]
+fn fit_field_complex<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray4<'py, f32>,
+    phase: PyReadonlyArray4<'py, f32>,
+    echo_times: Vec<f64>,
+    mask: PyReadonlyArray3<'py, u8>,
+    omega_init: PyReadonlyArray3<'py, f32>,
+    phase_offset_init: Option<PyReadonlyArray3<'py, f32>>,
+    max_iter: usize,
+    tol: f64,
+    fixed_offset: bool,
+) -> PyResult<ComplexFitMaps<'py>> {
+    let dims = magnitude.shape().to_vec();
+    check_shape(&dims, phase.shape(), "phase")?;
+    let shape = echoes_shape(&dims, echo_times.len())?;
+    check_shape(&dims[1..], mask.shape(), "mask")?;
+    check_shape(&dims[1..], omega_init.shape(), "initial omega")?;
+    let (m, p, k, w) = (
+        slice(&magnitude, "magnitude")?,
+        slice(&phase, "phase")?,
+        slice(&mask, "mask")?,
+        slice(&omega_init, "initial omega")?,
+    );
+    let phi0 = match &phase_offset_init {
+        Some(a) => {
+            check_shape(&dims[1..], a.shape(), "initial phase offset")?;
+            Some(slice(a, "initial phase offset")?)
+        }
+        None => None,
+    };
+    let fit = py
+        .detach(|| {
+            fieldfit::fit_field_complex(
+                m,
+                p,
+                &echo_times,
+                shape,
+                Some(k),
+                w,
+                phi0,
+                fixed_offset,
+                max_iter,
+                tol,
+            )
+        })
+        .map_err(to_py)?;
+    Ok((
+        vol(py, shape, fit.omega)?,
+        vol(py, shape, fit.phase_offset)?,
+        vol(py, shape, fit.residual)?,
+        vol(py, shape, fit.omega_sd_per_sigma)?,
+        vol(py, shape, fit.sigma)?,
+        vol(py, shape, fit.iterations)?,
+    ))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(unwrap_romeo, m)?)?;
+    m.add_function(wrap_pyfunction!(unwrap_laplacian, m)?)?;
+    m.add_function(wrap_pyfunction!(unwrap_echoes_temporal, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_field_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_field_complex, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+"""Background-removal stage and the chain from phase, measured the QSM-CI way.
+
+Phantom: 64³, 3 mm, SNR 100, seed 3 (alsiron.stage_eval.simulate_stage_phantom), made
+at 2x supersampling with a padded kernel, so no inverse crime. Stage input: the TRUE
+total field and the true brain mask (eroded by the workflow's 2 voxels); χ from each
+local field with the workflow's default dipole inversion. Scores (DESIGN.md §5) in the
+mask common to all methods (the intersection of their valid masks, so that a method is
+not rewarded for eroding away the difficult rim) and in each method's own mask.
+
+Measured (docs/qsm_stages_bfr.md), common mask: PDF local 24.9 %, χ 30.3 %, XSIM 0.66,
+slope 0.90; V-SHARP 25.2 / 27.5 %; iSMV 39.8 / 38.6 %; LBV 69 / 77 %. Chain from
+phase (MCPC-3D-S + ROMEO + complex fit + PDF + TV-ADMM): χ 34.0 % common, 58.0 % own
+mask, slope 0.91. These χ numbers follow the default dipole inversion: re-measure them
+when it changes. Published leaders on the QSM-CI phantom: 28.1 % (background stage, iSMV),
+39.1 % (total field → χ), 68.3 % (phase → χ). Margins: 2-3 NRMSE points (the
+phantom is seeded, so they only absorb platform round-off and small solver changes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alsiron import stage_eval
+from alsiron.workflow import BFR_METHODS, QsmParameters
+
+LEADER_BFR_LOCAL = 28.1
+LEADER_TOTAL_TO_CHI = 39.1
+LEADER_PHASE_TO_CHI = 68.3
+
+
+@pytest.fixture(scope="module")
+def session():
+    return stage_eval.simulate_stage_phantom(64, 3.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def common(session):
+    return stage_eval.common_mask(session, ["vsharp", "ismv", "lbv"])
+
+
+@pytest.fixture(scope="module")
+def stage(session, common):
+    return {m: stage_eval.bfr_stage(session, m, eval_mask=common) for m in BFR_METHODS}
+
+
+def test_common_mask_is_large_enough(session, common):
+    # Brain eroded by 2 voxels and by iSMV's 2-voxel sphere: ~60 % of the brain.
+    assert 0.5 < common.sum() / session.brain_mask.sum() < 0.8
+
+
+def test_default_bfr_beats_the_background_stage_leader(stage):
+    best = stage[QsmParameters().bfr]
+    assert best.local_nrmse_pct < LEADER_BFR_LOCAL - 1  # measured 24.9 %
+    assert best.chi_nrmse_pct < LEADER_TOTAL_TO_CHI - 6  # measured 30.3 %
+    assert best.xsim > 0.6  # measured 0.66
+    assert 0.87 <= best.deep_grey_slope <= 1.1  # measured 0.90
+
+
+def test_default_bfr_is_the_most_accurate(stage):
+    default = stage[QsmParameters().bfr]
+    others = [s for m, s in stage.items() if m != QsmParameters().bfr]
+    # Best local field outright; on χ V-SHARP is 2.8 points better at 3 mm (at 96³, 2 mm
+    # PDF leads V-SHARP by 15 points on χ: 35.4 % vs 50.2 %, see the docs).
+    assert default.local_nrmse_pct <= min(s.local_nrmse_pct for s in others)
+    assert default.chi_nrmse_pct <= min(s.chi_nrmse_pct for s in others) + 4.0
+
+
+@pytest.mark.parametrize("method, local_max, chi_max", [
+    ("vsharp", 28.0, 31.0),  # measured 25.2 / 27.5
+    ("ismv", 43.0, 42.0),  # measured 39.8 / 38.6
+    ("lbv", 75.0, 82.0),  # measured 69.4 / 77.4: LBV's boundary condition leaks here
+])
+def test_every_method_on_the_true_total_field(stage, method, local_max, chi_max):
+    s = stage[method]
+    assert s.local_nrmse_pct < local_max
+    assert s.chi_nrmse_pct < chi_max
+    assert 0.78 < s.deep_grey_slope < 1.1
+
+
+def test_chain_from_phase_beats_the_leader(session, common):
+    p = QsmParameters()
+    in_common = stage_eval.phase_chain(session, p, eval_mask=common)
+    own = stage_eval.phase_chain(session, p)
+    assert in_common.chi_nrmse_pct < 37.0  # measured 34.0 %
+    assert own.chi_nrmse_pct < LEADER_PHASE_TO_CHI - 7  # measured 58.0 %, rim included
+    assert 0.88 <= own.deep_grey_slope <= 1.1  # measured 0.91
+    assert own.mask_voxels > in_common.mask_voxels
+
+
+def test_stage_scores_fail_on_a_wrong_field(session, common):
+    # Control: the stage score must see a missing background removal (total = local).
+    s = stage_eval.bfr_stage(session, QsmParameters().bfr, eval_mask=common)
+    broken = stage_eval._scores("none", session.total_field.astype(np.float32), common,
+                                session, 0.0, None)
+    assert broken.local_nrmse_pct > 3 * s.local_nrmse_pct
