@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -788,8 +789,10 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     classes, tissue = tissue_classes(magnitude, brain, contrast=subject_contrast)
     tpl_brain = tpl.image > 0
     tpl_classes, tpl_tissue = tissue_classes(tpl.image, tpl_brain, contrast=tpl.contrast)
+    t0 = time.perf_counter()
     reg = register_template(tpl_tissue, tpl.affine, tissue, affine,
                             params=registration_params, subject_name=magnitude_name)
+    t_reg = time.perf_counter() - t0
     shape = magnitude.shape[:3]
     p_left = reg.warp(tpl.left, tpl.maps_affine, shape, affine)
     p_right = reg.warp(tpl.right, tpl.maps_affine, shape, affine)
@@ -810,6 +813,8 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     coords = np.stack([reg.warp(tpl_world[k], tpl.affine, shape, affine) for k in range(3)])
     centre = tpl_world[:, tpl_brain].mean(axis=1)
     control = (p_control >= tpl.threshold) & gm
+    log.info("atlas route: registration %.1f s, warps %.1f s", t_reg,
+             time.perf_counter() - t0 - t_reg)
     prov = {"Route": "atlas", "Atlas": tpl.description,
             "AtlasThreshold": tpl.threshold, "SubjectContrast": subject_contrast,
             "GreyMatter": "class 2 of a 3-class k-means of the subject intensity in the "

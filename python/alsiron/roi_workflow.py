@@ -128,8 +128,7 @@ def write_outputs(out_root: Path, entities: dict[str, str], masks: mk.RegionMask
     written.append(save_nifti(paths["dseg"], image, masks.affine, sidecar={
         "Description": "precentral sub-regions (side x somatotopic segment x depth band), "
                        "underlying white matter and control cortex; names in the .tsv",
-        **{k: v for k, v in masks.provenance.items() if k != "Registration"},
-        "Registration": masks.provenance.get("Registration")}, overwrite=overwrite))
+        **masks.provenance}, overwrite=overwrite))
     written.append(save_text(_dseg_tsv(paths["dseg"]), "index\tname\n" + "".join(
         f"{v}\t{n}\n" for v, n in table), overwrite=overwrite))
     if qc:
