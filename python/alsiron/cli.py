@@ -236,7 +236,7 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
                         r2star=result.r2star.data, options=roi_options, dataset_root=root,
                         magnitude_name=series.sources[0] if series.sources else None,
                         overwrite=overwrite)
-                except AlsironError as exc:
+                except (AlsironError, ValueError) as exc:
                     # The maps are written; a failed mask leaves them usable.
                     click.echo(f"alsiron: warning: {label}: motor-cortex indices skipped: "
                                f"{exc}", err=True)

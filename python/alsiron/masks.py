@@ -780,11 +780,23 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     InputError
         No precentral voxel left after grey-matter restriction.
     """
-    from alsiron.registration import register_template
+    from alsiron.registration import (
+        MIN_WORK_VOXELS,
+        RegistrationError,
+        RegistrationParameters,
+        register_template,
+        work_grid,
+    )
 
     brain = np.asarray(brain, bool)
     if not brain.any():
         raise InputError(magnitude_name, "brain mask is empty")
+    work_mm = (registration_params or RegistrationParameters()).work_mm
+    work_shape, _ = work_grid(magnitude.shape, affine, work_mm)
+    if min(work_shape) < MIN_WORK_VOXELS:
+        raise RegistrationError(magnitude_name, f"field of view too small for template "
+                                f"registration ({min(work_shape)} voxels of {work_mm:g} mm "
+                                f"along one axis, need {MIN_WORK_VOXELS}); give --labels")
     tpl = template if template is not None else load_bundled_atlas(atlas)
     classes, tissue = tissue_classes(magnitude, brain, contrast=subject_contrast)
     tpl_brain = tpl.image > 0

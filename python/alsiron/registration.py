@@ -31,6 +31,8 @@ WORK_MM = 2.0
 #: Minimum Pearson correlation of the warped template's tissue index with the subject's
 #: inside the subject brain for a registration to count as converged.
 MIN_SIMILARITY = 0.5
+#: Smallest working-grid extent (voxels per axis) a registration is attempted on.
+MIN_WORK_VOXELS = 24
 #: Largest working grid on which mutual information uses every voxel by default.
 MI_DENSE_MAX_VOXELS = 300_000
 
