@@ -128,3 +128,29 @@ def test_qsm_computes_indices(dataset, tmp_path, capsys):
     labels = np.asarray(nib.load(str(_truth(dataset, "dseg.nii.gz"))).dataobj)
     ref = float(truth_r2s[np.isin(labels, [20, 21, 22, 23])].mean())
     assert abs(indices["r2star_precentral_mean"] - ref) < 0.1 * ref
+
+
+def test_atlas_registration_failure_writes_nothing(dataset, tmp_path, capsys, monkeypatch):
+    from alsiron import registration
+
+    root = tmp_path / "bids"
+    shutil.copytree(dataset, root, ignore=shutil.ignore_patterns("derivatives"))
+    out = tmp_path / "deriv"
+    # Truth maps as the "qsm" outputs, and a magnitude of pure noise: nothing to register.
+    anat_out = out / "sub-02/ses-01/anat"
+    anat_out.mkdir(parents=True)
+    shutil.copy(_truth(dataset, "Chimap.nii.gz"), anat_out / f"{STEM}_Chimap.nii.gz")
+    shutil.copy(_truth(dataset, "desc-brain_mask.nii.gz"),
+                anat_out / f"{STEM}_desc-brain_mask.nii.gz")
+    mag = root / "sub-02/ses-01/anat" / f"{STEM}_echo-1_part-mag_MEGRE.nii.gz"
+    img = nib.load(str(mag))
+    noise = np.random.default_rng(0).uniform(0, 1, img.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, img.affine), str(mag))
+    quick = registration.RegistrationParameters(affine_iters=(5,), syn_iters=(2,))
+    monkeypatch.setattr(registration, "RegistrationParameters", lambda: quick)
+    before = _files(out)
+    code = main(["roi", str(root / "sub-02"), "--out", str(out), "--atlas", "ho"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INPUT_ERROR
+    assert "did not converge" in err[-1] and str(mag) in err[-1]
+    assert _files(out) == before
