@@ -282,8 +282,8 @@ def same_grid(shape_a: tuple[int, ...], affine_a: np.ndarray, shape_b: tuple[int
 
 
 def resample_to_grid(data: np.ndarray, source_affine: np.ndarray, target_shape: tuple[int, ...],
-                     target_affine: np.ndarray, *, order: int = 1, cval: float = 0.0
-                     ) -> np.ndarray:
+                     target_affine: np.ndarray, *, order: int = 1, cval: float = 0.0,
+                     mode: str = "constant") -> np.ndarray:
     """Resample a 3-D array onto another grid through the two affines.
 
     Identical grids return a copy unchanged (so label masks stay exact).
@@ -297,14 +297,16 @@ def resample_to_grid(data: np.ndarray, source_affine: np.ndarray, target_shape: 
     order : int
         Spline order (0 nearest, 1 trilinear).
     cval : float
-        Value outside the source field of view.
+        Value outside the source field of view (``mode="constant"``).
+    mode : str
+        :func:`scipy.ndimage.affine_transform` boundary mode.
     """
     if same_grid(data.shape, source_affine, target_shape, target_affine):
         return np.array(data, copy=True)
     m = _vox2vox(source_affine, target_affine)
     return ndimage.affine_transform(np.asarray(data, np.float32), m[:3, :3], offset=m[:3, 3],
                                     output_shape=tuple(target_shape[:3]), order=order,
-                                    mode="constant", cval=cval)
+                                    mode=mode, cval=cval)
 
 
 def _indicator_on_grid(labels: np.ndarray, values: list[int], source_affine: np.ndarray,
@@ -820,9 +822,12 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     hemisphere = np.zeros(shape, np.uint8)
     hemisphere[left] = _HEMI_LEFT
     hemisphere[right] = _HEMI_RIGHT
-    # Template coordinates of every subject voxel: warp the (linear) coordinate images.
+    # Template coordinates of every subject voxel: warp the (linear) coordinate images
+    # onto the working grid, then interpolate them (smooth) onto the subject grid.
     tpl_world = world_coordinates(tpl.image.shape, tpl.affine)
-    coords = np.stack([reg.warp(tpl_world[k], tpl.affine, shape, affine) for k in range(3)])
+    coords = np.stack([resample_to_grid(
+        reg.warp(tpl_world[k], tpl.affine, reg.static_shape, reg.static_affine),
+        reg.static_affine, shape, affine, order=1, mode="nearest") for k in range(3)])
     centre = tpl_world[:, tpl_brain].mean(axis=1)
     control = (p_control >= tpl.threshold) & gm
     log.info("atlas route: registration %.1f s, warps %.1f s", t_reg,
