@@ -96,3 +96,12 @@ def test_bundled_atlas_is_found():
     world = mk.world_coordinates(tpl.left.shape, tpl.maps_affine)
     sel = tpl.left >= tpl.threshold
     assert world[0][sel].mean() < 0 < world[0][tpl.right >= tpl.threshold].mean()
+
+
+def test_bundled_juelich_motor_cortex():
+    tpl = mk.load_bundled_atlas("juelich")
+    sel = tpl.left >= tpl.threshold
+    # BA4a + BA4p at >= 25 %: about 30 mL per side, behind the HO gyrus centre, high up.
+    assert 20.0 < sel.sum() / 1000.0 < 40.0
+    world = mk.world_coordinates(tpl.left.shape, tpl.maps_affine)
+    assert world[0][sel].mean() < 0 and world[2][sel].mean() > 40.0
