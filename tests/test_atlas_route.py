@@ -48,7 +48,8 @@ def case():
                                        mode="constant").reshape(mag.shape)
 
     subject = {"magnitude": warp(mag, 1), "brain": warp(s.brain_mask, 0) > 0.5,
-               "precentral": warp(pre, 0) > 0.5, "r2star": warp(s.r2star, 1)}
+               "precentral": warp(pre, 0) > 0.5, "r2star": warp(s.r2star, 1),
+               "chi": warp(s.chi, 1)}
     masks = mk.masks_from_atlas(subject["magnitude"], s.affine, subject["brain"],
                                 template=template)
     return s, template, subject, masks
@@ -67,7 +68,7 @@ def test_atlas_route_dice(case):
             assert ((masks.hemisphere == side) & (masks.segment == seg)).any()
 
 
-def test_atlas_route_r2star_index_close_to_truth(case):
+def test_atlas_route_indices_close_to_truth(case):
     _, _, subject, masks = case
     got = motor_cortex_indices(masks, r2star=subject["r2star"]).indices
     truth = subject["precentral"]
@@ -75,6 +76,10 @@ def test_atlas_route_r2star_index_close_to_truth(case):
     keep = trimmed_voxels(truth, None, subject["r2star"])
     ref = float(subject["r2star"][keep].mean())
     assert abs(got["r2star_precentral_mean"] - ref) <= 0.05 * ref, (got, ref)
+    got_chi = motor_cortex_indices(masks, chi=subject["chi"]).indices["chi_precentral_mean"]
+    keep = trimmed_voxels(truth, subject["chi"], None)
+    ref_chi = float(subject["chi"][keep].mean())
+    assert abs(got_chi - ref_chi) <= 0.05 * abs(ref_chi), (got_chi, ref_chi)
 
 
 def test_registration_failure_is_reported(case):
