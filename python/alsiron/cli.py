@@ -1,5 +1,5 @@
-"""Command line: ``alsiron phantom``, ``qsm``, ``relax``, ``registry export``,
-``longitudinal`` and ``power``.
+"""Command line: ``alsiron phantom``, ``qsm``, ``relax``, ``roi``, ``registry export``,
+``normative``, ``report``, ``longitudinal`` and ``power``.
 
 The CLI only parses options, loads, calls the stage functions and saves; every
 :class:`~alsiron.errors.AlsironError` (and a ``ValueError`` from input validation) is
@@ -117,6 +117,26 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
                    err=True, nl=False)
 
 
+_ROI_OPTIONS = [
+    click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Label image (FreeSurfer aparc+aseg / aparc.a2009s, BIDS dseg, ...) "
+                      "naming the precentral gyrus; resampled to the maps' grid."),
+    click.option("--lut", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Lookup table of --labels (dseg.tsv, CSV index,name or FreeSurfer "
+                      "ColorLUT); default: FreeSurfer label values."),
+    click.option("--atlas", type=click.Choice(["ho", "juelich"]), default=None,
+                 help="Register the bundled MNI template and warp this atlas (Harvard-Oxford "
+                      "precentral gyrus or Juelich BA4a+BA4p). Default: a label image found "
+                      "in the dataset's derivatives, else ho."),
+]
+
+
+def _with_roi_options(func):
+    for option in reversed(_ROI_OPTIONS):
+        func = option(func)
+    return func
+
+
 @cli.command("qsm")
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -162,6 +182,9 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda ctx, _p, value: _list_methods(ctx) if value else None,
               help="Print the available algorithms and exit.")
+@_with_roi_options
+@click.option("--no-indices", is_flag=True,
+              help="Skip the motor-cortex masks and indices at the end of the run.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
@@ -169,13 +192,16 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             echo_times: tuple[float, ...], field_strength: float | None,
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
+            labels: Path | None, lut: Path | None, atlas: str | None, no_indices: bool,
             overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject."""
-    from alsiron import derivatives, ingest, workflow
+    from alsiron import derivatives, ingest, roi_workflow, workflow
+    from alsiron.errors import AlsironError
     from alsiron.evaluate import compare_with_truth
 
     if reference_label is not None and reference_mask is None:
         raise click.UsageError("--reference-label needs --reference-mask")
+    roi_options = None if no_indices else _roi_options(labels, lut, atlas, True)
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)
@@ -200,6 +226,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             names = [derivatives.map_path(out_root, entities, m_suffix, m_desc)
                      for m_suffix, m_desc in workflow.OUTPUT_NAMES]
             derivatives.check_free(names, overwrite)
+            if roi_options is not None:
+                roi_workflow.check_outputs_free(out_root, entities, overwrite)
             click.echo(f"{label}: loading {len(files.echoes)} echoes", err=True)
             series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
                                        echo_times=list(echo_times) or None,
@@ -237,6 +265,21 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
             truth = compare_with_truth(result, root, entities)
             if truth:
                 click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in truth.items()))
+            if roi_options is not None:
+                t0 = time.perf_counter()
+                try:
+                    _, roi_result, roi_written = roi_workflow.run_session(
+                        out_root, entities, series.magnitude[0], series.affine,
+                        result.brain_mask.data > 0, chi=result.chi.data,
+                        r2star=result.r2star.data, options=roi_options, dataset_root=root,
+                        magnitude_name=series.sources[0] if series.sources else None,
+                        overwrite=overwrite)
+                except (AlsironError, ValueError) as exc:
+                    # The maps are written; a failed mask leaves them usable.
+                    click.echo(f"alsiron: warning: {label}: motor-cortex indices skipped: "
+                               f"{exc}", err=True)
+                else:
+                    _echo_roi(label, roi_result, roi_written, time.perf_counter() - t0)
 
 
 @cli.command("relax")
@@ -294,6 +337,95 @@ def relax_cmd(subj_dir: Path, out: Path | None, r2star_method: str, noise_sigma:
                 line += " (no MESE: R2, T2, B1, R2' skipped)"
             click.echo(line + f"\n  {len(written)} maps written to {out_root} in "
                        f"{time.perf_counter() - t0:.1f} s")
+
+
+def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    import nibabel as nib
+
+    from alsiron.errors import InputError
+
+    if not path.is_file():
+        return None
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, float)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read image ({exc})") from None
+
+
+def _roi_options(labels: Path | None, lut: Path | None, atlas: str | None, qc: bool):
+    from alsiron.roi_workflow import RoiOptions
+
+    if lut is not None and labels is None:
+        raise click.UsageError("--lut needs --labels")
+    if labels is not None and atlas is not None:
+        raise click.UsageError("give either --labels or --atlas, not both")
+    return RoiOptions(labels=labels, lut=lut, atlas=atlas, qc=qc)
+
+
+def _echo_roi(label: str, result, written: list[Path], elapsed: float) -> None:
+    from alsiron.indices import summary_lines
+
+    click.echo(f"{label}: motor-cortex indices ({result.parameters['Masks'].get('Route')} "
+               f"route), {len(written)} files in {elapsed:.1f} s")
+    for line in summary_lines(result):
+        click.echo(line)
+
+
+
+
+@cli.command("roi")
+@click.argument("subj_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Derivatives folder holding the maps and receiving the outputs (default: "
+                   "<dataset>/derivatives/alsiron).")
+@_with_roi_options
+@click.option("--no-qc", is_flag=True, help="Skip the QC montage PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def roi_cmd(subj_dir: Path, out: Path | None, labels: Path | None, lut: Path | None,
+            atlas: str | None, no_qc: bool, overwrite: bool) -> None:
+    """Precentral masks and motor-cortex χ / R2* indices from the maps of `alsiron qsm`."""
+    import nibabel as nib
+
+    from alsiron import derivatives, ingest, qsm, roi_workflow
+    from alsiron.errors import InputError
+
+    options = _roi_options(labels, lut, atlas, not no_qc)
+    sessions = ingest.find_sessions(subj_dir)
+    root = ingest.dataset_root(subj_dir)
+    out_root = derivatives.derivatives_root(root, out)
+    for ses in sessions:
+        for files in ses.series:
+            entities = dict(files.entities)
+            roi_workflow.check_outputs_free(out_root, entities, overwrite)
+            chi = _load_map(derivatives.map_path(out_root, entities, "Chimap"))
+            r2s = _load_map(derivatives.map_path(out_root, entities, "R2starmap"))
+            if chi is None and r2s is None:
+                raise InputError(derivatives.map_path(out_root, entities, "Chimap"),
+                                 "no Chimap or R2starmap found: run `alsiron qsm` first")
+            mag_path = files.echoes[0].magnitude
+            try:
+                mag_img = nib.load(str(mag_path))
+                magnitude = np.asarray(mag_img.get_fdata(dtype=np.float32))
+            except Exception as exc:  # nibabel raises many types for corrupt files
+                raise InputError(mag_path, f"cannot read magnitude ({exc})") from None
+            magnitude = magnitude.reshape(magnitude.shape[:3])
+            affine = np.asarray(mag_img.affine, float)
+            for name, loaded in (("Chimap", chi), ("R2starmap", r2s)):
+                if loaded is not None and (loaded[0].shape != magnitude.shape
+                                           or not np.allclose(loaded[1], affine, atol=1e-3)):
+                    raise InputError(derivatives.map_path(out_root, entities, name),
+                                     "not on the grid of the echo-1 magnitude")
+            brain_loaded = _load_map(derivatives.map_path(out_root, entities, "mask", "brain"))
+            brain = (brain_loaded[0] > 0 if brain_loaded is not None
+                     else qsm.brain_mask(magnitude))
+            t0 = time.perf_counter()
+            _, result, written = roi_workflow.run_session(
+                out_root, entities, magnitude, affine, brain,
+                chi=None if chi is None else chi[0], r2star=None if r2s is None else r2s[0],
+                options=options, dataset_root=root, magnitude_name=str(mag_path),
+                overwrite=overwrite)
+            _echo_roi(files.prefix, result, written, time.perf_counter() - t0)
 
 
 def _list_methods(ctx: click.Context) -> None:
