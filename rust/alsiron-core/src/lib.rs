@@ -17,6 +17,7 @@ pub mod fft;
 pub mod fieldmap;
 pub mod grid;
 pub mod inversion;
+pub mod inversion_iterative;
 pub mod r2star;
 pub mod r2star_fit;
 pub mod unwrap;

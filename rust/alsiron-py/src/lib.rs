@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod errors;
 mod fit;
 mod qsm;
+mod qsm_inversion;
 
 /// Number of threads in the global rayon pool.
 #[pyfunction]
@@ -39,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     qsm::register(m)?;
+    qsm_inversion::register(m)?;
     fit::register(m)?;
     Ok(())
 }
