@@ -57,7 +57,6 @@ def run(quick: bool = False) -> list[dict]:
         t_twin = best_of(twin_fn, twin_reps or reps)[0]
         r = row(name, shape, t_rust, t_twin, n_vox=int(np.prod(shape)) * per_iteration)
         rows.append(r)
-        print(r, flush=True)
 
     # Closed-form Tikhonov: vs NumPy float64 and vs SciPy float32 (kernel built in each).
     add("tikhonov", lambda: inversion.tikhonov(field, mask, lam=LAM, **geo),

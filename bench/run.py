@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-MODULES = ("bench_qsm", "bench_bfr", "bench_fit", "bench_relax", "bench_chain")
+MODULES = ("bench_qsm", "bench_inversion", "bench_bfr", "bench_fit", "bench_relax",
+           "bench_chain")
 
 
 def machine() -> str:
