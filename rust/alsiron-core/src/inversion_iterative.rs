@@ -61,24 +61,6 @@ fn check_iterations(max_iter: usize, tol: f64) -> CoreResult<()> {
     Ok(())
 }
 
-/// Σ|x̂|² over the full spectrum from the half spectrum (= N·Σx² by Parseval): the bins
-/// with 0 < kz < nz/2 stand for themselves and their mirror image.
-fn half_spectrum_energy(spectrum: &[Complex32], shape: Shape3) -> f64 {
-    let nz = shape.0[2];
-    let nh = nz / 2 + 1;
-    spectrum
-        .par_chunks(nh)
-        .map(|row| {
-            let mut s = 0.0f64;
-            for (k, v) in row.iter().enumerate() {
-                let single = k == 0 || (nz % 2 == 0 && k == nh - 1);
-                s += if single { 1.0 } else { 2.0 } * v.norm_sqr() as f64;
-            }
-            s
-        })
-        .sum()
-}
-
 /// `out = scale · ∇ᵀw` for periodic forward differences (a backward difference with a
 /// sign flip per axis).
 fn divergence_into(w: &[Vec3], shape: Shape3, inv_h: [f32; 3], scale: f32, out: &mut [f32]) {
@@ -730,66 +712,87 @@ pub fn ilsqr(
     let plan = Fft3Plan::get(shape)?;
     let n = shape.len();
     let n_f = n as f64;
+    let nz = shape.0[2];
+    let nh = nz / 2 + 1;
     let w: Vec<f32> = weight
         .par_iter()
         .zip(mask.par_iter())
         .map(|(&w, &m)| if m != 0 { w } else { 0.0 })
         .collect();
-    let image_norm = |x: &[f32]| -> f64 {
-        x.par_iter()
-            .with_min_len(MIN_LEN)
-            .map(|&v| (v as f64) * (v as f64))
-            .sum::<f64>()
-            .sqrt()
+    // Image-space vectors (u, W·u) and k-space vectors (v, w, x: half spectra whose
+    // squared norms count the mirror bins twice and carry a factor N by Parseval).
+    let mirror = |k: usize| -> f32 {
+        if k == 0 || (nz % 2 == 0 && k == nh - 1) {
+            1.0
+        } else {
+            2.0
+        }
     };
-    let spectrum_norm = |x: &[Complex32]| (half_spectrum_energy(x, shape) / n_f).sqrt();
-    // Aᵀy = D·F(W y) (a spectrum), A v̂ = W·F⁻¹(D v̂) (an image).
-    let mut scratch = vec![0.0f32; n];
-    let at = |y: &[f32], out: &mut [Complex32], scratch: &mut [f32]| -> CoreResult<()> {
-        scratch
-            .par_iter_mut()
-            .zip(y.par_iter().zip(w.par_iter()))
-            .with_min_len(MIN_LEN)
-            .for_each(|(o, (&y, &w))| *o = y * w);
-        plan.forward(scratch, out)?;
-        out.par_iter_mut()
-            .zip(kernel.par_iter())
-            .with_min_len(MIN_LEN)
-            .for_each(|(o, &d)| *o *= d);
-        Ok(())
-    };
-
-    // u = b/β, v = Aᵀu/α.
     let mut u: Vec<f32> = local_field
         .par_iter()
         .zip(w.par_iter())
         .map(|(&f, &w)| f * w)
         .collect();
-    let beta0 = image_norm(&u);
+    let beta0 = u
+        .par_iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt();
     let mut x_hat = plan.make_spectrum();
-    if beta0 == 0.0 {
-        let mut chi = vec![0.0f32; n];
-        plan.inverse(&mut x_hat, &mut chi)?;
-        return Ok((chi, 0));
-    }
-    let scale_image = |x: &mut [f32], s: f64| {
-        let s = s as f32;
-        x.par_iter_mut().with_min_len(MIN_LEN).for_each(|v| *v *= s);
-    };
-    scale_image(&mut u, 1.0 / beta0);
+    let mut weighted_u = vec![0.0f32; n];
     let mut v = plan.make_spectrum();
-    at(&u, &mut v, &mut scratch)?;
-    let mut alpha = spectrum_norm(&v);
-    if alpha == 0.0 {
+    // u ← u/β and W·u in one pass, then v = D·F{W·u} (Aᵀu) without the scaling by 1/α.
+    let normalise_u = |u: &mut [f32], wu: &mut [f32], beta: f64| {
+        let inv = if beta > 0.0 { (1.0 / beta) as f32 } else { 0.0 };
+        u.par_iter_mut()
+            .zip(wu.par_iter_mut().zip(w.par_iter()))
+            .with_min_len(MIN_LEN)
+            .for_each(|(u, (wu, &w))| {
+                *u *= inv;
+                *wu = *u * w;
+            });
+    };
+    let mut alpha = 0.0f64;
+    if beta0 > 0.0 {
+        normalise_u(&mut u, &mut weighted_u, beta0);
+        plan.forward(&weighted_u, &mut v)?;
+        alpha = v
+            .par_chunks_mut(nh)
+            .zip(kernel.par_chunks(nh))
+            .map(|(row, d_row)| {
+                let mut e = 0.0f32;
+                for (k, (c, &d)) in row.iter_mut().zip(d_row).enumerate() {
+                    *c *= d;
+                    e += mirror(k) * c.norm_sqr();
+                }
+                e as f64
+            })
+            .sum::<f64>()
+            / n_f;
+        alpha = alpha.sqrt();
+    }
+    if beta0 == 0.0 || alpha == 0.0 {
         let mut chi = vec![0.0f32; n];
         plan.inverse(&mut x_hat, &mut chi)?;
         return Ok((chi, 0));
     }
-    v.par_iter_mut().for_each(|c| *c *= (1.0 / alpha) as f32);
-    let mut w_dir = v.clone();
+    // v ← v/α, w_dir = v and spec = D·v for the first A·v.
+    let mut w_dir = plan.make_spectrum();
     let mut spec = plan.make_spectrum();
+    {
+        let inv = (1.0 / alpha) as f32;
+        v.par_chunks_mut(nh)
+            .zip(w_dir.par_chunks_mut(nh).zip(spec.par_chunks_mut(nh)))
+            .zip(kernel.par_chunks(nh))
+            .for_each(|((v_row, (w_row, s_row)), d_row)| {
+                for k in 0..v_row.len() {
+                    v_row[k] *= inv;
+                    w_row[k] = v_row[k];
+                    s_row[k] = v_row[k] * d_row[k];
+                }
+            });
+    }
     let mut av = vec![0.0f32; n];
-    let mut at_u = plan.make_spectrum();
     let (mut phi_bar, mut rho_bar) = (beta0, alpha);
     let mut a_norm_sq = 0.0f64;
     let mut iterations = 0;
@@ -798,37 +801,45 @@ pub fn ilsqr(
             return Err(CoreError::Interrupted);
         }
         iterations = iter;
-        // β u = A v − α u.
-        spec.par_iter_mut()
-            .zip(v.par_iter().zip(kernel.par_iter()))
-            .with_min_len(MIN_LEN)
-            .for_each(|(o, (&c, &d))| *o = c * d);
+        // β u = A v − α u  (A v = W·F⁻¹{D v}; spec holds D v).
         plan.inverse(&mut spec, &mut av)?;
         let a32 = alpha as f32;
-        u.par_iter_mut()
-            .zip(av.par_iter().zip(w.par_iter()))
-            .with_min_len(MIN_LEN)
-            .for_each(|(u, (&a, &w))| *u = w * a - a32 * *u);
-        let beta = image_norm(&u);
-        if beta > 0.0 {
-            scale_image(&mut u, 1.0 / beta);
-        }
+        let beta = u
+            .par_chunks_mut(MIN_LEN)
+            .zip(av.par_chunks(MIN_LEN).zip(w.par_chunks(MIN_LEN)))
+            .map(|(u, (a, w))| {
+                let mut e = 0.0f32;
+                for k in 0..u.len() {
+                    let val = w[k] * a[k] - a32 * u[k];
+                    u[k] = val;
+                    e += val * val;
+                }
+                e as f64
+            })
+            .sum::<f64>()
+            .sqrt();
+        normalise_u(&mut u, &mut weighted_u, beta);
         a_norm_sq += alpha * alpha + beta * beta;
-        // α v = Aᵀu − β v.
-        at(&u, &mut at_u, &mut scratch)?;
+        // α v = Aᵀu − β v  (Aᵀu = D·F{W u}).
+        plan.forward(&weighted_u, &mut spec)?;
         let b32 = beta as f32;
-        v.par_iter_mut()
-            .zip(at_u.par_iter())
-            .with_min_len(MIN_LEN)
-            .for_each(|(v, &g)| *v = g - *v * b32);
-        alpha = spectrum_norm(&v);
-        if alpha > 0.0 {
-            let inv = (1.0 / alpha) as f32;
-            v.par_iter_mut()
-                .with_min_len(MIN_LEN)
-                .for_each(|c| *c *= inv);
-        }
-        // Plane rotation and the x, w updates.
+        alpha = (v
+            .par_chunks_mut(nh)
+            .zip(spec.par_chunks(nh))
+            .zip(kernel.par_chunks(nh))
+            .map(|((v_row, g_row), d_row)| {
+                let mut e = 0.0f32;
+                for k in 0..v_row.len() {
+                    let val = g_row[k] * d_row[k] - v_row[k] * b32;
+                    v_row[k] = val;
+                    e += mirror(k) * val.norm_sqr();
+                }
+                e as f64
+            })
+            .sum::<f64>()
+            / n_f)
+            .sqrt();
+        // Plane rotation, then v ← v/α, x and w updates and spec = D·v in one pass.
         let rho = (rho_bar * rho_bar + beta * beta).sqrt();
         let (c, s) = (rho_bar / rho, beta / rho);
         let theta = s * alpha;
@@ -836,13 +847,24 @@ pub fn ilsqr(
         let phi = c * phi_bar;
         phi_bar *= s;
         let (step, back) = ((phi / rho) as f32, (theta / rho) as f32);
+        let inv_alpha = if alpha > 0.0 {
+            (1.0 / alpha) as f32
+        } else {
+            0.0
+        };
         x_hat
-            .par_iter_mut()
-            .zip(w_dir.par_iter_mut().zip(v.par_iter()))
-            .with_min_len(MIN_LEN)
-            .for_each(|(x, (wd, &vv))| {
-                *x += *wd * step;
-                *wd = vv - *wd * back;
+            .par_chunks_mut(nh)
+            .zip(w_dir.par_chunks_mut(nh))
+            .zip(v.par_chunks_mut(nh).zip(spec.par_chunks_mut(nh)))
+            .zip(kernel.par_chunks(nh))
+            .for_each(|(((x_row, w_row), (v_row, s_row)), d_row)| {
+                for k in 0..x_row.len() {
+                    x_row[k] += w_row[k] * step;
+                    let vk = v_row[k] * inv_alpha;
+                    v_row[k] = vk;
+                    w_row[k] = vk - w_row[k] * back;
+                    s_row[k] = vk * d_row[k];
+                }
             });
         let residual = phi_bar; // ‖r‖
         let normal_residual = phi_bar * alpha * c.abs(); // ‖Aᵀr‖
