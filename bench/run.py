@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-MODULES = ("bench_qsm", "bench_bfr", "bench_fit", "bench_field", "bench_relax", "bench_chain",
-           "bench_registry", "bench_roi")
+MODULES = ("bench_qsm", "bench_inversion", "bench_bfr", "bench_fit", "bench_field",
+           "bench_relax", "bench_chain", "bench_registry", "bench_roi")
 
 
 def machine() -> str:

@@ -397,3 +397,217 @@ def lbv(field, mask, voxel_size, *, tol=1e-4, max_iter=2000):
         rs = rs_new
         it += 1
     return np.where(interior, f - x, 0.0), interior.astype(np.uint8), it
+
+
+# --------------------------------------------------------------------------- inversions
+
+
+class FftBackend:
+    """The FFTs a twin uses: NumPy in float64 (the default, obviously correct) or SciPy's
+    multi-threaded float32 real FFT (the benchmark's "SciPy implementation of the same
+    iterations")."""
+
+    def __init__(self, kind: str = "numpy"):
+        self.kind = kind
+        self.dtype = np.float64 if kind == "numpy" else np.float32
+        if kind == "scipy":
+            import scipy.fft as sfft
+
+            self._f = lambda x: sfft.rfftn(x, workers=-1)
+            self._i = lambda s, shape: sfft.irfftn(s, s=shape, axes=(0, 1, 2), workers=-1)
+        else:
+            self._f = np.fft.rfftn
+            self._i = lambda s, shape: np.fft.irfftn(s, s=shape, axes=(0, 1, 2))
+
+    def f(self, x):
+        return self._f(np.asarray(x, dtype=self.dtype))
+
+    def i(self, spectrum, shape):
+        return self._i(spectrum, shape)
+
+    def real(self, x):
+        return np.asarray(x, dtype=self.dtype)
+
+
+NUMPY = FftBackend("numpy")
+
+
+def gradient_energy(shape, voxel_size) -> np.ndarray:
+    """Σ|E_a|² on the half spectrum (symbol of ∇ᵀ∇ for forward differences per mm)."""
+    ks = (np.fft.fftfreq(shape[0])[:, None, None], np.fft.fftfreq(shape[1])[None, :, None],
+          np.fft.rfftfreq(shape[2])[None, None, :])
+    return sum(np.abs((np.exp(2j * np.pi * k) - 1.0) / h) ** 2
+               for k, h in zip(ks, voxel_size, strict=True))
+
+
+def tikhonov(field, mask, voxel_size, b0_dir, lam, fft: FftBackend = NUMPY) -> np.ndarray:
+    d = dipole_kernel(field.shape, voxel_size, b0_dir)
+    den = d**2 + lam * gradient_energy(field.shape, voxel_size)
+    filt = np.where(den > 0, d / np.where(den > 0, den, 1.0), 0.0).astype(fft.dtype)
+    inside = mask != 0
+    chi = fft.i(filt * fft.f(np.where(inside, field, 0.0)), field.shape)
+    return np.where(inside, chi, 0.0)
+
+
+def edge_weight(magnitude, mask, voxel_size, edge_fraction) -> np.ndarray:
+    inside = mask != 0
+    mag = np.where(inside, magnitude, 0.0)
+    g = np.sqrt(sum(((np.roll(mag, -1, axis=a) - mag) / voxel_size[a]) ** 2 for a in range(3)))
+    values = np.sort(g[inside])
+    n_edges = int(round(edge_fraction * values.size))
+    if n_edges == 0:
+        return np.ones(mag.shape)
+    threshold = values[values.size - n_edges]
+    return np.where(inside & (g >= threshold), 0.0, 1.0)
+
+
+def _laplacian(x, voxel_size):
+    return sum((np.roll(x, 1, axis=a) + np.roll(x, -1, axis=a) - 2 * x) / voxel_size[a] ** 2
+               for a in range(3))
+
+
+def weighted_tv_admm(field, weight, tv_weight, mask, voxel_size, b0_dir, alpha, mu1, mu2,
+                     n_iter, phase_scale=None, weak_harmonic=None,
+                     fft: FftBackend = NUMPY) -> np.ndarray:
+    """Twin of inversion_iterative::weighted_tv_admm, fixed iteration count."""
+    shape = field.shape
+    inside = mask != 0
+    d = dipole_kernel(shape, voxel_size, b0_dir).astype(fft.dtype)
+    e = gradient_energy(shape, voxel_size).astype(fft.dtype)
+    f = fft.real(np.where(inside, field, 0.0))
+    w2 = fft.real(np.where(inside, np.asarray(weight, np.float64) ** 2, 0.0))
+    thr = alpha / mu1 * (np.ones(shape) if tv_weight is None else tv_weight)
+    u1 = [np.zeros(shape, fft.dtype) for _ in range(3)]
+    w1 = [np.zeros(shape, fft.dtype) for _ in range(3)]
+    u2, t2 = np.zeros(shape, fft.dtype), f.copy()
+    if weak_harmonic is not None:
+        beta, mu3 = weak_harmonic
+        u3, t3 = np.zeros(shape, fft.dtype), np.zeros(shape, fft.dtype)
+    chi = np.zeros(shape, fft.dtype)
+    for _ in range(n_iter):
+        c = fft.f(mu1 * _grad_adjoint(w1, voxel_size))
+        m = fft.f(t2)
+        r1 = c + mu2 * d * m
+        if weak_harmonic is None:
+            den = mu1 * e + mu2 * d * d
+            x = np.where(den > 0, r1 / np.where(den > 0, den, 1.0), 0.0)
+            y = 0.0
+        else:
+            r2 = mu2 * m - mu3 * e * fft.f(t3)
+            a, b, cc = mu1 * e + mu2 * d * d, mu2 * d, mu2 + mu3 * e * e
+            det = a * cc - b * b
+            ok = det > 0
+            safe = np.where(ok, det, 1.0)
+            x = np.where(ok, (r1 * cc - r2 * b) / safe, 0.0)
+            y = np.where(ok, (r2 * a - r1 * b) / safe, r2 / cc)
+        chi = fft.i(x, shape)
+        model = fft.i(x * d + y, shape)
+        if weak_harmonic is not None:
+            v3 = _laplacian(fft.i(y, shape), voxel_size) + u3
+            z3 = mu3 * v3 / (np.where(inside, beta, 0.0) + mu3)
+            u3 = v3 - z3
+            t3 = z3 - u3
+        v = model + u2
+        z = (w2 * f + mu2 * v) / (w2 + mu2)
+        if phase_scale is not None:
+            s = phase_scale
+            for _ in range(3):
+                r = s * (z - f)
+                g = w2 * np.sin(r) / s + mu2 * (z - v)
+                h = np.maximum(w2 * np.cos(r) + mu2, mu2)
+                z = np.where(w2 > 0, z - g / h, z)
+        u2 = v - z
+        t2 = z - u2
+        g = _grad(chi, voxel_size)
+        for a_ in range(3):
+            vv = g[a_] + u1[a_]
+            u1[a_] = np.clip(vv, -thr, thr)
+            w1[a_] = vv - 2 * u1[a_]
+    return np.where(inside, chi, 0.0)
+
+
+def rts(field, mask, voxel_size, b0_dir, delta, mu, rho, n_iter,
+        fft: FftBackend = NUMPY) -> np.ndarray:
+    """Twin of inversion_iterative::rts (step-1 division, then the TV loop)."""
+    shape = field.shape
+    inside = mask != 0
+    d = dipole_kernel(shape, voxel_size, b0_dir).astype(fft.dtype)
+    e = gradient_energy(shape, voxel_size).astype(fft.dtype)
+    well = np.abs(d) > delta
+    data = np.where(well, fft.f(np.where(inside, field, 0.0)) * mu / np.where(well, d, 1.0), 0)
+    den = np.where(well, mu, 0.0) + rho * e
+    inv_den = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), 0.0).astype(fft.dtype)
+    u = [np.zeros(shape, fft.dtype) for _ in range(3)]
+    w = [np.zeros(shape, fft.dtype) for _ in range(3)]
+    chi = np.zeros(shape, fft.dtype)
+    for _ in range(n_iter):
+        chi = fft.i((data + fft.f(rho * _grad_adjoint(w, voxel_size))) * inv_den, shape)
+        g = _grad(chi, voxel_size)
+        for a in range(3):
+            v = g[a] + u[a]
+            u[a] = np.clip(v, -1.0 / rho, 1.0 / rho)
+            w[a] = v - 2 * u[a]
+    return np.where(inside, chi, 0.0)
+
+
+def ndi(field, weight, mask, voxel_size, b0_dir, phase_scale, lam, step, n_iter,
+        fft: FftBackend = NUMPY) -> np.ndarray:
+    """Twin of inversion_iterative::ndi: χ̂ ← χ̂ − τ(D·F{W² sin(s(Dχ − f))/s} + λχ̂)."""
+    shape = field.shape
+    inside = mask != 0
+    d = dipole_kernel(shape, voxel_size, b0_dir).astype(fft.dtype)
+    f = fft.real(np.where(inside, field, 0.0))
+    w2 = fft.real(np.where(inside, np.asarray(weight, np.float64) ** 2, 0.0))
+    s = phase_scale
+    chi_hat = fft.f(np.zeros(shape))
+    for _ in range(n_iter):
+        r = w2 * np.sin(s * (fft.i(d * chi_hat, shape) - f)) / s
+        chi_hat = chi_hat - step * (d * fft.f(r) + lam * chi_hat)
+    return np.where(inside, fft.i(chi_hat, shape), 0.0)
+
+
+def lsqr(field, weight, mask, voxel_size, b0_dir, n_iter, fft: FftBackend = NUMPY):
+    """Textbook LSQR (Paige & Saunders 1982) on W·F⁻¹DF·χ = W·f in image space, fixed
+    iteration count (twin of inversion_iterative::ilsqr with tol = 0)."""
+    shape = field.shape
+    inside = mask != 0
+    d = dipole_kernel(shape, voxel_size, b0_dir).astype(fft.dtype)
+    # Nyquist planes of even axes zeroed, as in the Rust kernel (see zero_nyquist_planes).
+    for axis, n in enumerate(shape):
+        if n % 2 == 0:
+            index = [slice(None)] * 3
+            index[axis] = n // 2
+            d[tuple(index)] = 0.0
+    w = fft.real(np.where(inside, weight, 0.0))
+
+    def a_op(x):
+        return w * fft.i(d * fft.f(x), shape)
+
+    def at_op(y):
+        return fft.i(d * fft.f(w * y), shape)
+
+    u = w * fft.real(field)
+    beta = np.linalg.norm(u)
+    u = u / beta
+    v = at_op(u)
+    alpha = np.linalg.norm(v)
+    v = v / alpha
+    wd = v.copy()
+    x = np.zeros(shape, fft.dtype)
+    phi_bar, rho_bar = beta, alpha
+    for _ in range(n_iter):
+        u = a_op(v) - alpha * u
+        beta = np.linalg.norm(u)
+        u = u / beta
+        v = at_op(u) - beta * v
+        alpha = np.linalg.norm(v)
+        v = v / alpha
+        rho = np.hypot(rho_bar, beta)
+        c, s = rho_bar / rho, beta / rho
+        theta = s * alpha
+        rho_bar = -c * alpha
+        phi = c * phi_bar
+        phi_bar = s * phi_bar
+        x = x + (phi / rho) * wd
+        wd = v - (theta / rho) * wd
+    return np.where(inside, x, 0.0)

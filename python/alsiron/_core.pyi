@@ -205,3 +205,71 @@ def fit_field_complex(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
            npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """Gauss-Newton complex fit: (ω, φ0, residual [rad], sd(ω)/σ, σ̂, iterations)."""
+
+# --- dipole inversions (rust/alsiron-py/src/qsm_inversion.rs) ---------------------------
+
+def tikhonov(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    lam: float,
+) -> npt.NDArray[np.float32]: ...
+def weighted_tv_admm(
+    field: npt.NDArray[np.float32],
+    data_weight: npt.NDArray[np.float32],
+    tv_weight: npt.NDArray[np.float32] | None,
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    alpha: float,
+    mu_gradient: float,
+    mu_data: float,
+    max_iter: int,
+    tol: float,
+    phase_scale: float | None = None,
+    wh_beta: float | None = None,
+    wh_mu: float | None = None,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[npt.NDArray[np.float32], int]: ...
+def edge_weight(
+    magnitude: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    edge_fraction: float,
+) -> npt.NDArray[np.float32]: ...
+def rts(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    delta: float,
+    mu: float,
+    rho: float,
+    max_iter: int,
+    tol: float,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[npt.NDArray[np.float32], int]: ...
+def ndi(
+    field: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    phase_scale: float,
+    lam: float,
+    step: float,
+    max_iter: int,
+    tol: float,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[npt.NDArray[np.float32], int]: ...
+def ilsqr(
+    field: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    tol: float,
+    max_iter: int,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[npt.NDArray[np.float32], int]: ...

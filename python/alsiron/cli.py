@@ -141,8 +141,13 @@ def _with_roi_options(func):
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
-@click.option("--inversion", type=click.Choice(["tvadmm", "tkd"]), default="tvadmm",
-              show_default=True, help="Dipole inversion.")
+@click.option("--inversion", type=click.Choice(["tkd", "tikhonov", "ilsqr", "tvadmm", "medi",
+                                               "rts", "ndi"]), default=None,
+              help="Dipole inversion (default: the workflow's, see QsmParameters.inversion; "
+                   "--list-methods shows it).")
+@click.option("--weak-harmonic", is_flag=True,
+              help="With --inversion tvadmm: estimate a residual harmonic background jointly "
+                   "(FANSI-style weak-harmonic term).")
 @click.option("--bfr", type=click.Choice(["pdf", "vsharp", "ismv", "lbv"]), default=None,
               help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
 @click.option("--unwrapping", type=click.Choice(["romeo", "laplacian", "echodiff"]),
@@ -186,7 +191,8 @@ def _with_roi_options(func):
 @click.option("--no-indices", is_flag=True,
               help="Skip the motor-cortex masks and indices at the end of the run.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
+def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmonic: bool,
+            bfr: str | None,
             unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
             mask_erode: int | None, phase_quality_threshold: float | None,
             echo_times: tuple[float, ...], field_strength: float | None,
@@ -205,7 +211,13 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str, bfr: str | None,
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)
-    params = workflow.QsmParameters(inversion=inversion)
+    params = workflow.QsmParameters()
+    if inversion is not None:
+        params.inversion = inversion
+    if weak_harmonic:
+        if params.inversion != "tvadmm":
+            raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
+        params.tv_weak_harmonic = True
     if bfr is not None:
         params.bfr = bfr
     if unwrapping is not None:
@@ -429,7 +441,7 @@ def roi_cmd(subj_dir: Path, out: Path | None, labels: Path | None, lut: Path | N
 
 
 def _list_methods(ctx: click.Context) -> None:
-    from alsiron import workflow
+    from alsiron import inversion, workflow
 
     default = workflow.QsmParameters()
     lines = [
@@ -443,7 +455,9 @@ def _list_methods(ctx: click.Context) -> None:
         "brain mask       : magnitude threshold + morphology (default) | --mask FILE",
         "background (--bfr): " + ", ".join(
             f"{k}{' (default)' if k == default.bfr else ''}" for k in workflow.BFR_METHODS),
-        "inversion        : tvadmm (default), tkd",
+        "inversion (--inversion): " + ", ".join(
+            f"{k}{' (default)' if k == default.inversion else ''}"
+            for k in inversion.INVERSION_METHODS) + "; tvadmm --weak-harmonic",
         "reference        : whole-brain mean (default) | --reference-mask FILE "
         "[--reference-label N]",
         "R2*              : weighted log-linear (alsiron relax offers loglinear, arlo, nlls)",

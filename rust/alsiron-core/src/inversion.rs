@@ -17,7 +17,7 @@ use crate::grid::Shape3;
 /// Default TKD truncation threshold on |D|.
 pub const TKD_DEFAULT_THRESHOLD: f64 = 0.19;
 
-fn check_field_and_mask(field: &[f32], mask: &[u8], shape: Shape3) -> CoreResult<()> {
+pub(crate) fn check_field_and_mask(field: &[f32], mask: &[u8], shape: Shape3) -> CoreResult<()> {
     shape.check_len(field.len(), "local field")?;
     shape.check_len(mask.len(), "mask")?;
     if !mask.iter().any(|&m| m != 0) {
@@ -26,7 +26,7 @@ fn check_field_and_mask(field: &[f32], mask: &[u8], shape: Shape3) -> CoreResult
     Ok(())
 }
 
-fn masked(values: &[f32], mask: &[u8]) -> Vec<f32> {
+pub(crate) fn masked(values: &[f32], mask: &[u8]) -> Vec<f32> {
     values
         .par_iter()
         .zip(mask.par_iter())
@@ -34,7 +34,7 @@ fn masked(values: &[f32], mask: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-fn apply_mask(values: &mut [f32], mask: &[u8]) {
+pub(crate) fn apply_mask(values: &mut [f32], mask: &[u8]) {
     values
         .par_iter_mut()
         .zip(mask.par_iter())
@@ -89,6 +89,69 @@ pub fn tkd(
     Ok(chi)
 }
 
+/// Default gradient-regularisation weight λ of [`tikhonov`] [mm²] (tuned on the head
+/// phantom's true local field, docs/qsm_stages.md).
+pub const TIKHONOV_DEFAULT_LAMBDA: f64 = 2e-2;
+
+/// Closed-form Tikhonov inversion with gradient regularisation:
+/// χ̂ = D·f̂ / (D² + λ·Σₐ|Eₐ|²), Eₐ the symbols of the periodic forward differences
+/// divided by the voxel size (so λ is in mm² and anisotropic voxels are honoured).
+///
+/// The filter is evaluated on the fly inside the one k-space pass (no kernel arrays),
+/// so the call costs one forward and one inverse real FFT. χ̂(0) = 0.
+pub fn tikhonov(
+    local_field: &[f32],
+    mask: &[u8],
+    shape: Shape3,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    lambda: f64,
+) -> CoreResult<Vec<f32>> {
+    check_field_and_mask(local_field, mask, shape)?;
+    if !(lambda.is_finite() && lambda > 0.0) {
+        return Err(CoreError::InvalidArgument(format!(
+            "Tikhonov lambda must be positive, got {lambda}"
+        )));
+    }
+    crate::grid::check_voxel_size(voxel_size)?;
+    let b = crate::grid::unit_direction(b0_dir)?;
+    let plan = Fft3Plan::get(shape)?;
+    let mut spectrum = plan.make_spectrum();
+    plan.forward(&masked(local_field, mask), &mut spectrum)?;
+    let [kx, ky, kz] = crate::dipole::half_spectrum_frequencies(shape, voxel_size);
+    let [ex, ey, ez] = difference_symbols(shape, voxel_size);
+    let e2 = |s: &[Complex32]| -> Vec<f64> { s.iter().map(|c| c.norm_sqr() as f64).collect() };
+    let (ex2, ey2, ez2) = (e2(&ex), e2(&ey), e2(&ez));
+    let [_, hy, hz] = shape.half_spectrum().0;
+    spectrum
+        .par_chunks_mut(hy * hz)
+        .enumerate()
+        .for_each(|(i, plane)| {
+            for (j, row) in plane.chunks_exact_mut(hz).enumerate() {
+                let (x, y) = (kx[i], ky[j]);
+                let xy2 = x * x + y * y;
+                let xyb = x * b[0] + y * b[1];
+                let exy = ex2[i] + ey2[j];
+                for (k, v) in row.iter_mut().enumerate() {
+                    let z = kz[k];
+                    let k2 = xy2 + z * z;
+                    let filter = if k2 == 0.0 {
+                        0.0
+                    } else {
+                        let kb = xyb + z * b[2];
+                        let d = 1.0 / 3.0 - kb * kb / k2;
+                        d / (d * d + lambda * (exy + ez2[k]))
+                    };
+                    *v *= filter as f32;
+                }
+            }
+        });
+    let mut chi = vec![0.0f32; shape.len()];
+    plan.inverse(&mut spectrum, &mut chi)?;
+    apply_mask(&mut chi, mask);
+    Ok(chi)
+}
+
 /// Parameters of [`tv_admm`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TvAdmmParams {
@@ -137,7 +200,7 @@ impl TvAdmmParams {
 
 /// k-space symbols of the periodic forward differences along each axis, on the half
 /// spectrum: E_a(k) = (exp(2πi·k_a/N_a) − 1) / h_a. Stored per axis (1-D).
-fn difference_symbols(shape: Shape3, voxel_size: [f64; 3]) -> [Vec<Complex32>; 3] {
+pub(crate) fn difference_symbols(shape: Shape3, voxel_size: [f64; 3]) -> [Vec<Complex32>; 3] {
     let [nx, ny, nz] = shape.0;
     let symbol = |n: usize, count: usize, h: f64| -> Vec<Complex32> {
         (0..count)
@@ -154,10 +217,29 @@ fn difference_symbols(shape: Shape3, voxel_size: [f64; 3]) -> [Vec<Complex32>; 3
     ]
 }
 
+/// Σₐ|Eₐ(k)|² on the half spectrum: the symbol of ∇ᵀ∇ (minus the 7-point Laplacian) for
+/// periodic forward differences scaled by the voxel size [mm⁻²].
+pub(crate) fn gradient_energy(shape: Shape3, voxel_size: [f64; 3]) -> Vec<f32> {
+    let [ex, ey, ez] = difference_symbols(shape, voxel_size);
+    let half = shape.half_spectrum();
+    let [_, hy, hz] = half.0;
+    let mut out = vec![0.0f32; half.len()];
+    out.par_chunks_mut(hy * hz)
+        .enumerate()
+        .for_each(|(i, plane)| {
+            for (j, row) in plane.chunks_mut(hz).enumerate() {
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = ex[i].norm_sqr() + ey[j].norm_sqr() + ez[k].norm_sqr();
+                }
+            }
+        });
+    out
+}
+
 /// Per-voxel 3-vector (x, y, z components) of the ADMM split variables. The iteration
 /// keeps the scaled dual u and w = z − u (all the χ-update needs), so the divergence pass
 /// reads 12 bytes per voxel and the update pass streams u and w once.
-type Vec3 = [f32; 3];
+pub(crate) type Vec3 = [f32; 3];
 
 /// Periodic forward differences of `chi` at voxel (i, j, k) divided by the voxel size.
 #[inline]
@@ -243,34 +325,63 @@ pub fn tv_admm(
     params.check()?;
     let kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
     let plan = Fft3Plan::get(shape)?;
-    let [nx, ny, nz] = shape.0;
-    let half = shape.half_spectrum();
-    let half_plane = half.0[1] * half.0[2];
-    let plane = ny * nz;
     let mu = params.mu as f32;
 
     // Fixed k-space terms: D·f̂ and 1 / (D² + μ Σ|E|²) (0 at k = 0 where χ̂ is undetermined).
     let mut data_term = plan.make_spectrum();
     plan.forward(&masked(local_field, mask), &mut data_term)?;
     apply_kernel(&mut data_term, &kernel);
-    let [ex, ey, ez] = difference_symbols(shape, voxel_size);
-    let mut inv_denominator = vec![0.0f32; half.len()];
-    inv_denominator
-        .par_chunks_mut(half_plane)
-        .enumerate()
-        .for_each(|(i, out)| {
-            for (j, row) in out.chunks_mut(half.0[2]).enumerate() {
-                for (k, v) in row.iter_mut().enumerate() {
-                    let d = kernel[half.idx(i, j, k)];
-                    let e2 = ex[i].norm_sqr() + ey[j].norm_sqr() + ez[k].norm_sqr();
-                    let den = d * d + mu * e2;
-                    *v = if den > 0.0 { 1.0 / den } else { 0.0 };
-                }
+    let e2 = gradient_energy(shape, voxel_size);
+    let inv_denominator: Vec<f32> = kernel
+        .par_iter()
+        .zip(e2.par_iter())
+        .map(|(&d, &e)| {
+            let den = d * d + mu * e;
+            if den > 0.0 {
+                1.0 / den
+            } else {
+                0.0
             }
-        });
+        })
+        .collect();
 
-    let inv_h = voxel_size.map(|h| (1.0 / h) as f32);
     let threshold = (params.alpha / params.mu) as f32;
+    let (mut chi, iterations) = tv_split_loop(
+        shape,
+        voxel_size,
+        &plan,
+        &data_term,
+        &inv_denominator,
+        mu,
+        threshold,
+        params.max_iter,
+        params.tol,
+        should_stop,
+    )?;
+    apply_mask(&mut chi, mask);
+    Ok((chi, iterations))
+}
+
+/// The ADMM loop shared by [`tv_admm`] and RTS: with z = ∇χ split off and scaled dual u,
+/// χ̂ = (b̂ + μ·F{∇ᵀ(z − u)})·q̂, z = soft(∇χ + u, threshold), u ← u + ∇χ − z, where
+/// b̂ (`data_term`) and q̂ (`inv_denominator`) are the problem's fixed k-space terms.
+/// Returns (χ unmasked, iterations run).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tv_split_loop(
+    shape: Shape3,
+    voxel_size: [f64; 3],
+    plan: &Fft3Plan,
+    data_term: &[Complex32],
+    inv_denominator: &[f32],
+    mu: f32,
+    threshold: f32,
+    max_iter: usize,
+    tol: f64,
+    should_stop: &(dyn Fn(usize) -> bool + Sync),
+) -> CoreResult<(Vec<f32>, usize)> {
+    let [nx, ny, nz] = shape.0;
+    let plane = ny * nz;
+    let inv_h = voxel_size.map(|h| (1.0 / h) as f32);
     let mut u: Vec<Vec3> = vec![[0.0; 3]; shape.len()];
     let mut w: Vec<Vec3> = vec![[0.0; 3]; shape.len()];
     let mut chi = vec![0.0f32; shape.len()];
@@ -279,7 +390,7 @@ pub fn tv_admm(
     let mut spectrum = plan.make_spectrum();
     let mut iterations = 0;
 
-    for iter in 1..=params.max_iter {
+    for iter in 1..=max_iter {
         if should_stop(iter) {
             return Err(CoreError::Interrupted);
         }
@@ -367,11 +478,10 @@ pub fn tv_admm(
                 })
                 .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
         };
-        if norm > 0.0 && (change / norm).sqrt() < params.tol {
+        if norm > 0.0 && (change / norm).sqrt() < tol {
             break;
         }
     }
-    apply_mask(&mut chi, mask);
     Ok((chi, iterations))
 }
 

@@ -18,6 +18,7 @@ pub mod fieldfit;
 pub mod fieldmap;
 pub mod grid;
 pub mod inversion;
+pub mod inversion_iterative;
 pub mod r2star;
 pub mod r2star_fit;
 pub mod unwrap;

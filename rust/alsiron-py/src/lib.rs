@@ -10,6 +10,7 @@ mod errors;
 mod field;
 mod fit;
 mod qsm;
+mod qsm_inversion;
 
 /// Number of threads in the global rayon pool.
 #[pyfunction]
@@ -40,6 +41,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     qsm::register(m)?;
+    qsm_inversion::register(m)?;
     fit::register(m)?;
     field::register(m)?;
     Ok(())

@@ -15,14 +15,14 @@ use crate::errors::to_py;
 
 /// How often (in ADMM iterations) the solver polls Python for Ctrl-C: an iteration at
 /// 256³ takes ~0.1–0.3 s, so this keeps interrupts responsive without attaching every time.
-const SIGNAL_POLL_EVERY: usize = 2;
+pub(crate) const SIGNAL_POLL_EVERY: usize = 2;
 
-fn shape_of<T: numpy::Element>(a: &PyReadonlyArray3<'_, T>) -> Shape3 {
+pub(crate) fn shape_of<T: numpy::Element>(a: &PyReadonlyArray3<'_, T>) -> Shape3 {
     let s = a.shape();
     Shape3([s[0], s[1], s[2]])
 }
 
-fn contiguous<'a, T: numpy::Element>(
+pub(crate) fn contiguous<'a, T: numpy::Element>(
     a: &'a PyReadonlyArray3<'_, T>,
     what: &str,
 ) -> PyResult<&'a [T]> {
@@ -30,7 +30,7 @@ fn contiguous<'a, T: numpy::Element>(
         .map_err(|_| PyValueError::new_err(format!("{what} must be a C-contiguous array")))
 }
 
-fn same_shape(a: Shape3, b: Shape3, what: &str) -> PyResult<()> {
+pub(crate) fn same_shape(a: Shape3, b: Shape3, what: &str) -> PyResult<()> {
     if a != b {
         return Err(to_py(CoreError::ShapeMismatch(format!(
             "{what} has shape {:?}, expected {:?}",
@@ -40,7 +40,7 @@ fn same_shape(a: Shape3, b: Shape3, what: &str) -> PyResult<()> {
     Ok(())
 }
 
-fn to_array<'py, T: numpy::Element>(
+pub(crate) fn to_array<'py, T: numpy::Element>(
     py: Python<'py>,
     shape: Shape3,
     data: Vec<T>,

@@ -1,0 +1,109 @@
+"""Benchmark of the dipole inversions: Rust core vs SciPy (and NumPy) versions of the
+same computation.
+
+Full size is one 256 × 256 × 176 volume (the inversion acts on the combined local field).
+Rows {"kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"}: ratio =
+twin_ms / rust_ms, throughput in M voxels/s of the Rust kernel (per iteration for the
+iterative solvers, which run a fixed iteration count with tol = 0 on both sides).
+Kernel names ending in "[scipy]" compare against the twin of tests/twins_qsm.py run with
+``scipy.fft`` in float32 and ``workers=-1`` (the "SciPy implementation of the same
+iterations"); the others against the float64 ``numpy.fft`` twin (closed-form kernels
+only: a float64 NumPy iteration at full size takes minutes).
+
+Run: ``python bench/bench_inversion.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from timing import best_of, row  # noqa: E402
+
+from alsiron import _core, inversion  # noqa: E402
+
+import twins_qsm as tw  # noqa: E402
+
+FULL_SHAPE = (256, 256, 176)
+QUICK_SHAPE = (48, 48, 40)
+VOXEL = (1.0, 1.0, 1.2)
+B0 = (0.1, -0.15, 1.0)
+ITERATIONS = 5
+LAM = 2e-2
+
+
+def run(quick: bool = False) -> list[dict]:
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    rng = np.random.default_rng(0)
+    g = np.indices(shape, sparse=True)
+    mask = sum(((g[a] - (shape[a] - 1) / 2) / (0.42 * shape[a])) ** 2 for a in range(3)) <= 1
+    field = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    magnitude = np.where(mask, 1.0 + 0.2 * rng.random(shape), 0.0).astype(np.float32)
+    weight = inversion.magnitude_weight(magnitude, mask)
+    edges = inversion.edge_weight(magnitude, mask, voxel_size=VOXEL, edge_fraction=0.3)
+    sp = tw.FftBackend("scipy")
+    reps = 3 if quick else 2
+    n_it = ITERATIONS
+    geo = {"voxel_size": VOXEL, "b0_dir": B0}
+    rows = []
+
+    def add(name, rust_fn, twin_fn, per_iteration=1, twin_reps=None):
+        rust_fn()  # plans and pages warm
+        t_rust = best_of(rust_fn, reps)[0]
+        t_twin = best_of(twin_fn, twin_reps or reps)[0]
+        r = row(name, shape, t_rust, t_twin, n_vox=int(np.prod(shape)) * per_iteration)
+        rows.append(r)
+
+    # Closed-form Tikhonov: vs NumPy float64 and vs SciPy float32 (kernel built in each).
+    add("tikhonov", lambda: inversion.tikhonov(field, mask, lam=LAM, **geo),
+        lambda: tw.tikhonov(field, mask, VOXEL, B0, LAM), twin_reps=1)
+    add("tikhonov [scipy]", lambda: inversion.tikhonov(field, mask, lam=LAM, **geo),
+        lambda: tw.tikhonov(field, mask, VOXEL, B0, LAM, fft=sp))
+
+    add(f"ilsqr ({n_it} it) [scipy]",
+        lambda: inversion.ilsqr(field, mask, weight=weight, tol=0.0, max_iter=n_it, **geo),
+        lambda: tw.lsqr(field, weight, mask, VOXEL, B0, n_it, fft=sp), n_it)
+    add(f"tv_admm weighted ({n_it} it) [scipy]",
+        lambda: inversion.tv_admm_weighted(field, mask, weight=weight, alpha=1e-4,
+                                           mu_gradient=0.1, max_iter=n_it, tol=0.0, **geo),
+        lambda: tw.weighted_tv_admm(field, weight, None, mask, VOXEL, B0, 1e-4, 0.1, 1.0,
+                                    n_it, fft=sp), n_it)
+    add(f"tv_admm weak-harmonic ({n_it} it) [scipy]",
+        lambda: inversion.tv_admm_weighted(field, mask, weight=weight, alpha=1e-4,
+                                           mu_gradient=0.1, max_iter=n_it, tol=0.0,
+                                           weak_harmonic=(1e3, 1.0), **geo),
+        lambda: tw.weighted_tv_admm(field, weight, None, mask, VOXEL, B0, 1e-4, 0.1, 1.0,
+                                    n_it, weak_harmonic=(1e3, 1.0), fft=sp), n_it)
+    add(f"medi nonlinear ({n_it} it) [scipy]",
+        lambda: inversion.tv_admm_weighted(field, mask, weight=weight, tv_weight=edges,
+                                           alpha=1e-4, mu_gradient=0.1, max_iter=n_it,
+                                           tol=0.0, phase_scale=16.0, **geo),
+        lambda: tw.weighted_tv_admm(field, weight, edges, mask, VOXEL, B0, 1e-4, 0.1, 1.0,
+                                    n_it, phase_scale=16.0, fft=sp), n_it)
+    add(f"rts ({n_it} it) [scipy]",
+        lambda: inversion.rts(field, mask, max_iter=n_it, tol=0.0, **geo),
+        lambda: tw.rts(field, mask, VOXEL, B0, 0.15, 1e5, 10.0, n_it, fft=sp), n_it)
+    add(f"ndi ({n_it} it) [scipy]",
+        lambda: inversion.ndi(field, mask, weight=weight, phase_scale=16.0, max_iter=n_it,
+                              tol=0.0, **geo),
+        lambda: tw.ndi(field, weight, mask, VOXEL, B0, 16.0, 1e-3, 2.0, n_it, fft=sp), n_it)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    print(f"rayon threads: {_core.num_threads()}")
+    rows = run(quick="--quick" in args)
+    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(r[h]) for h in header) + " |")
+
+
+if __name__ == "__main__":
+    main()

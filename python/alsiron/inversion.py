@@ -1,0 +1,544 @@
+"""Dipole inversion: local field [ppm] → susceptibility χ [ppm], every method alsiron has.
+
+TKD and the plain TV-ADMM live in :mod:`alsiron.qsm`; this module adds closed-form
+Tikhonov, iLSQR (its LSQR core), TV-ADMM with a weak-harmonic background term
+(FANSI-style), MEDI-style magnitude-weighted L1, RTS and NDI, and one dispatcher,
+:func:`invert`, that the workflow, the command line and the stage evaluation share.
+
+Arrays are 3-D on the acquisition grid (C order), voxel sizes in mm, the B0 direction in
+voxel-index space; χ is 0 outside the mask and not referenced (see
+:func:`alsiron.qsm.reference_to_mean`). Iterative solvers release the GIL, stop on
+Ctrl-C and call ``progress(iteration, max_iter)`` every few iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from alsiron import _core, qsm
+from alsiron.constants import GAMMA_BAR_HZ_PER_T
+
+__all__ = [
+    "INVERSION_METHODS",
+    "InversionSettings",
+    "edge_weight",
+    "ilsqr",
+    "invert",
+    "magnitude_weight",
+    "medi",
+    "ndi",
+    "phase_per_ppm",
+    "rts",
+    "tikhonov",
+    "tv_admm_weighted",
+]
+
+logger = logging.getLogger("alsiron")
+
+#: Inversion names accepted by :func:`invert` (and ``alsiron qsm --inversion``) → the
+#: method's name in the provenance.
+INVERSION_METHODS: dict[str, str] = {
+    "tkd": "TKD",
+    "tikhonov": "Tikhonov (gradient regularisation, closed form)",
+    "ilsqr": "iLSQR (LSQR core)",
+    "tvadmm": "TV-ADMM",
+    "medi": "MEDI-style magnitude-weighted L1",
+    "rts": "RTS",
+    "ndi": "NDI",
+}
+
+_REFERENCES: dict[str, str] = {
+    "tkd": "Shmueli et al. MRM 2009;62:1510; Wharton et al. MRM 2010;63:1292",
+    "tikhonov": "Bilgic et al. MRM 2014;72:1444 (closed-form L2 with gradient prior)",
+    "ilsqr": "Li et al. NeuroImage 2015;108:111; Paige & Saunders ACM TOMS 1982;8:43",
+    "tvadmm": "Bilgic et al. MRM 2014;72:1444; Milovic et al. MRM 2018;80:814 "
+              "(weak-harmonic: Milovic et al. MRM 2019;81:3326)",
+    "medi": "Liu et al. MRM 2011;66:777; Liu et al. MRM 2012;67:137",
+    "rts": "Kames et al. NeuroImage 2018;167:276",
+    "ndi": "Polak et al. NMR Biomed 2020;33:e4271",
+}
+
+
+@dataclass
+class InversionSettings:
+    """Parameters of every inversion (defaults measured on the head phantom's true local
+    field, docs/qsm_stages.md).
+
+    Attributes
+    ----------
+    tkd_threshold : float
+        TKD truncation of |D|.
+    tikhonov_lambda : float
+        Tikhonov gradient weight λ [mm²].
+    ilsqr_tol, ilsqr_max_iter : float, int
+        LSQR stopping tolerance (relative residual and normal-equation residual) and cap.
+    tv_alpha, tv_mu : float
+        TV weight α and gradient ADMM penalty μ₁ of TV-ADMM.
+    tv_max_iter, tv_tol : int, float
+        TV-ADMM iteration cap and relative-change tolerance.
+    tv_weak_harmonic : bool
+        Estimate a residual harmonic background φ jointly (FANSI's weak-harmonic term).
+    wh_alpha : float
+        TV weight of the weak-harmonic variant (its data term is magnitude weighted, W ≤ 1,
+        so it wants a smaller α than the unweighted TV-ADMM).
+    wh_beta, wh_mu : float
+        Weight β of ½‖M·Δφ‖² and its ADMM penalty.
+    medi_alpha : float
+        MEDI TV weight α (1/λ of MEDI's ½λ‖W(e^{iDχ} − e^{if})‖² + ‖G∇χ‖₁, field in ppm).
+    medi_edge_fraction : float
+        Fraction of mask voxels treated as edges (no TV) from the magnitude gradient.
+    medi_mu_gradient, medi_mu_data : float
+        ADMM penalties on ∇χ and on the data split.
+    medi_max_iter, medi_tol : int, float
+        MEDI iteration cap and tolerance.
+    medi_nonlinear : bool
+        Complex-exponential data term (needs the phase per ppm) instead of the linear one.
+    rts_delta, rts_mu, rts_rho : float
+        RTS well-conditioned threshold on |D|, k-space data weight and ADMM penalty.
+    rts_max_iter, rts_tol : int, float
+        RTS TV iterations and tolerance.
+    ndi_lambda, ndi_step : float
+        NDI Tikhonov weight and gradient step.
+    ndi_max_iter, ndi_tol : int, float
+        NDI iteration cap (its regularisation) and tolerance.
+    """
+
+    tkd_threshold: float = qsm.TKD_THRESHOLD
+    tikhonov_lambda: float = 2e-2
+    ilsqr_tol: float = 1e-2
+    ilsqr_max_iter: int = 50
+    tv_alpha: float = qsm.TV_ALPHA
+    tv_mu: float = qsm.TV_MU
+    tv_max_iter: int = 200
+    tv_tol: float = 1e-3
+    tv_weak_harmonic: bool = False
+    wh_alpha: float = 1e-4
+    wh_beta: float = 1e3
+    wh_mu: float = 1.0
+    medi_alpha: float = 1e-4
+    medi_edge_fraction: float = 0.3
+    medi_mu_gradient: float = 0.1
+    medi_mu_data: float = 1.0
+    medi_max_iter: int = 200
+    medi_tol: float = 1e-3
+    medi_nonlinear: bool = True
+    rts_delta: float = 0.15
+    rts_mu: float = 1e5
+    rts_rho: float = 10.0
+    rts_max_iter: int = 20
+    rts_tol: float = 1e-2
+    ndi_lambda: float = 1e-3
+    ndi_step: float = 2.0
+    ndi_max_iter: int = 200
+    ndi_tol: float = 1e-3
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive(value: float, name: str, *, allow_zero: bool = False) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+    return v
+
+
+def _iterations(max_iter: int, tol: float) -> tuple[int, float]:
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    return int(max_iter), _positive(tol, "tol", allow_zero=True)
+
+
+def _geometry(voxel_size: Sequence[float], b0_dir: Sequence[float]):
+    return (qsm._vec3(voxel_size, "voxel_size", positive=True),
+            qsm._vec3(b0_dir, "b0_dir", positive=False))
+
+
+def _weight(weight: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if weight is None:
+        return np.ones(shape, dtype=np.float32)
+    w = qsm._volume(weight, name)
+    if w.shape != shape:
+        raise ValueError(f"{name} has shape {w.shape}, expected {shape}")
+    if np.any(w < 0):
+        raise ValueError(f"{name} must be non-negative")
+    return w
+
+
+def phase_per_ppm(field_strength: float, echo_time: float) -> float:
+    """Phase [rad] that 1 ppm of field accrues at ``echo_time`` [s] and B0 [T]:
+    2π·γ̄·B0·TE·10⁻⁶ (≈ 16.1 rad/ppm at 3 T, 20 ms)."""
+    b0 = _positive(field_strength, "field_strength")
+    te = _positive(echo_time, "echo_time")
+    return 2.0 * math.pi * GAMMA_BAR_HZ_PER_T * b0 * te * 1e-6
+
+
+def magnitude_weight(magnitude: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Data weight from the magnitude (field noise ∝ 1/magnitude): magnitude divided by its
+    99th percentile inside ``mask``, clipped to [0, 1], 0 outside.
+
+    Parameters
+    ----------
+    magnitude : ndarray, shape (X, Y, Z)
+        Magnitude image (any units), e.g. the root-sum-of-squares over echoes.
+    mask : ndarray of bool, shape (X, Y, Z)
+
+    Returns
+    -------
+    ndarray, float32
+    """
+    mag = qsm._volume(magnitude, "magnitude")
+    m = qsm._mask(mask, mag.shape) != 0
+    top = float(np.percentile(np.abs(mag[m]), 99))
+    if not top > 0:
+        raise ValueError("magnitude is zero inside the mask; cannot weight the data by it")
+    return np.where(m, np.clip(np.abs(mag) / top, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+def edge_weight(magnitude: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
+                edge_fraction: float = 0.1) -> np.ndarray:
+    """MEDI's gradient weight: 0 on the ``edge_fraction`` of mask voxels with the largest
+    magnitude-gradient norm (per mm), 1 elsewhere (float32)."""
+    mag = qsm._volume(magnitude, "magnitude")
+    m = qsm._mask(mask, mag.shape)
+    if not 0.0 <= float(edge_fraction) < 1.0:
+        raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction}")
+    vs = qsm._vec3(voxel_size, "voxel_size", positive=True)
+    return _core.edge_weight(mag, m, vs, float(edge_fraction))
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def tikhonov(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
+             b0_dir: Sequence[float], lam: float = 2e-2) -> np.ndarray:
+    """Closed-form Tikhonov inversion with gradient regularisation.
+
+    χ = F⁻¹{D·F{f·M} / (D² + λ·Σₐ|Eₐ|²)}, Eₐ the k-space symbols of the forward
+    differences along each axis divided by the voxel size (anisotropic voxels honoured).
+
+    Parameters
+    ----------
+    local_field : ndarray, shape (X, Y, Z)
+        Local field [ppm]; ignored outside ``mask``.
+    mask : ndarray of bool, shape (X, Y, Z)
+    voxel_size : 3 floats
+        Voxel edges [mm].
+    b0_dir : 3 floats
+        B0 direction in voxel-index space.
+    lam : float
+        λ [mm²] (weight of ‖∇χ‖² against ‖Dχ − f‖²).
+
+    Returns
+    -------
+    ndarray, float32
+        χ [ppm], 0 outside the mask.
+    """
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    return _core.tikhonov(field, m, vs, b0, _positive(lam, "lam"))
+
+
+def ilsqr(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
+          b0_dir: Sequence[float], weight: np.ndarray | None = None, tol: float = 1e-2,
+          max_iter: int = 50, progress: Callable[[int, int], None] | None = None
+          ) -> tuple[np.ndarray, int]:
+    """LSQR on the weighted dipole model W·F⁻¹DF·χ = W·f (the core of iLSQR).
+
+    Early stopping (``tol`` on ‖r‖/‖b‖ and on ‖Aᵀr‖/(‖A‖‖r‖), or ``max_iter``) is the
+    regularisation. iLSQR's later streaking-correction steps are not implemented.
+
+    Parameters
+    ----------
+    local_field, mask, voxel_size, b0_dir
+        As in :func:`tikhonov`.
+    weight : ndarray, shape (X, Y, Z), optional
+        Data weight W ≥ 0 (e.g. :func:`magnitude_weight`); 1 inside the mask by default.
+    tol, max_iter : float, int
+        Stopping rule.
+    progress : callable, optional
+        ``progress(iteration, max_iter)``.
+
+    Returns
+    -------
+    chi : ndarray, float32
+        χ [ppm], 0 outside the mask.
+    n_iter : int
+        LSQR iterations run.
+    """
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    n, t = _iterations(max_iter, tol)
+    chi, it = _core.ilsqr(field, _weight(weight, field.shape, "weight"), m, vs, b0, t, n,
+                          progress)
+    return chi, int(it)
+
+
+def tv_admm_weighted(local_field: np.ndarray, mask: np.ndarray, *,
+                     voxel_size: Sequence[float], b0_dir: Sequence[float],
+                     weight: np.ndarray | None = None, tv_weight: np.ndarray | None = None,
+                     alpha: float = qsm.TV_ALPHA, mu_gradient: float = qsm.TV_MU,
+                     mu_data: float = 1.0, max_iter: int = 200, tol: float = 1e-3,
+                     phase_scale: float | None = None,
+                     weak_harmonic: tuple[float, float] | None = None,
+                     progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[np.ndarray, int]:
+    """Weighted TV inversion by ADMM, optionally nonlinear and with a weak-harmonic term.
+
+    Minimises Σ W²·ρ(Dχ + φ − f) + α‖G∘∇χ‖₁ + β/2‖M·Δφ‖² over χ (and φ when
+    ``weak_harmonic`` is given), ρ(r) = r²/2, or (1 − cos(s·r))/s² with s =
+    ``phase_scale`` [rad/ppm] (the complex-exponential misfit of FANSI/MEDI). The
+    weak-harmonic φ absorbs background field left by background removal.
+
+    Parameters
+    ----------
+    local_field, mask, voxel_size, b0_dir
+        As in :func:`tikhonov`.
+    weight : ndarray, optional
+        Data weight W (1 inside the mask by default); 0 outside the mask always.
+    tv_weight : ndarray, optional
+        Per-voxel TV weight G (e.g. :func:`edge_weight`), 1 by default.
+    alpha : float
+        TV weight [ppm field per ppm/mm χ gradient].
+    mu_gradient, mu_data : float
+        ADMM penalties on ∇χ and on the data split.
+    max_iter, tol : int, float
+        Iteration cap; stop when ‖χₙ − χₙ₋₁‖/‖χₙ‖ < tol.
+    phase_scale : float, optional
+        Phase per ppm [rad/ppm] for the nonlinear data term.
+    weak_harmonic : (beta, mu), optional
+        Weak-harmonic weight β and its ADMM penalty.
+    progress : callable, optional
+
+    Returns
+    -------
+    chi : ndarray, float32
+    n_iter : int
+    """
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    n, t = _iterations(max_iter, tol)
+    w = _weight(weight, field.shape, "weight")
+    g = None if tv_weight is None else _weight(tv_weight, field.shape, "tv_weight")
+    s = None if phase_scale is None else _positive(phase_scale, "phase_scale")
+    wh_beta = wh_mu = None
+    if weak_harmonic is not None:
+        wh_beta = _positive(weak_harmonic[0], "weak-harmonic beta")
+        wh_mu = _positive(weak_harmonic[1], "weak-harmonic mu")
+    chi, it = _core.weighted_tv_admm(
+        field, w, g, m, vs, b0, _positive(alpha, "alpha", allow_zero=True),
+        _positive(mu_gradient, "mu_gradient"), _positive(mu_data, "mu_data"), n, t, s,
+        wh_beta, wh_mu, progress)
+    return chi, int(it)
+
+
+def medi(local_field: np.ndarray, mask: np.ndarray, magnitude: np.ndarray, *,
+         voxel_size: Sequence[float], b0_dir: Sequence[float],
+         phase_scale: float | None = None, alpha: float = 1e-4,
+         edge_fraction: float = 0.3, mu_gradient: float = 0.1, mu_data: float = 1.0,
+         max_iter: int = 200, tol: float = 1e-3,
+         progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+    """MEDI-style magnitude-weighted L1: min Σ W²ρ(Dχ − f) + α‖G∘∇χ‖₁ by ADMM.
+
+    W = :func:`magnitude_weight` (noise weighting), G = :func:`edge_weight` (no TV across
+    the ``edge_fraction`` strongest magnitude edges); ρ nonlinear when ``phase_scale``
+    [rad/ppm] is given (MEDI's complex-exponential fidelity), linear otherwise.
+    MEDI's Gauss-Newton/CG solver is replaced by ADMM on the same objective.
+
+    Returns
+    -------
+    chi : ndarray, float32
+    n_iter : int
+    """
+    field = qsm._volume(local_field, "local_field")
+    w = magnitude_weight(magnitude, mask)
+    g = edge_weight(magnitude, mask, voxel_size=voxel_size, edge_fraction=edge_fraction)
+    return tv_admm_weighted(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, weight=w,
+                            tv_weight=g, alpha=alpha, mu_gradient=mu_gradient,
+                            mu_data=mu_data, max_iter=max_iter, tol=tol,
+                            phase_scale=phase_scale, progress=progress)
+
+
+def rts(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
+        b0_dir: Sequence[float], delta: float = 0.15, mu: float = 1e5, rho: float = 10.0,
+        max_iter: int = 20, tol: float = 1e-2,
+        progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+    """Rapid two-step inversion (Kames et al. 2018).
+
+    Step 1: χ̂₀ = F{f·M}/D where |D| > ``delta``. Step 2: min μ/2‖M_wc(χ̂ − χ̂₀)‖² +
+    ‖∇χ‖₁ by ADMM with penalty ``rho`` (threshold 1/ρ), so TV fills only the
+    ill-conditioned cone.
+
+    Returns
+    -------
+    chi : ndarray, float32
+    n_iter : int
+        TV iterations run.
+    """
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    n, t = _iterations(max_iter, tol)
+    if not 0 < float(delta) < 2.0 / 3.0:
+        raise ValueError(f"delta must be in (0, 2/3), got {delta}")
+    chi, it = _core.rts(field, m, vs, b0, float(delta), _positive(mu, "mu"),
+                        _positive(rho, "rho"), n, t, progress)
+    return chi, int(it)
+
+
+def ndi(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
+        b0_dir: Sequence[float], phase_scale: float, weight: np.ndarray | None = None,
+        lam: float = 1e-3, step: float = 2.0, max_iter: int = 200, tol: float = 1e-3,
+        progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+    """Nonlinear dipole inversion (Polak et al. 2020) by gradient descent.
+
+    Minimises Σ W²(1 − cos(s·(Dχ − f)))/s² + λ/2‖χ‖² with s = ``phase_scale``
+    [rad/ppm]; χ ← χ − τ·(Dᵀ(W² sin(s(Dχ − f))/s) + λχ). Early stopping regularises.
+
+    Parameters
+    ----------
+    local_field, mask, voxel_size, b0_dir
+        As in :func:`tikhonov`.
+    phase_scale : float
+        Phase per ppm [rad/ppm], :func:`phase_per_ppm`.
+    weight : ndarray, optional
+        W (e.g. :func:`magnitude_weight`), 1 inside the mask by default.
+    lam, step : float
+        Tikhonov weight λ and gradient step τ.
+    max_iter, tol : int, float
+
+    Returns
+    -------
+    chi : ndarray, float32
+    n_iter : int
+    """
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    n, t = _iterations(max_iter, tol)
+    chi, it = _core.ndi(field, _weight(weight, field.shape, "weight"), m, vs, b0,
+                        _positive(phase_scale, "phase_scale"),
+                        _positive(lam, "lam", allow_zero=True), _positive(step, "step"), n, t,
+                        progress)
+    return chi, int(it)
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+#: Parameters of :class:`InversionSettings` that each method uses (for the provenance).
+_USES: dict[str, tuple[str, ...]] = {
+    "tkd": ("tkd_threshold",),
+    "tikhonov": ("tikhonov_lambda",),
+    "ilsqr": ("ilsqr_tol", "ilsqr_max_iter"),
+    "tvadmm": ("tv_alpha", "tv_mu", "tv_max_iter", "tv_tol", "tv_weak_harmonic"),
+    "medi": ("medi_alpha", "medi_edge_fraction", "medi_mu_gradient", "medi_mu_data",
+             "medi_max_iter", "medi_tol", "medi_nonlinear"),
+    "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol"),
+    "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
+}
+
+
+def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
+           voxel_size: Sequence[float], b0_dir: Sequence[float],
+           magnitude: np.ndarray | None = None, phase_scale: float | None = None,
+           settings: InversionSettings | None = None,
+           progress: Callable[[int, int], None] | None = None
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the dipole inversion ``method`` (a key of :data:`INVERSION_METHODS`).
+
+    Parameters
+    ----------
+    method : str
+    local_field, mask, voxel_size, b0_dir
+        As in :func:`tikhonov`.
+    magnitude : ndarray, optional
+        Magnitude on the same grid; used for the data weights of iLSQR, MEDI, NDI and the
+        weak-harmonic TV (uniform weights without it) and MEDI's edge mask (required).
+    phase_scale : float, optional
+        Phase per ppm [rad/ppm] (:func:`phase_per_ppm` of B0 and an echo time); needed by
+        NDI and nonlinear MEDI.
+    settings : InversionSettings, optional
+    progress : callable, optional
+        ``progress(iteration, max_iter)`` for the iterative methods.
+
+    Returns
+    -------
+    chi : ndarray, float32
+        χ [ppm], 0 outside the mask, not referenced.
+    record : dict
+        Provenance: method, reference, every parameter used, iterations run, weighting.
+    """
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"unknown dipole inversion {method!r} "
+                         f"(choose one of {', '.join(INVERSION_METHODS)})")
+    s = settings or InversionSettings()
+    geo = {"voxel_size": voxel_size, "b0_dir": b0_dir}
+    weight = None if magnitude is None else magnitude_weight(magnitude, mask)
+    weighting = "magnitude / its 99th percentile in the mask, clipped to 1"
+    record: dict[str, Any] = {"Method": INVERSION_METHODS[method],
+                              "Reference": _REFERENCES[method]}
+    record["Parameters"] = {k: v for k, v in asdict(s).items() if k in _USES[method]}
+    n_iter: int | None = None
+    if method == "tkd":
+        chi = qsm.tkd(local_field, mask, threshold=s.tkd_threshold, **geo)
+    elif method == "tikhonov":
+        chi = tikhonov(local_field, mask, lam=s.tikhonov_lambda, **geo)
+    elif method == "ilsqr":
+        chi, n_iter = ilsqr(local_field, mask, weight=weight, tol=s.ilsqr_tol,
+                            max_iter=s.ilsqr_max_iter, progress=progress, **geo)
+        record["DataWeight"] = weighting if weight is not None else "mask"
+    elif method == "tvadmm" and not s.tv_weak_harmonic:
+        chi, n_iter = qsm.tv_admm(local_field, mask, alpha=s.tv_alpha, mu=s.tv_mu,
+                                  max_iter=s.tv_max_iter, tol=s.tv_tol, progress=progress,
+                                  **geo)
+    elif method == "tvadmm":
+        chi, n_iter = tv_admm_weighted(local_field, mask, weight=weight, alpha=s.wh_alpha,
+                                       mu_gradient=s.tv_mu, max_iter=s.tv_max_iter,
+                                       tol=s.tv_tol, weak_harmonic=(s.wh_beta, s.wh_mu),
+                                       progress=progress, **geo)
+        record["Method"] = "TV-ADMM with weak-harmonic background term (FANSI-style)"
+        del record["Parameters"]["tv_alpha"]
+        record["Parameters"].update({"wh_alpha": s.wh_alpha, "wh_beta": s.wh_beta,
+                                     "wh_mu": s.wh_mu, "mu_data": 1.0})
+        record["DataWeight"] = weighting if weight is not None else "mask"
+    elif method == "medi":
+        if magnitude is None:
+            raise ValueError("MEDI needs the magnitude (edge mask and noise weighting)")
+        scale = phase_scale if s.medi_nonlinear else None
+        if s.medi_nonlinear and phase_scale is None:
+            raise ValueError("nonlinear MEDI needs phase_scale (rad/ppm); give it or set "
+                             "medi_nonlinear=False")
+        chi, n_iter = medi(local_field, mask, magnitude, phase_scale=scale,
+                           alpha=s.medi_alpha, edge_fraction=s.medi_edge_fraction,
+                           mu_gradient=s.medi_mu_gradient, mu_data=s.medi_mu_data,
+                           max_iter=s.medi_max_iter, tol=s.medi_tol, progress=progress,
+                           **geo)
+        record["DataWeight"] = weighting
+        record["Solver"] = "ADMM (instead of MEDI's Gauss-Newton/CG) on the same objective"
+        if scale is not None:
+            record["PhasePerPpm_rad"] = scale
+    elif method == "rts":
+        chi, n_iter = rts(local_field, mask, delta=s.rts_delta, mu=s.rts_mu, rho=s.rts_rho,
+                          max_iter=s.rts_max_iter, tol=s.rts_tol, progress=progress, **geo)
+        record["Step1"] = "direct k-space division where |D| > delta (no LSMR)"
+    else:  # ndi
+        if phase_scale is None:
+            raise ValueError("NDI needs phase_scale (rad/ppm), e.g. phase_per_ppm(B0, TE)")
+        chi, n_iter = ndi(local_field, mask, weight=weight, phase_scale=phase_scale,
+                          lam=s.ndi_lambda, step=s.ndi_step, max_iter=s.ndi_max_iter,
+                          tol=s.ndi_tol, progress=progress, **geo)
+        record["DataWeight"] = weighting if weight is not None else "mask"
+        record["PhasePerPpm_rad"] = phase_scale
+    if n_iter is not None:
+        record["IterationsRun"] = int(n_iter)
+        logger.debug("%s stopped after %d iterations", method, n_iter)
+    return chi, record

@@ -1,0 +1,267 @@
+//! Bindings of the dipole inversions added beside TKD and TV-ADMM: Tikhonov, iLSQR,
+//! weighted/weak-harmonic TV-ADMM (FANSI-style), MEDI-style L1, RTS and NDI.
+//!
+//! Same conventions as `qsm.rs`: float32 C-contiguous volumes, uint8 masks, GIL released;
+//! iterative solvers poll Ctrl-C and call `progress(iteration, max_iter)` every
+//! [`SIGNAL_POLL_EVERY`] iterations.
+
+use alsiron_core::inversion_iterative::{
+    self as iterative, LsqrParams, NdiParams, RtsParams, WeakHarmonic, WeightedTvParams,
+};
+use alsiron_core::{inversion, CoreResult};
+use numpy::{PyArray3, PyReadonlyArray3};
+use pyo3::prelude::*;
+use std::sync::Mutex;
+
+use crate::errors::to_py;
+use crate::qsm::{contiguous, same_shape, shape_of, to_array, SIGNAL_POLL_EVERY};
+
+type Chi<'py> = Bound<'py, PyArray3<f32>>;
+
+/// Run a detached iterative solver that polls `should_stop`: Ctrl-C or an exception from
+/// `progress` stops it and is re-raised.
+fn run_iterative<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    max_iter: usize,
+    solve: impl FnOnce(&(dyn Fn(usize) -> bool + Sync)) -> CoreResult<T> + Send,
+) -> PyResult<T> {
+    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
+    let should_stop = |iter: usize| {
+        if iter % SIGNAL_POLL_EVERY != 0 {
+            return false;
+        }
+        let outcome = Python::attach(|py| -> PyResult<()> {
+            py.check_signals()?;
+            if let Some(cb) = &progress {
+                cb.call1(py, (iter, max_iter))?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => false,
+            Err(err) => {
+                if let Ok(mut slot) = pending.lock() {
+                    slot.get_or_insert(err);
+                }
+                true
+            }
+        }
+    };
+    let result = py.detach(|| solve(&should_stop));
+    if let Some(err) = pending.into_inner().ok().flatten() {
+        return Err(err);
+    }
+    result.map_err(to_py)
+}
+
+/// Closed-form Tikhonov inversion with gradient regularisation λ [mm²] → χ [ppm].
+#[pyfunction]
+fn tikhonov<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    lam: f64,
+) -> PyResult<Chi<'py>> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let chi = py
+        .detach(|| inversion::tikhonov(f, m, shape, voxel_size, b0_dir, lam))
+        .map_err(to_py)?;
+    to_array(py, shape, chi)
+}
+
+/// Weighted TV-ADMM (linear or nonlinear data term, optional weak-harmonic φ) →
+/// (χ [ppm], iterations). `tv_weight` None = 1; `phase_scale` None = linear;
+/// `wh_beta`/`wh_mu` None = no weak-harmonic term.
+#[pyfunction]
+#[pyo3(signature = (field, data_weight, tv_weight, mask, voxel_size, b0_dir, alpha,
+                    mu_gradient, mu_data, max_iter, tol, phase_scale=None, wh_beta=None,
+                    wh_mu=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn weighted_tv_admm<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    data_weight: PyReadonlyArray3<'py, f32>,
+    tv_weight: Option<PyReadonlyArray3<'py, f32>>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    alpha: f64,
+    mu_gradient: f64,
+    mu_data: f64,
+    max_iter: usize,
+    tol: f64,
+    phase_scale: Option<f64>,
+    wh_beta: Option<f64>,
+    wh_mu: Option<f64>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Chi<'py>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    same_shape(shape, shape_of(&data_weight), "data_weight")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let w = contiguous(&data_weight, "data_weight")?;
+    let g = match &tv_weight {
+        Some(g) => {
+            same_shape(shape, shape_of(g), "tv_weight")?;
+            Some(contiguous(g, "tv_weight")?)
+        }
+        None => None,
+    };
+    let weak_harmonic = match (wh_beta, wh_mu) {
+        (Some(beta), Some(mu)) => Some(WeakHarmonic { beta, mu }),
+        (None, None) => None,
+        _ => {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "give both wh_beta and wh_mu for the weak-harmonic term, or neither",
+            ))
+        }
+    };
+    let params = WeightedTvParams {
+        alpha,
+        mu_gradient,
+        mu_data,
+        max_iter,
+        tol,
+        phase_scale,
+        weak_harmonic,
+    };
+    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+        iterative::weighted_tv_admm(f, w, g, m, shape, voxel_size, b0_dir, params, stop)
+    })?;
+    Ok((to_array(py, shape, chi)?, it))
+}
+
+/// MEDI gradient weight from the magnitude: 0 on the `edge_fraction` of mask voxels with
+/// the largest gradient, 1 elsewhere (float32).
+#[pyfunction]
+fn edge_weight<'py>(
+    py: Python<'py>,
+    magnitude: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    edge_fraction: f64,
+) -> PyResult<Chi<'py>> {
+    let shape = shape_of(&magnitude);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (a, m) = (
+        contiguous(&magnitude, "magnitude")?,
+        contiguous(&mask, "mask")?,
+    );
+    let out = py
+        .detach(|| iterative::edge_weight(a, m, shape, voxel_size, edge_fraction))
+        .map_err(to_py)?;
+    to_array(py, shape, out)
+}
+
+/// Rapid two-step inversion → (χ [ppm], TV iterations).
+#[pyfunction]
+#[pyo3(signature = (field, mask, voxel_size, b0_dir, delta, mu, rho, max_iter, tol,
+                    progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn rts<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    delta: f64,
+    mu: f64,
+    rho: f64,
+    max_iter: usize,
+    tol: f64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Chi<'py>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let params = RtsParams {
+        delta,
+        mu,
+        rho,
+        max_iter,
+        tol,
+    };
+    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+        iterative::rts(f, m, shape, voxel_size, b0_dir, params, stop)
+    })?;
+    Ok((to_array(py, shape, chi)?, it))
+}
+
+/// Nonlinear dipole inversion → (χ [ppm], iterations).
+#[pyfunction]
+#[pyo3(signature = (field, weight, mask, voxel_size, b0_dir, phase_scale, lam, step,
+                    max_iter, tol, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn ndi<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    weight: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    phase_scale: f64,
+    lam: f64,
+    step: f64,
+    max_iter: usize,
+    tol: f64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Chi<'py>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    same_shape(shape, shape_of(&weight), "weight")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let w = contiguous(&weight, "weight")?;
+    let params = NdiParams {
+        phase_scale,
+        lambda: lam,
+        step,
+        max_iter,
+        tol,
+    };
+    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+        iterative::ndi(f, w, m, shape, voxel_size, b0_dir, params, stop)
+    })?;
+    Ok((to_array(py, shape, chi)?, it))
+}
+
+/// LSQR core of iLSQR on the weighted dipole model → (χ [ppm], iterations).
+#[pyfunction]
+#[pyo3(signature = (field, weight, mask, voxel_size, b0_dir, tol, max_iter, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn ilsqr<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    weight: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    tol: f64,
+    max_iter: usize,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Chi<'py>, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    same_shape(shape, shape_of(&weight), "weight")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let w = contiguous(&weight, "weight")?;
+    let params = LsqrParams { tol, max_iter };
+    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+        iterative::ilsqr(f, w, m, shape, voxel_size, b0_dir, params, stop)
+    })?;
+    Ok((to_array(py, shape, chi)?, it))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(tikhonov, m)?)?;
+    m.add_function(wrap_pyfunction!(weighted_tv_admm, m)?)?;
+    m.add_function(wrap_pyfunction!(edge_weight, m)?)?;
+    m.add_function(wrap_pyfunction!(rts, m)?)?;
+    m.add_function(wrap_pyfunction!(ndi, m)?)?;
+    m.add_function(wrap_pyfunction!(ilsqr, m)?)?;
+    Ok(())
+}
