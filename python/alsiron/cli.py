@@ -117,6 +117,18 @@ def _iteration_progress(iteration: int, max_iter: int) -> None:
                    err=True, nl=False)
 
 
+def registry_option(func):
+    """The ``--registry URL|PATH`` option shared by every command that reads or writes
+    the results registry (default: ``$ALSIRON_REGISTRY``, else the dataset's
+    ``derivatives/alsiron/registry.sqlite``); resolve it with
+    :func:`alsiron.registry.resolve_location`."""
+    return click.option(
+        "--registry", "registry", default=None, metavar="URL|PATH",
+        help="Results registry: an SQLite file or an SQLAlchemy URL (postgresql://...). "
+             "Default: $ALSIRON_REGISTRY, else <dataset>/derivatives/alsiron/registry.sqlite.",
+    )(func)
+
+
 _ROI_OPTIONS = [
     click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Label image (FreeSurfer aparc+aseg / aparc.a2009s, BIDS dseg, ...) "
@@ -190,6 +202,11 @@ def _with_roi_options(func):
 @_with_roi_options
 @click.option("--no-indices", is_flag=True,
               help="Skip the motor-cortex masks and indices at the end of the run.")
+@registry_option
+@click.option("--no-registry", is_flag=True,
+              help="Do not record the sessions in the results registry.")
+@click.option("--normative", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Normative model JSON (alsiron normative build): print and store z-scores.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmonic: bool,
             bfr: str | None,
@@ -199,18 +216,14 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
             labels: Path | None, lut: Path | None, atlas: str | None, no_indices: bool,
+            registry: str | None, no_registry: bool, normative: Path | None,
             overwrite: bool) -> None:
-    """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject."""
-    from alsiron import derivatives, ingest, roi_workflow, workflow
-    from alsiron.errors import AlsironError
-    from alsiron.evaluate import compare_with_truth
+    """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject,
+    then the motor-cortex indices, the registry record and (with --normative) z-scores."""
+    from alsiron import pipeline, workflow
 
     if reference_label is not None and reference_mask is None:
         raise click.UsageError("--reference-label needs --reference-mask")
-    roi_options = None if no_indices else _roi_options(labels, lut, atlas, True)
-    sessions = ingest.find_sessions(subj_dir)
-    root = ingest.dataset_root(subj_dir)
-    out_root = derivatives.derivatives_root(root, out)
     params = workflow.QsmParameters()
     if inversion is not None:
         params.inversion = inversion
@@ -231,67 +244,41 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
                                "--phase-unwrapped/--unwrapping")
     if phase_unwrapped and unwrapping is not None:
         raise click.UsageError("--phase-unwrapped skips unwrapping; drop --unwrapping")
-    for ses in sessions:
-        for files in ses.series:
-            label = files.prefix
-            entities = dict(files.entities)
-            names = [derivatives.map_path(out_root, entities, m_suffix, m_desc)
-                     for m_suffix, m_desc in workflow.OUTPUT_NAMES]
-            derivatives.check_free(names, overwrite)
-            if roi_options is not None:
-                roi_workflow.check_outputs_free(out_root, entities, overwrite)
-            click.echo(f"{label}: loading {len(files.echoes)} echoes", err=True)
-            series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
-                                       echo_times=list(echo_times) or None,
-                                       field_strength=field_strength,
-                                       fill_nonfinite=fill_nonfinite,
-                                       negate_phase=negate_phase,
-                                       phase_unwrapped=phase_unwrapped)
-            user_mask = None
-            if mask_path is not None:
-                user_mask = ingest.load_mask(mask_path, series)
-                series.metadata["BrainMaskSource"] = str(mask_path)
-            ref_region = None
-            if reference_mask is not None:
-                ref_region = ingest.load_mask(reference_mask, series, label=reference_label)
-                series.metadata["ReferenceSource"] = (
-                    str(reference_mask) if reference_label is None
-                    else f"{reference_mask} label {reference_label}")
-            user_field = None
-            if fieldmap_path is not None:
-                user_field = ingest.load_fieldmap(fieldmap_path, series)
-                series.metadata["FieldMapSource"] = str(fieldmap_path)
-            t0 = time.perf_counter()
-            result = workflow.process_series(series, params, brain_mask=user_mask,
-                                             reference_mask=ref_region,
-                                             phase_unwrapped=phase_unwrapped,
-                                             total_field_ppm=user_field,
-                                             progress=_progress,
-                                             iteration_progress=_iteration_progress)
-            if sys.stderr.isatty():
-                click.echo("", err=True)
-            written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
-                                             result.provenance, overwrite=overwrite)
-            elapsed = time.perf_counter() - t0
-            click.echo(_summary(label, series, result, elapsed, len(written), out_root))
-            truth = compare_with_truth(result, root, entities)
-            if truth:
-                click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in truth.items()))
-            if roi_options is not None:
-                t0 = time.perf_counter()
-                try:
-                    _, roi_result, roi_written = roi_workflow.run_session(
-                        out_root, entities, series.magnitude[0], series.affine,
-                        result.brain_mask.data > 0, chi=result.chi.data,
-                        r2star=result.r2star.data, options=roi_options, dataset_root=root,
-                        magnitude_name=series.sources[0] if series.sources else None,
-                        overwrite=overwrite)
-                except (AlsironError, ValueError) as exc:
-                    # The maps are written; a failed mask leaves them usable.
-                    click.echo(f"alsiron: warning: {label}: motor-cortex indices skipped: "
-                               f"{exc}", err=True)
-                else:
-                    _echo_roi(label, roi_result, roi_written, time.perf_counter() - t0)
+    if normative is not None and no_indices:
+        raise click.UsageError("--normative scores the indices; drop --no-indices")
+    options = pipeline.QsmRunOptions(
+        params=params, echo_times=list(echo_times) or None, field_strength=field_strength,
+        fill_nonfinite=fill_nonfinite, negate_phase=negate_phase,
+        phase_unwrapped=phase_unwrapped, mask_path=mask_path, reference_mask=reference_mask,
+        reference_label=reference_label, fieldmap_path=fieldmap_path,
+        roi=None if no_indices else _roi_options(labels, lut, atlas, True),
+        registry=registry, record=not no_registry, normative=normative, overwrite=overwrite)
+    outcomes = pipeline.run_qsm_subject(subj_dir, options, out=out, progress=_progress,
+                                        iteration_progress=_iteration_progress,
+                                        announce=lambda msg: click.echo(msg, err=True))
+    any_scored = False
+    for oc in outcomes:
+        if sys.stderr.isatty():
+            click.echo("", err=True)
+        click.echo(_summary(oc.label, oc.series, oc.result, oc.seconds, len(oc.written),
+                            oc.out_root))
+        if oc.truth:
+            click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in oc.truth.items()))
+        if oc.roi_error is not None:
+            click.echo(f"alsiron: warning: {oc.label}: motor-cortex indices skipped: "
+                       f"{oc.roi_error}", err=True)
+        elif oc.indices is not None:
+            _echo_roi(oc.label, oc.indices, oc.roi_written, oc.roi_seconds)
+        if oc.registry is not None:
+            click.echo(f"  registry: {oc.record.subject} {oc.record.session or '-'} run "
+                       f"{oc.record.run} recorded in {oc.registry}")
+        if oc.zscore_text:
+            click.echo(oc.zscore_text)
+            any_scored = True
+    if normative is None and not no_indices and not any_scored:
+        from alsiron.normative import NO_MODEL_MESSAGE
+
+        click.echo(NO_MODEL_MESSAGE, err=True)
 
 
 @cli.command("relax")
@@ -464,18 +451,6 @@ def _list_methods(ctx: click.Context) -> None:
     ]
     click.echo("\n".join(lines))
     ctx.exit(0)
-
-
-def registry_option(func):
-    """The ``--registry URL|PATH`` option shared by every command that reads or writes
-    the results registry (default: ``$ALSIRON_REGISTRY``, else the dataset's
-    ``derivatives/alsiron/registry.sqlite``); resolve it with
-    :func:`alsiron.registry.resolve_location`."""
-    return click.option(
-        "--registry", "registry", default=None, metavar="URL|PATH",
-        help="Results registry: an SQLite file or an SQLAlchemy URL (postgresql://...). "
-             "Default: $ALSIRON_REGISTRY, else <dataset>/derivatives/alsiron/registry.sqlite.",
-    )(func)
 
 
 @cli.group("registry")
