@@ -149,6 +149,32 @@ def _with_roi_options(func):
     return func
 
 
+@cli.command("demo")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--subjects", type=click.IntRange(2, 999), default=None,
+              help="Participants (alternating control / ALS; default 24).")
+@click.option("--sessions", type=click.IntRange(1, 20), default=None,
+              help="Visits per participant (default 2).")
+@click.option("--matrix", type=click.IntRange(32, 256), default=None,
+              help="Phantom voxels per axis (default 64).")
+@click.option("--voxel-size", type=float, default=None, help="Voxel size in mm (default 3).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier demo.")
+def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: int | None,
+             voxel_size: float | None, seed: int, overwrite: bool) -> None:
+    """Simulate a small trial (controls and ALS, visits, two sites) and run everything:
+    maps, indices, registry, normative model, z-scores, longitudinal models, reports."""
+    from alsiron import demo
+
+    kwargs = {k: v for k, v in {"subjects": subjects, "sessions": sessions, "matrix": matrix,
+                                "voxel_size": voxel_size}.items() if v is not None}
+    result = demo.run_demo(out_dir, seed=seed, overwrite=overwrite, say=click.echo, **kwargs)
+    for note in result.notes:
+        click.echo(f"alsiron: warning: {note}", err=True)
+    click.echo(f"demo: {result.n_sessions} sessions; registry {result.registry}; "
+               f"reports in {result.derivatives}")
+
+
 @cli.command("qsm")
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -1,0 +1,70 @@
+"""The per-visit chain end to end: qsm → indices → registry → z-scores, and the demo."""
+
+import json
+import math
+
+from click.testing import CliRunner
+
+from alsiron.cli import cli
+from alsiron.cohort_sim import simulate_index_cohort
+from alsiron.demo import run_demo
+from alsiron.normative import build_normative_model
+from alsiron.phantom import write_dataset
+from alsiron.records import HEADLINE_INDEX
+from alsiron.registry import Registry, default_registry_path
+
+
+def test_qsm_records_each_visit_and_scores_it_against_a_model(tmp_path):
+    root = write_dataset(tmp_path / "bids", subjects=1, sessions=2, matrix=64, voxel_size=3.0,
+                         seed=4)
+    controls = [r for r in simulate_index_cohort(80, 1, seed=2)[0] if r.group == "control"]
+    model_path = tmp_path / "model.json"
+    build_normative_model(controls, group="control").save(model_path)
+
+    run = CliRunner().invoke(cli, ["qsm", str(root / "sub-01"), "--normative", str(model_path)])
+    assert run.exit_code == 0, run.output
+    assert run.output.count("z-scores against") == 2
+    registry = default_registry_path(root / "derivatives")
+    with Registry.open(registry, create=False) as reg:
+        records = reg.sessions()
+    assert [(r.subject, r.session) for r in records] == [("sub-01", "ses-01"),
+                                                         ("sub-01", "ses-02")]
+    first, second = records
+    # Visit metadata come from participants.tsv / sessions.tsv, checksums from the inputs.
+    assert first.group == "control" and first.site in ("site-01", "site-02")
+    assert first.years_since_baseline == 0.0 and 0.3 < second.years_since_baseline < 0.7
+    assert second.age > first.age
+    assert len(first.input_checksums) == 12
+    assert all(len(h) == 64 for h in first.input_checksums.values())
+    assert math.isfinite(first.indices[HEADLINE_INDEX])
+    assert first.parameters["qsm"]["Steps"]
+    for ses in ("01", "02"):
+        z_file = (root / "derivatives" / "alsiron" / "sub-01" / f"ses-{ses}" / "anat" /
+                  f"sub-01_ses-{ses}_desc-motorcortex_zscores.json")
+        doc = json.loads(z_file.read_text())
+        (z,) = [z for z in doc["zscores"] if z["index"] == HEADLINE_INDEX]
+        assert math.isfinite(z["z"])
+
+    # A rerun replaces the records and keeps the old ones as history.
+    rerun = CliRunner().invoke(cli, ["qsm", str(root / "sub-01"), "--overwrite"])
+    assert rerun.exit_code == 0, rerun.output
+    with Registry.open(registry, create=False) as reg:
+        assert len(reg.sessions()) == 2
+        assert len(reg.history("sub-01", "ses-01")) == 2
+
+
+def test_demo_writes_registry_tables_and_reports_and_says_what_it_could_not_do(tmp_path):
+    lines: list[str] = []
+    result = run_demo(tmp_path / "demo", subjects=4, sessions=2, say=lines.append)
+    assert result.n_sessions == 8
+    with Registry.open(result.registry, create=False) as reg:
+        assert len(reg.sessions()) == 8
+    # Two controls cannot make a normative model (20 visits needed): said, not hidden.
+    assert result.model is None
+    assert any("normative model not built" in n and "at least 20" in n for n in result.notes)
+    assert result.visit_table.is_file()
+    assert [p.name for p in result.reports] == [f"sub-0{i}_report.html" for i in range(1, 5)] \
+        + ["cohort_report.html"]
+    page = result.reports[0].read_text()
+    assert "sub-01" in page and "data:image/png;base64," in page
+    assert any(line.startswith("demo: sub-04_ses-02") for line in lines)
