@@ -36,7 +36,7 @@ import numpy as np
 
 import alsiron
 from alsiron.errors import InputError
-from alsiron.io import save_json
+from alsiron.io import save_json, sha256_file
 from alsiron.records import SessionRecord, index_units
 
 log = logging.getLogger("alsiron")
@@ -967,7 +967,7 @@ def write_zscores(path: str | os.PathLike[str], record: SessionRecord,
                   overwrite: bool = False) -> Path:
     """Store one session's z-scores as JSON (atomic) with the model they came from."""
     p = Path(model_path)
-    digest = _sha256(p) if p.is_file() else None
+    digest = sha256_file(p) if p.is_file() else None
     doc = {"subject": record.subject, "session": record.session, "run": record.run,
            "site": record.site, "age": record.age, "sex": record.sex,
            "normative_model": {"path": str(p), "sha256": digest},
@@ -976,11 +976,3 @@ def write_zscores(path: str | os.PathLike[str], record: SessionRecord,
     return save_json(path, doc, overwrite=overwrite)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

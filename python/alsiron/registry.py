@@ -156,23 +156,20 @@ def input_checksums(paths: Iterable[str | os.PathLike[str]],
     InputError
         A file cannot be read.
     """
-    import hashlib
+    from alsiron.io import sha256_file
 
     base = Path(root).resolve() if root is not None else None
     out = {}
     for p in paths:
         path = Path(p)
-        digest = hashlib.sha256()
         try:
-            with path.open("rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    digest.update(block)
+            digest = sha256_file(path)
         except OSError as exc:
             raise InputError(path, f"cannot read for its checksum: {exc.strerror}") from None
         key = path.resolve()
         if base is not None and key.is_relative_to(base):
             key = key.relative_to(base)
-        out[key.as_posix()] = digest.hexdigest()
+        out[key.as_posix()] = digest
     return dict(sorted(out.items()))
 
 

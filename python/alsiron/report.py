@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import hashlib
 import html
 import io
 import json
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import alsiron
-from alsiron.io import save_text
+from alsiron.io import save_text, sha256_file
 from alsiron.normative import NO_MODEL_MESSAGE, NormativeModel, ZScore
 from alsiron.records import HEADLINE_INDEX, SessionRecord, index_units
 
@@ -99,14 +98,6 @@ def default_indices(records: Sequence[SessionRecord], model: NormativeModel | No
     chosen = [HEADLINE_INDEX] if HEADLINE_INDEX in names else []
     chosen += [k for k in pool if k in names and k not in chosen and not k.endswith("_n")]
     return chosen[:MAX_PLOTTED_INDICES]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- plots
@@ -210,7 +201,7 @@ def _model_section(model: NormativeModel | None, model_path: Path | None) -> lis
         return ["<h2>Normative model</h2>", f"<p class=\"warn\">{esc(NO_MODEL_MESSAGE)}</p>"]
     c = model.cohort
     lo, hi = model.age_range
-    digest = _sha256(model_path) if model_path is not None and model_path.is_file() else None
+    digest = sha256_file(model_path) if model_path is not None and model_path.is_file() else None
     return [
         "<h2>Normative model</h2>",
         f"<p>{esc(c.get('n_sessions'))} control sessions "

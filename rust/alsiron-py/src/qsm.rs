@@ -4,7 +4,7 @@
 //! wrappers in `alsiron.qsm` validate and convert before calling. The GIL is released
 //! around every computation.
 
-use alsiron_core::{bfr, bfr_iterative, dipole, fft, inversion, CoreError, Shape3};
+use alsiron_core::{bfr, bfr_iterative, dipole, fft, inversion, CoreError, CoreResult, Shape3};
 use numpy::ndarray::Array3;
 use numpy::{Complex32, IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -140,6 +140,43 @@ fn poll_signals_every(every: usize) -> impl Fn(usize) -> bool + Sync {
     move |iter: usize| iter % every == 0 && Python::attach(|py| py.check_signals().is_err())
 }
 
+/// Run a detached iterative solver that polls `should_stop`: Ctrl-C or an exception from
+/// `progress` stops it and is re-raised.
+pub(crate) fn run_iterative<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    max_iter: usize,
+    solve: impl FnOnce(&(dyn Fn(usize) -> bool + Sync)) -> CoreResult<T> + Send,
+) -> PyResult<T> {
+    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
+    let should_stop = |iter: usize| {
+        if iter % SIGNAL_POLL_EVERY != 0 {
+            return false;
+        }
+        let outcome = Python::attach(|py| -> PyResult<()> {
+            py.check_signals()?;
+            if let Some(cb) = &progress {
+                cb.call1(py, (iter, max_iter))?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => false,
+            Err(err) => {
+                if let Ok(mut slot) = pending.lock() {
+                    slot.get_or_insert(err);
+                }
+                true
+            }
+        }
+    };
+    let result = py.detach(|| solve(&should_stop));
+    if let Some(err) = pending.into_inner().ok().flatten() {
+        return Err(err);
+    }
+    result.map_err(to_py)
+}
+
 /// TV-regularised dipole inversion (ADMM) → (χ [ppm], iterations run).
 ///
 /// `progress`, when given, is called as `progress(iteration, max_iter)` every few
@@ -169,36 +206,9 @@ fn tv_admm<'py>(
         max_iter,
         tol,
     };
-    // The first Python error seen while detached (Ctrl-C or a failing callback).
-    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
-    // Poll Python's signal handlers from the detached solver so Ctrl-C stops it.
-    let should_stop = |iter: usize| {
-        if iter % SIGNAL_POLL_EVERY != 0 {
-            return false;
-        }
-        let outcome = Python::attach(|py| -> PyResult<()> {
-            py.check_signals()?;
-            if let Some(cb) = &progress {
-                cb.call1(py, (iter, max_iter))?;
-            }
-            Ok(())
-        });
-        match outcome {
-            Ok(()) => false,
-            Err(err) => {
-                if let Ok(mut slot) = pending.lock() {
-                    slot.get_or_insert(err);
-                }
-                true
-            }
-        }
-    };
-    let result =
-        py.detach(|| inversion::tv_admm(f, m, shape, voxel_size, b0_dir, params, &should_stop));
-    if let Some(err) = pending.into_inner().ok().flatten() {
-        return Err(err);
-    }
-    let (chi, iterations) = result.map_err(to_py)?;
+    let (chi, iterations) = run_iterative(py, progress, max_iter, |stop| {
+        inversion::tv_admm(f, m, shape, voxel_size, b0_dir, params, stop)
+    })?;
     Ok((to_array(py, shape, chi)?, iterations))
 }
 

@@ -5,55 +5,17 @@
 //! iterative solvers poll Ctrl-C and call `progress(iteration, max_iter)` every
 //! [`SIGNAL_POLL_EVERY`] iterations.
 
+use alsiron_core::inversion;
 use alsiron_core::inversion_iterative::{
     self as iterative, LsqrParams, NdiParams, RtsParams, WeakHarmonic, WeightedTvParams,
 };
-use alsiron_core::{inversion, CoreResult};
 use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
-use std::sync::Mutex;
 
 use crate::errors::to_py;
-use crate::qsm::{contiguous, same_shape, shape_of, to_array, SIGNAL_POLL_EVERY};
+use crate::qsm::{contiguous, run_iterative, same_shape, shape_of, to_array};
 
 type Chi<'py> = Bound<'py, PyArray3<f32>>;
-
-/// Run a detached iterative solver that polls `should_stop`: Ctrl-C or an exception from
-/// `progress` stops it and is re-raised.
-fn run_iterative<T: Send>(
-    py: Python<'_>,
-    progress: Option<Py<PyAny>>,
-    max_iter: usize,
-    solve: impl FnOnce(&(dyn Fn(usize) -> bool + Sync)) -> CoreResult<T> + Send,
-) -> PyResult<T> {
-    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
-    let should_stop = |iter: usize| {
-        if iter % SIGNAL_POLL_EVERY != 0 {
-            return false;
-        }
-        let outcome = Python::attach(|py| -> PyResult<()> {
-            py.check_signals()?;
-            if let Some(cb) = &progress {
-                cb.call1(py, (iter, max_iter))?;
-            }
-            Ok(())
-        });
-        match outcome {
-            Ok(()) => false,
-            Err(err) => {
-                if let Ok(mut slot) = pending.lock() {
-                    slot.get_or_insert(err);
-                }
-                true
-            }
-        }
-    };
-    let result = py.detach(|| solve(&should_stop));
-    if let Some(err) = pending.into_inner().ok().flatten() {
-        return Err(err);
-    }
-    result.map_err(to_py)
-}
 
 /// Closed-form Tikhonov inversion with gradient regularisation λ [mm²] → χ [ppm].
 #[pyfunction]
