@@ -754,6 +754,9 @@ fn gauss_newton_decrease(a: [[f64; 2]; 2], g: [f64; 2], b1: f64, b1_bounds: (f64
 /// B1·α = 180°, where the cost is flat to fourth order in B1.
 const STEP_TOL: f64 = 1e-9;
 const COST_TOL: f64 = 1e-8;
+/// Promised or achieved decrease, relative to the residual noise variance, below which
+/// further iterations cannot change the estimate by more than ~3 % of its standard
+/// deviation (10⁻² would save another 0.3 simulations per voxel).
 const NOISE_TOL: f64 = 1e-3;
 
 /// Fit S0, T2 and B1 of every voxel; `magnitude` echo-major `[E][N]` with E =
