@@ -215,7 +215,9 @@ def test_r2star_noiseless_exact_and_matches_twins():
         assert np.all(res.status == 0)
         np.testing.assert_allclose(res.r2star, r2, rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(res.s0, s0, rtol=1e-5)
-        np.testing.assert_allclose(res.t2star, 1 / r2, rtol=1e-5)
+        # The kernels sum in float32 (as the float32 twins do): the rounding of ln S to
+        # f32 leaves ≲ 2e-5 relative error on T2*, 50× below the 0.1 %.
+        np.testing.assert_allclose(res.t2star, 1 / r2, rtol=3e-5)
     noisy = np.abs(mag + rng.normal(0, 5, mag.shape)).astype(np.float32)
     for weighted in (False, True):
         res = fit_r2star_loglinear(noisy, TES6, weighted=weighted)

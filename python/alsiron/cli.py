@@ -315,8 +315,10 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
               default="weighted", show_default=True, help="R2* estimator.")
 @click.option("--noise-sigma", type=float, default=None,
               help="Noise SD of the magnitude data (Rician NLLS and CRLB maps).")
-@click.option("--b0-gradient-correction", is_flag=True,
-              help="Correct R2* for intravoxel dephasing in macroscopic field gradients.")
+@click.option("--b0-gradient-correction/--no-b0-gradient-correction", default=True,
+              show_default=True,
+              help="Correct R2* for intravoxel dephasing in macroscopic field gradients "
+                   "(field map from the MEGRE phase).")
 @click.option("--field-strength", type=float, default=None,
               help="B0 in tesla, overriding MagneticFieldStrength.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")

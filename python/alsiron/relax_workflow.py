@@ -44,6 +44,9 @@ class RelaxParameters:
         Divide the MEGRE magnitude by the sinc dephasing factor of the macroscopic field
         gradient (field from the multi-echo phase fit) before the R2* fit; voxels where
         any echo keeps less than ``min_gradient_factor`` of its signal stay uncorrected.
+        On by default: every MEGRE series carries its phase, and without the correction
+        R2* (hence R2') is biased upwards wherever the background field varies across a
+        voxel (measured on the phantom: white-matter R2' +6 %; see docs/relax.md).
     min_gradient_factor : float
         See ``b0_gradient_correction``.
     """
@@ -52,7 +55,7 @@ class RelaxParameters:
     noise_sigma: float | None = None
     mask_opening_voxels: int = 2
     t1: float = 1.0
-    b0_gradient_correction: bool = False
+    b0_gradient_correction: bool = True
     min_gradient_factor: float = 0.3
 
 
@@ -74,7 +77,15 @@ class RelaxResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def derivative_maps(self) -> list[DerivativeMap]:
-        """Every output map with its BIDS suffix (qMRI names; ``R2primemap`` for R2')."""
+        """Every output map with its BIDS suffix (qMRI names; ``R2primemap`` for R2').
+
+        The R2*/T2* maps, their status map and the brain mask carry ``desc-relax…``
+        entities (``desc-relax_R2starmap``, ``desc-relax_T2starmap``,
+        ``desc-relaxr2starfit_status``, ``desc-relaxbrain_mask``) because ``alsiron qsm``
+        writes its own R2*/T2*/status/mask (no B0-gradient correction, its own mask) into
+        the same session folder: each file has one owner, so running both commands, in
+        either order, needs no ``--overwrite`` and leaves no doubt which fit a map is.
+        """
         def vol(data: np.ndarray, units: str, extra: dict[str, Any] | None = None,
                 affine: np.ndarray | None = None) -> Volume:
             return Volume(data=data, affine=self.affine if affine is None else affine,
@@ -84,8 +95,8 @@ class RelaxResult:
         codes = {"StatusCodes": {str(k): v for k, v in relax.R2STAR_STATUS.items()}}
         maps = [
             DerivativeMap("R2starmap", vol(r.r2star, "1/s"), "R2* (apparent transverse "
-                          f"relaxation rate), {r.method} fit"),
-            DerivativeMap("T2starmap", vol(r.t2star, "s"), "T2* = 1/R2*"),
+                          f"relaxation rate), {r.method} fit", desc="relax"),
+            DerivativeMap("T2starmap", vol(r.t2star, "s"), "T2* = 1/R2*", desc="relax"),
             DerivativeMap("S0map", vol(r.s0, "arbitrary"), "MEGRE signal at TE = 0",
                           desc="megre"),
             DerivativeMap("R2starmap", vol(r.r2star_sd, "1/s"), "Cramér–Rao standard "
@@ -93,9 +104,10 @@ class RelaxResult:
             DerivativeMap("R2starmap", vol(r.gof, ""), "goodness of fit R² of the R2* model",
                           desc="rsquared"),
             DerivativeMap("status", vol(r.status, "", codes), "R2* fit status code per "
-                          "voxel (see StatusCodes)", desc="r2starfit"),
+                          "voxel (see StatusCodes)", desc="relaxr2starfit"),
             DerivativeMap("mask", vol(self.brain_mask.astype(np.uint8), ""),
-                          "brain mask (echo-1 magnitude)", desc="brain"),
+                          "brain mask (echo-1 magnitude) of the relaxometry fits",
+                          desc="relaxbrain"),
         ]
         if self.t2fit is not None and self.r2_on_megre is not None:
             t = self.t2fit

@@ -11,7 +11,10 @@
 //!   `ln S` is ≈ σ²/S²), markedly less biased at low SNR (hMRI toolbox default).
 //!
 //! Voxels are processed in chunks with the echo loop outside, so each echo row is read
-//! as a contiguous stream and the inner loop vectorises; sums are in f64.
+//! as a contiguous stream and the inner loop vectorises. Logarithms and sums are f32
+//! (4 SIMD lanes instead of 2; twice as fast as f64 sums), with the weighted fit's echo
+//! times centred so that its determinant does not cancel: R2* keeps ≲ 2e-5 relative
+//! accuracy on noiseless data (the f32 rounding of ln S), far inside any noise.
 //!
 //! Failed voxels get NaN for R2* and S0 and a non-zero status (see [`R2starStatus`]);
 //! nothing is clamped. A negative R2* from noise is a valid fit (status 0).
@@ -153,32 +156,11 @@ pub fn fit_r2star_loglinear_into(
 /// True where a magnitude cannot be log-transformed (≤ 0, NaN or ±∞); written without
 /// branches so the echo loop vectorises.
 /// Magnitudes below the smallest normal f32 (≈1.2e-38, i.e. effectively zero) count as
-/// bad too, because [`ln_fast`] reads the exponent bits.
+/// bad too, because [`ln_fast_f32`] reads the exponent bits.
 #[inline(always)]
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must count as bad: `!(s >= MIN)` is true for NaN
 pub(crate) fn not_loggable(s: f32) -> bool {
     !(s >= f32::MIN_POSITIVE) | (s == f32::INFINITY)
-}
-
-/// Natural logarithm of a positive normal f32, branch-free so the echo loop vectorises
-/// (`f32::ln` is a libm call per element and dominated the fit time).
-///
-/// `s = 2^e·m` with m in [√½, √2); `ln m = 2·atanh(u)`, `u = (m−1)/(m+1)`, |u| ≤ 0.172,
-/// by its odd series to u⁹ (truncation < 1e-9). Absolute error < 1e-7 (f32 rounding of the mantissa part).
-/// Garbage for inputs that [`not_loggable`] flags; those voxels are discarded.
-#[inline(always)]
-pub(crate) fn ln_fast(s: f32) -> f64 {
-    const LN2: f64 = std::f64::consts::LN_2;
-    let bits = s.to_bits();
-    // Re-bias so the mantissa lands in [√½, √2): offset by the bits of √½.
-    let shifted = bits.wrapping_sub(0x3f35_04f3);
-    let exponent = ((shifted as i32) >> 23) as f32;
-    let m = f32::from_bits((shifted & 0x007f_ffff).wrapping_add(0x3f35_04f3));
-    let u = (m - 1.0) / (m + 1.0);
-    let u2 = u * u;
-    let series = 2.0 + u2 * (2.0 / 3.0 + u2 * (2.0 / 5.0 + u2 * (2.0 / 7.0 + u2 * (2.0 / 9.0))));
-    // The exponent part is summed in f64 so large |ln s| keeps the mantissa's accuracy.
-    exponent as f64 * LN2 + (u * series) as f64
 }
 
 /// exp(x) to ~1e-10 relative for the f32 S0 output, branch-free so the output loop
@@ -214,21 +196,25 @@ pub(crate) fn fit_chunk_ols<'a>(
     bad: &mut [bool],
 ) {
     let len = r2_out.len();
-    let mut slope = [0.0f64; CHUNK];
-    let mut intercept = [0.0f64; CHUNK];
+    // f32 sums (4 SIMD lanes): the coefficients are O(1/ΔTE) and sum to zero, so the slope
+    // keeps ~1e-6 relative accuracy — the f32 rounding of ln S dominates either way.
+    let mut slope = [0.0f32; CHUNK];
+    let mut intercept = [0.0f32; CHUNK];
     for (k, (&c, &a)) in slope_coef.iter().zip(intercept_coef).enumerate() {
-        let row = rows(k);
+        let row = &rows(k)[..len];
+        let (c, a) = (c as f32, a as f32);
+        let (slope, intercept, bad) = (&mut slope[..len], &mut intercept[..len], &mut bad[..len]);
         for i in 0..len {
             let s = row[i];
             bad[i] |= not_loggable(s);
-            let y = ln_fast(s);
+            let y = ln_fast_f32(s);
             slope[i] += c * y;
             intercept[i] += a * y;
         }
     }
     for i in 0..len {
-        r2_out[i] = (-slope[i]) as f32;
-        s0_out[i] = exp_fast(intercept[i]) as f32;
+        r2_out[i] = -slope[i];
+        s0_out[i] = exp_fast(intercept[i] as f64) as f32;
     }
 }
 
@@ -240,37 +226,66 @@ pub(crate) fn fit_chunk_weighted<'a>(
     bad: &mut [bool],
 ) {
     let len = r2_out.len();
-    // Σw, Σw·t, Σw·t², Σw·y, Σw·t·y per voxel.
-    let mut sw = [0.0f64; CHUNK];
-    let mut swt = [0.0f64; CHUNK];
-    let mut swtt = [0.0f64; CHUNK];
-    let mut swy = [0.0f64; CHUNK];
-    let mut swty = [0.0f64; CHUNK];
+    // Sums in f32 (4 SIMD lanes instead of 2) about the mean echo time, which keeps the
+    // cancellations in the determinant and the slope small: relative error of R2* ~1e-6.
+    let t_mean = echo_times.iter().sum::<f64>() / echo_times.len() as f64;
+    // Σw, Σw·t, Σw·t², Σw·y, Σw·t·y per voxel (t centred).
+    let mut sw = [0.0f32; CHUNK];
+    let mut swt = [0.0f32; CHUNK];
+    let mut swtt = [0.0f32; CHUNK];
+    let mut swy = [0.0f32; CHUNK];
+    let mut swty = [0.0f32; CHUNK];
     for (k, &t) in echo_times.iter().enumerate() {
-        let row = rows(k);
+        let row = &rows(k)[..len];
+        let t = (t - t_mean) as f32;
+        let (sw, swt, swtt) = (&mut sw[..len], &mut swt[..len], &mut swtt[..len]);
+        let (swy, swty, bad) = (&mut swy[..len], &mut swty[..len], &mut bad[..len]);
         for i in 0..len {
             let s = row[i];
             bad[i] |= not_loggable(s);
-            let y = ln_fast(s);
-            let w = (s as f64) * (s as f64);
+            let y = ln_fast_f32(s);
+            let w = s * s;
+            let wt = w * t;
             sw[i] += w;
-            swt[i] += w * t;
-            swtt[i] += w * t * t;
+            swt[i] += wt;
+            swtt[i] += wt * t;
             swy[i] += w * y;
-            swty[i] += w * t * y;
+            swty[i] += wt * y;
         }
     }
     for i in 0..len {
-        let det = sw[i] * swtt[i] - swt[i] * swt[i];
+        let (sw, swt, swtt) = (sw[i] as f64, swt[i] as f64, swtt[i] as f64);
+        let (swy, swty) = (swy[i] as f64, swty[i] as f64);
+        let det = sw * swtt - swt * swt;
         // Degenerate when (nearly) all weight sits on one echo: det ≈ 0 relative to Σw·Σwt².
         // Written as a select (not a branch) so the loop vectorises; NaN marks the failure.
-        let ok = det > 1e-12 * sw[i] * swtt[i];
-        let slope = (sw[i] * swty[i] - swt[i] * swy[i]) / det;
+        let ok = det > 1e-6 * sw * swtt;
+        let slope = (sw * swty - swt * swy) / det;
         let slope = if ok { slope } else { f64::NAN };
-        let intercept = (swy[i] - slope * swt[i]) / sw[i];
+        let intercept = (swy - slope * swt) / sw - slope * t_mean;
         r2_out[i] = (-slope) as f32;
         s0_out[i] = exp_fast(intercept) as f32;
     }
+}
+
+/// Natural logarithm of a positive normal f32, branch-free so the echo loop vectorises
+/// (`f32::ln` is a libm call per element and dominated the fit time).
+///
+/// `s = 2^e·m` with m in [√½, √2); `ln m = 2·atanh(u)`, `u = (m−1)/(m+1)`, |u| ≤ 0.172,
+/// by its odd series to u⁹ (truncation < 1e-9), all in f32: absolute error ≲ 1e-5 over
+/// the whole f32 range (f32 rounding of e·ln 2 + ln m). Garbage for inputs that
+/// [`not_loggable`] flags; those voxels are discarded.
+#[inline(always)]
+pub(crate) fn ln_fast_f32(s: f32) -> f32 {
+    const LN2: f32 = std::f32::consts::LN_2;
+    let bits = s.to_bits();
+    let shifted = bits.wrapping_sub(0x3f35_04f3);
+    let exponent = ((shifted as i32) >> 23) as f32;
+    let m = f32::from_bits((shifted & 0x007f_ffff).wrapping_add(0x3f35_04f3));
+    let u = (m - 1.0) / (m + 1.0);
+    let u2 = u * u;
+    let series = 2.0 + u2 * (2.0 / 3.0 + u2 * (2.0 / 5.0 + u2 * (2.0 / 7.0 + u2 * (2.0 / 9.0))));
+    exponent * LN2 + u * series
 }
 
 #[cfg(test)]
@@ -336,12 +351,14 @@ mod tests {
         while s < 1e30 {
             for m in [1.0f32, 1.1, 1.3, 1.41, 1.42, 1.7, 1.99] {
                 let x = s * m;
-                let err = (ln_fast(x) - (x as f64).ln()).abs();
+                // f32 rounding of the result: relative to 1 + |ln x|.
+                let exact = (x as f64).ln();
+                let err = (ln_fast_f32(x) as f64 - exact).abs() / (1.0 + exact.abs());
                 worst = worst.max(err);
             }
             s *= 2.0;
         }
-        assert!(worst < 2e-7, "worst absolute error {worst}");
+        assert!(worst < 2e-7, "worst error {worst} relative to 1 + |ln x|");
         for x in [-103.0, -50.0, -1.0, -0.3, 0.0, 0.2, 1.0, 7.5, 88.0, 109.0] {
             assert!((exp_fast(x) / x.exp() - 1.0).abs() < 1e-9, "exp({x})");
         }
@@ -389,5 +406,62 @@ mod timing {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod chunk_timing {
+    use super::*;
+
+    fn cpu() -> f64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|t| t.parse::<f64>().ok())
+            })
+            .map_or(0.0, |ns| ns * 1e-9)
+    }
+
+    /// Thread CPU time per voxel of the chunk kernels (the machine is shared):
+    /// `cargo test --release -p alsiron-core chunk_kernel_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn chunk_kernel_timing() {
+        let tes = [0.003, 0.007, 0.011, 0.015, 0.019, 0.023];
+        let mag: Vec<f32> = (0..tes.len() * CHUNK)
+            .map(|i| 100.0 * (-(20.0 + (i % 97) as f64 * 0.3) * tes[i / CHUNK]).exp() as f32)
+            .collect();
+        let rows = |k: usize| &mag[k * CHUNK..(k + 1) * CHUNK];
+        let (mut r2, mut s0, mut bad) =
+            (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![false; CHUNK]);
+        let e = tes.len() as f64;
+        let t_mean = tes.iter().sum::<f64>() / e;
+        let sxx: f64 = tes.iter().map(|t| (t - t_mean).powi(2)).sum();
+        let slope: Vec<f64> = tes.iter().map(|t| (t - t_mean) / sxx).collect();
+        let icpt: Vec<f64> = slope.iter().map(|c| 1.0 / e - t_mean * c).collect();
+        let reps = 20000;
+        let t0 = cpu();
+        for _ in 0..reps {
+            fit_chunk_ols(rows, &slope, &icpt, &mut r2, &mut s0, &mut bad);
+        }
+        let ols = (cpu() - t0) / (reps * CHUNK) as f64 * 1e9;
+        let t0 = cpu();
+        for _ in 0..reps {
+            fit_chunk_weighted(rows, &tes, &mut r2, &mut s0, &mut bad);
+        }
+        let w = (cpu() - t0) / (reps * CHUNK) as f64 * 1e9;
+        let t0 = cpu();
+        let mut acc = 0.0;
+        for _ in 0..reps {
+            for &s in &mag {
+                acc += ln_fast_f32(s) as f64;
+            }
+        }
+        let ln = (cpu() - t0) / (reps * CHUNK) as f64 * 1e9;
+        eprintln!(
+            "per voxel (6 echoes): ols {ols:.2} ns, weighted {w:.2} ns, 6 ln_fast_f32 {ln:.2} ns {acc}"
+        );
     }
 }

@@ -274,28 +274,35 @@ fn fit_chunk_arlo<'a>(
     // Pei's estimating equation Σ (I_i − T2*·d_i)·(I_i + h_i·d_i) = 0, h_i = (TE_{i+2} − TE_i)/6
     // (ΔTE/3 for even spacing): unlike the plain regression slope Σ I·d / Σ d², it is not
     // biased by the noise in d when the decay across a triple is small (long T2*).
-    let mut num = [0.0f64; CHUNK];
-    let mut den = [0.0f64; CHUNK];
-    for k in 0..echo_times.len() {
-        let row = rows(k);
-        for i in 0..len {
-            bad[i] |= not_loggable(row[i]);
+    // f32 arithmetic (4 SIMD lanes): the terms are products of magnitudes and echo-time
+    // differences with no cancellation beyond that of d itself, which is exact data.
+    let mut num = [0.0f32; CHUNK];
+    let mut den = [0.0f32; CHUNK];
+    let n_echo = echo_times.len();
+    for k in n_echo - 2..n_echo {
+        let row = &rows(k)[..len];
+        for (b, &s) in bad[..len].iter_mut().zip(row) {
+            *b |= not_loggable(s);
         }
     }
     for (k, w) in simpson.iter().enumerate() {
-        let (a, b, c) = (rows(k), rows(k + 1), rows(k + 2));
-        let h = (echo_times[k + 2] - echo_times[k]) / 6.0;
+        let (a, b, c) = (&rows(k)[..len], &rows(k + 1)[..len], &rows(k + 2)[..len]);
+        let h = ((echo_times[k + 2] - echo_times[k]) / 6.0) as f32;
+        let (w0, w1, w2) = (w[0] as f32, w[1] as f32, w[2] as f32);
+        let (num, den, bad) = (&mut num[..len], &mut den[..len], &mut bad[..len]);
         for i in 0..len {
-            let (sa, sb, sc) = (a[i] as f64, b[i] as f64, c[i] as f64);
-            let integral = w[0] * sa + w[1] * sb + w[2] * sc;
+            let (sa, sb, sc) = (a[i], b[i], c[i]);
+            bad[i] |= not_loggable(sa);
+            let integral = w0 * sa + w1 * sb + w2 * sc;
             let diff = sa - sc;
-            num[i] += integral * (integral + h * diff);
-            den[i] += diff * (integral + h * diff);
+            let weight = integral + h * diff;
+            num[i] += integral * weight;
+            den[i] += diff * weight;
         }
     }
     for i in 0..len {
         // R2* = 1/T2*; a vanishing numerator (zero signal) gives ±∞ or NaN → status 2.
-        r2_out[i] = (den[i] / num[i]) as f32;
+        r2_out[i] = den[i] / num[i];
     }
     linear_amplitude(rows, echo_times, r2_out, s0_out);
 }
@@ -308,19 +315,41 @@ fn linear_amplitude<'a>(
     s0_out: &mut [f32],
 ) {
     let len = r2.len();
-    let mut sye = [0.0f64; CHUNK];
-    let mut see = [0.0f64; CHUNK];
+    let mut sye = [0.0f32; CHUNK];
+    let mut see = [0.0f32; CHUNK];
     for (k, &t) in echo_times.iter().enumerate() {
-        let row = rows(k);
+        let row = &rows(k)[..len];
+        let t = t as f32;
+        let (sye, see) = (&mut sye[..len], &mut see[..len]);
         for i in 0..len {
-            let e = exp_fast(-(r2[i] as f64) * t);
-            sye[i] += row[i] as f64 * e;
+            let e = exp_fast_f32(-r2[i] * t);
+            sye[i] += row[i] * e;
             see[i] += e * e;
         }
     }
     for i in 0..len {
-        s0_out[i] = (sye[i] / see[i]) as f32;
+        s0_out[i] = sye[i] / see[i];
     }
+}
+
+/// exp(x) in f32 to ~2e-7 relative, branch-free (vectorises); x clamped to ±87 (the f32
+/// range), NaN stays NaN.
+#[inline(always)]
+fn exp_fast_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: rounds and exposes the integer
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 87.0);
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    let n_int = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    let r = (x - n * LN2_HI) - n * LN2_LO; // |r| ≤ ln2/2
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    p * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
 /// R² and CRLB of the Gaussian model S0·exp(−R2*·TE), vectorised over the chunk.
@@ -698,6 +727,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fast_f32_exp_matches_std() {
+        let mut x = -87.0f32;
+        while x < 87.0 {
+            let err = (exp_fast_f32(x) as f64 / (x as f64).exp() - 1.0).abs();
+            assert!(err < 5e-7, "exp({x}): relative error {err}");
+            x += 0.0137;
+        }
+        assert!(exp_fast_f32(f32::NAN).is_nan());
     }
 
     #[test]
