@@ -1,6 +1,6 @@
 """Background-removal stage and the chain from phase, measured the QSM-CI way.
 
-Phantom: 64³, 3 mm, SNR 100, seed 3 (alsiron.stage_eval.simulate_stage_phantom), made
+Phantom: 64³, 3 mm, SNR 100, seed 3 (alsiron.stages.simulate_stage_phantom), made
 at 2x supersampling with a padded kernel, so no inverse crime. Stage input: the TRUE
 total field and the true brain mask (eroded by the workflow's 2 voxels); χ from each
 local field with the workflow's default dipole inversion. Scores (DESIGN.md §5) in the
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alsiron import stage_eval
+from alsiron import stages
 from alsiron.workflow import BFR_METHODS, QsmParameters
 
 LEADER_BFR_LOCAL = 28.1
@@ -31,17 +31,17 @@ LEADER_PHASE_TO_CHI = 68.3
 
 @pytest.fixture(scope="module")
 def session():
-    return stage_eval.simulate_stage_phantom(64, 3.0, seed=3)
+    return stages.simulate_stage_phantom(64, 3.0, seed=3)
 
 
 @pytest.fixture(scope="module")
 def common(session):
-    return stage_eval.common_mask(session, ["vsharp", "ismv", "lbv"])
+    return stages.common_mask(session, ["vsharp", "ismv", "lbv"])
 
 
 @pytest.fixture(scope="module")
 def stage(session, common):
-    return {m: stage_eval.bfr_stage(session, m, eval_mask=common) for m in BFR_METHODS}
+    return {m: stages.bfr_stage(session, m, eval_mask=common) for m in BFR_METHODS}
 
 
 def test_common_mask_is_large_enough(session, common):
@@ -80,8 +80,8 @@ def test_every_method_on_the_true_total_field(stage, method, local_max, chi_max)
 
 def test_chain_from_phase_beats_the_leader(session, common):
     p = QsmParameters()
-    in_common = stage_eval.phase_chain(session, p, eval_mask=common)
-    own = stage_eval.phase_chain(session, p)
+    in_common = stages.phase_chain(session, p, eval_mask=common)
+    own = stages.phase_chain(session, p)
     assert in_common.chi_nrmse_pct < 37.0  # measured 34.0 %
     assert own.chi_nrmse_pct < LEADER_PHASE_TO_CHI - 7  # measured 58.0 %, rim included
     assert 0.88 <= own.deep_grey_slope <= 1.1  # measured 0.91
@@ -90,7 +90,7 @@ def test_chain_from_phase_beats_the_leader(session, common):
 
 def test_stage_scores_fail_on_a_wrong_field(session, common):
     # Control: the stage score must see a missing background removal (total = local).
-    s = stage_eval.bfr_stage(session, QsmParameters().bfr, eval_mask=common)
-    broken = stage_eval._scores("none", session.total_field.astype(np.float32), common,
+    s = stages.bfr_stage(session, QsmParameters().bfr, eval_mask=common)
+    broken = stages._scores("none", session.total_field.astype(np.float32), common,
                                 session, 0.0, None)
     assert broken.local_nrmse_pct > 3 * s.local_nrmse_pct
