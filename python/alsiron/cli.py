@@ -152,9 +152,9 @@ def _with_roi_options(func):
 @cli.command("demo")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--subjects", type=click.IntRange(2, 999), default=None,
-              help="Participants (alternating control / ALS; default 24).")
+              help="Participants (alternating control / ALS; default 16).")
 @click.option("--sessions", type=click.IntRange(1, 20), default=None,
-              help="Visits per participant (default 2).")
+              help="Visits per participant, about 6 months apart (default 3).")
 @click.option("--matrix", type=click.IntRange(32, 256), default=None,
               help="Phantom voxels per axis (default 64).")
 @click.option("--voxel-size", type=float, default=None, help="Voxel size in mm (default 3).")

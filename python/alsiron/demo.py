@@ -10,6 +10,7 @@ same functions the individual commands call.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,9 @@ from alsiron.registry import Registry, default_registry_path
 log = logging.getLogger("alsiron")
 
 #: Defaults sized so that the normative model has its minimum of 20 control visits
-#: (12 controls × 2 visits, both sites) and the whole demo runs in a few minutes.
-DEMO_SUBJECTS = 24
-DEMO_SESSIONS = 2
+#: (8 controls × 3 visits, both sites) and the whole demo runs in a few minutes.
+DEMO_SUBJECTS = 16
+DEMO_SESSIONS = 3
 DEMO_MATRIX = 64
 DEMO_VOXEL_MM = 3.0
 
@@ -110,6 +111,14 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
 
     with Registry.open(reg_path) as reg:
         records = reg.sessions()
+    baseline = {}
+    for rec in records:
+        if rec.session == "ses-01" and rec.run == 1 and HEADLINE_INDEX in rec.indices:
+            baseline.setdefault(rec.group, []).append(rec.indices[HEADLINE_INDEX])
+    if {"ALS", "control"} <= baseline.keys():
+        gap = 1000.0 * (statistics.fmean(baseline["ALS"]) - statistics.fmean(baseline["control"]))
+        tell(f"demo: baseline {HEADLINE_INDEX}, ALS - control = {gap:+.1f} ppb "
+             f"({len(baseline['ALS'])} vs {len(baseline['control'])} participants)")
     model = None
     model_path = derivs / "normative_model.json"
     try:
