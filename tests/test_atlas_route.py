@@ -110,3 +110,46 @@ def test_bundled_juelich_motor_cortex():
     assert 20.0 < sel.sum() / 1000.0 < 40.0
     world = mk.world_coordinates(tpl.left.shape, tpl.maps_affine)
     assert world[0][sel].mean() < 0 and world[2][sel].mean() > 40.0
+
+
+def test_atlas_route_prefers_the_session_t1w(case, tmp_path, monkeypatch):
+    """A same-session T1w (another grid) is found, resampled and registered to; the GRE
+    magnitude handed over is pure noise, so only the T1w can give a good mask. As with
+    the bundled MNI T1 template, template and subject share the T1 contrast: a T1w
+    phantom made from the truth labels."""
+    import nibabel as nib
+
+    from alsiron import roi_workflow
+
+    s, template, subject, _ = case
+    coords = _deformation(s.labels.shape, s.affine)
+    labels = ndimage.map_coordinates(s.labels.astype(np.float32), coords, order=0,
+                                     mode="constant").reshape(s.labels.shape).astype(int)
+    t1_of_label = np.full(max(LABELS.values()) + 1, 0.65, np.float32)  # grey matter
+    t1_of_label[[LABELS["air"], LABELS["bone"], LABELS["sinus_air"]]] = 0.0
+    t1_of_label[LABELS["csf"]] = 0.25
+    t1_of_label[LABELS["white_matter"]] = 1.0
+    t1_of_label[LABELS["cortical_gm"]] = 0.65
+    t1_of_label[list(PRECENTRAL_LABELS)] = 0.65
+    t1 = np.pad(t1_of_label[labels], 4)
+    t1_affine = s.affine.copy()
+    t1_affine[:3, 3] -= s.affine[:3, :3] @ np.array([4.0, 4.0, 4.0])
+    anat = tmp_path / "sub-01" / "ses-01" / "anat"
+    anat.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(t1, t1_affine), str(anat / "sub-01_ses-01_T1w.nii.gz"))
+    t1_template = mk.AtlasTemplate(
+        image=np.where(s.brain_mask, t1_of_label[s.labels], 0.0).astype(np.float32),
+        affine=s.affine, contrast="t1w", left=template.left, right=template.right,
+        control=template.control, maps_affine=s.affine, threshold=0.5,
+        description="T1w phantom as its own template")
+    monkeypatch.setattr(mk, "load_bundled_atlas", lambda name="ho": t1_template)
+
+    noise = np.random.default_rng(1).uniform(0, 1, s.labels.shape).astype(np.float32)
+    masks = roi_workflow.region_masks(noise, s.affine, subject["brain"],
+                                      roi_workflow.RoiOptions(), dataset_root=tmp_path,
+                                      entities={"sub": "01", "ses": "01"})
+    assert masks.provenance["SubjectImage"].endswith("sub-01_ses-01_T1w.nii.gz")
+    assert masks.provenance["SubjectContrast"] == "t1w"
+    truth = subject["precentral"]
+    dice = 2 * (masks.precentral & truth).sum() / (masks.precentral.sum() + truth.sum())
+    assert dice >= 0.75, dice

@@ -140,6 +140,9 @@ _ROI_OPTIONS = [
                  help="Register the bundled MNI template and warp this atlas (Harvard-Oxford "
                       "precentral gyrus or Juelich BA4a+BA4p). Default: a label image found "
                       "in the dataset's derivatives, else ho."),
+    click.option("--t1w", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="T1w image for the atlas registration (default: the session's own "
+                      "anat/*_T1w.nii[.gz] when present, else the GRE magnitude)."),
 ]
 
 
@@ -241,8 +244,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
             echo_times: tuple[float, ...], field_strength: float | None,
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
-            labels: Path | None, lut: Path | None, atlas: str | None, no_indices: bool,
-            registry: str | None, no_registry: bool, normative: Path | None,
+            labels: Path | None, lut: Path | None, atlas: str | None, t1w: Path | None,
+            no_indices: bool, registry: str | None, no_registry: bool, normative: Path | None,
             overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject,
     then the motor-cortex indices, the registry record and (with --normative) z-scores."""
@@ -277,7 +280,7 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         fill_nonfinite=fill_nonfinite, negate_phase=negate_phase,
         phase_unwrapped=phase_unwrapped, mask_path=mask_path, reference_mask=reference_mask,
         reference_label=reference_label, fieldmap_path=fieldmap_path,
-        roi=None if no_indices else _roi_options(labels, lut, atlas, True),
+        roi=None if no_indices else _roi_options(labels, lut, atlas, True, t1w),
         registry=registry, record=not no_registry, normative=normative, overwrite=overwrite)
     outcomes = pipeline.run_qsm_subject(subj_dir, options, out=out, progress=_progress,
                                         iteration_progress=_iteration_progress,
@@ -380,14 +383,17 @@ def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
         raise InputError(path, f"cannot read image ({exc})") from None
 
 
-def _roi_options(labels: Path | None, lut: Path | None, atlas: str | None, qc: bool):
+def _roi_options(labels: Path | None, lut: Path | None, atlas: str | None, qc: bool,
+                 t1w: Path | None = None):
     from alsiron.roi_workflow import RoiOptions
 
     if lut is not None and labels is None:
         raise click.UsageError("--lut needs --labels")
     if labels is not None and atlas is not None:
         raise click.UsageError("give either --labels or --atlas, not both")
-    return RoiOptions(labels=labels, lut=lut, atlas=atlas, qc=qc)
+    if t1w is not None and labels is not None:
+        raise click.UsageError("--t1w is for the atlas route; drop it or --labels")
+    return RoiOptions(labels=labels, lut=lut, atlas=atlas, t1w=t1w, qc=qc)
 
 
 def _echo_roi(label: str, result, written: list[Path], elapsed: float) -> None:
@@ -410,14 +416,14 @@ def _echo_roi(label: str, result, written: list[Path], elapsed: float) -> None:
 @click.option("--no-qc", is_flag=True, help="Skip the QC montage PNG.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def roi_cmd(subj_dir: Path, out: Path | None, labels: Path | None, lut: Path | None,
-            atlas: str | None, no_qc: bool, overwrite: bool) -> None:
+            atlas: str | None, t1w: Path | None, no_qc: bool, overwrite: bool) -> None:
     """Precentral masks and motor-cortex χ / R2* indices from the maps of `alsiron qsm`."""
     import nibabel as nib
 
     from alsiron import derivatives, ingest, qsm, roi_workflow
     from alsiron.errors import InputError
 
-    options = _roi_options(labels, lut, atlas, not no_qc)
+    options = _roi_options(labels, lut, atlas, not no_qc, t1w)
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)

@@ -267,6 +267,44 @@ def find_label_image(dataset_root: str | Path, entities: dict[str, str]
     return None
 
 
+def find_session_t1w(dataset_root: str | Path, entities: dict[str, str]) -> Path | None:
+    """A same-session T1-weighted image in the raw data (``sub-X[/ses-Y]/anat/*_T1w.nii*``).
+
+    The atlas route registers the MNI template to it rather than to the GRE magnitude:
+    same contrast as the template, so the match is better (REFERENCES.md). The first in
+    sorted order is taken when there are several (e.g. ``acq-`` variants).
+    """
+    folder = Path(dataset_root) / f"sub-{entities['sub']}"
+    if "ses" in entities:
+        folder = folder / f"ses-{entities['ses']}"
+    found = sorted((folder / "anat").glob("*_T1w.nii*")) if (folder / "anat").is_dir() else []
+    return found[0] if found else None
+
+
+def load_on_grid(path: str | Path, target_shape: tuple[int, ...], target_affine: np.ndarray
+                 ) -> np.ndarray:
+    """Read a 3-D image and resample it (trilinear, through the affines) onto a grid.
+
+    Raises
+    ------
+    InputError
+        Unreadable, not 3-D, or no overlap with the target grid.
+    """
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read image ({exc})") from None
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise InputError(path, f"expected a 3-D image, got shape {data.shape}")
+    out = resample_to_grid(np.nan_to_num(data), np.asarray(img.affine, float), target_shape,
+                           target_affine, order=1)
+    if not np.any(out):
+        raise InputError(path, "does not overlap the maps' grid (check the affines)")
+    return out.astype(np.float32)
+
+
 # ----------------------------------------------------------------------- resampling
 
 

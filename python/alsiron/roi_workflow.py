@@ -37,6 +37,12 @@ class RoiOptions:
     atlas : {"ho", "juelich"} or None
         Force the atlas route with this atlas (None: labels found in the derivatives
         first, then Harvard-Oxford).
+    t1w : path or None
+        T1-weighted image the atlas route registers the template to (resampled onto the
+        maps' grid); None: a same-session ``*_T1w`` in the raw data when present, else
+        the GRE magnitude.
+    find_t1w : bool
+        Look for that same-session T1w.
     qc : bool
         Write the QC montage.
     """
@@ -44,6 +50,8 @@ class RoiOptions:
     labels: Path | None = None
     lut: Path | None = None
     atlas: str | None = None
+    t1w: Path | None = None
+    find_t1w: bool = True
     qc: bool = True
 
 
@@ -90,8 +98,20 @@ def region_masks(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarray,
             log.info("motor cortex: using label image %s", found[0])
             return mk.masks_from_label_file(found[0], shape, affine, lut_path=found[1],
                                             brain=brain)
-    return mk.masks_from_atlas(magnitude, affine, brain, atlas=options.atlas or "ho",
-                               magnitude_name=magnitude_name)
+    t1w = options.t1w
+    if t1w is None and options.find_t1w and dataset_root is not None and entities is not None:
+        t1w = mk.find_session_t1w(dataset_root, entities)
+    if t1w is not None:
+        log.info("motor cortex: registering the template to %s", t1w)
+        image = mk.load_on_grid(t1w, shape, affine)
+        masks = mk.masks_from_atlas(image, affine, brain, atlas=options.atlas or "ho",
+                                    subject_contrast="t1w", magnitude_name=str(t1w))
+        masks.provenance["SubjectImage"] = str(t1w)
+        return masks
+    masks = mk.masks_from_atlas(magnitude, affine, brain, atlas=options.atlas or "ho",
+                                magnitude_name=magnitude_name)
+    masks.provenance["SubjectImage"] = magnitude_name or "GRE echo-1 magnitude"
+    return masks
 
 
 def mask_label_image(masks: mk.RegionMasks) -> tuple[np.ndarray, list[tuple[int, str]]]:
