@@ -6,44 +6,15 @@
 
 use alsiron_core::unwrap_laplacian as laplacian;
 use alsiron_core::{fieldfit, unwrap, Shape3};
-use numpy::ndarray::{Array3, Array4};
+use numpy::ndarray::Array4;
 use numpy::PyUntypedArrayMethods;
 use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyReadonlyArray4};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
-
-fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
-    arr: &'a numpy::PyReadonlyArray<'_, T, D>,
-    what: &str,
-) -> PyResult<&'a [T]> {
-    arr.as_slice().map_err(|_| {
-        PyValueError::new_err(format!(
-            "{what} must be C-contiguous (use numpy.ascontiguousarray)"
-        ))
-    })
-}
-
-fn check_shape(expected: &[usize], got: &[usize], what: &str) -> PyResult<()> {
-    if expected != got {
-        return Err(PyValueError::new_err(format!(
-            "{what} has shape {got:?}, expected {expected:?}"
-        )));
-    }
-    Ok(())
-}
-
-fn vol<'py, T: numpy::Element>(
-    py: Python<'py>,
-    shape: Shape3,
-    data: Vec<T>,
-) -> PyResult<Bound<'py, PyArray3<T>>> {
-    let [nx, ny, nz] = shape.0;
-    Array3::from_shape_vec((nx, ny, nz), data)
-        .map(|a| a.into_pyarray(py))
-        .map_err(|e| PyValueError::new_err(e.to_string()))
-}
+use crate::fit::{contiguous, same_shape};
+use crate::qsm::to_array;
 
 type TwoVolumes<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<f32>>);
 
@@ -71,19 +42,19 @@ fn unwrap_romeo<'py>(
     te_ratio: f32,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let dims = phase.shape().to_vec();
-    check_shape(&dims, magnitude.shape(), "magnitude")?;
-    check_shape(&dims, mask.shape(), "mask")?;
+    same_shape(&dims, magnitude.shape(), "magnitude")?;
+    same_shape(&dims, mask.shape(), "mask")?;
     let shape = Shape3([dims[0], dims[1], dims[2]]);
     let (p, m, k) = (
-        slice(&phase, "phase")?,
-        slice(&magnitude, "magnitude")?,
-        slice(&mask, "mask")?,
+        contiguous(&phase, "phase")?,
+        contiguous(&magnitude, "magnitude")?,
+        contiguous(&mask, "mask")?,
     );
     let second = match &second_phase {
         Some(s) => {
-            check_shape(&dims, s.shape(), "second-echo phase")?;
+            same_shape(&dims, s.shape(), "second-echo phase")?;
             Some(unwrap::SecondEcho {
-                phase: slice(s, "second-echo phase")?,
+                phase: contiguous(s, "second-echo phase")?,
                 te_ratio,
             })
         }
@@ -92,7 +63,7 @@ fn unwrap_romeo<'py>(
     let out = py
         .detach(|| unwrap::unwrap_romeo(p, Some(m), second, Some(k), shape))
         .map_err(to_py)?;
-    vol(py, shape, out.phase)
+    to_array(py, shape, out.phase)
 }
 
 /// Laplacian unwrapping: returns (snapped phase = input + 2πk, raw smooth estimate) [rad].
@@ -103,13 +74,16 @@ fn unwrap_laplacian<'py>(
     mask: PyReadonlyArray3<'py, u8>,
 ) -> PyResult<TwoVolumes<'py>> {
     let dims = phase.shape().to_vec();
-    check_shape(&dims, mask.shape(), "mask")?;
+    same_shape(&dims, mask.shape(), "mask")?;
     let shape = Shape3([dims[0], dims[1], dims[2]]);
-    let (p, k) = (slice(&phase, "phase")?, slice(&mask, "mask")?);
+    let (p, k) = (contiguous(&phase, "phase")?, contiguous(&mask, "mask")?);
     let out = py
         .detach(|| laplacian::unwrap_laplacian(p, Some(k), shape))
         .map_err(to_py)?;
-    Ok((vol(py, shape, out.phase)?, vol(py, shape, out.raw)?))
+    Ok((
+        to_array(py, shape, out.phase)?,
+        to_array(py, shape, out.raw)?,
+    ))
 }
 
 /// Temporal unwrapping of offset-free echo-major phases `(E, X, Y, Z)` from the spatially
@@ -124,8 +98,11 @@ fn unwrap_echoes_temporal<'py>(
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     let dims = phase.shape().to_vec();
     let shape = echoes_shape(&dims, echo_times.len())?;
-    check_shape(&dims[1..], reference.shape(), "reference")?;
-    let (p, r) = (slice(&phase, "phase")?, slice(&reference, "reference")?);
+    same_shape(&dims[1..], reference.shape(), "reference")?;
+    let (p, r) = (
+        contiguous(&phase, "phase")?,
+        contiguous(&reference, "reference")?,
+    );
     let out = py
         .detach(|| fieldfit::unwrap_echoes_temporal(p, &echo_times, r, reference_echo, shape))
         .map_err(to_py)?;
@@ -147,18 +124,18 @@ fn fit_field_linear<'py>(
     through_origin: bool,
 ) -> PyResult<TwoVolumes<'py>> {
     let dims = magnitude.shape().to_vec();
-    check_shape(&dims, unwrapped_phase.shape(), "phase")?;
+    same_shape(&dims, unwrapped_phase.shape(), "phase")?;
     let shape = echoes_shape(&dims, echo_times.len())?;
-    check_shape(&dims[1..], mask.shape(), "mask")?;
+    same_shape(&dims[1..], mask.shape(), "mask")?;
     let (m, p, k) = (
-        slice(&magnitude, "magnitude")?,
-        slice(&unwrapped_phase, "phase")?,
-        slice(&mask, "mask")?,
+        contiguous(&magnitude, "magnitude")?,
+        contiguous(&unwrapped_phase, "phase")?,
+        contiguous(&mask, "mask")?,
     );
     let (omega, phi0) = py
         .detach(|| fieldfit::fit_field_linear(m, p, &echo_times, shape, Some(k), through_origin))
         .map_err(to_py)?;
-    Ok((vol(py, shape, omega)?, vol(py, shape, phi0)?))
+    Ok((to_array(py, shape, omega)?, to_array(py, shape, phi0)?))
 }
 
 type ComplexFitMaps<'py> = (
@@ -188,20 +165,20 @@ fn fit_field_complex<'py>(
     fixed_offset: bool,
 ) -> PyResult<ComplexFitMaps<'py>> {
     let dims = magnitude.shape().to_vec();
-    check_shape(&dims, phase.shape(), "phase")?;
+    same_shape(&dims, phase.shape(), "phase")?;
     let shape = echoes_shape(&dims, echo_times.len())?;
-    check_shape(&dims[1..], mask.shape(), "mask")?;
-    check_shape(&dims[1..], omega_init.shape(), "initial omega")?;
+    same_shape(&dims[1..], mask.shape(), "mask")?;
+    same_shape(&dims[1..], omega_init.shape(), "initial omega")?;
     let (m, p, k, w) = (
-        slice(&magnitude, "magnitude")?,
-        slice(&phase, "phase")?,
-        slice(&mask, "mask")?,
-        slice(&omega_init, "initial omega")?,
+        contiguous(&magnitude, "magnitude")?,
+        contiguous(&phase, "phase")?,
+        contiguous(&mask, "mask")?,
+        contiguous(&omega_init, "initial omega")?,
     );
     let phi0 = match &phase_offset_init {
         Some(a) => {
-            check_shape(&dims[1..], a.shape(), "initial phase offset")?;
-            Some(slice(a, "initial phase offset")?)
+            same_shape(&dims[1..], a.shape(), "initial phase offset")?;
+            Some(contiguous(a, "initial phase offset")?)
         }
         None => None,
     };
@@ -222,12 +199,12 @@ fn fit_field_complex<'py>(
         })
         .map_err(to_py)?;
     Ok((
-        vol(py, shape, fit.omega)?,
-        vol(py, shape, fit.phase_offset)?,
-        vol(py, shape, fit.residual)?,
-        vol(py, shape, fit.omega_sd_per_sigma)?,
-        vol(py, shape, fit.sigma)?,
-        vol(py, shape, fit.iterations)?,
+        to_array(py, shape, fit.omega)?,
+        to_array(py, shape, fit.phase_offset)?,
+        to_array(py, shape, fit.residual)?,
+        to_array(py, shape, fit.omega_sd_per_sigma)?,
+        to_array(py, shape, fit.sigma)?,
+        to_array(py, shape, fit.iterations)?,
     ))
 }
 

@@ -6,8 +6,8 @@
 use alsiron_core::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
 use alsiron_core::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
 use alsiron_core::{epg, fieldmap, r2star, r2star_fit, unwrap, Shape3};
+use numpy::ndarray::Array1;
 use numpy::ndarray::Array2;
-use numpy::ndarray::{Array1, Array3};
 use numpy::PyArray2;
 use numpy::{IntoPyArray, PyArray1, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
 use numpy::{PyReadonlyArray3, PyReadonlyArray4, PyUntypedArrayMethods};
@@ -15,9 +15,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
+use crate::qsm::to_array;
 
 /// Borrow a C-contiguous array as a flat slice or raise a ValueError naming it.
-fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+pub(crate) fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     arr: &'a numpy::PyReadonlyArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a [T]> {
@@ -32,24 +33,13 @@ fn shape3(dims: &[usize]) -> Shape3 {
     Shape3([dims[0], dims[1], dims[2]])
 }
 
-fn same_shape(a: &[usize], b: &[usize], what: &str) -> PyResult<()> {
+pub(crate) fn same_shape(a: &[usize], b: &[usize], what: &str) -> PyResult<()> {
     if a != b {
         return Err(PyValueError::new_err(format!(
             "{what} has shape {b:?}, expected {a:?}"
         )));
     }
     Ok(())
-}
-
-fn volume<'py>(
-    py: Python<'py>,
-    shape: Shape3,
-    data: Vec<f32>,
-) -> PyResult<Bound<'py, PyArray3<f32>>> {
-    let [nx, ny, nz] = shape.0;
-    Array3::from_shape_vec((nx, ny, nz), data)
-        .map(|a| a.into_pyarray(py))
-        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// Unwrap a 3-D wrapped phase [rad] guided by the magnitude inside a mask.
@@ -74,7 +64,7 @@ fn unwrap_phase<'py>(
     let out = py
         .detach(|| unwrap::unwrap_phase_3d(p, Some(m), Some(k), shape))
         .map_err(to_py)?;
-    volume(py, shape, out)
+    to_array(py, shape, out)
 }
 
 type FieldMaps<'py> = (
@@ -113,9 +103,9 @@ fn fit_multi_echo_field<'py>(
         .detach(|| fieldmap::fit_multi_echo_field(m, p, &echo_times, shape, Some(k)))
         .map_err(to_py)?;
     Ok((
-        volume(py, shape, fit.omega)?,
-        volume(py, shape, fit.phase_offset)?,
-        volume(py, shape, fit.residual)?,
+        to_array(py, shape, fit.omega)?,
+        to_array(py, shape, fit.phase_offset)?,
+        to_array(py, shape, fit.residual)?,
     ))
 }
 

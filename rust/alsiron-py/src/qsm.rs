@@ -40,6 +40,21 @@ pub(crate) fn same_shape(a: Shape3, b: Shape3, what: &str) -> PyResult<()> {
     Ok(())
 }
 
+/// Shape of `field`, and `field` and `mask` as C-contiguous slices; the mask must have
+/// the field's shape.
+pub(crate) fn field_and_mask<'a>(
+    field: &'a PyReadonlyArray3<'_, f32>,
+    mask: &'a PyReadonlyArray3<'_, u8>,
+) -> PyResult<(Shape3, &'a [f32], &'a [u8])> {
+    let shape = shape_of(field);
+    same_shape(shape, shape_of(mask), "mask")?;
+    Ok((
+        shape,
+        contiguous(field, "field")?,
+        contiguous(mask, "mask")?,
+    ))
+}
+
 pub(crate) fn to_array<'py, T: numpy::Element>(
     py: Python<'py>,
     shape: Shape3,
@@ -125,9 +140,7 @@ fn tkd<'py>(
     b0_dir: [f64; 3],
     threshold: f64,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let chi = py
         .detach(|| inversion::tkd(f, m, shape, voxel_size, b0_dir, threshold))
         .map_err(to_py)?;
@@ -197,9 +210,7 @@ fn tv_admm<'py>(
     tol: f64,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = inversion::TvAdmmParams {
         alpha,
         mu,
@@ -225,9 +236,7 @@ fn vsharp<'py>(
     radii_mm: Vec<f64>,
     threshold: f64,
 ) -> PyResult<LocalFieldAndMask<'py>> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let (local, eroded) = py
         .detach(|| bfr::vsharp(f, m, shape, voxel_size, &radii_mm, threshold))
         .map_err(to_py)?;
@@ -253,9 +262,7 @@ fn pdf<'py>(
     max_iter: usize,
     kernel: &str,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let w = match &weight {
         Some(w) => {
             same_shape(shape, shape_of(w), "weight")?;
@@ -297,9 +304,7 @@ fn ismv<'py>(
     tol: f64,
     max_iter: usize,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = bfr_iterative::IsmvParams {
         radius_mm,
         tol,
@@ -329,9 +334,7 @@ fn lbv<'py>(
     tol: f64,
     max_iter: usize,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = bfr_iterative::LbvParams { tol, max_iter };
     // An LBV iteration is one stencil pass (no FFT): poll every 32.
     let should_stop = poll_signals_every(32);

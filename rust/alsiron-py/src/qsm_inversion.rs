@@ -13,7 +13,7 @@ use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
-use crate::qsm::{contiguous, run_iterative, same_shape, shape_of, to_array};
+use crate::qsm::{contiguous, field_and_mask, run_iterative, same_shape, shape_of, to_array};
 
 type Chi<'py> = Bound<'py, PyArray3<f32>>;
 
@@ -27,9 +27,7 @@ fn tikhonov<'py>(
     b0_dir: [f64; 3],
     lam: f64,
 ) -> PyResult<Chi<'py>> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let chi = py
         .detach(|| inversion::tikhonov(f, m, shape, voxel_size, b0_dir, lam))
         .map_err(to_py)?;
@@ -138,9 +136,7 @@ fn rts<'py>(
     tol: f64,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = RtsParams {
         delta,
         mu,
