@@ -207,79 +207,89 @@ def run_qsm_subject(
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
     out_root = derivatives.derivatives_root(root, out)
-    registry_location = None
+    registry = registry_location = None
     if opts.record:
-        from alsiron.registry import REGISTRY_ENV, default_registry_path, resolve_location
+        from alsiron.registry import (
+            REGISTRY_ENV,
+            Registry,
+            default_registry_path,
+            resolve_location,
+        )
 
         if opts.registry is not None or os.environ.get(REGISTRY_ENV):
             registry_location = resolve_location(opts.registry)
         else:
             registry_location = default_registry_path(out_root)
-    for ses in sessions:
-        for files in ses.series:
-            label = files.prefix
-            entities = dict(files.entities)
-            _check_free(out_root, entities, opts)
-            say(f"{label}: loading {len(files.echoes)} echoes")
-            series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
-                                       echo_times=opts.echo_times,
-                                       field_strength=opts.field_strength,
-                                       fill_nonfinite=opts.fill_nonfinite,
-                                       negate_phase=opts.negate_phase,
-                                       phase_unwrapped=opts.phase_unwrapped)
-            user_mask = ref_region = user_field = None
-            if opts.mask_path is not None:
-                user_mask = ingest.load_mask(opts.mask_path, series)
-                series.metadata["BrainMaskSource"] = str(opts.mask_path)
-            if opts.reference_mask is not None:
-                ref_region = ingest.load_mask(opts.reference_mask, series,
-                                              label=opts.reference_label)
-                series.metadata["ReferenceSource"] = (
-                    str(opts.reference_mask) if opts.reference_label is None
-                    else f"{opts.reference_mask} label {opts.reference_label}")
-            if opts.fieldmap_path is not None:
-                user_field = ingest.load_fieldmap(opts.fieldmap_path, series)
-                series.metadata["FieldMapSource"] = str(opts.fieldmap_path)
-            t0 = time.perf_counter()
-            result = workflow.process_series(series, opts.params, brain_mask=user_mask,
-                                             reference_mask=ref_region,
-                                             phase_unwrapped=opts.phase_unwrapped,
-                                             total_field_ppm=user_field, progress=progress,
-                                             iteration_progress=iteration_progress)
-            written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
-                                             result.provenance, overwrite=opts.overwrite)
-            outcome = SessionOutcome(label=label, out_root=out_root, series=series, result=result,
-                                     written=written, seconds=time.perf_counter() - t0,
-                                     truth=compare_with_truth(result, root, entities))
-            record = session_record(series, entities, root, result.provenance)
-            if opts.roi is not None:
+        # Opened once for the subject (its integrity check is not free), and before any
+        # map is made, so a damaged or newer-schema registry stops the run up front.
+        registry = Registry.open(registry_location)
+    try:
+        for ses in sessions:
+            for files in ses.series:
+                label = files.prefix
+                entities = dict(files.entities)
+                _check_free(out_root, entities, opts)
+                say(f"{label}: loading {len(files.echoes)} echoes")
+                series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
+                                           echo_times=opts.echo_times,
+                                           field_strength=opts.field_strength,
+                                           fill_nonfinite=opts.fill_nonfinite,
+                                           negate_phase=opts.negate_phase,
+                                           phase_unwrapped=opts.phase_unwrapped)
+                user_mask = ref_region = user_field = None
+                if opts.mask_path is not None:
+                    user_mask = ingest.load_mask(opts.mask_path, series)
+                    series.metadata["BrainMaskSource"] = str(opts.mask_path)
+                if opts.reference_mask is not None:
+                    ref_region = ingest.load_mask(opts.reference_mask, series,
+                                                  label=opts.reference_label)
+                    series.metadata["ReferenceSource"] = (
+                        str(opts.reference_mask) if opts.reference_label is None
+                        else f"{opts.reference_mask} label {opts.reference_label}")
+                if opts.fieldmap_path is not None:
+                    user_field = ingest.load_fieldmap(opts.fieldmap_path, series)
+                    series.metadata["FieldMapSource"] = str(opts.fieldmap_path)
                 t0 = time.perf_counter()
-                try:
-                    _, outcome.indices, outcome.roi_written = roi_workflow.run_session(
-                        out_root, entities, series.magnitude[0], series.affine,
-                        result.brain_mask.data > 0, chi=result.chi.data,
-                        r2star=result.r2star.data, options=opts.roi, dataset_root=root,
-                        magnitude_name=series.sources[0] if series.sources else None,
+                result = workflow.process_series(series, opts.params, brain_mask=user_mask,
+                                                 reference_mask=ref_region,
+                                                 phase_unwrapped=opts.phase_unwrapped,
+                                                 total_field_ppm=user_field, progress=progress,
+                                                 iteration_progress=iteration_progress)
+                written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
+                                                 result.provenance, overwrite=opts.overwrite)
+                outcome = SessionOutcome(
+                    label=label, out_root=out_root, series=series, result=result,
+                    written=written, seconds=time.perf_counter() - t0,
+                    truth=compare_with_truth(result, root, entities))
+                record = session_record(series, entities, root, result.provenance)
+                if opts.roi is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        _, outcome.indices, outcome.roi_written = roi_workflow.run_session(
+                            out_root, entities, series.magnitude[0], series.affine,
+                            result.brain_mask.data > 0, chi=result.chi.data,
+                            r2star=result.r2star.data, options=opts.roi, dataset_root=root,
+                            magnitude_name=series.sources[0] if series.sources else None,
+                            overwrite=opts.overwrite)
+                    except (AlsironError, ValueError) as exc:
+                        # The maps are written; a failed mask leaves them usable.
+                        outcome.roi_error = str(exc)
+                        record.qc_status = "fail"
+                        record.qc_notes["motor_cortex_indices"] = f"failed: {exc}"
+                    else:
+                        outcome.indices.update_record(record)
+                    outcome.roi_seconds = time.perf_counter() - t0
+                outcome.record = record
+                if opts.normative is not None and record.indices:
+                    from alsiron.normative import score_session
+
+                    outcome.zscores, outcome.zscore_text = score_session(
+                        record, opts.normative, out=zscore_path(out_root, entities),
                         overwrite=opts.overwrite)
-                except (AlsironError, ValueError) as exc:
-                    # The maps are written; a failed mask leaves them usable.
-                    outcome.roi_error = str(exc)
-                    record.qc_status = "fail"
-                    record.qc_notes["motor_cortex_indices"] = f"failed: {exc}"
-                else:
-                    outcome.indices.update_record(record)
-                outcome.roi_seconds = time.perf_counter() - t0
-            outcome.record = record
-            if opts.normative is not None and record.indices:
-                from alsiron.normative import score_session
-
-                outcome.zscores, outcome.zscore_text = score_session(
-                    record, opts.normative, out=zscore_path(out_root, entities),
-                    overwrite=opts.overwrite)
-            if registry_location is not None:
-                from alsiron.registry import Registry
-
-                with Registry.open(registry_location) as reg:
-                    reg.record_session(record)
-                outcome.registry = str(registry_location)
-            yield outcome
+                if registry is not None:
+                    registry.record_session(record)
+                    outcome.registry = str(registry_location)
+                yield outcome
+    finally:
+        if registry is not None:
+            registry.close()
