@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from alsiron import fieldmap, ingest, metrics, qsm
 from alsiron.evaluate import load_truth, score_chi
-from alsiron.workflow import QsmParameters, default_vsharp_radii
+from alsiron.workflow import QsmParameters, bfr_input_mask, default_vsharp_radii
 
 PRECENTRAL = [20, 21, 22, 23]
 
@@ -134,7 +134,7 @@ def null_contrast(root: Path) -> None:
     series, truth, _, _, field_est, quality = load(root)
     vsz, b0 = series.voxel_size, series.b0_direction
     p = QsmParameters()
-    mask = ndimage.binary_erosion(quality, iterations=p.bfr_erode_voxels)
+    mask = bfr_input_mask(quality, vsz, p)
     lab = truth.labels
     cortex, wm = np.isin(lab, [6, *PRECENTRAL]) & truth.brain_mask, lab == 5
     excess = np.where(cortex, truth.chi - truth.chi[wm & truth.brain_mask].mean(), 0.0)

@@ -146,6 +146,32 @@ _ROI_OPTIONS = [
 ]
 
 
+class MaskErosion(click.ParamType):
+    """``--mask-erode``: "4", "4mm" or "4.5 mm" → ("mm", 4.0); "2vox" → ("vox", 2)."""
+
+    name = "mask-erosion"
+
+    def convert(self, value, param, ctx) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        unit = "vox" if text.endswith("vox") else "mm"
+        number = text.removesuffix("vox").removesuffix("mm")
+        try:
+            amount = float(number)
+        except ValueError:
+            self.fail(f"{value!r} is not a depth in mm (e.g. 4 or 4mm) or a voxel count "
+                      "(e.g. 2vox)", param, ctx)
+        if not (amount >= 0 and amount < float("inf")):
+            self.fail(f"{value!r}: the erosion must be >= 0", param, ctx)
+        if unit == "vox" and (amount != int(amount) or amount > 10):
+            self.fail(f"{value!r}: a voxel erosion is a whole number of voxels, 0-10",
+                      param, ctx)
+        if unit == "mm" and amount > 30:
+            self.fail(f"{value!r}: an erosion deeper than 30 mm leaves no cortex", param, ctx)
+        return unit, amount
+
+
 def _with_roi_options(func):
     for option in reversed(_ROI_OPTIONS):
         func = option(func)
@@ -201,9 +227,12 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
               default=None, help="Total field map NIfTI on the MEGRE grid with a JSON sidecar "
                                  "giving Units (ppm, Hz or rad/s): skips unwrapping and the "
                                  "echo fit.")
-@click.option("--mask-erode", type=click.IntRange(0, 10), default=None,
-              help="Voxels eroded from the phase-quality brain mask before background "
-                   "removal (default: the workflow's bfr_erode_voxels, 2).")
+@click.option("--mask-erode", type=MaskErosion(), default=None, metavar="MM|Nvox",
+              help="Depth in mm eroded from the phase-quality brain mask before background "
+                   "removal: voxels whose centre lies within MM of the outside are dropped, "
+                   "at any voxel size (default: the workflow's bfr_erode_mm, 4). 'Nvox' "
+                   "(e.g. 2vox) keeps the former voxel semantics: N one-voxel erosions. A "
+                   "plain number is mm.")
 @click.option("--phase-quality-threshold", type=click.FloatRange(min=0.0, min_open=True),
               default=None,
               help="Exclude voxels whose RMS phase residual of the field fit exceeds this "
@@ -240,7 +269,7 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmonic: bool,
             bfr: str | None,
             unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
-            mask_erode: int | None, phase_quality_threshold: float | None,
+            mask_erode: tuple[str, float] | None, phase_quality_threshold: float | None,
             echo_times: tuple[float, ...], field_strength: float | None,
             fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
@@ -265,7 +294,11 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
     if unwrapping is not None:
         params.unwrapping = unwrapping
     if mask_erode is not None:
-        params.bfr_erode_voxels = mask_erode
+        unit, amount = mask_erode
+        if unit == "vox":
+            params.bfr_erode_voxels = int(amount)
+        else:
+            params.bfr_erode_mm = float(amount)
     if phase_quality_threshold is not None:
         params.residual_threshold = phase_quality_threshold
     if fieldmap_path is not None and (phase_unwrapped or unwrapping is not None):

@@ -39,6 +39,8 @@ __all__ = [
     "TV_MU",
     "VSHARP_THRESHOLD",
     "brain_mask",
+    "edge_distance_mm",
+    "erode_mm",
     "dipole_kernel",
     "forward_field",
     "ismv",
@@ -640,6 +642,74 @@ def brain_mask(
     mask = ndimage.binary_fill_holes(largest)
     logger.debug("brain_mask: threshold %.4g, %d voxels", level, int(mask.sum()))
     return mask
+
+
+#: Distances within this of the erosion depth count as equal to it [mm] (header rounding
+#: of voxel sizes must not decide whether a voxel layer is removed).
+_DEPTH_TOLERANCE_MM = 1e-3
+
+
+def edge_distance_mm(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """Distance [mm] from each mask voxel's centre to the nearest centre of a voxel
+    outside the mask (voxels beyond the array count as outside); 0 outside.
+
+    Euclidean distance transform with the voxel edges as sampling, so anisotropic voxels
+    are measured in mm, not in voxels.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+    voxel_size : 3 floats
+        Voxel edges along the array axes [mm].
+
+    Returns
+    -------
+    ndarray of float64, shape (X, Y, Z)
+        Distance in mm; the outermost voxels of the mask have one voxel edge.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 3:
+        raise ValueError(f"mask must be 3-D, got shape {m.shape}")
+    vs = tuple(float(v) for v in voxel_size)
+    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+        raise ValueError(f"voxel_size must be 3 positive finite mm values, got {voxel_size!r}")
+    padded = np.pad(m, 1, constant_values=False)
+    dist = ndimage.distance_transform_edt(padded, sampling=vs)
+    return np.ascontiguousarray(dist[1:-1, 1:-1, 1:-1])
+
+
+def erode_mm(mask: np.ndarray, voxel_size: Sequence[float], depth_mm: float) -> np.ndarray:
+    """Erode ``mask`` by a physical depth: drop every voxel whose centre lies within
+    ``depth_mm`` of the centre of a voxel outside the mask.
+
+    This is an erosion by a ball of radius ``depth_mm`` in mm (an ellipsoid in voxels
+    when the voxels are anisotropic), so the same ``depth_mm`` removes the same tissue
+    depth at any resolution. ``depth_mm`` below one voxel edge removes nothing; one
+    voxel edge (isotropic voxels) removes the outer voxel layer, like a one-voxel
+    6-connected erosion; two voxel edges is what two such erosions removed, plus the
+    few voxels on the cube diagonal that they kept.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+    voxel_size : 3 floats
+        Voxel edges [mm].
+    depth_mm : float
+        Erosion depth [mm], >= 0 (0 returns the mask unchanged).
+
+    Returns
+    -------
+    ndarray of bool, shape (X, Y, Z)
+    """
+    depth = float(depth_mm)
+    if not np.isfinite(depth) or depth < 0:
+        raise ValueError(f"erosion depth must be a finite number of mm >= 0, got {depth_mm!r}")
+    m = np.asarray(mask, dtype=bool)
+    if depth == 0:
+        return m.copy()
+    # A voxel exactly depth_mm away (e.g. the 6-neighbour at one voxel edge) is removed
+    # even when the header's voxel size is rounded a little above the nominal value.
+    return edge_distance_mm(m, voxel_size) > depth + _DEPTH_TOLERANCE_MM
 
 
 def reference_to_mean(chi: np.ndarray, mask: np.ndarray) -> np.ndarray:
