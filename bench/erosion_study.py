@@ -49,12 +49,16 @@ from alsiron.workflow import (
     remove_background,
 )
 
-CASES = {"64-3mm": (64, 3.0), "96-2mm": (96, 2.0), "128-1.5mm": (128, 1.5)}
+#: case → (matrix, voxel size [mm], B0 direction in voxel-index space)
+CASES = {"64-3mm": (64, 3.0, (0.0, 0.0, 1.0)), "96-2mm": (96, 2.0, (0.0, 0.0, 1.0)),
+         "128-1.5mm": (128, 1.5, (0.0, 0.0, 1.0)),
+         "oblique": ((64, 64, 56), (3.0, 3.0, 3.5), (0.0, 0.34, 0.94))}
 
 
-def settings(depths: list[float], trims: list[float]) -> dict[str, QsmParameters]:
-    """Setting name → chain parameters (defaults except the pre-BFR mask)."""
-    base = QsmParameters()
+def settings(depths: list[float], trims: list[float], bfr: str = "pdf"
+             ) -> dict[str, QsmParameters]:
+    """Setting name → chain parameters (defaults except the pre-BFR mask and ``bfr``)."""
+    base = QsmParameters(bfr=bfr)
     out = {f"e{d:g}": replace(base, bfr_erode_mm=d, bfr_erode_voxels=None,
                               bfr_trim_sd_factor=None) for d in depths}
     out["v2"] = replace(base, bfr_erode_voxels=2, bfr_trim_sd_factor=None)
@@ -64,10 +68,11 @@ def settings(depths: list[float], trims: list[float]) -> dict[str, QsmParameters
     return out
 
 
-def run_phantom(matrix: int, voxel: float, seed: int, params: dict[str, QsmParameters]
+def run_phantom(matrix, voxel, b0, seed: int, params: dict[str, QsmParameters]
                 ) -> list[dict]:
     """Score every setting on one simulated phantom; one row per setting."""
-    ses = simulate_subject(matrix=matrix, voxel_size=voxel, group="ALS", rng=seed)
+    ses = simulate_subject(matrix=matrix, voxel_size=voxel, b0_direction=b0, group="ALS",
+                           rng=seed)
     series = series_of(ses)
     truth = truth_of(ses)
     vsz = series.voxel_size
@@ -110,7 +115,8 @@ def run_phantom(matrix: int, voxel: float, seed: int, params: dict[str, QsmParam
         tref = ses.chi[own].mean()
         rim = own & ~common
         rows.append({
-            "case": f"{matrix}^3 {voxel:g} mm", "seed": seed, "setting": name,
+            "case": case_name(matrix, voxel, b0), "seed": seed,
+            "setting": f"{p_bfr(params[name])}:{name}",
             "mask_vox": int(own.sum()), "common_vox": int(common.sum()),
             "deep_kept": float(deep.sum() / deep_all.sum()),
             "sup_kept": float((own & sup_all).sum() / sup_all.sum()),
@@ -127,11 +133,22 @@ def run_phantom(matrix: int, voxel: float, seed: int, params: dict[str, QsmParam
     return rows
 
 
-FMT = ("{case:>11} {seed:>4} {setting:>5} {mask_vox:>7} {deep_kept:>6.1%} {sup_kept:>6.1%} "
+def case_name(matrix, voxel, b0) -> str:
+    """Short label of a phantom geometry."""
+    if isinstance(matrix, int):
+        return f"{matrix}^3 {voxel:g} mm"
+    return "oblique" if b0[2] < 1 else "aniso"
+
+
+def p_bfr(p: QsmParameters) -> str:
+    return p.bfr
+
+
+FMT = ("{case:>11} {seed:>4} {setting:>12} {mask_vox:>7} {deep_kept:>6.1%} {sup_kept:>6.1%} "
        "{deep_err_ppb:>+7.1f} {als_ppb:>+6.1f} {als_true_ppb:>+6.1f} {slope:>5.2f} "
        "{nrmse_own:>6.1f} {xsim_own:>5.3f} {nrmse_common:>6.1f} {xsim_common:>5.3f} "
        "{rim_nrmse:>6.1f} {seconds:>6.1f}")
-HEAD = ("       case seed   set    mask   deep    sup  deepErr    ALS  ALStr slope "
+HEAD = ("       case seed          set    mask   deep    sup  deepErr    ALS  ALStr slope "
         "NRMSEo XSIMo NRMSEc XSIMc rimNR   wall")
 
 
@@ -141,15 +158,16 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--depths", nargs="+", type=float, default=[0, 2, 3, 4, 6])
     ap.add_argument("--trims", nargs="*", type=float, default=[3.0])
+    ap.add_argument("--bfr", default="pdf", help="background-field removal of every setting")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args()
-    params = settings(args.depths, args.trims)
+    params = settings(args.depths, args.trims, args.bfr)
     rows = []
     print(HEAD, flush=True)
     for case in args.cases:
-        matrix, voxel = CASES[case]
+        matrix, voxel, b0 = CASES[case]
         for seed in args.seeds:
-            for row in run_phantom(matrix, voxel, seed, params):
+            for row in run_phantom(matrix, voxel, b0, seed, params):
                 rows.append(row)
                 print(FMT.format(**row), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -127,9 +127,12 @@ def test_bfr_input_mask_modes_and_record():
     ball, _ = sphere(30.0, (2.0, 2.0, 2.0), fov_mm=80.0)
     vs = (2.0, 2.0, 2.0)
     p = QsmParameters()
-    assert p.bfr_erode_mm == 4.0 and p.bfr_erode_voxels is None
+    assert p.bfr_erode_mm is None and p.bfr_erode_voxels is None and p.bfr == "pdf"
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, p), qsm.erode_mm(ball, vs, 4.0))
     assert erosion_record(p, vs)["MaskErosionMm"] == 4.0
+    vsharp = QsmParameters(bfr="vsharp")
+    np.testing.assert_array_equal(bfr_input_mask(ball, vs, vsharp), qsm.erode_mm(ball, vs, 6.0))
+    assert erosion_record(QsmParameters(bfr_erode_mm=2.5), vs)["MaskErosionMm"] == 2.5
     legacy = QsmParameters(bfr_erode_voxels=1)
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, legacy),
                                   ndimage.binary_erosion(ball))

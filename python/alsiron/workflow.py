@@ -30,6 +30,15 @@ log = logging.getLogger("alsiron")
 BFR_METHODS: dict[str, str] = {"vsharp": "V-SHARP", "pdf": "PDF", "ismv": "iSMV",
                                 "lbv": "LBV"}
 
+#: Default depth [mm] eroded from the phase-quality brain mask before each background-
+#: field removal (:attr:`QsmParameters.bfr_erode_mm` = None). PDF: 4 mm, measured with
+#: ``bench/erosion_study.py`` (docs/qsm_mask_erosion.md). The SMV-based methods and LBV
+#: keep the former depth at 3 mm (2 voxels = 6 mm): they lose the cortex to their own
+#: erosion anyway, and with 4 mm the outer layer's unreliable field leaks into their
+#: spheres (64³/3 mm, χ NRMSE on a common mask: V-SHARP 52.3 % vs 41.4 %, iSMV 38.4 vs
+#: 37.8 %, LBV 85.0 vs 81.8 %).
+BFR_ERODE_MM: dict[str, float] = {"pdf": 4.0, "vsharp": 6.0, "ismv": 6.0, "lbv": 6.0}
+
 #: Spatial phase-unwrapping methods of :class:`QsmParameters` ``unwrapping``.
 UNWRAPPING_METHODS: dict[str, str] = dict(fieldmap.UNWRAPPING_METHODS)
 
@@ -49,20 +58,20 @@ class QsmParameters:
     residual_threshold : float
         Voxels whose magnitude-weighted RMS phase residual of the field fit exceeds this
         [rad] are excluded from the QSM mask (phase-quality masking).
-    bfr_erode_mm : float
+    bfr_erode_mm : float or None
         Depth [mm] eroded from the phase-quality brain mask before background-field
         removal (:func:`alsiron.qsm.erode_mm`: voxels whose centre lies within this
         distance of a voxel outside the mask are dropped, anisotropic voxels measured in
-        mm). The outermost voxels mix tissue with bone or air and their phase is
-        unreliable, but the cortex — where ALS puts its iron — is the outer 6 mm of the
-        brain. Default 4 mm, chosen with ``bench/erosion_study.py``
-        (docs/qsm_mask_erosion.md): it removes one voxel layer at 3 mm and two at 2 mm,
-        keeps 100 % of the deep and 94 % (3 mm) / 67 % (2 mm) of the superficial
-        precentral cortex, and gives the lowest χ NRMSE on a common evaluation mask at
-        both resolutions (55.0 % at 64³/3 mm, 41.5 % at 96³/2 mm; the former 2-voxel
-        erosion: 56.0 %, 42.2 %, with 93 % / 15 % of deep / superficial precentral kept
-        at 3 mm) and a larger deep-precentral − WM contrast at 3 mm (+24 vs +16 ppb of
-        +43.5). 0 disables.
+        mm); None = the method's default in :data:`BFR_ERODE_MM`. The outermost voxels
+        mix tissue with bone or air and their phase is unreliable, but the cortex — where
+        ALS puts its iron — is the outer 6 mm of the brain. PDF's default, 4 mm, was
+        chosen with ``bench/erosion_study.py`` (docs/qsm_mask_erosion.md): it removes one
+        voxel layer at 3 mm and two at 2 mm, keeps 100 % of the deep and 94 % (3 mm) /
+        67 % (2 mm) of the superficial precentral cortex (the former 2-voxel erosion:
+        93 % / 15 % at 3 mm), doubles the deep-precentral − WM contrast at 3 mm (+24 vs
+        +16 ppb of +43.5) and keeps χ NRMSE on a common evaluation mask within ±2
+        points of the former erosion (3 mm 55.0 vs 56.0 %, 2 mm 41.5 vs 42.2 %, 1.5 mm
+        45.2 vs 46.5 %, oblique 46.2 vs 44.2 %). 0 disables.
     bfr_erode_voxels : int or None
         Legacy erosion (the chain before the mm criterion): this many 6-connected
         one-voxel erosions, used instead of ``bfr_erode_mm`` when not None.
@@ -151,7 +160,7 @@ class QsmParameters:
 
     mask_opening_voxels: int = 2
     residual_threshold: float = 0.5
-    bfr_erode_mm: float = 4.0
+    bfr_erode_mm: float | None = None
     bfr_erode_voxels: int | None = None
     bfr_trim_sd_factor: float | None = None
     bfr_trim_band_mm: float = 6.0
@@ -458,13 +467,20 @@ def bfr_input_mask(quality: np.ndarray, voxel_size: tuple[float, float, float],
         mask = (ndimage.binary_erosion(quality, iterations=p.bfr_erode_voxels)
                 if p.bfr_erode_voxels > 0 else quality.copy())
     else:
-        mask = qsm.erode_mm(quality, voxel_size, p.bfr_erode_mm)
+        mask = qsm.erode_mm(quality, voxel_size, erosion_depth_mm(p))
     if p.bfr_trim_sd_factor is not None and field_sd is not None and mask.any():
         sd = np.nan_to_num(np.asarray(field_sd, dtype=np.float64), nan=np.inf)
         reference = float(np.median(sd[quality & np.isfinite(sd)]))
         band = mask & (qsm.edge_distance_mm(mask, voxel_size) <= p.bfr_trim_band_mm)
         mask = mask & ~(band & (sd > p.bfr_trim_sd_factor * reference))
     return mask
+
+
+def erosion_depth_mm(p: QsmParameters) -> float:
+    """The pre-BFR erosion depth [mm]: ``p.bfr_erode_mm`` or the method's default."""
+    if p.bfr_erode_mm is None:
+        return BFR_ERODE_MM[p.bfr]
+    return float(p.bfr_erode_mm)
 
 
 def erosion_record(p: QsmParameters, voxel_size: tuple[float, float, float]
@@ -476,10 +492,17 @@ def erosion_record(p: QsmParameters, voxel_size: tuple[float, float, float]
         return {"MaskErosionMm": float(p.bfr_erode_voxels) * max(voxel_size),
                 "MaskErosionVoxels": int(p.bfr_erode_voxels),
                 "MaskErosionMethod": "legacy: repeated 6-connected one-voxel erosions"}
-    return {"MaskErosionMm": float(p.bfr_erode_mm),
-            "MaskErosionMethod": "voxels whose centre lies within MaskErosionMm of a "
-                                 "voxel outside the phase-quality brain mask removed "
-                                 "(Euclidean distance in mm)"}
+    record: dict[str, Any] = {
+        "MaskErosionMm": erosion_depth_mm(p),
+        "MaskErosionMethod": "voxels whose centre lies within MaskErosionMm of a voxel "
+                             "outside the phase-quality brain mask removed (Euclidean "
+                             "distance in mm)"}
+    if p.bfr_trim_sd_factor is not None:
+        record["ReliabilityTrim"] = {"FieldSDFactor": p.bfr_trim_sd_factor,
+                                     "BandMm": p.bfr_trim_band_mm,
+                                     "Rule": "edge-band voxels with field SD above "
+                                             "FieldSDFactor x the median field SD removed"}
+    return record
 
 
 def invert(local: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, float, float],
