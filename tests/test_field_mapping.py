@@ -235,15 +235,23 @@ def test_cli_fieldmap_errors(small_dataset, tmp_path, capsys):
     assert code == EXIT_INPUT_ERROR and "Units" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("unwrapping", ["laplacian", "echodiff"])
-def test_cli_unwrapping_option(small_dataset, tmp_path, unwrapping):
+@pytest.mark.parametrize("unwrapping, erode", [("laplacian", "3mm"), ("echodiff", "1vox")])
+def test_cli_unwrapping_option(small_dataset, tmp_path, unwrapping, erode):
     assert main(["qsm", str(small_dataset / "sub-01"), "--unwrapping", unwrapping,
-                 "--mask-erode", "1", "--phase-quality-threshold", "0.4",
+                 "--mask-erode", erode, "--phase-quality-threshold", "0.4",
                  "--out", str(tmp_path)]) == 0
     anat = tmp_path / "sub-01/ses-01/anat"
     side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
     assert side["Steps"]["PhaseUnwrapping"]["Method"] == fieldmap.UNWRAPPING_METHODS[unwrapping]
     assert side["Parameters"]["unwrapping"] == unwrapping
-    assert side["Parameters"]["bfr_erode_voxels"] == 1
+    erosion = side["Steps"]["BackgroundFieldRemoval"]
+    if erode == "1vox":  # the former voxel semantics, recorded with its depth in mm
+        assert side["Parameters"]["bfr_erode_voxels"] == 1
+        assert erosion["MaskErosionVoxels"] == 1
+        assert erosion["MaskErosionMm"] == max(side["Acquisition"]["VoxelSize_mm"])
+    else:
+        assert side["Parameters"]["bfr_erode_mm"] == 3.0
+        assert side["Parameters"]["bfr_erode_voxels"] is None
+        assert erosion["MaskErosionMm"] == 3.0 and "MaskErosionVoxels" not in erosion
     assert side["Steps"]["PhaseQualityMask"]["Threshold"] == 0.4
     assert (anat / "sub-01_ses-01_desc-totalsd_fieldmap.nii.gz").is_file()
