@@ -152,6 +152,25 @@ HEAD = ("       case seed          set    mask   deep    sup  deepErr    ALS  AL
         "NRMSEo XSIMo NRMSEc XSIMc rimNR   wall")
 
 
+def print_summary(rows: list[dict]) -> None:
+    """Mean over seeds per (case, setting), as a Markdown table."""
+    keys = ["deep_kept", "sup_kept", "deep_err_ppb", "als_ppb", "als_true_ppb", "slope",
+            "nrmse_own", "xsim_own", "nrmse_common", "xsim_common", "rim_nrmse"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["case"], row["setting"]), []).append(row)
+    print("\n| case | setting | seeds | deep kept | sup. kept | deep err ppb | deep−WM ppb "
+          "(true) | slope | NRMSE own | XSIM own | NRMSE common | XSIM common | rim NRMSE |")
+    print("|" + " --- |" * 13)
+    for (case, setting), group in groups.items():
+        m = {k: float(np.nanmean([g[k] for g in group])) for k in keys}
+        print(f"| {case} | {setting} | {len(group)} | {m['deep_kept']:.1%} | "
+              f"{m['sup_kept']:.1%} | {m['deep_err_ppb']:+.1f} | {m['als_ppb']:+.1f} "
+              f"({m['als_true_ppb']:+.1f}) | {m['slope']:.2f} | {m['nrmse_own']:.1f} | "
+              f"{m['xsim_own']:.3f} | {m['nrmse_common']:.1f} | {m['xsim_common']:.3f} | "
+              f"{m['rim_nrmse']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["64-3mm", "96-2mm"], choices=list(CASES))
@@ -170,6 +189,7 @@ def main() -> None:
             for row in run_phantom(matrix, voxel, b0, seed, params):
                 rows.append(row)
                 print(FMT.format(**row), flush=True)
+    print_summary(rows)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
     if args.json:

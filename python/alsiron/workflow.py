@@ -70,7 +70,7 @@ class QsmParameters:
         67 % (2 mm) of the superficial precentral cortex (the former 2-voxel erosion:
         93 % / 15 % at 3 mm), doubles the deep-precentral − WM contrast at 3 mm (+24 vs
         +16 ppb of +43.5) and keeps χ NRMSE on a common evaluation mask within ±2
-        points of the former erosion (3 mm 55.0 vs 56.0 %, 2 mm 41.5 vs 42.2 %, 1.5 mm
+        points of the former erosion (3 mm 55.2 vs 56.0 %, 2 mm 41.5 vs 42.1 %, 1.5 mm
         45.2 vs 46.5 %, oblique 46.2 vs 44.2 %). 0 disables.
     bfr_erode_voxels : int or None
         Legacy erosion (the chain before the mm criterion): this many 6-connected
