@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from alsiron import qsm
 from alsiron.cli import MaskErosion
-from alsiron.workflow import QsmParameters, bfr_input_mask, erosion_record
+from alsiron.workflow import QsmParameters, bfr_input_mask, erosion_depth_mm, erosion_record
 
 
 def ellipsoid_erosion_twin(mask: np.ndarray, voxel_size, depth_mm: float) -> np.ndarray:
@@ -133,6 +133,15 @@ def test_bfr_input_mask_modes_and_record():
     vsharp = QsmParameters(bfr="vsharp")
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, vsharp), qsm.erode_mm(ball, vs, 6.0))
     assert erosion_record(QsmParameters(bfr_erode_mm=2.5), vs)["MaskErosionMm"] == 2.5
+    # The default never leaves the outer voxel layer (coarse or thick-slice voxels); an
+    # explicit depth is taken as given.
+    assert erosion_depth_mm(p, (6.0, 6.0, 6.0)) == 6.0
+    assert erosion_depth_mm(p, (1.0, 1.0, 5.0)) == 5.0
+    assert erosion_depth_mm(p, (3.0, 3.0, 3.5)) == 4.0
+    assert erosion_depth_mm(QsmParameters(bfr_erode_mm=2.0), (6.0, 6.0, 6.0)) == 2.0
+    coarse, _ = sphere(30.0, (6.0, 6.0, 6.0), fov_mm=90.0)
+    np.testing.assert_array_equal(bfr_input_mask(coarse, (6.0,) * 3, p),
+                                  ndimage.binary_erosion(coarse))
     legacy = QsmParameters(bfr_erode_voxels=1)
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, legacy),
                                   ndimage.binary_erosion(ball))

@@ -231,8 +231,8 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
               help="Depth in mm eroded from the phase-quality brain mask before background "
                    "removal: voxels whose centre lies within MM of the outside are dropped, "
                    "at any voxel size (default 4 mm for PDF, 6 mm for V-SHARP, iSMV and "
-                   "LBV). 'Nvox' (e.g. 2vox) keeps the former voxel semantics: N one-voxel "
-                   "erosions. A plain number is mm.")
+                   "LBV, at least one voxel edge). 'Nvox' (e.g. 2vox) keeps the former "
+                   "voxel semantics: N one-voxel erosions. A plain number is mm.")
 @click.option("--phase-quality-threshold", type=click.FloatRange(min=0.0, min_open=True),
               default=None,
               help="Exclude voxels whose RMS phase residual of the field fit exceeds this "

@@ -62,7 +62,8 @@ class QsmParameters:
         Depth [mm] eroded from the phase-quality brain mask before background-field
         removal (:func:`alsiron.qsm.erode_mm`: voxels whose centre lies within this
         distance of a voxel outside the mask are dropped, anisotropic voxels measured in
-        mm); None = the method's default in :data:`BFR_ERODE_MM`. The outermost voxels
+        mm); None = the method's default in :data:`BFR_ERODE_MM`, or the largest voxel
+        edge when that is deeper (the outer voxel layer always goes). The outermost voxels
         mix tissue with bone or air and their phase is unreliable, but the cortex — where
         ALS puts its iron — is the outer 6 mm of the brain. PDF's default, 4 mm, was
         chosen with ``bench/erosion_study.py`` (docs/qsm_mask_erosion.md): it removes one
@@ -467,7 +468,7 @@ def bfr_input_mask(quality: np.ndarray, voxel_size: tuple[float, float, float],
         mask = (ndimage.binary_erosion(quality, iterations=p.bfr_erode_voxels)
                 if p.bfr_erode_voxels > 0 else quality.copy())
     else:
-        mask = qsm.erode_mm(quality, voxel_size, erosion_depth_mm(p))
+        mask = qsm.erode_mm(quality, voxel_size, erosion_depth_mm(p, voxel_size))
     if p.bfr_trim_sd_factor is not None and field_sd is not None and mask.any():
         sd = np.nan_to_num(np.asarray(field_sd, dtype=np.float64), nan=np.inf)
         reference = float(np.median(sd[quality & np.isfinite(sd)]))
@@ -476,10 +477,13 @@ def bfr_input_mask(quality: np.ndarray, voxel_size: tuple[float, float, float],
     return mask
 
 
-def erosion_depth_mm(p: QsmParameters) -> float:
-    """The pre-BFR erosion depth [mm]: ``p.bfr_erode_mm`` or the method's default."""
+def erosion_depth_mm(p: QsmParameters, voxel_size: tuple[float, float, float]) -> float:
+    """The pre-BFR erosion depth [mm]: ``p.bfr_erode_mm`` when given, else the method's
+    default (:data:`BFR_ERODE_MM`) but at least the largest voxel edge, so that the outer
+    voxel layer — partial volume with bone or air at any voxel size — always goes (no
+    erosion was the worst setting at every resolution, docs/qsm_mask_erosion.md)."""
     if p.bfr_erode_mm is None:
-        return BFR_ERODE_MM[p.bfr]
+        return max(BFR_ERODE_MM[p.bfr], max(float(v) for v in voxel_size))
     return float(p.bfr_erode_mm)
 
 
@@ -493,7 +497,7 @@ def erosion_record(p: QsmParameters, voxel_size: tuple[float, float, float]
                 "MaskErosionVoxels": int(p.bfr_erode_voxels),
                 "MaskErosionMethod": "legacy: repeated 6-connected one-voxel erosions"}
     record: dict[str, Any] = {
-        "MaskErosionMm": erosion_depth_mm(p),
+        "MaskErosionMm": erosion_depth_mm(p, voxel_size),
         "MaskErosionMethod": "voxels whose centre lies within MaskErosionMm of a voxel "
                              "outside the phase-quality brain mask removed (Euclidean "
                              "distance in mm)"}
