@@ -156,6 +156,9 @@ def test_bfr_input_mask_modes_and_record():
     trim = QsmParameters(bfr_erode_mm=0.0, bfr_trim_sd_factor=3.0, bfr_trim_band_mm=8.0)
     got = bfr_input_mask(ball, vs, trim, field_sd=sd)
     np.testing.assert_array_equal(got, ball & ~noisy_edge)
+    assert erosion_record(trim, vs)["ReliabilityTrim"]["FieldSDFactor"] == 3.0
+    with pytest.raises(ValueError, match="bfr_trim_sd_factor"):
+        bfr_input_mask(ball, vs, QsmParameters(bfr_trim_sd_factor=0.0), field_sd=sd)
 
 
 @pytest.mark.parametrize("text, parsed", [("4", ("mm", 4.0)), ("4.5mm", ("mm", 4.5)),

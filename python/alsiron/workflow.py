@@ -93,8 +93,8 @@ class QsmParameters:
         Truncation of the V-SHARP deconvolution kernel.
     bfr : {"pdf", "vsharp", "ismv", "lbv"}
         Background-field removal method (see :data:`BFR_METHODS`). Default "pdf": on the
-        head phantom (pipeline field fit and masks, the former 2-voxel erosion, TV-ADMM; measured
-        with ``bench/bfr_accuracy.py``) it is the only method that keeps the cortical
+        head phantom (pipeline field fit and masks, the former 2-voxel erosion, TV-ADMM;
+        measured with ``bench/bfr_accuracy.py``) it is the only method that keeps the cortical
         contrast, and it is as accurate as V-SHARP or better on the same voxels
         (details and the reasons in docs/qsm_bfr.md):
 
@@ -469,11 +469,18 @@ def bfr_input_mask(quality: np.ndarray, voxel_size: tuple[float, float, float],
                 if p.bfr_erode_voxels > 0 else quality.copy())
     else:
         mask = qsm.erode_mm(quality, voxel_size, erosion_depth_mm(p, voxel_size))
+    if p.bfr_trim_sd_factor is not None:
+        if not (p.bfr_trim_sd_factor > 0 and p.bfr_trim_band_mm >= 0):
+            raise ValueError("bfr_trim_sd_factor must be > 0 and bfr_trim_band_mm >= 0, got "
+                             f"{p.bfr_trim_sd_factor} and {p.bfr_trim_band_mm}")
     if p.bfr_trim_sd_factor is not None and field_sd is not None and mask.any():
-        sd = np.nan_to_num(np.asarray(field_sd, dtype=np.float64), nan=np.inf)
-        reference = float(np.median(sd[quality & np.isfinite(sd)]))
-        band = mask & (qsm.edge_distance_mm(mask, voxel_size) <= p.bfr_trim_band_mm)
-        mask = mask & ~(band & (sd > p.bfr_trim_sd_factor * reference))
+        sd = np.asarray(field_sd, dtype=np.float64)
+        finite = quality & np.isfinite(sd)
+        if finite.any():
+            reference = float(np.median(sd[finite]))
+            sd = np.nan_to_num(sd, nan=np.inf)  # no SD (fit failed): unreliable
+            band = mask & (qsm.edge_distance_mm(mask, voxel_size) <= p.bfr_trim_band_mm)
+            mask = mask & ~(band & (sd > p.bfr_trim_sd_factor * reference))
     return mask
 
 
@@ -492,15 +499,16 @@ def erosion_record(p: QsmParameters, voxel_size: tuple[float, float, float]
     """Sidecar items of the pre-BFR erosion: ``MaskErosionMm`` always (for the legacy
     voxel erosion: voxels × the largest voxel edge, the depth it reaches along that
     axis), ``MaskErosionVoxels`` only in legacy mode, and how it was done."""
+    record: dict[str, Any]
     if p.bfr_erode_voxels is not None:
-        return {"MaskErosionMm": float(p.bfr_erode_voxels) * max(voxel_size),
-                "MaskErosionVoxels": int(p.bfr_erode_voxels),
-                "MaskErosionMethod": "legacy: repeated 6-connected one-voxel erosions"}
-    record: dict[str, Any] = {
-        "MaskErosionMm": erosion_depth_mm(p, voxel_size),
-        "MaskErosionMethod": "voxels whose centre lies within MaskErosionMm of a voxel "
-                             "outside the phase-quality brain mask removed (Euclidean "
-                             "distance in mm)"}
+        record = {"MaskErosionMm": float(p.bfr_erode_voxels) * max(voxel_size),
+                  "MaskErosionVoxels": int(p.bfr_erode_voxels),
+                  "MaskErosionMethod": "legacy: repeated 6-connected one-voxel erosions"}
+    else:
+        record = {"MaskErosionMm": erosion_depth_mm(p, voxel_size),
+                  "MaskErosionMethod": "voxels whose centre lies within MaskErosionMm of a "
+                                       "voxel outside the phase-quality brain mask removed "
+                                       "(Euclidean distance in mm)"}
     if p.bfr_trim_sd_factor is not None:
         record["ReliabilityTrim"] = {"FieldSDFactor": p.bfr_trim_sd_factor,
                                      "BandMm": p.bfr_trim_band_mm,
