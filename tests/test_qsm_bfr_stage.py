@@ -11,7 +11,7 @@ Measured (docs/qsm_stages_bfr.md), common mask: PDF local 24.9 %, χ 30.3 %, XSI
 slope 0.90; V-SHARP 25.2 / 27.5 %; iSMV 39.8 / 38.6 %; LBV 69 / 77 %. Chain from
 phase (MCPC-3D-S + ROMEO + complex fit + PDF + TV-ADMM): χ 34.0 % common, 69.1 % own
 mask, slope 0.90 (own mask 58.0 % with the former 2-voxel erosion: the chain's 4 mm
-erosion keeps the outer cortical voxel layer; the stage's erosion stays at 2 voxels,
+erosion keeps one more (cortical) voxel layer; the stage's erosion stays at 2 voxels,
 alsiron.stages.STAGE_ERODE_VOXELS). These χ numbers follow the default dipole
 inversion: re-measure them when it changes. Published leaders on the QSM-CI phantom:
 28.1 % (background stage, iSMV), 39.1 % (total field → χ), 68.3 % (phase → χ).
@@ -86,8 +86,8 @@ def test_chain_from_phase_beats_the_leader(session, common):
     in_common = stages.phase_chain(session, p, eval_mask=common)
     own = stages.phase_chain(session, p)
     assert in_common.chi_nrmse_pct < 37.0  # measured 34.0 %
-    # Own mask: measured 69.1 % since the chain's 4 mm erosion keeps the outer voxel
-    # layer of the brain (the cortex), whose χ NRMSE is ≈ 86 %; with the former 2-voxel
+    # Own mask: measured 69.1 % since the chain's 4 mm erosion keeps one more voxel
+    # layer at the brain's edge (cortex), whose χ NRMSE is ≈ 86 %; with the former 2-voxel
     # erosion it was 58.0 %. On the same voxels (the common mask above) the chain is
     # unchanged (34.0 %), so the leader comparison is made there; this bound only guards
     # against a regression of the rim (docs/qsm_mask_erosion.md).

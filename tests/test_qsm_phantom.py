@@ -88,7 +88,7 @@ def test_chi_accuracy_against_truth(dataset, qsm_run):
     scores = evaluate.score_chi(chi, mask, truth)
     # Measured at this seed with PDF after the default 4 mm erosion (one voxel layer at
     # 3 mm): NRMSE 68.9 %, HFEN 51.9 %, XSIM 0.47, slope 0.90, R² 0.95 on the QSM mask,
-    # which keeps 88 % of the brain and now the outer cortical voxel layer, whose χ is
+    # which keeps 88 % of the brain and one more (cortical) voxel layer, whose χ is
     # the least accurate (its own NRMSE ≈ 86 %, docs/qsm_mask_erosion.md). The former
     # 2-voxel erosion gave 58.1 % on a mask without that layer; on the SAME voxels (the
     # QSM mask eroded by one voxel, ≈ the former mask) this chain gives 55.0 % (XSIM
