@@ -173,7 +173,7 @@ def _scores(method: str, local: np.ndarray, valid: np.ndarray, session: PhantomS
 STAGE_ERODE_VOXELS = 2
 
 
-def _stage_mask(session: PhantomSession, erode_mm: float | None) -> np.ndarray:
+def stage_input_mask(session: PhantomSession, erode_mm: float | None) -> np.ndarray:
     """The true brain mask eroded by ``erode_mm`` [mm], or by :data:`STAGE_ERODE_VOXELS`."""
     mask = session.brain_mask.astype(bool)
     if erode_mm is None:
@@ -213,7 +213,7 @@ def bfr_stage(session: PhantomSession, method: str, *, erode_mm: float | None = 
     from alsiron.workflow import QsmParameters, default_vsharp_radii, remove_background
 
     p = replace(params or QsmParameters(), bfr=method)
-    mask = _stage_mask(session, erode_mm)
+    mask = stage_input_mask(session, erode_mm)
     series = series_of(session)
     radii = (default_vsharp_radii(series.voxel_size) if p.vsharp_radii_mm is None
              else list(p.vsharp_radii_mm))
@@ -232,7 +232,7 @@ def common_mask(session: PhantomSession, methods: list[str], *, erode_mm: float 
     from alsiron.workflow import QsmParameters, default_vsharp_radii, remove_background
 
     base = params or QsmParameters()
-    mask = _stage_mask(session, erode_mm)
+    mask = stage_input_mask(session, erode_mm)
     series = series_of(session)
     out = mask.copy()
     for method in methods:
