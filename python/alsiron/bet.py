@@ -214,9 +214,12 @@ def _rasterise(pos_mm: np.ndarray, faces: np.ndarray, shape: tuple[int, ...],
     wu, wv = (i[keep] / k)[:, None], (j[keep] / k)[:, None]
     normals = np.cross(b - a, c - a)
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-    shell = np.zeros(grid, bool)
-    signed_sum = np.zeros(int(np.prod(grid)), np.float64)
-    counts = np.zeros_like(signed_sum)
+    # Work in the surface's bounding box plus one voxel (its border is then outside).
+    lo = np.maximum(np.floor(p.min(axis=0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(p.max(axis=0)).astype(int) + 2, np.array(grid))
+    box = tuple(int(x) for x in hi - lo)
+    shell = np.zeros(box, bool)
+    flats, signeds = [], []
     # Chunk the triangles so the sample array stays small (~k²/2 samples each).
     chunk = max(1, 2_000_000 // max(1, wu.size))
     for s in range(0, len(faces), chunk):
@@ -225,19 +228,22 @@ def _rasterise(pos_mm: np.ndarray, faces: np.ndarray, shape: tuple[int, ...],
         nrm = np.broadcast_to(normals[s:s + chunk, None, :], pts.shape).reshape(-1, 3)
         pts = pts.reshape(-1, 3)
         vox = np.rint(pts).astype(np.int64)
-        flat = np.ravel_multi_index(vox.T, grid)
+        flat = np.ravel_multi_index((vox - lo).T, box)
         shell.ravel()[flat] = True
         # Signed distance (in voxels, along the normal) of the voxel centre to the plane.
-        signed = np.einsum("ij,ij->i", vox - pts, nrm)
-        signed_sum += np.bincount(flat, weights=signed, minlength=signed_sum.size)
-        counts += np.bincount(flat, minlength=counts.size)
-    outside_labels, _ = ndimage.label(~shell)
-    border = np.unique(np.concatenate([outside_labels[[0, -1]].ravel(),
-                                       outside_labels[:, [0, -1]].ravel(),
-                                       outside_labels[:, :, [0, -1]].ravel()]))
-    enclosed = ~shell & ~np.isin(outside_labels, border[border > 0])
-    shell_inner = shell.ravel() & (signed_sum < 0.0) & (counts > 0)
-    mask = enclosed | shell_inner.reshape(grid)
+        flats.append(flat)
+        signeds.append(np.einsum("ij,ij->i", vox - pts, nrm))
+    shell_voxels, where = np.unique(np.concatenate(flats), return_inverse=True)
+    signed_sum = np.bincount(where, weights=np.concatenate(signeds))
+    outside_labels, n_labels = ndimage.label(~shell)
+    border = np.zeros(n_labels + 1, bool)
+    border[np.concatenate([outside_labels[[0, -1]].ravel(),
+                           outside_labels[:, [0, -1]].ravel(),
+                           outside_labels[:, :, [0, -1]].ravel()])] = True
+    inside = ~shell & ~border[outside_labels]
+    inside.ravel()[shell_voxels[signed_sum < 0.0]] = True
+    mask = np.zeros(grid, bool)
+    mask[tuple(slice(int(x), int(y)) for x, y in zip(lo, hi, strict=True))] = inside
     return mask[pad:-pad, pad:-pad, pad:-pad]
 
 
