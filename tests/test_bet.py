@@ -210,3 +210,15 @@ def test_cube_is_found_and_a_tiny_object_is_a_clear_error():
     tiny[8:16, 8:16, 8:16] = 1.0
     with pytest.raises(ValueError, match="collapsed"):
         bet.bet(tiny, (2.0, 2.0, 2.0))
+
+
+def test_cli_rejects_inconsistent_mask_options(tmp_path, capsys):
+    from alsiron.cli import main
+
+    subj = tmp_path / "sub-01"
+    subj.mkdir()
+    assert main(["qsm", str(subj), "--brain-mask", "otsu", "--bet-f", "0.4"]) != 0
+    assert "--bet-f goes with --brain-mask bet" in capsys.readouterr().err
+    assert main(["qsm", str(subj), "--bet-f", "1.5"]) != 0
+    assert main(["qsm", str(subj), "--brain-mask", "bet", "--mask", str(tmp_path / "m.nii")]) != 0
+    assert "drop --brain-mask" in capsys.readouterr().err
