@@ -7,10 +7,10 @@ from scipy import sparse
 
 
 def evolve(mag: np.ndarray, voxel_size, vertices: np.ndarray, faces: np.ndarray,
-           settings: tuple[float, ...], iterations: int) -> np.ndarray:
-    """Same forces as the Rust kernel, vectorised over vertices (see alsiron.bet)."""
+           settings: tuple[float, ...], iterations: int) -> tuple[np.ndarray, int]:
+    """Same forces and early stop as the Rust kernel, vectorised over vertices."""
     (t2, t, tm, f, step_mm, d_min, d_max, r_min, r_max, w_intensity,
-     w_tangential) = settings
+     w_tangential, settle_mm) = settings
     vsz = np.asarray(voxel_size, np.float64)
     pos = np.array(vertices, np.float64)
     nv = len(pos)
@@ -31,7 +31,8 @@ def evolve(mag: np.ndarray, voxel_size, vertices: np.ndarray, faces: np.ndarray,
     padded = np.pad(np.asarray(mag, np.float32), 1, constant_values=np.nan)
     upper = np.array(padded.shape) - 1
     low, high = -0.5 * vsz, (np.array(mag.shape) - 0.5) * vsz
-    for _ in range(int(iterations)):
+    checkpoint = pos.copy()
+    for done in range(1, int(iterations) + 1):
         p0, p1, p2 = pos[faces[:, 0]], pos[faces[:, 1]], pos[faces[:, 2]]
         normals = incidence @ np.cross(p1 - p0, p2 - p0)
         normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
@@ -50,4 +51,8 @@ def evolve(mag: np.ndarray, voxel_size, vertices: np.ndarray, faces: np.ndarray,
         pos = (pos + w_tangential * s_t + f2[:, None] * s_n
                + (w_intensity * mean_edge) * f3[:, None] * normals)
         pos = np.clip(pos, low, high)
-    return pos
+        if settle_mm > 0 and done % 100 == 0:
+            if done >= 300 and np.linalg.norm(pos - checkpoint, axis=1).mean() < settle_mm:
+                return pos, done
+            checkpoint = pos.copy()
+    return pos, int(iterations)

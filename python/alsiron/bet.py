@@ -63,6 +63,10 @@ BET_ITERATIONS = 1000
 #: Otsu class-mean ratio above which the image has no background class (as in
 #: :func:`alsiron.qsm.magnitude_threshold`).
 NO_BACKGROUND_CONTRAST = 0.5
+#: Early stop: mean vertex displacement (mm) over 100 iterations below which the surface
+#: has settled (checked from iteration 300 on; measured: the Dice is flat from ~375
+#: iterations while the surface still jitters 0.15-0.5 mm per 100 iterations).
+BET_SETTLE_MM = 0.5
 #: Icosahedron subdivisions: 4 gives 2562 vertices, 5120 triangles.
 BET_SUBDIVISIONS = 4
 
@@ -252,12 +256,13 @@ def evolution_settings(stats: dict[str, Any], f: float,
     """Settings tuple of ``_core.bet_evolve_surface`` (and of the NumPy twin).
 
     (t2, t, tm, f, step_mm, d_min_mm, d_max_mm, r_min_mm, r_max_mm, intensity_step,
-    tangential_step); the profile step is 1 mm, or half the smallest voxel edge when
+    tangential_step, settle_mm); the profile step is 1 mm, or half the smallest voxel edge when
     that is larger.
     """
     step_mm = max(1.0, 0.5 * float(np.min(voxel_size)))
     return (float(stats["t2"]), float(stats["t"]), float(stats["tm"]), float(f), step_mm,
-            D_MIN_MM, D_MAX_MM, R_MIN_MM, R_MAX_MM, INTENSITY_STEP, TANGENTIAL_STEP)
+            D_MIN_MM, D_MAX_MM, R_MIN_MM, R_MAX_MM, INTENSITY_STEP, TANGENTIAL_STEP,
+            BET_SETTLE_MM)
 
 
 def bet(
@@ -281,7 +286,8 @@ def bet(
         Fractional intensity threshold in (0, 1); smaller values give a larger mask.
         Default 0.5.
     iterations : int
-        Surface-evolution steps. Default 1000.
+        Most surface-evolution steps (Smith 2002: 1000); the evolution stops earlier
+        once the mean vertex displacement over 100 steps is below ``BET_SETTLE_MM``.
     subdivisions : int
         Icosphere subdivisions (4 = 2562 vertices). Default 4.
 
@@ -303,15 +309,15 @@ def bet(
     unit, faces = icosphere(subdivisions)
     pos = centre + 0.5 * stats["radius_mm"] * unit
     settings = evolution_settings(stats, f, vsz)
-    pos = _core.bet_evolve_surface(mag, tuple(float(v) for v in vsz),
-                                   np.ascontiguousarray(pos, np.float64),
-                                   np.ascontiguousarray(faces, np.uint32), settings,
-                                   int(iterations))
+    pos, iterations_run = _core.bet_evolve_surface(
+        mag, tuple(float(v) for v in vsz), np.ascontiguousarray(pos, np.float64),
+        np.ascontiguousarray(faces, np.uint32), settings, int(iterations))
     mask = _rasterise(pos, faces, mag.shape, vsz)
     if not mask.any():
         raise ValueError("the brain surface collapsed to nothing; check the magnitude "
                          "(skull and air must be darker than brain) or lower f")
-    params = dict(stats, f=float(f), iterations=int(iterations),
+    params = dict(stats, f=float(f), max_iterations=int(iterations),
+                  iterations_run=int(iterations_run), settle_mm=BET_SETTLE_MM,
                   vertices=int(len(pos)), voxel_size_mm=vsz.tolist())
     log.debug("bet: %s, %d voxels", params, int(mask.sum()))
     return BetResult(mask=mask, vertices_mm=pos, faces=faces, parameters=params)

@@ -480,7 +480,8 @@ def _brain_mask_provenance(p: QsmParameters) -> dict[str, Any]:
     if p.brain_mask_method == "bet":
         from alsiron import bet
 
-        record.update({"FractionalIntensity": p.bet_f, "Iterations": bet.BET_ITERATIONS,
+        record.update({"FractionalIntensity": p.bet_f, "MaxIterations": bet.BET_ITERATIONS,
+                       "SettleTolerance_mm_per_100_iterations": bet.BET_SETTLE_MM,
                        "SurfaceVertices": 10 * 4**bet.BET_SUBDIVISIONS + 2,
                        "Reference": "Smith SM, Hum Brain Mapp 17:143 (2002)"})
     else:

@@ -36,7 +36,15 @@ pub struct BetSettings {
     pub intensity_step: f64,
     /// Weight of the tangential smoothing.
     pub tangential_step: f64,
+    /// Stop early when the mean vertex displacement over the last `SETTLE_WINDOW`
+    /// iterations is below this (mm); 0 disables (always run `iterations`).
+    pub settle_mm: f64,
 }
+
+/// Iterations between two convergence checks.
+pub const SETTLE_WINDOW: usize = 100;
+/// No convergence check before this many iterations (the surface is still growing).
+pub const SETTLE_MIN_ITERATIONS: usize = 300;
 
 /// Unique edges, CSR offsets and neighbour indices of a mesh.
 type MeshGraph = (Vec<[usize; 2]>, Vec<usize>, Vec<usize>);
@@ -102,7 +110,8 @@ fn vertex(pos: &[f64], i: usize) -> [f64; 3] {
     [pos[3 * i], pos[3 * i + 1], pos[3 * i + 2]]
 }
 
-/// Evolve `vertices` (flat `[V][3]`, mm) on the image `mag` (C order, `shape`).
+/// Evolve `vertices` (flat `[V][3]`, mm) on the image `mag` (C order, `shape`);
+/// returns the number of iterations run.
 ///
 /// Samples outside the image are ignored and vertices are kept within the field of view
 /// (half a voxel beyond the edge voxel centres), so a cropped field of view neither
@@ -114,7 +123,7 @@ pub fn bet_evolve(
     vertices: &mut [f64],
     faces: &[u32],
     s: &BetSettings,
-) -> CoreResult<()> {
+) -> CoreResult<usize> {
     let [nx, ny, nz] = shape.0;
     if mag.len() != nx * ny * nz {
         return Err(CoreError::ShapeMismatch(format!(
@@ -167,7 +176,8 @@ pub fn bet_evolve(
 
     let mut normals = vec![0.0f64; 3 * nv];
     let mut next = vec![0.0f64; 3 * nv];
-    for _ in 0..s.iterations {
+    let mut checkpoint = vertices.to_vec();
+    for iteration in 0..s.iterations {
         // Area-weighted vertex normals.
         normals.iter_mut().for_each(|x| *x = 0.0);
         for tri in faces.chunks_exact(3) {
@@ -244,8 +254,24 @@ pub fn bet_evolve(
             }
         });
         vertices.copy_from_slice(&next);
+        let done = iteration + 1;
+        if s.settle_mm > 0.0 && done % SETTLE_WINDOW == 0 {
+            let moved = vertices
+                .chunks_exact(3)
+                .zip(checkpoint.chunks_exact(3))
+                .map(|(a, b)| {
+                    let d = [a[0] - b[0], a[1] - b[1], a[2] - b[2]];
+                    dot(d, d).sqrt()
+                })
+                .sum::<f64>()
+                / nv as f64;
+            if done >= SETTLE_MIN_ITERATIONS && moved < s.settle_mm {
+                return Ok(done);
+            }
+            checkpoint.copy_from_slice(vertices);
+        }
     }
-    Ok(())
+    Ok(s.iterations)
 }
 
 #[cfg(test)]
@@ -342,6 +368,7 @@ mod tests {
             r_max_mm: 10.0,
             intensity_step: 0.05,
             tangential_step: 0.5,
+            settle_mm: 0.0,
         }
     }
 

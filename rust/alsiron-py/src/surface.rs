@@ -8,10 +8,11 @@ use pyo3::prelude::*;
 use crate::errors::to_py;
 use crate::qsm::{contiguous, shape_of};
 
-/// Evolve a BET surface on a float32 image; returns the new vertices (float64 [V, 3], mm).
+/// Evolve a BET surface on a float32 image; returns the new vertices (float64 [V, 3],
+/// mm) and the number of iterations run.
 ///
 /// `settings` = (t2, t, tm, f, step_mm, d_min_mm, d_max_mm, r_min_mm, r_max_mm,
-/// intensity_step, tangential_step).
+/// intensity_step, tangential_step, settle_mm).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn bet_evolve_surface<'py>(
@@ -20,9 +21,9 @@ fn bet_evolve_surface<'py>(
     voxel_size: [f64; 3],
     vertices: PyReadonlyArray2<'py, f64>,
     faces: PyReadonlyArray2<'py, u32>,
-    settings: [f64; 11],
+    settings: [f64; 12],
     iterations: usize,
-) -> PyResult<Bound<'py, PyArray2<f64>>> {
+) -> PyResult<(Bound<'py, PyArray2<f64>>, usize)> {
     let shape = shape_of(&magnitude);
     let mag = contiguous(&magnitude, "magnitude")?;
     let v_shape = vertices.shape().to_vec();
@@ -51,12 +52,14 @@ fn bet_evolve_surface<'py>(
         r_max_mm: settings[8],
         intensity_step: settings[9],
         tangential_step: settings[10],
+        settle_mm: settings[11],
     };
-    py.detach(|| bet_evolve(mag, shape, voxel_size, &mut pos, tri, &s))
+    let ran = py
+        .detach(|| bet_evolve(mag, shape, voxel_size, &mut pos, tri, &s))
         .map_err(to_py)?;
     let out = numpy::ndarray::Array2::from_shape_vec((v_shape[0], 3), pos)
         .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
-    Ok(numpy::IntoPyArray::into_pyarray(out, py))
+    Ok((numpy::IntoPyArray::into_pyarray(out, py), ran))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
