@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 MODULES = ("bench_qsm", "bench_inversion", "bench_bfr", "bench_fit", "bench_field",
-           "bench_relax", "bench_chain", "bench_registry", "bench_roi")
+           "bench_relax", "bench_chain", "bench_registry", "bench_roi", "bench_bet")
 
 
 def machine() -> str:

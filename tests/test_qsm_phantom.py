@@ -63,6 +63,8 @@ def test_outputs_and_sidecars(dataset, qsm_run):
     assert steps["BackgroundFieldRemoval"]["MaskErosionMm"] == 4.0
     assert "MaskErosionVoxels" not in steps["BackgroundFieldRemoval"]
     assert chi_side["Parameters"]["bfr_erode_mm"] is None  # = the method's default
+    assert "BET" in steps["BrainMask"]["Method"]
+    assert steps["BrainMask"]["FractionalIntensity"] == 0.5
     acq = chi_side["Acquisition"]
     assert acq["MagneticFieldStrength"] == 3.0 and acq["NumberOfEchoes"] == 6
     assert acq["B0Direction_voxel"] == pytest.approx([0, 0, 1], abs=1e-9)
@@ -231,9 +233,12 @@ def test_intravoxel_dephasing_bias_grows_with_field():
 
 def test_bfr_option_selects_the_method(dataset, qsm_run, tmp_path):
     out = tmp_path / "vsharp"
-    assert main(["qsm", str(dataset / "sub-01"), "--bfr", "vsharp", "--out", str(out)]) == 0
+    assert main(["qsm", str(dataset / "sub-01"), "--bfr", "vsharp", "--brain-mask", "otsu",
+                 "--out", str(out)]) == 0
     anat = out / "sub-01" / "ses-01" / "anat"
     side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
+    assert side["Steps"]["BrainMask"]["Method"].startswith("Otsu")
+    assert side["Parameters"]["brain_mask_method"] == "otsu"
     bfr = side["Steps"]["BackgroundFieldRemoval"]
     assert bfr["Method"] == "V-SHARP" and bfr["Radii_mm"][0] == 24.0
     assert side["Parameters"]["bfr"] == "vsharp"

@@ -273,3 +273,17 @@ def ilsqr(
     max_iter: int,
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
+
+# --- brain surface (BET-like), rust/alsiron-py/src/surface.rs
+def bet_evolve_surface(
+    magnitude: npt.NDArray[np.float32],
+    voxel_size: tuple[float, float, float],
+    vertices: npt.NDArray[np.float64],
+    faces: npt.NDArray[np.uint32],
+    settings: tuple[float, ...],
+    iterations: int,
+) -> tuple[npt.NDArray[np.float64], int]:
+    """Evolve a BET surface (vertices in mm of the index frame); settings = (t2, t, tm, f,
+    step_mm, d_min_mm, d_max_mm, r_min_mm, r_max_mm, intensity_step, tangential_step, settle_mm);
+    returns (vertices, iterations run)."""
+    ...

@@ -246,6 +246,12 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
               help="Zero NaN/inf voxels and exclude them from the mask instead of refusing.")
 @click.option("--negate-phase", is_flag=True,
               help="Negate the phase (GE scanners), so that paramagnetic χ comes out positive.")
+@click.option("--brain-mask", "brain_mask_method", type=click.Choice(["bet", "otsu"]),
+              default=None, help="Brain mask from the echo-1 magnitude: 'bet' = deformable "
+                                 "surface model (default), 'otsu' = threshold + opening.")
+@click.option("--bet-f", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=None, help="BET fractional intensity threshold (default 0.5); "
+                                 "smaller values give a larger brain mask.")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Brain mask NIfTI on the MEGRE grid, used instead of the "
                                  "magnitude-derived mask.")
@@ -271,7 +277,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
             unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
             mask_erode: tuple[str, float] | None, phase_quality_threshold: float | None,
             echo_times: tuple[float, ...], field_strength: float | None,
-            fill_nonfinite: bool, negate_phase: bool, mask_path: Path | None,
+            fill_nonfinite: bool, negate_phase: bool, brain_mask_method: str | None,
+            bet_f: float | None, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
             labels: Path | None, lut: Path | None, atlas: str | None, t1w: Path | None,
             no_indices: bool, registry: str | None, no_registry: bool, normative: Path | None,
@@ -293,6 +300,14 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         params.bfr = bfr
     if unwrapping is not None:
         params.unwrapping = unwrapping
+    if brain_mask_method is not None:
+        params.brain_mask_method = brain_mask_method
+    if bet_f is not None:
+        if params.brain_mask_method != "bet":
+            raise click.UsageError("--bet-f goes with --brain-mask bet")
+        params.bet_f = bet_f
+    if (brain_mask_method is not None or bet_f is not None) and mask_path is not None:
+        raise click.UsageError("--mask gives the brain mask; drop --brain-mask/--bet-f")
     if mask_erode is not None:
         unit, amount = mask_erode
         if unit == "vox":
@@ -506,7 +521,8 @@ def _list_methods(ctx: click.Context) -> None:
         "phase offsets    : MCPC-3D-S (romeo, laplacian); echo differences (echodiff)",
         "echo combination : nonlinear magnitude-weighted complex fit (default), "
         "with a field noise SD map",
-        "brain mask       : magnitude threshold + morphology (default) | --mask FILE",
+        "brain mask       : bet (deformable surface, default; --bet-f) | otsu (threshold + "
+        "morphology) [--brain-mask] | --mask FILE",
         "background (--bfr): " + ", ".join(
             f"{k}{' (default)' if k == default.bfr else ''}" for k in workflow.BFR_METHODS),
         "inversion (--inversion): " + ", ".join(

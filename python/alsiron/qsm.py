@@ -38,6 +38,7 @@ __all__ = [
     "TV_ALPHA",
     "TV_MU",
     "VSHARP_THRESHOLD",
+    "BRAIN_MASK_METHODS",
     "brain_mask",
     "edge_distance_mm",
     "erode_mm",
@@ -587,38 +588,68 @@ def magnitude_threshold(values: np.ndarray) -> float:
     return level
 
 
+#: Brain-mask methods of :func:`brain_mask` → provenance description.
+BRAIN_MASK_METHODS: dict[str, str] = {
+    "bet": "deformable surface model (BET-like, Smith 2002) on the echo-1 magnitude",
+    "otsu": "Otsu threshold of echo-1 magnitude, opening, largest component, hole filling",
+}
+
+
 def brain_mask(
     magnitude_echo1: np.ndarray,
     *,
+    method: str = "otsu",
+    voxel_size: Sequence[float] | None = None,
+    bet_f: float = 0.5,
     erode_voxels: int = 2,
     threshold: float | None = None,
 ) -> np.ndarray:
     """Brain mask from the first-echo magnitude.
 
-    Steps: threshold (:func:`magnitude_threshold` unless given) → erode by
-    ``erode_voxels`` (a ball) to cut thin links between brain and scalp across the
-    signal-free skull → keep the largest connected component → fill holes → dilate back
-    by the same ball, restricted to the thresholded voxels → fill holes again.
+    ``method="otsu"`` (the default here, kept for existing callers): threshold
+    (:func:`magnitude_threshold` unless given) → erode by ``erode_voxels`` (a ball) to
+    cut thin links between brain and scalp across the signal-free skull → keep the
+    largest connected component → fill holes → dilate back by the same ball, restricted
+    to the thresholded voxels → fill holes again.
+
+    ``method="bet"``: the deformable surface model of :func:`alsiron.bet.bet` (Smith
+    2002), which stops at the dark skull even where bright tissue (neck, scalp, a
+    foramen) connects to the brain; ``erode_voxels`` and ``threshold`` are not used.
+    The QSM workflow's default is set in :class:`alsiron.workflow.QsmParameters`.
 
     Parameters
     ----------
     magnitude_echo1 : ndarray, shape (X, Y, Z)
         Magnitude of the first echo (arbitrary units).
+    method : {"otsu", "bet"}
+        Masking algorithm (see :data:`BRAIN_MASK_METHODS`). Default "otsu".
+    voxel_size : 3 floats, optional
+        Voxel edges in mm (used by "bet"; default 1 mm isotropic).
+    bet_f : float
+        BET fractional intensity threshold in (0, 1); smaller = larger mask. Default 0.5.
     erode_voxels : int
-        Radius of the erosion/dilation ball in voxels (0 disables). Default 2.
+        Radius of the erosion/dilation ball in voxels (0 disables), "otsu" only. Default 2.
     threshold : float, optional
-        Intensity threshold; default :func:`magnitude_threshold` of the non-zero voxels.
+        Intensity threshold, "otsu" only; default :func:`magnitude_threshold` of the
+        non-zero voxels.
 
     Returns
     -------
     ndarray of bool, shape (X, Y, Z)
     """
     mag = _volume(magnitude_echo1, "magnitude_echo1").astype(np.float64)
+    if method not in BRAIN_MASK_METHODS:
+        raise ValueError(f"unknown brain-mask method {method!r} "
+                         f"(choose one of {', '.join(BRAIN_MASK_METHODS)})")
     if erode_voxels < 0:
         raise ValueError(f"erode_voxels must be >= 0, got {erode_voxels}")
     positive = mag[mag > 0]
     if positive.size == 0:
         raise ValueError("magnitude_echo1 has no positive voxel; cannot derive a brain mask")
+    if method == "bet":
+        from alsiron import bet as bet_module
+
+        return bet_module.bet(mag, voxel_size, f=bet_f).mask
     level = magnitude_threshold(positive) if threshold is None else float(threshold)
     fg = mag > level
     r = int(erode_voxels)

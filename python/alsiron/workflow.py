@@ -52,9 +52,15 @@ class QsmParameters:
 
     Attributes
     ----------
+    brain_mask_method : {"bet", "otsu"}
+        Brain mask from the echo-1 magnitude (:data:`alsiron.qsm.BRAIN_MASK_METHODS`):
+        "bet" = deformable surface model (Smith 2002; docs/brain_mask.md), "otsu" =
+        threshold + opening + largest component.
+    bet_f : float
+        BET fractional intensity threshold in (0, 1); smaller values give a larger mask.
     mask_opening_voxels : int
-        Radius (voxels) of the erosion that separates brain from scalp before the
-        largest connected component is kept (the mask is dilated back afterwards).
+        With "otsu": radius (voxels) of the erosion that separates brain from scalp
+        before the largest connected component is kept (dilated back afterwards).
     residual_threshold : float
         Voxels whose magnitude-weighted RMS phase residual of the field fit exceeds this
         [rad] are excluded from the QSM mask (phase-quality masking).
@@ -159,6 +165,8 @@ class QsmParameters:
         (otherwise the magnitude²-weighted linear fit of the unwrapped phase).
     """
 
+    brain_mask_method: str = "bet"
+    bet_f: float = 0.5
     mask_opening_voxels: int = 2
     residual_threshold: float = 0.5
     bfr_erode_mm: float | None = None
@@ -317,6 +325,9 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     if p.inversion not in inv.INVERSION_METHODS:
         raise ValueError(f"unknown dipole inversion {p.inversion!r} (choose one of "
                          f"{', '.join(inv.INVERSION_METHODS)})")
+    if brain_mask is None and p.brain_mask_method not in qsm.BRAIN_MASK_METHODS:
+        raise ValueError(f"unknown brain-mask method {p.brain_mask_method!r} (choose one of "
+                         f"{', '.join(qsm.BRAIN_MASK_METHODS)})")
     if p.bfr not in BFR_METHODS:
         raise ValueError(f"unknown background-field removal {p.bfr!r} "
                          f"(choose one of {', '.join(BFR_METHODS)})")
@@ -334,7 +345,9 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
 
     t0 = step(0)
     if brain_mask is None:
-        brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
+        brain = qsm.brain_mask(series.magnitude[0], method=p.brain_mask_method,
+                               voxel_size=vsz, bet_f=p.bet_f,
+                               erode_voxels=p.mask_opening_voxels)
     else:
         brain = np.asarray(brain_mask, dtype=bool)
         if brain.shape != series.shape:
@@ -558,6 +571,21 @@ def remove_background(field: np.ndarray, mask: np.ndarray, series: MegreSeries,
     return local, eroded, {}
 
 
+def _brain_mask_provenance(p: QsmParameters) -> dict[str, Any]:
+    record: dict[str, Any] = {"Method": qsm.BRAIN_MASK_METHODS.get(p.brain_mask_method,
+                                                                   p.brain_mask_method)}
+    if p.brain_mask_method == "bet":
+        from alsiron import bet
+
+        record.update({"FractionalIntensity": p.bet_f, "MaxIterations": bet.BET_ITERATIONS,
+                       "SettleTolerance_mm_per_100_iterations": bet.BET_SETTLE_MM,
+                       "SurfaceVertices": 10 * 4**bet.BET_SUBDIVISIONS + 2,
+                       "Reference": "Smith SM, Hum Brain Mapp 17:143 (2002)"})
+    else:
+        record["OpeningVoxels"] = p.mask_opening_voxels
+    return record
+
+
 def _bfr_provenance(p: QsmParameters, series: MegreSeries, radii: list[float]
                     ) -> dict[str, Any]:
     record: dict[str, Any] = {"Method": BFR_METHODS[p.bfr]}
@@ -616,8 +644,7 @@ def pipeline_provenance(series: MegreSeries, p: QsmParameters,
             "NonFiniteVoxelsZeroed": meta.get("NonFiniteVoxels", 0),
         },
         "Steps": {
-            "BrainMask": {"Method": "Otsu threshold of echo-1 magnitude, opening, largest "
-                          "component, hole filling", "OpeningVoxels": p.mask_opening_voxels},
+            "BrainMask": _brain_mask_provenance(p),
             "PhaseUnwrapping": {"Method": "quality-guided region growing (echo-difference "
                                 "phase) + temporal unwrapping"},
             "EchoCombination": {"Method": "magnitude-weighted linear fit of unwrapped phase "

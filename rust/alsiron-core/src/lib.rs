@@ -21,6 +21,7 @@ pub mod inversion;
 pub mod inversion_iterative;
 pub mod r2star;
 pub mod r2star_fit;
+pub mod surface;
 pub mod unwrap;
 pub mod unwrap_laplacian;
 

@@ -11,6 +11,7 @@ mod field;
 mod fit;
 mod qsm;
 mod qsm_inversion;
+mod surface;
 
 /// Number of threads in the global rayon pool.
 #[pyfunction]
@@ -44,5 +45,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     qsm_inversion::register(m)?;
     fit::register(m)?;
     field::register(m)?;
+    surface::register(m)?;
     Ok(())
 }
