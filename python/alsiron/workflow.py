@@ -112,10 +112,11 @@ class QsmParameters:
         Maximum ADMM iterations.
     tv_tol : float
         Stop when the relative change of χ per iteration falls below this.
-    tikhonov_lambda, ilsqr_tol, ilsqr_max_iter, tv_weak_harmonic, wh_alpha, wh_beta, wh_mu,
+    tikhonov_lambda, ilsqr_tol, ilsqr_max_iter, ilsqr_streaking, ilsqr_ill_threshold,
+    ilsqr_streak_tol, ilsqr_streak_max_iter, tv_weak_harmonic, wh_alpha, wh_beta, wh_mu,
     medi_alpha, medi_edge_fraction, medi_mu_gradient, medi_mu_data, medi_max_iter, medi_tol,
-    medi_nonlinear, rts_delta, rts_mu, rts_rho, rts_max_iter, rts_tol, ndi_lambda, ndi_step,
-    ndi_max_iter, ndi_tol
+    medi_nonlinear, rts_delta, rts_mu, rts_rho, rts_max_iter, rts_tol, rts_lsqr_iter,
+    ndi_lambda, ndi_step, ndi_max_iter, ndi_tol
         Parameters of the other inversions, as in
         :class:`alsiron.inversion.InversionSettings` (same names and defaults).
     r2star_weighted : bool
@@ -153,6 +154,10 @@ class QsmParameters:
     tikhonov_lambda: float = inv.InversionSettings.tikhonov_lambda
     ilsqr_tol: float = inv.InversionSettings.ilsqr_tol
     ilsqr_max_iter: int = inv.InversionSettings.ilsqr_max_iter
+    ilsqr_streaking: bool = inv.InversionSettings.ilsqr_streaking
+    ilsqr_ill_threshold: float = inv.InversionSettings.ilsqr_ill_threshold
+    ilsqr_streak_tol: float = inv.InversionSettings.ilsqr_streak_tol
+    ilsqr_streak_max_iter: int = inv.InversionSettings.ilsqr_streak_max_iter
     tv_weak_harmonic: bool = False
     wh_alpha: float = inv.InversionSettings.wh_alpha
     wh_beta: float = inv.InversionSettings.wh_beta
@@ -169,6 +174,7 @@ class QsmParameters:
     rts_rho: float = inv.InversionSettings.rts_rho
     rts_max_iter: int = inv.InversionSettings.rts_max_iter
     rts_tol: float = inv.InversionSettings.rts_tol
+    rts_lsqr_iter: int = inv.InversionSettings.rts_lsqr_iter
     ndi_lambda: float = inv.InversionSettings.ndi_lambda
     ndi_step: float = inv.InversionSettings.ndi_step
     ndi_max_iter: int = inv.InversionSettings.ndi_max_iter
