@@ -526,7 +526,7 @@ def weighted_tv_admm(field, weight, tv_weight, mask, voxel_size, b0_dir, alpha, 
     return np.where(inside, chi, 0.0)
 
 
-def rts(field, mask, voxel_size, b0_dir, delta, mu, rho, n_iter, lsqr_iter=4,
+def rts(field, mask, voxel_size, b0_dir, delta, mu, rho, n_iter, lsqr_iter=16,
         fft: FftBackend = NUMPY) -> np.ndarray:
     """Twin of inversion_iterative::rts: step 1 ``lsqr_iter`` textbook LSQR iterations on
     M·F⁻¹DF·x = M·f, χ̂₀ = F{x} where |D| > δ (Nyquist planes ill-conditioned), then the

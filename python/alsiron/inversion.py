@@ -34,6 +34,7 @@ __all__ = [
     "magnitude_weight",
     "medi",
     "ndi",
+    "noise_scaled_alpha",
     "phase_per_ppm",
     "rts",
     "tikhonov",
@@ -106,6 +107,13 @@ class InversionSettings:
         MEDI iteration cap and tolerance.
     medi_nonlinear : bool
         Complex-exponential data term (needs the phase per ppm) instead of the linear one.
+    medi_alpha_rule : {"noise", "fixed"}
+        "noise": α = max(``medi_alpha``, ``medi_noise_factor``·σ_W) when a field-noise map
+        is given to :func:`invert` (σ_W = median over the mask of W·σ_f, the noise of the
+        weighted data term, :func:`noise_scaled_alpha`); ``medi_alpha`` without one.
+        "fixed": always ``medi_alpha``.
+    medi_noise_factor : float
+        c of the noise rule (α per ppm of weighted field noise).
     rts_delta, rts_mu, rts_rho : float
         RTS well-conditioned threshold on |D|, k-space data weight and ADMM penalty.
     rts_max_iter, rts_tol : int, float
@@ -141,6 +149,8 @@ class InversionSettings:
     medi_max_iter: int = 200
     medi_tol: float = 1e-3
     medi_nonlinear: bool = True
+    medi_alpha_rule: str = "noise"
+    medi_noise_factor: float = 0.3
     rts_delta: float = 0.15
     rts_mu: float = 1e5
     rts_rho: float = 10.0
@@ -225,6 +235,42 @@ def edge_weight(magnitude: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence
         raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction}")
     vs = qsm._vec3(voxel_size, "voxel_size", positive=True)
     return _core.edge_weight(mag, m, vs, float(edge_fraction))
+
+
+def noise_scaled_alpha(field_sd: np.ndarray, weight: np.ndarray, mask: np.ndarray, *,
+                       base_alpha: float, factor: float) -> tuple[float, float]:
+    """Noise-aware TV weight: α = max(``base_alpha``, ``factor``·σ_W).
+
+    σ_W is the median over the mask (where σ_f is finite and positive) of W·σ_f, the
+    standard deviation of the weighted data residual W·(Dχ − f) that noise alone leaves
+    at the true χ. TV denoising wants α ∝ σ; ``base_alpha`` is the weight for
+    (near-)noiseless data, so the rule changes nothing until the noise is large.
+
+    Parameters
+    ----------
+    field_sd : ndarray, shape (X, Y, Z)
+        Field noise σ_f [ppm] (e.g. :attr:`alsiron.fieldmap.FieldEstimate.field_sd_ppm`).
+    weight : ndarray, shape (X, Y, Z)
+        Data weight W of the inversion (:func:`magnitude_weight`).
+    mask : ndarray of bool, shape (X, Y, Z)
+    base_alpha, factor : float
+        Floor of α, and α per ppm of σ_W.
+
+    Returns
+    -------
+    alpha : float
+    sigma_w : float
+        σ_W [ppm] (0 when no voxel has a usable σ_f).
+    """
+    sd = np.asarray(field_sd, dtype=np.float64)
+    m = np.asarray(mask, dtype=bool)
+    if sd.shape != m.shape:
+        raise ValueError(f"field_sd has shape {sd.shape}, expected {m.shape}")
+    usable = m & np.isfinite(sd) & (sd > 0)
+    sigma_w = float(np.median((np.asarray(weight, np.float64) * sd)[usable])) if usable.any() \
+        else 0.0
+    base = _positive(base_alpha, "base_alpha", allow_zero=True)
+    return max(base, _positive(factor, "factor", allow_zero=True) * sigma_w), sigma_w
 
 
 # --------------------------------------------------------------------------- methods
@@ -531,7 +577,8 @@ _USES: dict[str, tuple[str, ...]] = {
               "ilsqr_streak_tol", "ilsqr_streak_max_iter"),
     "tvadmm": ("tv_alpha", "tv_mu", "tv_max_iter", "tv_tol", "tv_weak_harmonic"),
     "medi": ("medi_alpha", "medi_edge_fraction", "medi_mu_gradient", "medi_mu_data",
-             "medi_max_iter", "medi_tol", "medi_nonlinear"),
+             "medi_max_iter", "medi_tol", "medi_nonlinear", "medi_alpha_rule",
+             "medi_noise_factor"),
     "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter"),
     "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
 }
@@ -541,8 +588,8 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
            voxel_size: Sequence[float], b0_dir: Sequence[float],
            magnitude: np.ndarray | None = None, phase_scale: float | None = None,
            settings: InversionSettings | None = None,
-           progress: Callable[[int, int], None] | None = None
-           ) -> tuple[np.ndarray, dict[str, Any]]:
+           progress: Callable[[int, int], None] | None = None,
+           field_sd: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the dipole inversion ``method`` (a key of :data:`INVERSION_METHODS`).
 
     Parameters
@@ -559,6 +606,9 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
     settings : InversionSettings, optional
     progress : callable, optional
         ``progress(iteration, max_iter)`` for the iterative methods.
+    field_sd : ndarray, optional
+        Field noise σ_f [ppm] on the same grid (the field fit's standard deviation); MEDI
+        scales α with it (``medi_alpha_rule="noise"``, :func:`noise_scaled_alpha`).
 
     Returns
     -------
@@ -621,8 +671,23 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
         if s.medi_nonlinear and phase_scale is None:
             raise ValueError("nonlinear MEDI needs phase_scale (rad/ppm); give it or set "
                              "medi_nonlinear=False")
+        if s.medi_alpha_rule not in ("noise", "fixed"):
+            raise ValueError(f"medi_alpha_rule must be 'noise' or 'fixed', got "
+                             f"{s.medi_alpha_rule!r}")
+        alpha = s.medi_alpha
+        if s.medi_alpha_rule == "noise" and field_sd is not None:
+            alpha, sigma_w = noise_scaled_alpha(field_sd, weight, mask,
+                                                base_alpha=s.medi_alpha,
+                                                factor=s.medi_noise_factor)
+            record["AlphaRule"] = ("max(medi_alpha, medi_noise_factor x median over the "
+                                   "mask of W x field SD)")
+            record["WeightedNoiseSD_ppm"] = sigma_w
+        else:
+            record["AlphaRule"] = ("medi_alpha (no field-noise map given)"
+                                   if s.medi_alpha_rule == "noise" else "medi_alpha")
+        record["AlphaUsed"] = alpha
         chi, n_iter = medi(local_field, mask, magnitude, phase_scale=scale,
-                           alpha=s.medi_alpha, edge_fraction=s.medi_edge_fraction,
+                           alpha=alpha, edge_fraction=s.medi_edge_fraction,
                            mu_gradient=s.medi_mu_gradient, mu_data=s.medi_mu_data,
                            max_iter=s.medi_max_iter, tol=s.medi_tol, progress=progress,
                            **geo)

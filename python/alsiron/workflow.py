@@ -115,8 +115,8 @@ class QsmParameters:
     tikhonov_lambda, ilsqr_tol, ilsqr_max_iter, ilsqr_streaking, ilsqr_ill_threshold,
     ilsqr_streak_tol, ilsqr_streak_max_iter, tv_weak_harmonic, wh_alpha, wh_beta, wh_mu,
     medi_alpha, medi_edge_fraction, medi_mu_gradient, medi_mu_data, medi_max_iter, medi_tol,
-    medi_nonlinear, rts_delta, rts_mu, rts_rho, rts_max_iter, rts_tol, rts_lsqr_iter,
-    ndi_lambda, ndi_step, ndi_max_iter, ndi_tol
+    medi_nonlinear, medi_alpha_rule, medi_noise_factor, rts_delta, rts_mu, rts_rho,
+    rts_max_iter, rts_tol, rts_lsqr_iter, ndi_lambda, ndi_step, ndi_max_iter, ndi_tol
         Parameters of the other inversions, as in
         :class:`alsiron.inversion.InversionSettings` (same names and defaults).
     r2star_weighted : bool
@@ -169,6 +169,8 @@ class QsmParameters:
     medi_max_iter: int = inv.InversionSettings.medi_max_iter
     medi_tol: float = inv.InversionSettings.medi_tol
     medi_nonlinear: bool = inv.InversionSettings.medi_nonlinear
+    medi_alpha_rule: str = inv.InversionSettings.medi_alpha_rule
+    medi_noise_factor: float = inv.InversionSettings.medi_noise_factor
     rts_delta: float = inv.InversionSettings.rts_delta
     rts_mu: float = inv.InversionSettings.rts_mu
     rts_rho: float = inv.InversionSettings.rts_rho
@@ -358,7 +360,8 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
     phase_scale = inv.phase_per_ppm(series.field_strength, float(np.mean(series.echo_times)))
     chi, inv_params = invert(local, qsm_mask, vsz, b0dir, p, magnitude=rss,
-                             phase_scale=phase_scale, progress=iteration_progress)
+                             phase_scale=phase_scale, progress=iteration_progress,
+                             field_sd=field_sd)
     chi = qsm.reference_to_mean(chi, qsm_mask)
     referencing: dict[str, Any] = {"Method": "whole-brain mean over the QSM mask set to 0"}
     if reference_mask is not None:
@@ -429,14 +432,15 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
 def invert(local: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, float, float],
            b0_dir: tuple[float, float, float], p: QsmParameters, *,
            magnitude: np.ndarray | None = None, phase_scale: float | None = None,
-           progress: Callable[[int, int], None] | None = None
-           ) -> tuple[np.ndarray, dict[str, Any]]:
+           progress: Callable[[int, int], None] | None = None,
+           field_sd: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The dipole inversion chosen in ``p`` (χ [ppm], not yet referenced) and its
-    run-time provenance; ``magnitude`` and ``phase_scale`` [rad/ppm] as in
-    :func:`alsiron.inversion.invert`."""
+    run-time provenance; ``magnitude``, ``phase_scale`` [rad/ppm] and ``field_sd``
+    [ppm] as in :func:`alsiron.inversion.invert`."""
     return inv.invert(p.inversion, local, mask, voxel_size=voxel_size, b0_dir=b0_dir,
                       magnitude=magnitude, phase_scale=phase_scale,
-                      settings=p.inversion_settings(), progress=progress)
+                      settings=p.inversion_settings(), progress=progress,
+                      field_sd=field_sd)
 
 
 def remove_background(field: np.ndarray, mask: np.ndarray, series: MegreSeries,
