@@ -102,8 +102,10 @@ class QsmParameters:
         docs/qsm_stages.md) MEDI is the most accurate (NRMSE 13.9 % at 64³/3 mm, 9.7 % at
         96³/2 mm vs TV-ADMM 33.2 %), but in this chain, whose local field carries noise
         and PDF's residual background, TV-ADMM gives the lowest χ NRMSE (64³/3 mm, seed
-        3: TV-ADMM 58.1 %, MEDI 69.8–99 % for α 3e-3–1e-4, weak-harmonic TV 84 %, RTS
-        75.8 %, Tikhonov 74.1 %, NDI 93.9 %, iLSQR 128.9 %), so the chain keeps TV-ADMM.
+        3: TV-ADMM 58.0 %, MEDI 69.8–96 % for α 3e-3–1e-4 (its noise-aware α keeps 1e-4
+        at SNR 100), weak-harmonic TV 84 %, RTS 90.0 % (LSQR step 1; 75.8 % dividing),
+        Tikhonov 74.1 %, NDI 93.9 %, iLSQR 89.6 % (full; 128.9 % LSQR core)), so the
+        chain keeps TV-ADMM.
     tkd_threshold : float
         TKD truncation of the dipole kernel.
     tv_alpha, tv_mu : float
