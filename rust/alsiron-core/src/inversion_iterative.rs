@@ -1043,6 +1043,63 @@ fn gradient_into(x: &[f32], shape: Shape3, inv_h: [f32; 3], out: &mut [Vec3]) {
         });
 }
 
+/// `out = g∘∇x` (periodic forward differences per mm, weighted per axis by `g`).
+fn weighted_gradient_into(x: &[f32], g: &[Vec3], shape: Shape3, inv_h: [f32; 3], out: &mut [Vec3]) {
+    let [nx, ny, nz] = shape.0;
+    out.par_chunks_mut(ny * nz)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let ip = if i + 1 == nx { 0 } else { i + 1 };
+            for (j, out_row) in out.chunks_exact_mut(nz).enumerate() {
+                let jp = if j + 1 == ny { 0 } else { j + 1 };
+                let c = &x[shape.idx(i, j, 0)..][..nz];
+                let xp = &x[shape.idx(ip, j, 0)..][..nz];
+                let yp = &x[shape.idx(i, jp, 0)..][..nz];
+                let w = &g[shape.idx(i, j, 0)..][..nz];
+                for k in 0..nz {
+                    let zp = if k + 1 == nz { c[0] } else { c[k + 1] };
+                    out_row[k] = [
+                        (xp[k] - c[k]) * inv_h[0] * w[k][0],
+                        (yp[k] - c[k]) * inv_h[1] * w[k][1],
+                        (zp - c[k]) * inv_h[2] * w[k][2],
+                    ];
+                }
+            }
+        });
+}
+
+/// `out = ∇ᵀ(g∘y)`, the adjoint of [`weighted_gradient_into`].
+fn weighted_divergence_into(
+    y: &[Vec3],
+    g: &[Vec3],
+    shape: Shape3,
+    inv_h: [f32; 3],
+    out: &mut [f32],
+) {
+    let [nx, ny, nz] = shape.0;
+    out.par_chunks_mut(ny * nz)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let im = if i == 0 { nx - 1 } else { i - 1 };
+            for (j, out_row) in out.chunks_exact_mut(nz).enumerate() {
+                let jm = if j == 0 { ny - 1 } else { j - 1 };
+                let here = shape.idx(i, j, 0);
+                let (xm, ym) = (shape.idx(im, j, 0), shape.idx(i, jm, 0));
+                let (yh, gh) = (&y[here..][..nz], &g[here..][..nz]);
+                let (yx, gx) = (&y[xm..][..nz], &g[xm..][..nz]);
+                let (yy, gy) = (&y[ym..][..nz], &g[ym..][..nz]);
+                let mut zm = yh[nz - 1][2] * gh[nz - 1][2];
+                for k in 0..nz {
+                    let hz = yh[k][2] * gh[k][2];
+                    out_row[k] = (yx[k][0] * gx[k][0] - yh[k][0] * gh[k][0]) * inv_h[0]
+                        + (yy[k][1] * gy[k][1] - yh[k][1] * gh[k][1]) * inv_h[1]
+                        + (zm - hz) * inv_h[2];
+                    zm = hz;
+                }
+            }
+        });
+}
+
 /// Fast QSM estimate of iLSQR (Li et al. 2015, eqs. 8–14): χ̂ = sgn(D)·F{f·M}; in
 /// k-space regions of small |D| (weight w from |D|ⁿ, eq. 10) the estimate is replaced by
 /// its spherical mean (radius 3 mm) twice, with the mask applied in between (eqs. 9, 11);
@@ -1377,26 +1434,16 @@ pub fn ilsqr_streaking(
     drop(kernel);
     let plan = Fft3Plan::get(shape)?;
     let a_op = |v: &[f32], out: &mut [Vec3]| -> CoreResult<()> {
-        gradient_into(v, shape, inv_h, out);
-        out.par_iter_mut()
-            .zip(g_weight.par_iter())
-            .with_min_len(MIN_LEN)
-            .for_each(|(o, w)| {
-                for c in 0..3 {
-                    o[c] *= w[c];
-                }
-            });
+        weighted_gradient_into(v, &g_weight, shape, inv_h, out);
         Ok(())
     };
+    // One spectrum buffer reused by every Aᵀ (the solver calls it from one thread).
+    let spectrum = std::sync::Mutex::new(plan.make_spectrum());
     let a_adj = |y: &[Vec3], out: &mut [f32]| -> CoreResult<()> {
-        let weighted: Vec<Vec3> = y
-            .par_iter()
-            .zip(g_weight.par_iter())
-            .with_min_len(MIN_LEN)
-            .map(|(y, w)| [y[0] * w[0], y[1] * w[1], y[2] * w[2]])
-            .collect();
-        divergence_into(&weighted, shape, inv_h, 1.0, out);
-        let mut spec = plan.make_spectrum();
+        weighted_divergence_into(y, &g_weight, shape, inv_h, out);
+        let mut spec = spectrum
+            .lock()
+            .map_err(|_| CoreError::InvalidArgument("iLSQR workspace poisoned".into()))?;
         plan.forward(out, &mut spec)?;
         spec.par_iter_mut()
             .zip(ill.par_iter())
