@@ -70,8 +70,14 @@ def run(quick: bool = False) -> list[dict]:
         lambda: tw.tikhonov(field, mask, VOXEL, B0, LAM, fft=sp))
 
     add(f"ilsqr ({n_it} it) [scipy]",
-        lambda: inversion.ilsqr(field, mask, weight=weight, tol=0.0, max_iter=n_it, **geo),
+        lambda: inversion.ilsqr(field, mask, weight=weight, tol=0.0, max_iter=n_it,
+                                streaking=False, **geo),
         lambda: tw.lsqr(field, weight, mask, VOXEL, B0, n_it, fft=sp), n_it)
+    add(f"ilsqr + streaking ({n_it} + {n_it} it) [scipy]",
+        lambda: inversion.ilsqr(field, mask, weight=weight, tol=0.0, max_iter=n_it,
+                                streak_tol=0.0, streak_max_iter=n_it, **geo),
+        lambda: tw.ilsqr_streaking(field, weight, mask, VOXEL, B0, n_it, n_it, fft=sp),
+        2 * n_it)
     add(f"tv_admm weighted ({n_it} it) [scipy]",
         lambda: inversion.tv_admm_weighted(field, mask, weight=weight, alpha=1e-4,
                                            mu_gradient=0.1, max_iter=n_it, tol=0.0, **geo),
@@ -89,9 +95,10 @@ def run(quick: bool = False) -> list[dict]:
                                            tol=0.0, phase_scale=16.0, **geo),
         lambda: tw.weighted_tv_admm(field, weight, edges, mask, VOXEL, B0, 1e-4, 0.1, 1.0,
                                     n_it, phase_scale=16.0, fft=sp), n_it)
-    add(f"rts ({n_it} it) [scipy]",
-        lambda: inversion.rts(field, mask, max_iter=n_it, tol=0.0, **geo),
-        lambda: tw.rts(field, mask, VOXEL, B0, 0.15, 1e5, 10.0, n_it, fft=sp), n_it)
+    add(f"rts ({n_it} LSQR + {n_it} TV it) [scipy]",
+        lambda: inversion.rts(field, mask, max_iter=n_it, tol=0.0, lsqr_iter=n_it, **geo),
+        lambda: tw.rts(field, mask, VOXEL, B0, 0.15, 1e5, 10.0, n_it, lsqr_iter=n_it, fft=sp),
+        2 * n_it)
     add(f"ndi ({n_it} it) [scipy]",
         lambda: inversion.ndi(field, mask, weight=weight, phase_scale=16.0, max_iter=n_it,
                               tol=0.0, **geo),

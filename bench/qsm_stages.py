@@ -5,7 +5,12 @@ field, on each phantom of :data:`alsiron.stages.CASES`. Prints one Markdown tabl
 (stage, phantom, method) in the column order of docs/qsm_stages.md, so other stages can
 add rows to the same table.
 
-Run: ``python bench/qsm_stages.py [CASE ...]`` (default: all cases).
+Whole chain (``--chain``): ROMEO + PDF once per phantom, then each inversion on the
+chain's own local field (:func:`alsiron.stages.chain_inversions`); ``--snr 25`` for the
+noisier phantom.
+
+Run: ``python bench/qsm_stages.py [--chain] [--snr S] [--seed N] [CASE ...]`` (default:
+all cases).
 """
 
 from __future__ import annotations
@@ -42,11 +47,47 @@ def dipole_rows(case_keys: list[str]) -> list[dict]:
     return rows
 
 
+def chain_rows(case_keys: list[str], snr: float, seed: int | None) -> list[dict]:
+    rows = []
+    methods = [("ilsqr", None), ("rts", None), ("medi", None),
+               ("medi", inversion.InversionSettings(medi_alpha_rule="fixed"))]
+    for key in case_keys:
+        case = stages.CASES[key]
+        session = stages.simulate_stage_phantom(case.matrix, case.voxel_size,
+                                                b0_direction=case.b0_direction, snr=snr,
+                                                seed=case.seed if seed is None else seed)
+        for s in stages.chain_inversions(session, methods):
+            rows.append({"stage": f"whole chain (phase → χ), SNR {snr:g}",
+                         "phantom": f"{case.name}, seed {case.seed if seed is None else seed}",
+                         "method": s.method, "NRMSE %": f"{s.chi_nrmse_pct:.1f}",
+                         "HFEN %": f"{s.chi_hfen_pct:.1f}", "XSIM": f"{s.xsim:.3f}",
+                         "deep-grey slope": f"{s.deep_grey_slope:.2f}",
+                         "R²": f"{s.deep_grey_r2:.2f}", "iterations": "—",
+                         "time s": f"{s.seconds:.2f}"})
+            print("| " + " | ".join(rows[-1][c] for c in COLUMNS) + " |", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
-    keys = (sys.argv[1:] if argv is None else argv) or list(stages.CASES)
+    args = list(sys.argv[1:] if argv is None else argv)
+    chain = "--chain" in args
+    snr, seed = 100.0, None
+    for flag in ("--snr", "--seed"):
+        if flag in args:
+            i = args.index(flag)
+            value = args[i + 1]
+            del args[i:i + 2]
+            if flag == "--snr":
+                snr = float(value)
+            else:
+                seed = int(value)
+    keys = [a for a in args if a != "--chain"] or list(stages.CASES)
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    dipole_rows(keys)
+    if chain:
+        chain_rows(keys, snr, seed)
+    else:
+        dipole_rows(keys)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,29 @@ def test_ilsqr_matches_textbook_lsqr(shape):
     field, mask, mag = case(shape, 1)
     w = inversion.magnitude_weight(mag, mask)
     got, it = inversion.ilsqr(field, mask, voxel_size=VOXEL, b0_dir=B0, weight=w, tol=0.0,
-                              max_iter=15)
+                              max_iter=15, streaking=False)
     assert it == 15
     close(got, tw.lsqr(field, w, mask, VOXEL, B0, 15), mask, 2e-4)
+
+
+def test_ilsqr_fast_estimate_matches_twin():
+    field, mask, _ = case((20, 18, 16), 7)
+    got = inversion.ilsqr_fast_estimate(field, mask, voxel_size=VOXEL, b0_dir=B0)
+    close(got, tw.ilsqr_fast_estimate(field, mask, VOXEL, B0), mask, 1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ilsqr_streaking_matches_twin(shape):
+    field, mask, mag = case(shape, 8)
+    w = inversion.magnitude_weight(mag, mask)
+    got, it = inversion.ilsqr(field, mask, voxel_size=VOXEL, b0_dir=B0, weight=w, tol=0.0,
+                              max_iter=10, streak_tol=0.0, streak_max_iter=12)
+    assert it == 22
+    want = tw.ilsqr_streaking(field, w, mask, VOXEL, B0, 10, 12)
+    close(got, want, mask, 5e-4)
+    # The streaking estimate is a real correction, not a no-op.
+    lsqr_only = tw.lsqr(field, w, mask, VOXEL, B0, 10)
+    assert np.abs(want - lsqr_only)[mask].max() > 0.05 * np.abs(lsqr_only[mask]).max()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -85,9 +105,9 @@ def test_edge_weight_matches_twin_and_marks_the_requested_fraction():
 def test_rts_matches_twin(shape):
     field, mask, _ = case(shape, 4)
     got, it = inversion.rts(field, mask, voxel_size=VOXEL, b0_dir=B0, delta=0.15, mu=1e3,
-                            rho=10.0, max_iter=10, tol=0.0)
+                            rho=10.0, max_iter=10, tol=0.0, lsqr_iter=3)
     assert it == 10
-    close(got, tw.rts(field, mask, VOXEL, B0, 0.15, 1e3, 10.0, 10), mask, 3e-4)
+    close(got, tw.rts(field, mask, VOXEL, B0, 0.15, 1e3, 10.0, 10, lsqr_iter=3), mask, 3e-4)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -112,26 +132,34 @@ def test_scipy_backend_of_the_twins_agrees_with_numpy():
 def test_interrupt_and_progress():
     field, mask, mag = case((16, 16, 16), 7)
     seen = []
+    stop_at = [4]
 
     def progress(i, n):
         seen.append((i, n))
-        if i >= 4:
+        if i >= stop_at[0]:
             raise KeyboardInterrupt
 
-    for run in (
-        lambda: inversion.ilsqr(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
-                                max_iter=50, progress=progress),
-        lambda: inversion.rts(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
-                              max_iter=50, progress=progress),
-        lambda: inversion.ndi(field, mask, voxel_size=VOXEL, b0_dir=B0, phase_scale=5.0,
-                              tol=0.0, max_iter=50, progress=progress),
-        lambda: inversion.medi(field, mask, mag, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
-                               max_iter=50, progress=progress),
+    # (solver, iteration to stop at, the total it reports): iLSQR counts both LSQR runs
+    # (stopped once in each), RTS its LSQR step and the TV loop.
+    for run, stop, total in (
+        (lambda: inversion.ilsqr(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                                 max_iter=50, streak_tol=0.0, progress=progress), 4, 100),
+        (lambda: inversion.ilsqr(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                                 max_iter=50, streak_tol=0.0, progress=progress), 54, 100),
+        (lambda: inversion.rts(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                               max_iter=50, progress=progress), 4, 66),
+        (lambda: inversion.rts(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                               max_iter=50, progress=progress), 20, 66),
+        (lambda: inversion.ndi(field, mask, voxel_size=VOXEL, b0_dir=B0, phase_scale=5.0,
+                               tol=0.0, max_iter=50, progress=progress), 4, 50),
+        (lambda: inversion.medi(field, mask, mag, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                                max_iter=50, progress=progress), 4, 50),
     ):
         seen.clear()
+        stop_at[0] = stop
         with pytest.raises(KeyboardInterrupt):
             run()
-        assert seen and seen[-1][0] == 4 and seen[-1][1] == 50
+        assert seen and seen[-1] == (stop, total)
 
 
 def test_bad_arguments_are_refused():

@@ -526,15 +526,19 @@ def weighted_tv_admm(field, weight, tv_weight, mask, voxel_size, b0_dir, alpha, 
     return np.where(inside, chi, 0.0)
 
 
-def rts(field, mask, voxel_size, b0_dir, delta, mu, rho, n_iter,
+def rts(field, mask, voxel_size, b0_dir, delta, mu, rho, n_iter, lsqr_iter=16,
         fft: FftBackend = NUMPY) -> np.ndarray:
-    """Twin of inversion_iterative::rts (step-1 division, then the TV loop)."""
+    """Twin of inversion_iterative::rts: step 1 ``lsqr_iter`` textbook LSQR iterations on
+    M·F⁻¹DF·x = M·f, χ̂₀ = F{x} where |D| > δ (Nyquist planes ill-conditioned), then the
+    TV loop."""
     shape = field.shape
     inside = mask != 0
-    d = dipole_kernel(shape, voxel_size, b0_dir).astype(fft.dtype)
+    d = _nyquist_zeroed(dipole_kernel(shape, voxel_size, b0_dir), shape).astype(fft.dtype)
     e = gradient_energy(shape, voxel_size).astype(fft.dtype)
     well = np.abs(d) > delta
-    data = np.where(well, fft.f(np.where(inside, field, 0.0)) * mu / np.where(well, d, 1.0), 0)
+    x = lsqr(field, np.ones(shape), mask, voxel_size, b0_dir, lsqr_iter, fft=fft,
+             masked=False)
+    data = np.where(well, fft.f(x) * mu, 0)
     den = np.where(well, mu, 0.0) + rho * e
     inv_den = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), 0.0).astype(fft.dtype)
     u = [np.zeros(shape, fft.dtype) for _ in range(3)]
@@ -566,34 +570,29 @@ def ndi(field, weight, mask, voxel_size, b0_dir, phase_scale, lam, step, n_iter,
     return np.where(inside, fft.i(chi_hat, shape), 0.0)
 
 
-def lsqr(field, weight, mask, voxel_size, b0_dir, n_iter, fft: FftBackend = NUMPY):
-    """Textbook LSQR (Paige & Saunders 1982) on W·F⁻¹DF·χ = W·f in image space, fixed
-    iteration count (twin of inversion_iterative::ilsqr with tol = 0)."""
-    shape = field.shape
-    inside = mask != 0
-    d = dipole_kernel(shape, voxel_size, b0_dir).astype(fft.dtype)
-    # Nyquist planes of even axes zeroed, as in the Rust kernel (see zero_nyquist_planes).
+def _nyquist_zeroed(d: np.ndarray, shape) -> np.ndarray:
+    """Half-spectrum kernel with the Nyquist planes of even axes zeroed (as the Rust
+    kernels' zero_nyquist_planes; along the last axis that is the last rfft bin)."""
+    d = d.copy()
     for axis, n in enumerate(shape):
         if n % 2 == 0:
             index = [slice(None)] * 3
             index[axis] = n // 2
             d[tuple(index)] = 0.0
-    w = fft.real(np.where(inside, weight, 0.0))
+    return d
 
-    def a_op(x):
-        return w * fft.i(d * fft.f(x), shape)
 
-    def at_op(y):
-        return fft.i(d * fft.f(w * y), shape)
-
-    u = w * fft.real(field)
+def lsqr_loop(a_op, at_op, b, n_iter, dtype=np.float64):
+    """Textbook LSQR (Paige & Saunders 1982) for min ‖A x − b‖ from x = 0, fixed
+    iteration count; ``a_op``/``at_op`` apply A and Aᵀ to arrays."""
+    u = b.astype(dtype)
     beta = np.linalg.norm(u)
     u = u / beta
     v = at_op(u)
     alpha = np.linalg.norm(v)
     v = v / alpha
     wd = v.copy()
-    x = np.zeros(shape, fft.dtype)
+    x = np.zeros_like(v)
     phi_bar, rho_bar = beta, alpha
     for _ in range(n_iter):
         u = a_op(v) - alpha * u
@@ -610,4 +609,79 @@ def lsqr(field, weight, mask, voxel_size, b0_dir, n_iter, fft: FftBackend = NUMP
         phi_bar = s * phi_bar
         x = x + (phi / rho) * wd
         wd = v - (theta / rho) * wd
-    return np.where(inside, x, 0.0)
+    return x
+
+
+def lsqr(field, weight, mask, voxel_size, b0_dir, n_iter, fft: FftBackend = NUMPY,
+         masked: bool = True):
+    """Textbook LSQR on W·F⁻¹DF·χ = W·f in image space, fixed iteration count (twin of
+    inversion_iterative::ilsqr with tol = 0); ``masked=False`` returns x everywhere."""
+    shape = field.shape
+    inside = mask != 0
+    # Nyquist planes of even axes zeroed, as in the Rust kernel (see zero_nyquist_planes).
+    d = _nyquist_zeroed(dipole_kernel(shape, voxel_size, b0_dir), shape).astype(fft.dtype)
+    w = fft.real(np.where(inside, weight, 0.0))
+    x = lsqr_loop(lambda x: w * fft.i(d * fft.f(x), shape),
+                  lambda y: fft.i(d * fft.f(w * y), shape),
+                  w * fft.real(np.where(inside, field, 0.0)), n_iter, fft.dtype)
+    return np.where(inside, x, 0.0) if masked else x
+
+
+def _ramp_down(v, lo, hi):
+    return np.where(v < lo, 1.0, np.where(v > hi, 0.0, (hi - v) / (hi - lo)))
+
+
+def ilsqr_fast_estimate(field, mask, voxel_size, b0_dir, fft: FftBackend = NUMPY) -> np.ndarray:
+    """Twin of inversion_iterative::ilsqr_fast_estimate (Li et al. 2015, eqs. 8–14)."""
+    shape = field.shape
+    inside = mask != 0
+    d = dipole_kernel(shape, voxel_size, b0_dir)
+    powered = np.abs(d) ** 0.001
+    lo, hi = np.percentile(powered, [1.0, 30.0])
+    w = 1.0 - _ramp_down(powered, lo, hi)
+    sphere = sphere_indicator(shape, voxel_size, 3.0)
+    h = (fft.f(sphere).real / sphere.sum()).astype(fft.dtype)
+    f_hat = fft.f(np.where(inside, field, 0.0))
+    x = np.sign(d).astype(fft.dtype) * f_hat
+    w = w.astype(fft.dtype)
+    x = np.where(inside, fft.i(w * x + (1 - w) * h * x, shape), 0.0)
+    x_hat = fft.f(x)
+    x = np.where(inside, fft.i(w * x_hat + (1 - w) * h * x_hat, shape), 0.0)
+    inv = np.where(np.abs(d) > 0.125, 1.0 / np.where(d == 0, 1.0, d),
+                   np.sign(d) / 0.125).astype(fft.dtype)
+    tkd_ref = fft.i(inv * f_hat, shape)
+    a, b = np.polyfit(x[inside], tkd_ref[inside], 1)
+    return np.where(inside, a * x + b, 0.0)
+
+
+def ilsqr_streaking(field, weight, mask, voxel_size, b0_dir, lsqr_iter, streak_iter,
+                    ill_threshold=0.1, fft: FftBackend = NUMPY):
+    """Twin of inversion_iterative::ilsqr_streaking with fixed iteration counts: LSQR,
+    fast estimate, streaking LSQR on W_G∘∇F⁻¹M_icF·x = W_G∘∇χ_LSQR (the literal
+    operator, FFTs both ways), subtraction."""
+    shape = field.shape
+    inside = mask != 0
+    chi_lsqr = lsqr(field, weight, mask, voxel_size, b0_dir, lsqr_iter, fft=fft)
+    fast = ilsqr_fast_estimate(field, mask, voxel_size, b0_dir, fft=fft)
+    wg = []
+    for g in _grad(fast, voxel_size):
+        lo, hi = np.percentile(np.abs(g[inside]), [50.0, 70.0])
+        wg.append(np.where(inside, _ramp_down(np.abs(g), lo, hi), 0.0))
+    d = _nyquist_zeroed(dipole_kernel(shape, voxel_size, b0_dir), shape)
+    ill = (np.abs(d) < ill_threshold).astype(fft.dtype)
+    wg = [g.astype(fft.dtype) for g in wg]
+
+    def project(x):
+        return fft.i(ill * fft.f(x), shape)
+
+    def a_op(x):
+        return np.stack([w * g for w, g in zip(wg, _grad(project(x), voxel_size),
+                                                strict=True)])
+
+    def at_op(y):
+        return project(_grad_adjoint([w * c for w, c in zip(wg, y, strict=True)],
+                                     voxel_size))
+
+    b = np.stack([w * g for w, g in zip(wg, _grad(chi_lsqr, voxel_size), strict=True)])
+    artefact = lsqr_loop(a_op, at_op, b, streak_iter, fft.dtype)
+    return np.where(inside, chi_lsqr - artefact, 0.0)

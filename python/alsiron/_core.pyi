@@ -248,6 +248,7 @@ def rts(
     rho: float,
     max_iter: int,
     tol: float,
+    lsqr_iter: int = 16,
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
 def ndi(
@@ -273,6 +274,25 @@ def ilsqr(
     max_iter: int,
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
+def ilsqr_streaking(
+    field: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    tol: float,
+    max_iter: int,
+    ill_threshold: float = 0.1,
+    streak_tol: float = 1e-2,
+    streak_max_iter: int = 50,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[npt.NDArray[np.float32], int, int]: ...
+def ilsqr_fast_estimate(
+    field: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+) -> npt.NDArray[np.float32]: ...
 
 # --- brain surface (BET-like), rust/alsiron-py/src/surface.rs
 def bet_evolve_surface(

@@ -29,10 +29,12 @@ __all__ = [
     "InversionSettings",
     "edge_weight",
     "ilsqr",
+    "ilsqr_fast_estimate",
     "invert",
     "magnitude_weight",
     "medi",
     "ndi",
+    "noise_scaled_alpha",
     "phase_per_ppm",
     "rts",
     "tikhonov",
@@ -46,7 +48,7 @@ logger = logging.getLogger("alsiron")
 INVERSION_METHODS: dict[str, str] = {
     "tkd": "TKD",
     "tikhonov": "Tikhonov (gradient regularisation, closed form)",
-    "ilsqr": "iLSQR (LSQR core)",
+    "ilsqr": "iLSQR (LSQR, fast QSM, streaking estimate and subtraction)",
     "tvadmm": "TV-ADMM",
     "medi": "MEDI-style magnitude-weighted L1",
     "rts": "RTS",
@@ -78,6 +80,12 @@ class InversionSettings:
         Tikhonov gradient weight λ [mm²].
     ilsqr_tol, ilsqr_max_iter : float, int
         LSQR stopping tolerance (relative residual and normal-equation residual) and cap.
+    ilsqr_streaking : bool
+        Run iLSQR's fast-QSM, streaking-estimate and subtraction steps (False: LSQR core).
+    ilsqr_ill_threshold : float
+        |D| below which the streaking estimate acts (M_ic).
+    ilsqr_streak_tol, ilsqr_streak_max_iter : float, int
+        Stopping rule of the streaking LSQR.
     tv_alpha, tv_mu : float
         TV weight α and gradient ADMM penalty μ₁ of TV-ADMM.
     tv_max_iter, tv_tol : int, float
@@ -99,10 +107,19 @@ class InversionSettings:
         MEDI iteration cap and tolerance.
     medi_nonlinear : bool
         Complex-exponential data term (needs the phase per ppm) instead of the linear one.
+    medi_alpha_rule : {"noise", "fixed"}
+        "noise": α = max(``medi_alpha``, ``medi_noise_factor``·σ_W) when a field-noise map
+        is given to :func:`invert` (σ_W = median over the mask of W·σ_f, the noise of the
+        weighted data term, :func:`noise_scaled_alpha`); ``medi_alpha`` without one.
+        "fixed": always ``medi_alpha``.
+    medi_noise_factor : float
+        c of the noise rule (α per ppm of weighted field noise).
     rts_delta, rts_mu, rts_rho : float
         RTS well-conditioned threshold on |D|, k-space data weight and ADMM penalty.
     rts_max_iter, rts_tol : int, float
         RTS TV iterations and tolerance.
+    rts_lsqr_iter : int
+        LSQR iterations of RTS step 1 on the masked dipole model.
     ndi_lambda, ndi_step : float
         NDI Tikhonov weight and gradient step.
     ndi_max_iter, ndi_tol : int, float
@@ -113,6 +130,10 @@ class InversionSettings:
     tikhonov_lambda: float = 2e-2
     ilsqr_tol: float = 1e-2
     ilsqr_max_iter: int = 50
+    ilsqr_streaking: bool = True
+    ilsqr_ill_threshold: float = 0.1
+    ilsqr_streak_tol: float = 1e-2
+    ilsqr_streak_max_iter: int = 50
     tv_alpha: float = qsm.TV_ALPHA
     tv_mu: float = qsm.TV_MU
     tv_max_iter: int = 200
@@ -128,11 +149,14 @@ class InversionSettings:
     medi_max_iter: int = 200
     medi_tol: float = 1e-3
     medi_nonlinear: bool = True
+    medi_alpha_rule: str = "noise"
+    medi_noise_factor: float = 0.3
     rts_delta: float = 0.15
     rts_mu: float = 1e5
     rts_rho: float = 10.0
     rts_max_iter: int = 20
     rts_tol: float = 1e-2
+    rts_lsqr_iter: int = 16
     ndi_lambda: float = 1e-3
     ndi_step: float = 2.0
     ndi_max_iter: int = 200
@@ -213,6 +237,42 @@ def edge_weight(magnitude: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence
     return _core.edge_weight(mag, m, vs, float(edge_fraction))
 
 
+def noise_scaled_alpha(field_sd: np.ndarray, weight: np.ndarray, mask: np.ndarray, *,
+                       base_alpha: float, factor: float) -> tuple[float, float]:
+    """Noise-aware TV weight: α = max(``base_alpha``, ``factor``·σ_W).
+
+    σ_W is the median over the mask (where σ_f is finite and positive) of W·σ_f, the
+    standard deviation of the weighted data residual W·(Dχ − f) that noise alone leaves
+    at the true χ. TV denoising wants α ∝ σ; ``base_alpha`` is the weight for
+    (near-)noiseless data, so the rule changes nothing until the noise is large.
+
+    Parameters
+    ----------
+    field_sd : ndarray, shape (X, Y, Z)
+        Field noise σ_f [ppm] (e.g. :attr:`alsiron.fieldmap.FieldEstimate.field_sd_ppm`).
+    weight : ndarray, shape (X, Y, Z)
+        Data weight W of the inversion (:func:`magnitude_weight`).
+    mask : ndarray of bool, shape (X, Y, Z)
+    base_alpha, factor : float
+        Floor of α, and α per ppm of σ_W.
+
+    Returns
+    -------
+    alpha : float
+    sigma_w : float
+        σ_W [ppm] (0 when no voxel has a usable σ_f).
+    """
+    sd = np.asarray(field_sd, dtype=np.float64)
+    m = np.asarray(mask, dtype=bool)
+    if sd.shape != m.shape:
+        raise ValueError(f"field_sd has shape {sd.shape}, expected {m.shape}")
+    usable = m & np.isfinite(sd) & (sd > 0)
+    sigma_w = float(np.median((np.asarray(weight, np.float64) * sd)[usable])) if usable.any() \
+        else 0.0
+    base = _positive(base_alpha, "base_alpha", allow_zero=True)
+    return max(base, _positive(factor, "factor", allow_zero=True) * sigma_w), sigma_w
+
+
 # --------------------------------------------------------------------------- methods
 
 
@@ -246,40 +306,97 @@ def tikhonov(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[
     return _core.tikhonov(field, m, vs, b0, _positive(lam, "lam"))
 
 
+def ilsqr_fast_estimate(local_field: np.ndarray, mask: np.ndarray, *,
+                        voxel_size: Sequence[float], b0_dir: Sequence[float]) -> np.ndarray:
+    """iLSQR's fast QSM estimate χ_fs (Li et al. 2015, eqs. 8–14).
+
+    χ̂ = sgn(D)·F{f·M}; where |D| is small (k-space weight from |D|^0.001 between its 1st
+    and 30th percentile) the estimate is replaced by its 3 mm spherical mean, twice, with
+    the mask applied in between; the result is scaled to TKD (threshold 1/8) by the
+    least-squares line a·χ + b over the mask. Used for the gradient weights of the
+    streaking estimate.
+
+    Parameters
+    ----------
+    local_field, mask, voxel_size, b0_dir
+        As in :func:`tikhonov`.
+
+    Returns
+    -------
+    ndarray, float32
+        χ_fs [ppm], 0 outside the mask.
+    """
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    return _core.ilsqr_fast_estimate(field, m, vs, b0)
+
+
+def _ilsqr_run(local_field, mask, *, voxel_size, b0_dir, weight, tol, max_iter, streaking,
+               ill_threshold, streak_tol, streak_max_iter, progress
+               ) -> tuple[np.ndarray, int, int]:
+    field = qsm._volume(local_field, "local_field")
+    m = qsm._mask(mask, field.shape)
+    vs, b0 = _geometry(voxel_size, b0_dir)
+    n, t = _iterations(max_iter, tol)
+    w = _weight(weight, field.shape, "weight")
+    if not streaking:
+        chi, it = _core.ilsqr(field, w, m, vs, b0, t, n, progress)
+        return chi, int(it), 0
+    if not 0 < float(ill_threshold) < 2.0 / 3.0:
+        raise ValueError(f"ill_threshold must be in (0, 2/3), got {ill_threshold}")
+    ns, ts = _iterations(streak_max_iter, streak_tol)
+    chi, it, it_streak = _core.ilsqr_streaking(field, w, m, vs, b0, t, n,
+                                               float(ill_threshold), ts, ns, progress)
+    return chi, int(it), int(it_streak)
+
+
 def ilsqr(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
           b0_dir: Sequence[float], weight: np.ndarray | None = None, tol: float = 1e-2,
-          max_iter: int = 50, progress: Callable[[int, int], None] | None = None
-          ) -> tuple[np.ndarray, int]:
-    """LSQR on the weighted dipole model W·F⁻¹DF·χ = W·f (the core of iLSQR).
+          max_iter: int = 50, streaking: bool = True, ill_threshold: float = 0.1,
+          streak_tol: float = 1e-2, streak_max_iter: int = 50,
+          progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
+    """iLSQR (Li et al. 2015): LSQR, fast QSM estimate, streaking estimate, subtraction.
 
-    Early stopping (``tol`` on ‖r‖/‖b‖ and on ‖Aᵀr‖/(‖A‖‖r‖), or ``max_iter``) is the
-    regularisation. iLSQR's later streaking-correction steps are not implemented.
+    Step 1: LSQR on the weighted dipole model W·F⁻¹DF·χ = W·f, regularised by early
+    stopping (``tol`` on ‖r‖/‖b‖ and on ‖Aᵀr‖/(‖A‖‖r‖), or ``max_iter``). Step 2: the
+    fast estimate χ_fs (:func:`ilsqr_fast_estimate`). Step 3: the streaking artefact
+    χ_sa = argmin ‖W_G∘∇F⁻¹M_icF·x − W_G∘∇χ_LSQR‖² by LSQR, M_ic = |D| < ``ill_threshold``,
+    W_G per axis 1 below the 50th and 0 above the 70th percentile of |∂ₐχ_fs| in the mask
+    (linear in between). Step 4: χ = M·(χ_LSQR − χ_sa). ``streaking=False`` stops after
+    step 1 (the LSQR core alone).
 
     Parameters
     ----------
     local_field, mask, voxel_size, b0_dir
         As in :func:`tikhonov`.
     weight : ndarray, shape (X, Y, Z), optional
-        Data weight W ≥ 0 (e.g. :func:`magnitude_weight`); 1 inside the mask by default.
+        Data weight W ≥ 0 of step 1 (e.g. :func:`magnitude_weight`); 1 inside the mask by
+        default.
     tol, max_iter : float, int
-        Stopping rule.
+        Stopping rule of step 1.
+    streaking : bool
+        Run steps 2–4.
+    ill_threshold : float
+        |D| below which k-space is ill-conditioned (in (0, 2/3)).
+    streak_tol, streak_max_iter : float, int
+        Stopping rule of the streaking LSQR (same form as ``tol``).
     progress : callable, optional
-        ``progress(iteration, max_iter)``.
+        ``progress(iteration, max_iter + streak_max_iter)`` over both LSQR runs.
 
     Returns
     -------
     chi : ndarray, float32
         χ [ppm], 0 outside the mask.
     n_iter : int
-        LSQR iterations run.
+        LSQR iterations run, both solves together.
     """
-    field = qsm._volume(local_field, "local_field")
-    m = qsm._mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
-    n, t = _iterations(max_iter, tol)
-    chi, it = _core.ilsqr(field, _weight(weight, field.shape, "weight"), m, vs, b0, t, n,
-                          progress)
-    return chi, int(it)
+    chi, it, it_streak = _ilsqr_run(local_field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
+                                    weight=weight, tol=tol, max_iter=max_iter,
+                                    streaking=streaking, ill_threshold=ill_threshold,
+                                    streak_tol=streak_tol, streak_max_iter=streak_max_iter,
+                                    progress=progress)
+    return chi, it + it_streak
 
 
 def tv_admm_weighted(local_field: np.ndarray, mask: np.ndarray, *,
@@ -370,13 +487,29 @@ def medi(local_field: np.ndarray, mask: np.ndarray, magnitude: np.ndarray, *,
 
 def rts(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float],
         b0_dir: Sequence[float], delta: float = 0.15, mu: float = 1e5, rho: float = 10.0,
-        max_iter: int = 20, tol: float = 1e-2,
+        max_iter: int = 20, tol: float = 1e-2, lsqr_iter: int = 16,
         progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, int]:
     """Rapid two-step inversion (Kames et al. 2018).
 
-    Step 1: χ̂₀ = F{f·M}/D where |D| > ``delta``. Step 2: min μ/2‖M_wc(χ̂ − χ̂₀)‖² +
-    ‖∇χ‖₁ by ADMM with penalty ``rho`` (threshold 1/ρ), so TV fills only the
-    ill-conditioned cone.
+    Step 1: x from ``lsqr_iter`` LSQR iterations (from 0) on the masked dipole model
+    M·F⁻¹DF·x = M·f (Kames et al. use LSMR; same Krylov space), χ̂₀ = F{x} where
+    |D| > ``delta``. Step 2: min μ/2‖M_wc(χ̂ − χ̂₀)‖² + ‖∇χ‖₁ by ADMM with penalty
+    ``rho`` (threshold 1/ρ), so TV fills only the ill-conditioned cone.
+
+    Parameters
+    ----------
+    local_field, mask, voxel_size, b0_dir
+        As in :func:`tikhonov`.
+    delta : float
+        Well-conditioned threshold on |D|, in (0, 2/3).
+    mu, rho : float
+        k-space data weight and ADMM penalty of step 2.
+    max_iter, tol : int, float
+        TV iterations of step 2 and their tolerance.
+    lsqr_iter : int
+        LSQR iterations of step 1 (a small fixed count).
+    progress : callable, optional
+        ``progress(iteration, lsqr_iter + max_iter)``.
 
     Returns
     -------
@@ -390,8 +523,10 @@ def rts(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float
     n, t = _iterations(max_iter, tol)
     if not 0 < float(delta) < 2.0 / 3.0:
         raise ValueError(f"delta must be in (0, 2/3), got {delta}")
+    if int(lsqr_iter) < 1:
+        raise ValueError(f"lsqr_iter must be >= 1, got {lsqr_iter}")
     chi, it = _core.rts(field, m, vs, b0, float(delta), _positive(mu, "mu"),
-                        _positive(rho, "rho"), n, t, progress)
+                        _positive(rho, "rho"), n, t, int(lsqr_iter), progress)
     return chi, int(it)
 
 
@@ -438,11 +573,13 @@ def ndi(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float
 _USES: dict[str, tuple[str, ...]] = {
     "tkd": ("tkd_threshold",),
     "tikhonov": ("tikhonov_lambda",),
-    "ilsqr": ("ilsqr_tol", "ilsqr_max_iter"),
+    "ilsqr": ("ilsqr_tol", "ilsqr_max_iter", "ilsqr_streaking", "ilsqr_ill_threshold",
+              "ilsqr_streak_tol", "ilsqr_streak_max_iter"),
     "tvadmm": ("tv_alpha", "tv_mu", "tv_max_iter", "tv_tol", "tv_weak_harmonic"),
     "medi": ("medi_alpha", "medi_edge_fraction", "medi_mu_gradient", "medi_mu_data",
-             "medi_max_iter", "medi_tol", "medi_nonlinear"),
-    "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol"),
+             "medi_max_iter", "medi_tol", "medi_nonlinear", "medi_alpha_rule",
+             "medi_noise_factor"),
+    "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter"),
     "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
 }
 
@@ -451,8 +588,8 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
            voxel_size: Sequence[float], b0_dir: Sequence[float],
            magnitude: np.ndarray | None = None, phase_scale: float | None = None,
            settings: InversionSettings | None = None,
-           progress: Callable[[int, int], None] | None = None
-           ) -> tuple[np.ndarray, dict[str, Any]]:
+           progress: Callable[[int, int], None] | None = None,
+           field_sd: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the dipole inversion ``method`` (a key of :data:`INVERSION_METHODS`).
 
     Parameters
@@ -469,6 +606,9 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
     settings : InversionSettings, optional
     progress : callable, optional
         ``progress(iteration, max_iter)`` for the iterative methods.
+    field_sd : ndarray, optional
+        Field noise σ_f [ppm] on the same grid (the field fit's standard deviation); MEDI
+        scales α with it (``medi_alpha_rule="noise"``, :func:`noise_scaled_alpha`).
 
     Returns
     -------
@@ -493,9 +633,23 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
     elif method == "tikhonov":
         chi = tikhonov(local_field, mask, lam=s.tikhonov_lambda, **geo)
     elif method == "ilsqr":
-        chi, n_iter = ilsqr(local_field, mask, weight=weight, tol=s.ilsqr_tol,
-                            max_iter=s.ilsqr_max_iter, progress=progress, **geo)
+        chi, n_lsqr, n_streak = _ilsqr_run(
+            local_field, mask, weight=weight, tol=s.ilsqr_tol, max_iter=s.ilsqr_max_iter,
+            streaking=s.ilsqr_streaking, ill_threshold=s.ilsqr_ill_threshold,
+            streak_tol=s.ilsqr_streak_tol, streak_max_iter=s.ilsqr_streak_max_iter,
+            progress=progress, **geo)
+        n_iter = n_lsqr + n_streak
         record["DataWeight"] = weighting if weight is not None else "mask"
+        if s.ilsqr_streaking:
+            record["Steps"] = ("1 LSQR on the weighted dipole model; 2 fast QSM (sgn(D), "
+                               "3 mm spherical mean where |D| is small, scaled to TKD 1/8); "
+                               "3 streaking artefact by LSQR on the ill-conditioned cone "
+                               "with gradient weights from step 2 (50th/70th percentiles); "
+                               "4 subtraction")
+            record["IterationsLSQR"] = n_lsqr
+            record["IterationsStreaking"] = n_streak
+        else:
+            record["Method"] = "iLSQR (LSQR core only)"
     elif method == "tvadmm" and not s.tv_weak_harmonic:
         chi, n_iter = qsm.tv_admm(local_field, mask, alpha=s.tv_alpha, mu=s.tv_mu,
                                   max_iter=s.tv_max_iter, tol=s.tv_tol, progress=progress,
@@ -517,8 +671,23 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
         if s.medi_nonlinear and phase_scale is None:
             raise ValueError("nonlinear MEDI needs phase_scale (rad/ppm); give it or set "
                              "medi_nonlinear=False")
+        if s.medi_alpha_rule not in ("noise", "fixed"):
+            raise ValueError(f"medi_alpha_rule must be 'noise' or 'fixed', got "
+                             f"{s.medi_alpha_rule!r}")
+        alpha = s.medi_alpha
+        if s.medi_alpha_rule == "noise" and field_sd is not None:
+            alpha, sigma_w = noise_scaled_alpha(field_sd, weight, mask,
+                                                base_alpha=s.medi_alpha,
+                                                factor=s.medi_noise_factor)
+            record["AlphaRule"] = ("max(medi_alpha, medi_noise_factor x median over the "
+                                   "mask of W x field SD)")
+            record["WeightedNoiseSD_ppm"] = sigma_w
+        else:
+            record["AlphaRule"] = ("medi_alpha (no field-noise map given)"
+                                   if s.medi_alpha_rule == "noise" else "medi_alpha")
+        record["AlphaUsed"] = alpha
         chi, n_iter = medi(local_field, mask, magnitude, phase_scale=scale,
-                           alpha=s.medi_alpha, edge_fraction=s.medi_edge_fraction,
+                           alpha=alpha, edge_fraction=s.medi_edge_fraction,
                            mu_gradient=s.medi_mu_gradient, mu_data=s.medi_mu_data,
                            max_iter=s.medi_max_iter, tol=s.medi_tol, progress=progress,
                            **geo)
@@ -528,8 +697,10 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
             record["PhasePerPpm_rad"] = scale
     elif method == "rts":
         chi, n_iter = rts(local_field, mask, delta=s.rts_delta, mu=s.rts_mu, rho=s.rts_rho,
-                          max_iter=s.rts_max_iter, tol=s.rts_tol, progress=progress, **geo)
-        record["Step1"] = "direct k-space division where |D| > delta (no LSMR)"
+                          max_iter=s.rts_max_iter, tol=s.rts_tol, lsqr_iter=s.rts_lsqr_iter,
+                          progress=progress, **geo)
+        record["Step1"] = (f"{s.rts_lsqr_iter} LSQR iterations on the masked dipole model "
+                           "(LSMR in Kames et al.), kept where |D| > delta")
     else:  # ndi
         if phase_scale is None:
             raise ValueError("NDI needs phase_scale (rad/ppm), e.g. phase_per_ppm(B0, TE)")

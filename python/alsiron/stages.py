@@ -271,3 +271,62 @@ def phase_chain(session: PhantomSession, params=None,
                        xsim=s["XSIM"], deep_grey_slope=s.get("DeepGreySlope", float("nan")),
                        deep_grey_r2=s.get("DeepGreyR2", float("nan")),
                        mask_voxels=int(mask.sum()), seconds=seconds)
+
+
+def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
+                     params=None) -> list[StageScores]:
+    """Whole chain once (:func:`alsiron.workflow.process_series`), then every inversion of
+    ``methods`` on the chain's own local field, QSM mask, magnitude and field SD, scored
+    like :func:`phase_chain`. The first row is the chain's own χ (its default inversion).
+
+    Parameters
+    ----------
+    session : PhantomSession
+    methods : list of (str, InversionSettings or None)
+        Inversion key of :data:`alsiron.inversion.INVERSION_METHODS` and its settings.
+    params : QsmParameters, optional
+        Parameters of the chain before the inversion.
+
+    Returns
+    -------
+    list of StageScores
+        ``method`` is the provenance name (with MEDI's α used).
+    """
+    from alsiron.workflow import QsmParameters, process_series
+
+    p = params or QsmParameters()
+    t0 = time.perf_counter()
+    series = series_of(session)
+    result = process_series(series, p)
+    seconds = time.perf_counter() - t0
+    truth = truth_of(session)
+    qsm_mask = result.qsm_mask.data.astype(bool)
+    scored = qsm_mask & truth.brain_mask
+    local = np.nan_to_num(result.local_field.data)
+    local_nrmse = metrics.nrmse(local, session.local_field, scored)
+    rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
+    scale = inversion.phase_per_ppm(series.field_strength, float(np.mean(series.echo_times)))
+    field_sd = None if result.field_sd is None else result.field_sd.data
+
+    def row(name: str, chi: np.ndarray, secs: float) -> StageScores:
+        s = score_chi(qsm.reference_to_mean(np.where(qsm_mask, chi, 0.0), qsm_mask), scored,
+                      truth)
+        return StageScores(method=name, local_nrmse_pct=local_nrmse,
+                           chi_nrmse_pct=s["NRMSE_pct"], chi_hfen_pct=s["HFEN_pct"],
+                           xsim=s["XSIM"], deep_grey_slope=s.get("DeepGreySlope", float("nan")),
+                           deep_grey_r2=s.get("DeepGreyR2", float("nan")),
+                           mask_voxels=int(scored.sum()), seconds=secs)
+
+    rows = [row(f"chain default ({p.inversion})", np.nan_to_num(result.chi.data), seconds)]
+    for method, settings in methods:
+        t0 = time.perf_counter()
+        chi, record = inversion.invert(method, local, qsm_mask,
+                                       voxel_size=series.voxel_size,
+                                       b0_dir=series.b0_direction, magnitude=rss,
+                                       phase_scale=scale, settings=settings,
+                                       field_sd=field_sd)
+        name = record["Method"]
+        if "AlphaUsed" in record:
+            name += f" (α {record['AlphaUsed']:.2g})"
+        rows.append(row(name, chi, time.perf_counter() - t0))
+    return rows

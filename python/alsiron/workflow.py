@@ -137,8 +137,10 @@ class QsmParameters:
         docs/qsm_stages.md) MEDI is the most accurate (NRMSE 13.9 % at 64³/3 mm, 9.7 % at
         96³/2 mm vs TV-ADMM 33.2 %), but in this chain, whose local field carries noise
         and PDF's residual background, TV-ADMM gives the lowest χ NRMSE (64³/3 mm, seed
-        3: TV-ADMM 58.1 %, MEDI 69.8–99 % for α 3e-3–1e-4, weak-harmonic TV 84 %, RTS
-        75.8 %, Tikhonov 74.1 %, NDI 93.9 %, iLSQR 128.9 %), so the chain keeps TV-ADMM.
+        3: TV-ADMM 58.0 %, MEDI 69.8–96 % for α 3e-3–1e-4 (its noise-aware α keeps 1e-4
+        at SNR 100), weak-harmonic TV 84 %, RTS 90.0 % (LSQR step 1; 75.8 % dividing),
+        Tikhonov 74.1 %, NDI 93.9 %, iLSQR 89.6 % (full; 128.9 % LSQR core)), so the
+        chain keeps TV-ADMM.
     tkd_threshold : float
         TKD truncation of the dipole kernel.
     tv_alpha, tv_mu : float
@@ -147,10 +149,11 @@ class QsmParameters:
         Maximum ADMM iterations.
     tv_tol : float
         Stop when the relative change of χ per iteration falls below this.
-    tikhonov_lambda, ilsqr_tol, ilsqr_max_iter, tv_weak_harmonic, wh_alpha, wh_beta, wh_mu,
+    tikhonov_lambda, ilsqr_tol, ilsqr_max_iter, ilsqr_streaking, ilsqr_ill_threshold,
+    ilsqr_streak_tol, ilsqr_streak_max_iter, tv_weak_harmonic, wh_alpha, wh_beta, wh_mu,
     medi_alpha, medi_edge_fraction, medi_mu_gradient, medi_mu_data, medi_max_iter, medi_tol,
-    medi_nonlinear, rts_delta, rts_mu, rts_rho, rts_max_iter, rts_tol, ndi_lambda, ndi_step,
-    ndi_max_iter, ndi_tol
+    medi_nonlinear, medi_alpha_rule, medi_noise_factor, rts_delta, rts_mu, rts_rho,
+    rts_max_iter, rts_tol, rts_lsqr_iter, ndi_lambda, ndi_step, ndi_max_iter, ndi_tol
         Parameters of the other inversions, as in
         :class:`alsiron.inversion.InversionSettings` (same names and defaults).
     r2star_weighted : bool
@@ -193,6 +196,10 @@ class QsmParameters:
     tikhonov_lambda: float = inv.InversionSettings.tikhonov_lambda
     ilsqr_tol: float = inv.InversionSettings.ilsqr_tol
     ilsqr_max_iter: int = inv.InversionSettings.ilsqr_max_iter
+    ilsqr_streaking: bool = inv.InversionSettings.ilsqr_streaking
+    ilsqr_ill_threshold: float = inv.InversionSettings.ilsqr_ill_threshold
+    ilsqr_streak_tol: float = inv.InversionSettings.ilsqr_streak_tol
+    ilsqr_streak_max_iter: int = inv.InversionSettings.ilsqr_streak_max_iter
     tv_weak_harmonic: bool = False
     wh_alpha: float = inv.InversionSettings.wh_alpha
     wh_beta: float = inv.InversionSettings.wh_beta
@@ -204,11 +211,14 @@ class QsmParameters:
     medi_max_iter: int = inv.InversionSettings.medi_max_iter
     medi_tol: float = inv.InversionSettings.medi_tol
     medi_nonlinear: bool = inv.InversionSettings.medi_nonlinear
+    medi_alpha_rule: str = inv.InversionSettings.medi_alpha_rule
+    medi_noise_factor: float = inv.InversionSettings.medi_noise_factor
     rts_delta: float = inv.InversionSettings.rts_delta
     rts_mu: float = inv.InversionSettings.rts_mu
     rts_rho: float = inv.InversionSettings.rts_rho
     rts_max_iter: int = inv.InversionSettings.rts_max_iter
     rts_tol: float = inv.InversionSettings.rts_tol
+    rts_lsqr_iter: int = inv.InversionSettings.rts_lsqr_iter
     ndi_lambda: float = inv.InversionSettings.ndi_lambda
     ndi_step: float = inv.InversionSettings.ndi_step
     ndi_max_iter: int = inv.InversionSettings.ndi_max_iter
@@ -396,7 +406,8 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
     phase_scale = inv.phase_per_ppm(series.field_strength, float(np.mean(series.echo_times)))
     chi, inv_params = invert(local, qsm_mask, vsz, b0dir, p, magnitude=rss,
-                             phase_scale=phase_scale, progress=iteration_progress)
+                             phase_scale=phase_scale, progress=iteration_progress,
+                             field_sd=field_sd)
     chi = qsm.reference_to_mean(chi, qsm_mask)
     referencing: dict[str, Any] = {"Method": "whole-brain mean over the QSM mask set to 0"}
     if reference_mask is not None:
@@ -533,14 +544,15 @@ def erosion_record(p: QsmParameters, voxel_size: tuple[float, float, float]
 def invert(local: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, float, float],
            b0_dir: tuple[float, float, float], p: QsmParameters, *,
            magnitude: np.ndarray | None = None, phase_scale: float | None = None,
-           progress: Callable[[int, int], None] | None = None
-           ) -> tuple[np.ndarray, dict[str, Any]]:
+           progress: Callable[[int, int], None] | None = None,
+           field_sd: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The dipole inversion chosen in ``p`` (χ [ppm], not yet referenced) and its
-    run-time provenance; ``magnitude`` and ``phase_scale`` [rad/ppm] as in
-    :func:`alsiron.inversion.invert`."""
+    run-time provenance; ``magnitude``, ``phase_scale`` [rad/ppm] and ``field_sd``
+    [ppm] as in :func:`alsiron.inversion.invert`."""
     return inv.invert(p.inversion, local, mask, voxel_size=voxel_size, b0_dir=b0_dir,
                       magnitude=magnitude, phase_scale=phase_scale,
-                      settings=p.inversion_settings(), progress=progress)
+                      settings=p.inversion_settings(), progress=progress,
+                      field_sd=field_sd)
 
 
 def remove_background(field: np.ndarray, mask: np.ndarray, series: MegreSeries,

@@ -7,7 +7,8 @@
 
 use alsiron_core::inversion;
 use alsiron_core::inversion_iterative::{
-    self as iterative, LsqrParams, NdiParams, RtsParams, WeakHarmonic, WeightedTvParams,
+    self as iterative, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic,
+    WeightedTvParams,
 };
 use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
@@ -118,10 +119,11 @@ fn edge_weight<'py>(
     to_array(py, shape, out)
 }
 
-/// Rapid two-step inversion → (χ [ppm], TV iterations).
+/// Rapid two-step inversion (step 1: `lsqr_iter` LSQR iterations on the masked model)
+/// → (χ [ppm], TV iterations).
 #[pyfunction]
 #[pyo3(signature = (field, mask, voxel_size, b0_dir, delta, mu, rho, max_iter, tol,
-                    progress=None))]
+                    lsqr_iter=16, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn rts<'py>(
     py: Python<'py>,
@@ -134,17 +136,19 @@ fn rts<'py>(
     rho: f64,
     max_iter: usize,
     tol: f64,
+    lsqr_iter: usize,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = RtsParams {
         delta,
+        lsqr_iter,
         mu,
         rho,
         max_iter,
         tol,
     };
-    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+    let (chi, it) = run_iterative(py, progress, lsqr_iter + max_iter, |stop| {
         iterative::rts(f, m, shape, voxel_size, b0_dir, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
@@ -214,7 +218,62 @@ fn ilsqr<'py>(
     Ok((to_array(py, shape, chi)?, it))
 }
 
+/// Full iLSQR (LSQR, fast QSM estimate, streaking estimate, subtraction) →
+/// (χ [ppm], LSQR iterations, streaking iterations).
+#[pyfunction]
+#[pyo3(signature = (field, weight, mask, voxel_size, b0_dir, tol, max_iter,
+                    ill_threshold=0.1, streak_tol=1e-2, streak_max_iter=50, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn ilsqr_streaking<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    weight: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    tol: f64,
+    max_iter: usize,
+    ill_threshold: f64,
+    streak_tol: f64,
+    streak_max_iter: usize,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Chi<'py>, usize, usize)> {
+    let shape = shape_of(&field);
+    same_shape(shape, shape_of(&mask), "mask")?;
+    same_shape(shape, shape_of(&weight), "weight")?;
+    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
+    let w = contiguous(&weight, "weight")?;
+    let lsqr = LsqrParams { tol, max_iter };
+    let streaking = StreakingParams {
+        ill_threshold,
+        tol: streak_tol,
+        max_iter: streak_max_iter,
+    };
+    let (chi, it) = run_iterative(py, progress, max_iter + streak_max_iter, |stop| {
+        iterative::ilsqr_streaking(f, w, m, shape, voxel_size, b0_dir, lsqr, streaking, stop)
+    })?;
+    Ok((to_array(py, shape, chi)?, it.lsqr, it.streaking))
+}
+
+/// iLSQR's fast QSM estimate (sign of D, k-space smoothing, scaled to TKD) → χ [ppm].
+#[pyfunction]
+fn ilsqr_fast_estimate<'py>(
+    py: Python<'py>,
+    field: PyReadonlyArray3<'py, f32>,
+    mask: PyReadonlyArray3<'py, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+) -> PyResult<Chi<'py>> {
+    let (shape, f, m) = field_and_mask(&field, &mask)?;
+    let chi = py
+        .detach(|| iterative::ilsqr_fast_estimate(f, m, shape, voxel_size, b0_dir))
+        .map_err(to_py)?;
+    to_array(py, shape, chi)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(ilsqr_streaking, m)?)?;
+    m.add_function(wrap_pyfunction!(ilsqr_fast_estimate, m)?)?;
     m.add_function(wrap_pyfunction!(tikhonov, m)?)?;
     m.add_function(wrap_pyfunction!(weighted_tv_admm, m)?)?;
     m.add_function(wrap_pyfunction!(edge_weight, m)?)?;
