@@ -138,12 +138,19 @@ def test_medi_noise_rule_beats_the_fixed_alpha_on_a_noisy_local_field():
 
 
 def test_chain_keeps_tv_admm_ahead_of_rts_and_medi():
-    # Whole chain on 64³/3 mm (seed 3): TV-ADMM 58.0 %, RTS 90.0 %, MEDI 96.4 % (its
-    # noise rule keeps α = 1e-4 at SNR 100; docs/qsm_stages.md "Default of the chain").
+    # Whole chain on 64³/3 mm (seed 3), BET mask and 4 mm erosion. In the chain's own mask
+    # (cortical rim kept): TV-ADMM 69.1 %, RTS 81.9 %, MEDI 86.2 % (its noise rule keeps
+    # α = 1e-4 at SNR 100). In the fixed stage-input mask (true brain less two voxel
+    # layers): 56.3 / 58.8 / 57.5 % (MEDI's XSIM 0.58 vs 0.50): the weakly regularised
+    # solvers lose mostly at the rim, where residual background is largest
+    # (docs/qsm_stages.md "Default of the chain").
     session = stages.simulate(stages.CASES["64-3mm"])
-    rows = stages.chain_inversions(session, [("rts", None), ("medi", None)])
-    default, rts, medi = rows
-    assert default.chi_nrmse_pct < 61
-    assert rts.chi_nrmse_pct > default.chi_nrmse_pct + 15
-    assert medi.chi_nrmse_pct > default.chi_nrmse_pct + 15
+    methods = [("rts", None), ("medi", None)]
+    default, rts, medi = stages.chain_inversions(session, methods)
+    assert rts.chi_nrmse_pct > default.chi_nrmse_pct + 10
+    assert medi.chi_nrmse_pct > default.chi_nrmse_pct + 10
+    fixed = stages.stage_input_mask(session, None)
+    f_default, f_rts, f_medi = stages.chain_inversions(session, methods, eval_mask=fixed)
+    assert f_default.chi_nrmse_pct < 59
+    assert f_default.chi_nrmse_pct < min(f_rts.chi_nrmse_pct, f_medi.chi_nrmse_pct)
     assert "α 0.0001" in medi.method

@@ -274,7 +274,7 @@ def phase_chain(session: PhantomSession, params=None,
 
 
 def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
-                     params=None) -> list[StageScores]:
+                     params=None, eval_mask: np.ndarray | None = None) -> list[StageScores]:
     """Whole chain once (:func:`alsiron.workflow.process_series`), then every inversion of
     ``methods`` on the chain's own local field, QSM mask, magnitude and field SD, scored
     like :func:`phase_chain`. The first row is the chain's own χ (its default inversion).
@@ -286,6 +286,9 @@ def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
         Inversion key of :data:`alsiron.inversion.INVERSION_METHODS` and its settings.
     params : QsmParameters, optional
         Parameters of the chain before the inversion.
+    eval_mask : ndarray of bool, optional
+        Score only here (∩ QSM mask ∩ true brain), e.g. :func:`stage_input_mask`, so
+        that rows compare across chain settings that keep different rims.
 
     Returns
     -------
@@ -302,6 +305,8 @@ def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
     truth = truth_of(session)
     qsm_mask = result.qsm_mask.data.astype(bool)
     scored = qsm_mask & truth.brain_mask
+    if eval_mask is not None:
+        scored &= eval_mask.astype(bool)
     local = np.nan_to_num(result.local_field.data)
     local_nrmse = metrics.nrmse(local, session.local_field, scored)
     rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
