@@ -695,12 +695,16 @@ fn normal_equations(
 
 /// Relative step below which Levenberg–Marquardt has converged.
 const STEP_TOL: f64 = 1e-7;
+/// Damping below which a step is trusted as the Gauss–Newton step (so a step below
+/// STEP_TOL proves convergence before its trial point is evaluated).
+const EARLY_EXIT_LAMBDA: f64 = 1e-2;
 
 /// Levenberg–Marquardt on (S0, R2*) for one voxel, damping by diag(JᵀJ); steps that
 /// make S0 non-positive or raise the cost are rejected. Converged when the accepted step
 /// changes both parameters by less than 1e-7 relative (the maps are f32, whose rounding
 /// is 6e-8: a tighter tolerance costs one more iteration and changes no output beyond
-/// it), or the damping saturates (no
+/// it) — checked before evaluating the trial point once the damping is small — or the
+/// damping saturates (no
 /// step lowers the cost: a minimum to working precision).
 pub fn levenberg_marquardt(
     y: &[f64],
@@ -723,6 +727,14 @@ pub fn levenberg_marquardt(
             let step_s0 = (dbb * ga - ab * gb) / det;
             let step_r2 = (daa * gb - ab * ga) / det;
             let (new_s0, new_r2) = (s0 + step_s0, r2 + step_r2);
+            let small = step_s0.abs() <= STEP_TOL * new_s0.abs()
+                && step_r2.abs() <= STEP_TOL * new_r2.abs().max(1e-3);
+            if small && lambda <= EARLY_EXIT_LAMBDA && iteration > 1 {
+                // A (nearly undamped) Gauss–Newton step below the tolerance: converged
+                // here, without simulating the trial point that would only confirm it
+                // (one model pass of ~4 per voxel).
+                return current.voxel(s0, r2, true, iteration);
+            }
             let trial = if new_s0 > 0.0 && new_r2.is_finite() {
                 normal_equations(y, echo_times, new_s0, new_r2, rician_sigma)
             } else {
@@ -732,8 +744,6 @@ pub fn levenberg_marquardt(
                 }
             };
             if trial.cost <= current.cost {
-                let small = step_s0.abs() <= STEP_TOL * new_s0.abs()
-                    && step_r2.abs() <= STEP_TOL * new_r2.abs().max(1e-3);
                 s0 = new_s0;
                 r2 = new_r2;
                 current = trial;
