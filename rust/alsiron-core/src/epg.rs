@@ -218,15 +218,15 @@ fn simulate_dual(c: &TrainConstants, work: &mut EpgWork, echoes: &mut [Dual]) {
     let [mv, mt, mb] = m;
     let [wv, wt, wb] = w;
     // Logical F⁺ index j lives at p_at + j, F⁻ index j at m_at + j; p_at falls and m_at
-    // rises by one per echo spacing, within 0..span.
+    // (= n) rises by one per echo spacing, within 0..span.
     let mut p_at = n_echo + 1;
-    let mut m_at = 0usize;
     pv[p_at] = c.e2h;
     pt[p_at] = c.de2h;
     // Relaxation factors to apply on load: none before the first pulse.
     let (mut e2, mut de2, mut e1) = (1.0, 0.0, 1.0);
     let mut top = 0usize;
     for (n, echo) in echoes.iter_mut().enumerate() {
+        let m_at = n;
         top = top.min(n_echo - 1 - n);
         let len = top + 1;
         {
@@ -276,7 +276,6 @@ fn simulate_dual(c: &TrainConstants, work: &mut EpgWork, echoes: &mut [Dual]) {
         // One echo spacing: F⁺ up two orders (F⁻₁ becomes F⁺₁ through F₀), F⁻ down two.
         p_at -= 1;
         (pv[p_at], pt[p_at], pb[p_at]) = (m0v, m0t, m0b);
-        m_at += 1;
         (e2, de2, e1) = (c.e2, c.de2, c.e1);
         top += 1;
     }

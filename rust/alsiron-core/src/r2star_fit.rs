@@ -612,7 +612,7 @@ fn weighted_loglinear_voxel(y: &[f64], echo_times: &[f64], sigma: f64) -> Option
     let mut used = 0;
     for (&yk, &t) in y.iter().zip(echo_times) {
         let w = yk * yk - sigma * sigma;
-        if !(w > 0.0) {
+        if w.is_nan() || w <= 0.0 {
             continue;
         }
         used += 1;
@@ -624,7 +624,7 @@ fn weighted_loglinear_voxel(y: &[f64], echo_times: &[f64], sigma: f64) -> Option
         swty += w * t * l;
     }
     let det = sw * swtt - swt * swt;
-    if used < 2 || !(det > 1e-12 * sw * swtt) {
+    if used < 2 || det.is_nan() || det <= 1e-12 * sw * swtt {
         return None;
     }
     let slope = (sw * swty - swt * swy) / det;
