@@ -85,9 +85,11 @@ def fit_r2star_loglinear(
     echo_times: Sequence[float],
     mask: npt.NDArray[np.uint8] | None = None,
     weighted: bool = False,
+    voxel_major: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """(E,N) magnitude, TEs [s] -> (R2* [1/s], S0, status) of length N; status 0 ok,
-    1 bad magnitude, 2 degenerate fit, 3 outside mask; NaN where status != 0."""
+    """(E,N) magnitude (or (N,E) with voxel_major=True), TEs [s] -> (R2* [1/s], S0,
+    status) of length N; status 0 ok, 1 bad magnitude, 2 degenerate fit, 3 outside mask;
+    NaN where status != 0."""
 
 # --- background field removal: PDF, iSMV, LBV (rust/alsiron-py/src/qsm.rs) ---
 def pdf(
@@ -129,11 +131,13 @@ def fit_r2star(
     noise_sigma: float | None = None,
     max_iter: int = 100,
     quality: bool = True,
+    voxel_major: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32],
            npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """(E,N) magnitude, TEs [s], method loglinear|weighted|arlo|nlls -> (R2* [1/s], S0,
-    CRLB SD of R2* [1/s], R², status); status 0 ok, 1 bad magnitude, 2 degenerate,
-    3 outside mask, 4 not converged; NaN where status != 0."""
+    """(E,N) magnitude (or (N,E) with voxel_major=True), TEs [s], method
+    loglinear|weighted|arlo|nlls -> (R2* [1/s], S0, CRLB SD of R2* [1/s], R², status);
+    status 0 ok, 1 bad magnitude, 2 degenerate, 3 outside mask, 4 not converged; NaN
+    where status != 0."""
 
 def cpmg_echo_trains(
     t2: npt.NDArray[np.float64],

@@ -7,7 +7,9 @@ Cramér–Rao maps. :func:`fit_r2star_loglinear` (the fast path used by ``alsiro
 fits ``S(TE) = S0·exp(−R2*·TE)`` voxel-wise by log-linear least squares, optionally
 weighted by ``S²`` (one step; markedly less biased at low SNR). The Rust kernels read
 echo-major memory ``[E][N]``, which both a C-ordered ``(E, X, Y, Z)`` stack and a
-Fortran-ordered nibabel ``(X, Y, Z, E)`` array already are: neither is copied.
+Fortran-ordered nibabel ``(X, Y, Z, E)`` array already are: neither is copied. A
+C-ordered ``(X, Y, Z, E)`` array (echoes of a voxel adjacent) is not copied either: the
+kernels transpose it chunk by chunk in cache.
 
 :func:`fit_t2_epg` fits T2, S0 and the refocusing-angle scale B1 with extended phase
 graphs (stimulated echoes included); :func:`fit_t2_monoexponential` is the comparison.
@@ -116,13 +118,31 @@ def _echo_major(magnitude: np.ndarray, n_echoes: int
     return flat, vol_shape, voxel_order
 
 
-def _prepare(magnitude, echo_times, mask, n_min: int):
+def _voxel_major(magnitude: np.ndarray, n_echoes: int) -> np.ndarray | None:
+    """A C-ordered (..., E) array as a float32 (N, E) view (a copy only to convert the
+    dtype, never a transpose), or None when the array is not laid out that way. The
+    Rust kernels transpose it chunk by chunk in cache."""
+    if (magnitude.ndim >= 2 and magnitude.shape[-1] == n_echoes
+            and magnitude.shape[0] != n_echoes and magnitude.flags.c_contiguous
+            and not magnitude.flags.f_contiguous):
+        return np.ascontiguousarray(magnitude.reshape(-1, n_echoes), dtype=np.float32)
+    return None
+
+
+def _prepare(magnitude, echo_times, mask, n_min: int, allow_voxel_major: bool = False):
+    """Validate the inputs; returns (flat, tes, vol_shape, voxel_order, mask_flat,
+    voxel_major): ``flat`` is (E, N), or (N, E) when ``voxel_major``."""
     magnitude = np.asarray(magnitude)
     if not np.issubdtype(magnitude.dtype, np.number) or np.iscomplexobj(magnitude):
         raise ValueError(f"magnitude must be real numbers, got dtype {magnitude.dtype}")
     n_echoes = np.asarray(echo_times).size
     tes = validate_echo_times(echo_times, n_echoes, minimum=n_min)
-    flat, vol_shape, voxel_order = _echo_major(magnitude, n_echoes)
+    flat = _voxel_major(magnitude, n_echoes) if allow_voxel_major else None
+    voxel_major = flat is not None
+    if voxel_major:
+        vol_shape, voxel_order = magnitude.shape[:-1], "C"
+    else:
+        flat, vol_shape, voxel_order = _echo_major(magnitude, n_echoes)
     mask_flat = None
     if mask is not None:
         mask = np.asarray(mask)
@@ -130,7 +150,7 @@ def _prepare(magnitude, echo_times, mask, n_min: int):
             raise ValueError(f"mask has shape {mask.shape}, expected {vol_shape}")
         mask_flat = np.ascontiguousarray((mask != 0).reshape(-1, order=voxel_order),
                                          dtype=np.uint8)
-    return flat, tes, vol_shape, voxel_order, mask_flat
+    return flat, tes, vol_shape, voxel_order, mask_flat, voxel_major
 
 
 def _t2(r2: np.ndarray) -> np.ndarray:
@@ -187,11 +207,12 @@ def fit_r2star(
         raise ValueError(f"noise_sigma must be a positive number, got {noise_sigma}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-    flat, tes, vol_shape, order, mask_flat = _prepare(
-        magnitude, echo_times, mask, 3 if method == "arlo" else 2)
+    flat, tes, vol_shape, order, mask_flat, voxel_major = _prepare(
+        magnitude, echo_times, mask, 3 if method == "arlo" else 2, allow_voxel_major=True)
     sigma = None if noise_sigma is None else float(noise_sigma)
     r2, s0, sd, gof, status = _core.fit_r2star(flat, list(tes), mask_flat, method, sigma,
-                                               int(max_iter), bool(quality))
+                                               int(max_iter), bool(quality),
+                                               voxel_major=voxel_major)
     r2, s0, sd, gof, status = (a.reshape(vol_shape, order=order)
                                for a in (r2, s0, sd, gof, status))
     return R2starResult(r2star=r2, t2star=_t2(r2), s0=s0, status=status,
@@ -211,8 +232,9 @@ def fit_r2star_loglinear(
     Parameters
     ----------
     magnitude : ndarray, shape (E, X, Y, Z) or (X, Y, Z, E)
-        Magnitude of E ≥ 2 echoes. A C-ordered (E, ...) stack or a Fortran-ordered
-        (..., E) nibabel array is used without copying when it is float32. When both the
+        Magnitude of E ≥ 2 echoes. A C-ordered (E, ...) stack, a Fortran-ordered
+        (..., E) nibabel array or a C-ordered (..., E) array is used without copying when
+        it is float32 (the last chunk by chunk in cache). When both the
         first and last axes have E entries, C-ordered input is read as (E, ...) and
         anything else as (..., E).
     echo_times : sequence of float
@@ -227,8 +249,10 @@ def fit_r2star_loglinear(
     R2starResult
         ``r2star`` [s⁻¹], ``t2star`` [s], ``s0``, ``status`` (see :data:`R2STAR_STATUS`).
     """
-    flat, tes, vol_shape, voxel_order, mask_flat = _prepare(magnitude, echo_times, mask, 2)
-    r2, s0, status = _core.fit_r2star_loglinear(flat, list(tes), mask_flat, bool(weighted))
+    flat, tes, vol_shape, voxel_order, mask_flat, voxel_major = _prepare(
+        magnitude, echo_times, mask, 2, allow_voxel_major=True)
+    r2, s0, status = _core.fit_r2star_loglinear(flat, list(tes), mask_flat, bool(weighted),
+                                                voxel_major=voxel_major)
     r2 = r2.reshape(vol_shape, order=voxel_order)
     s0 = s0.reshape(vol_shape, order=voxel_order)
     status = status.reshape(vol_shape, order=voxel_order)
@@ -374,7 +398,7 @@ def fit_t2_epg(
     fortran = magnitude.flags.f_contiguous and not magnitude.flags.c_contiguous
     n_echoes = magnitude.shape[-1] if fortran else magnitude.shape[0]
     tes = tuple(float(echo_spacing) * k for k in range(1, n_echoes + 1))
-    flat, tes, vol_shape, order, mask_flat = _prepare(magnitude, tes, mask, 3)
+    flat, tes, vol_shape, order, mask_flat, _ = _prepare(magnitude, tes, mask, 3)
     lo, hi = (float(b) for b in t2_bounds)
     t2, s0, b1, gof, status = _core.fit_t2_epg(flat, float(echo_spacing),
                                                float(refocusing_angle), mask_flat, float(t1),

@@ -52,6 +52,138 @@ pub struct R2starFit {
 /// Voxels per work unit: big enough to amortise scheduling, small enough for L1/L2.
 pub(crate) const CHUNK: usize = 1024;
 
+/// Memory layout of a multi-echo magnitude array of E echoes and N voxels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EchoLayout {
+    /// `[E][N]`: a C-ordered (E, X, Y, Z) stack or a Fortran-ordered nibabel (X, Y, Z, E).
+    #[default]
+    EchoMajor,
+    /// `[N][E]`: a C-ordered (X, Y, Z, E) array (echoes of one voxel adjacent). Each
+    /// chunk is transposed into an L1-sized echo-major buffer before fitting, so the
+    /// kernels are the same and no full-size copy is made.
+    VoxelMajor,
+}
+
+/// Echo rows of one chunk of voxels: `row(k)` is echo k of the chunk's `len` voxels.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    base: &'a [f32],
+    stride: usize,
+    offset: usize,
+    pub len: usize,
+}
+
+impl<'a> Rows<'a> {
+    #[inline(always)]
+    pub(crate) fn row(&self, k: usize) -> &'a [f32] {
+        &self.base[k * self.stride + self.offset..][..self.len]
+    }
+
+    /// Rows of voxels `start..start+len` of `magnitude` (E·N values, E = `n_echo`);
+    /// voxel-major data are transposed into `buffer` (resized to E·CHUNK as needed).
+    pub(crate) fn of_chunk(
+        magnitude: &'a [f32],
+        n_echo: usize,
+        layout: EchoLayout,
+        start: usize,
+        len: usize,
+        buffer: &'a mut Vec<f32>,
+    ) -> Self {
+        match layout {
+            EchoLayout::EchoMajor => Rows {
+                base: magnitude,
+                stride: magnitude.len() / n_echo,
+                offset: start,
+                len,
+            },
+            EchoLayout::VoxelMajor => {
+                buffer.resize(n_echo * CHUNK, 0.0);
+                let src = &magnitude[start * n_echo..(start + len) * n_echo];
+                transpose_to_rows(src, n_echo, buffer);
+                Rows {
+                    base: buffer,
+                    stride: CHUNK,
+                    offset: 0,
+                    len,
+                }
+            }
+        }
+    }
+}
+
+/// True when the running CPU has AVX2 (std caches the detection): the chunk kernels are
+/// compiled twice, for the x86-64 baseline (SSE2, 4 f32 lanes) and for AVX2 (8 lanes),
+/// and the AVX2 copy is used where available.
+#[inline(always)]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Define `$name(args)` that runs the `#[inline(always)]` body `$body(args)` compiled
+/// with AVX2 enabled when the CPU has it, else the baseline build of the same body.
+macro_rules! avx2_dispatch {
+    ($vis:vis fn $name:ident / $avx:ident => $body:ident ($($arg:ident : $ty:ty),* $(,)?)) => {
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if crate::r2star::has_avx2() {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe { $avx($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx($($arg: $ty),*) {
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
+avx2_dispatch!(fn transpose_to_rows / transpose_to_rows_avx2 => transpose_body(
+    src: &[f32], n_echo: usize, dst: &mut [f32]));
+
+/// `dst[k·CHUNK + i] = src[i·E + k]` for the chunk's voxels; the common echo counts get a
+/// compile-time stride so that the loop vectorises as an interleaved load.
+#[inline(always)]
+fn transpose_body(src: &[f32], n_echo: usize, dst: &mut [f32]) {
+    #[inline(always)]
+    fn fixed<const E: usize>(src: &[f32], dst: &mut [f32]) {
+        let dst = &mut dst[..E * CHUNK];
+        for (i, voxel) in src.chunks_exact(E).take(CHUNK).enumerate() {
+            for k in 0..E {
+                dst[k * CHUNK + i] = voxel[k];
+            }
+        }
+    }
+    match n_echo {
+        2 => fixed::<2>(src, dst),
+        3 => fixed::<3>(src, dst),
+        4 => fixed::<4>(src, dst),
+        5 => fixed::<5>(src, dst),
+        6 => fixed::<6>(src, dst),
+        7 => fixed::<7>(src, dst),
+        8 => fixed::<8>(src, dst),
+        10 => fixed::<10>(src, dst),
+        12 => fixed::<12>(src, dst),
+        16 => fixed::<16>(src, dst),
+        e => {
+            for (i, voxel) in src.chunks_exact(e).take(CHUNK).enumerate() {
+                for (k, &s) in voxel.iter().enumerate() {
+                    dst[k * CHUNK + i] = s;
+                }
+            }
+        }
+    }
+}
+
 /// Allocating wrapper around [`fit_r2star_loglinear_into`].
 pub fn fit_r2star_loglinear(
     magnitude: &[f32],
@@ -88,6 +220,30 @@ pub fn fit_r2star_loglinear_into(
     s0: &mut [f32],
     status: &mut [u8],
 ) -> CoreResult<()> {
+    fit_r2star_loglinear_layout_into(
+        magnitude,
+        EchoLayout::EchoMajor,
+        echo_times,
+        mask,
+        weighted,
+        r2star,
+        s0,
+        status,
+    )
+}
+
+/// [`fit_r2star_loglinear_into`] for either memory layout of `magnitude`.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_r2star_loglinear_layout_into(
+    magnitude: &[f32],
+    layout: EchoLayout,
+    echo_times: &[f64],
+    mask: Option<&[u8]>,
+    weighted: bool,
+    r2star: &mut [f32],
+    s0: &mut [f32],
+    status: &mut [u8],
+) -> CoreResult<()> {
     check_echo_times(echo_times, 2)?;
     let n_echo = echo_times.len();
     let n = check_echo_major(
@@ -116,10 +272,10 @@ pub fn fit_r2star_loglinear_into(
         .zip(s0.par_chunks_mut(CHUNK))
         .zip(status.par_chunks_mut(CHUNK))
         .enumerate()
-        .for_each(|(chunk, ((r2_out, s0_out), st_out))| {
+        .for_each_init(Vec::new, |buffer, (chunk, ((r2_out, s0_out), st_out))| {
             let start = chunk * CHUNK;
             let len = r2_out.len();
-            let rows = |k: usize| &magnitude[k * n + start..k * n + start + len];
+            let rows = Rows::of_chunk(magnitude, n_echo, layout, start, len, buffer);
             let mut bad = [false; CHUNK];
             if weighted {
                 fit_chunk_weighted(rows, echo_times, r2_out, s0_out, &mut bad[..len]);
@@ -133,24 +289,50 @@ pub fn fit_r2star_loglinear_into(
                     &mut bad[..len],
                 );
             }
-            for i in 0..len {
-                let code = if mask.is_some_and(|m| m[start + i] == 0) {
-                    R2starStatus::OutsideMask
-                } else if bad[i] {
-                    R2starStatus::BadMagnitude
-                } else if !(r2_out[i].is_finite() && s0_out[i].is_finite()) {
-                    R2starStatus::DegenerateFit
-                } else {
-                    R2starStatus::Ok
-                };
-                st_out[i] = code as u8;
-                if code != R2starStatus::Ok {
-                    r2_out[i] = f32::NAN;
-                    s0_out[i] = f32::NAN;
-                }
-            }
+            let mask = mask.map(|m| &m[start..start + len]);
+            finish_status(mask, &bad[..len], None, r2_out, s0_out, st_out);
         });
     Ok(())
+}
+
+/// Status code of every voxel of a chunk (see [`R2starStatus`]; 4 = not converged) and
+/// NaN R2*/S0 wherever it is not 0. `mask` and `not_converged` cover the chunk only.
+/// Written as selects so that the loop vectorises.
+pub(crate) fn finish_status(
+    mask: Option<&[u8]>,
+    bad: &[bool],
+    not_converged: Option<&[bool]>,
+    r2: &mut [f32],
+    s0: &mut [f32],
+    status: &mut [u8],
+) {
+    let len = r2.len();
+    let (bad, s0, status) = (&bad[..len], &mut s0[..len], &mut status[..len]);
+    for i in 0..len {
+        let outside = mask.is_some_and(|m| m[i] == 0);
+        let unconverged = not_converged.is_some_and(|c| c[i]);
+        let finite = r2[i].is_finite() & s0[i].is_finite();
+        let mut code = if unconverged { 4 } else { 0 };
+        code = if finite {
+            code
+        } else {
+            R2starStatus::DegenerateFit as u8
+        };
+        code = if bad[i] {
+            R2starStatus::BadMagnitude as u8
+        } else {
+            code
+        };
+        code = if outside {
+            R2starStatus::OutsideMask as u8
+        } else {
+            code
+        };
+        status[i] = code;
+        let ok = code == 0;
+        r2[i] = if ok { r2[i] } else { f32::NAN };
+        s0[i] = if ok { s0[i] } else { f32::NAN };
+    }
 }
 
 /// True where a magnitude cannot be log-transformed (≤ 0, NaN or ±∞); written without
@@ -187,8 +369,13 @@ pub(crate) fn exp_fast(x: f64) -> f64 {
     p * scale
 }
 
-pub(crate) fn fit_chunk_ols<'a>(
-    rows: impl Fn(usize) -> &'a [f32],
+avx2_dispatch!(pub(crate) fn fit_chunk_ols / fit_chunk_ols_avx2 => fit_chunk_ols_body(
+    rows: Rows<'_>, slope_coef: &[f64], intercept_coef: &[f64], r2_out: &mut [f32],
+    s0_out: &mut [f32], bad: &mut [bool]));
+
+#[inline(always)]
+fn fit_chunk_ols_body(
+    rows: Rows<'_>,
     slope_coef: &[f64],
     intercept_coef: &[f64],
     r2_out: &mut [f32],
@@ -201,7 +388,7 @@ pub(crate) fn fit_chunk_ols<'a>(
     let mut slope = [0.0f32; CHUNK];
     let mut intercept = [0.0f32; CHUNK];
     for (k, (&c, &a)) in slope_coef.iter().zip(intercept_coef).enumerate() {
-        let row = &rows(k)[..len];
+        let row = &rows.row(k)[..len];
         let (c, a) = (c as f32, a as f32);
         let (slope, intercept, bad) = (&mut slope[..len], &mut intercept[..len], &mut bad[..len]);
         for i in 0..len {
@@ -218,8 +405,13 @@ pub(crate) fn fit_chunk_ols<'a>(
     }
 }
 
-pub(crate) fn fit_chunk_weighted<'a>(
-    rows: impl Fn(usize) -> &'a [f32],
+avx2_dispatch!(pub(crate) fn fit_chunk_weighted / fit_chunk_weighted_avx2 =>
+    fit_chunk_weighted_body(rows: Rows<'_>, echo_times: &[f64], r2_out: &mut [f32],
+    s0_out: &mut [f32], bad: &mut [bool]));
+
+#[inline(always)]
+fn fit_chunk_weighted_body(
+    rows: Rows<'_>,
     echo_times: &[f64],
     r2_out: &mut [f32],
     s0_out: &mut [f32],
@@ -236,7 +428,7 @@ pub(crate) fn fit_chunk_weighted<'a>(
     let mut swy = [0.0f32; CHUNK];
     let mut swty = [0.0f32; CHUNK];
     for (k, &t) in echo_times.iter().enumerate() {
-        let row = &rows(k)[..len];
+        let row = &rows.row(k)[..len];
         let t = (t - t_mean) as f32;
         let (sw, swt, swtt) = (&mut sw[..len], &mut swt[..len], &mut swtt[..len]);
         let (swy, swty, bad) = (&mut swy[..len], &mut swty[..len], &mut bad[..len]);
@@ -433,7 +625,12 @@ mod chunk_timing {
         let mag: Vec<f32> = (0..tes.len() * CHUNK)
             .map(|i| 100.0 * (-(20.0 + (i % 97) as f64 * 0.3) * tes[i / CHUNK]).exp() as f32)
             .collect();
-        let rows = |k: usize| &mag[k * CHUNK..(k + 1) * CHUNK];
+        let rows = Rows {
+            base: &mag,
+            stride: CHUNK,
+            offset: 0,
+            len: CHUNK,
+        };
         let (mut r2, mut s0, mut bad) =
             (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK], vec![false; CHUNK]);
         let e = tes.len() as f64;

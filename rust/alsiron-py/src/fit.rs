@@ -4,12 +4,13 @@
 //! wrappers in `alsiron.fieldmap` / `alsiron.relax` convert once); outputs are new arrays.
 
 use alsiron_core::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
+use alsiron_core::r2star::EchoLayout;
 use alsiron_core::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
 use alsiron_core::{epg, fieldmap, r2star, r2star_fit, unwrap, Shape3};
 use numpy::ndarray::Array1;
 use numpy::ndarray::Array2;
 use numpy::PyArray2;
-use numpy::{IntoPyArray, PyArray1, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{IntoPyArray, PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use numpy::{PyReadonlyArray3, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -27,6 +28,46 @@ pub(crate) fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
             "{what} must be C-contiguous (use numpy.ascontiguousarray)"
         ))
     })
+}
+
+/// A zeroed 1-D NumPy array for a kernel to write into. NumPy's allocator asks the kernel
+/// for transparent huge pages on large arrays: with Rust-allocated 4 KiB pages, the
+/// first-touch page faults of ~200 MB of R2* outputs cost as much CPU time as the
+/// closed-form fit itself.
+fn output<T: numpy::Element>(py: Python<'_>, n: usize) -> Bound<'_, PyArray1<T>> {
+    PyArray1::<T>::zeros(py, n, false)
+}
+
+/// Borrow a fresh output array mutably as a slice.
+fn writable<'py, T: numpy::Element>(
+    arr: &Bound<'py, PyArray1<T>>,
+) -> PyResult<numpy::PyReadwriteArray1<'py, T>> {
+    arr.try_readwrite()
+        .map_err(|e| PyValueError::new_err(format!("output array: {e}")))
+}
+
+fn slice_mut<'a, T: numpy::Element>(
+    arr: &'a mut numpy::PyReadwriteArray1<'_, T>,
+) -> PyResult<&'a mut [T]> {
+    arr.as_slice_mut()
+        .map_err(|_| PyValueError::new_err("output array is not contiguous"))
+}
+
+/// (E, N) for echo-major magnitude, (N, E) when `voxel_major`: returns (E, N).
+fn echoes_and_voxels(dims: &[usize], voxel_major: bool) -> [usize; 2] {
+    if voxel_major {
+        [dims[1], dims[0]]
+    } else {
+        [dims[0], dims[1]]
+    }
+}
+
+fn layout(voxel_major: bool) -> EchoLayout {
+    if voxel_major {
+        EchoLayout::VoxelMajor
+    } else {
+        EchoLayout::EchoMajor
+    }
 }
 
 fn shape3(dims: &[usize]) -> Shape3 {
@@ -115,21 +156,24 @@ type R2starMaps<'py> = (
     Bound<'py, PyArray1<u8>>,
 );
 
-/// Log-linear R2* fit of echo-major magnitude `(E, N)`: returns R2* [s⁻¹], S0 and a
-/// status code per voxel (0 ok, 1 bad magnitude, 2 degenerate fit, 3 outside mask).
+/// Log-linear R2* fit of echo-major magnitude `(E, N)` (or voxel-major `(N, E)` with
+/// `voxel_major=True`, e.g. a C-ordered (X, Y, Z, E) array reshaped, fitted without a
+/// transposing copy): returns R2* [s⁻¹], S0 and a status code per voxel (0 ok, 1 bad
+/// magnitude, 2 degenerate fit, 3 outside mask).
 #[pyfunction]
-#[pyo3(signature = (magnitude, echo_times, mask=None, weighted=false))]
+#[pyo3(signature = (magnitude, echo_times, mask=None, weighted=false, voxel_major=false))]
 fn fit_r2star_loglinear<'py>(
     py: Python<'py>,
     magnitude: PyReadonlyArray2<'py, f32>,
     echo_times: Vec<f64>,
     mask: Option<PyReadonlyArray1<'py, u8>>,
     weighted: bool,
+    voxel_major: bool,
 ) -> PyResult<R2starMaps<'py>> {
-    let [n_echo, n] = [magnitude.shape()[0], magnitude.shape()[1]];
+    let [n_echo, n] = echoes_and_voxels(magnitude.shape(), voxel_major);
     if n_echo != echo_times.len() {
         return Err(PyValueError::new_err(format!(
-            "magnitude has {n_echo} echoes (rows) but {} echo times were given",
+            "magnitude has {n_echo} echoes but {} echo times were given",
             echo_times.len()
         )));
     }
@@ -138,26 +182,33 @@ fn fit_r2star_loglinear<'py>(
         Some(k) => Some(contiguous(k, "mask")?),
         None => None,
     };
-    let mut r2 = vec![0.0f32; n];
-    let mut s0 = vec![0.0f32; n];
-    let mut status = vec![0u8; n];
-    py.detach(|| {
-        r2star::fit_r2star_loglinear_into(
-            m,
-            &echo_times,
-            k,
-            weighted,
-            &mut r2,
-            &mut s0,
-            &mut status,
-        )
-    })
-    .map_err(to_py)?;
-    Ok((
-        Array1::from_vec(r2).into_pyarray(py),
-        Array1::from_vec(s0).into_pyarray(py),
-        Array1::from_vec(status).into_pyarray(py),
-    ))
+    let (r2_arr, s0_arr, status_arr) = (output(py, n), output(py, n), output(py, n));
+    {
+        let (mut r2w, mut s0w, mut stw) = (
+            writable(&r2_arr)?,
+            writable(&s0_arr)?,
+            writable(&status_arr)?,
+        );
+        let (r2, s0, status) = (
+            slice_mut(&mut r2w)?,
+            slice_mut(&mut s0w)?,
+            slice_mut(&mut stw)?,
+        );
+        py.detach(|| {
+            r2star::fit_r2star_loglinear_layout_into(
+                m,
+                layout(voxel_major),
+                &echo_times,
+                k,
+                weighted,
+                r2,
+                s0,
+                status,
+            )
+        })
+        .map_err(to_py)?;
+    }
+    Ok((r2_arr, s0_arr, status_arr))
 }
 
 type R2starQualityMaps<'py> = (
@@ -168,13 +219,14 @@ type R2starQualityMaps<'py> = (
     Bound<'py, PyArray1<u8>>,
 );
 
-/// R2* fit of echo-major magnitude `(E, N)` by `method` ("loglinear", "weighted", "arlo",
-/// "nlls"): returns R2* [s⁻¹], S0, CRLB standard deviation of R2* [s⁻¹], R² goodness of
-/// fit and a status code per voxel (0 ok, 1 bad magnitude, 2 degenerate, 3 outside mask,
-/// 4 not converged). `noise_sigma` switches the nonlinear fit to the Rician model;
-/// `quality=False` skips the R² and CRLB maps (NaN).
+/// R2* fit of echo-major magnitude `(E, N)` (voxel-major `(N, E)` with `voxel_major=True`)
+/// by `method` ("loglinear", "weighted", "arlo", "nlls"): returns R2* [s⁻¹], S0, CRLB
+/// standard deviation of R2* [s⁻¹], R² goodness of fit and a status code per voxel (0 ok,
+/// 1 bad magnitude, 2 degenerate, 3 outside mask, 4 not converged). `noise_sigma`
+/// switches the nonlinear fit to the Rician model; `quality=False` skips the R² and CRLB
+/// maps (NaN).
 #[pyfunction]
-#[pyo3(signature = (magnitude, echo_times, mask=None, method="weighted", noise_sigma=None, max_iter=100, quality=true))]
+#[pyo3(signature = (magnitude, echo_times, mask=None, method="weighted", noise_sigma=None, max_iter=100, quality=true, voxel_major=false))]
 #[allow(clippy::too_many_arguments)]
 fn fit_r2star<'py>(
     py: Python<'py>,
@@ -185,11 +237,12 @@ fn fit_r2star<'py>(
     noise_sigma: Option<f64>,
     max_iter: usize,
     quality: bool,
+    voxel_major: bool,
 ) -> PyResult<R2starQualityMaps<'py>> {
-    let [n_echo, n] = [magnitude.shape()[0], magnitude.shape()[1]];
+    let [n_echo, n] = echoes_and_voxels(magnitude.shape(), voxel_major);
     if n_echo != echo_times.len() {
         return Err(PyValueError::new_err(format!(
-            "magnitude has {n_echo} echoes (rows) but {} echo times were given",
+            "magnitude has {n_echo} echoes but {} echo times were given",
             echo_times.len()
         )));
     }
@@ -198,38 +251,33 @@ fn fit_r2star<'py>(
         noise_sigma,
         max_iter,
         quality,
+        layout: layout(voxel_major),
     };
     let m = contiguous(&magnitude, "magnitude")?;
     let k = match &mask {
         Some(k) => Some(contiguous(k, "mask")?),
         None => None,
     };
-    let (mut r2, mut s0) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let (mut sd, mut gof) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let mut status = vec![0u8; n];
-    py.detach(|| {
-        r2star_fit::fit_r2star_into(
-            m,
-            &echo_times,
-            k,
-            &options,
-            R2starOutputs {
-                r2star: &mut r2,
-                s0: &mut s0,
-                sd: &mut sd,
-                gof: &mut gof,
-                status: &mut status,
-            },
-        )
-    })
-    .map_err(to_py)?;
-    Ok((
-        Array1::from_vec(r2).into_pyarray(py),
-        Array1::from_vec(s0).into_pyarray(py),
-        Array1::from_vec(sd).into_pyarray(py),
-        Array1::from_vec(gof).into_pyarray(py),
-        Array1::from_vec(status).into_pyarray(py),
-    ))
+    let (r2_arr, s0_arr) = (output(py, n), output(py, n));
+    let (sd_arr, gof_arr, status_arr) = (output(py, n), output(py, n), output(py, n));
+    {
+        let (mut r2w, mut s0w) = (writable(&r2_arr)?, writable(&s0_arr)?);
+        let (mut sdw, mut gofw, mut stw) = (
+            writable(&sd_arr)?,
+            writable(&gof_arr)?,
+            writable(&status_arr)?,
+        );
+        let out = R2starOutputs {
+            r2star: slice_mut(&mut r2w)?,
+            s0: slice_mut(&mut s0w)?,
+            sd: slice_mut(&mut sdw)?,
+            gof: slice_mut(&mut gofw)?,
+            status: slice_mut(&mut stw)?,
+        };
+        py.detach(|| r2star_fit::fit_r2star_into(m, &echo_times, k, &options, out))
+            .map_err(to_py)?;
+    }
+    Ok((r2_arr, s0_arr, sd_arr, gof_arr, status_arr))
 }
 
 /// Echo trains (S0 = 1) of a CPMG multi-echo spin echo by extended phase graphs for
