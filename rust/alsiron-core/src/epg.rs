@@ -1023,16 +1023,7 @@ mod tests {
 mod timing {
     use super::*;
     /// Seconds this thread has been on a CPU (the machine is shared; wall time is not).
-    fn cpu() -> f64 {
-        std::fs::read_to_string("/proc/thread-self/schedstat")
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|t| t.parse::<f64>().ok())
-            })
-            .map_or(0.0, |ns| ns * 1e-9)
-    }
+    use crate::test_timing::thread_cpu_seconds as cpu;
     #[test]
     #[ignore]
     fn epg_parts_timing() {

@@ -1021,30 +1021,23 @@ fn ramp_down(v: f64, lo: f64, hi: f64) -> f32 {
 
 /// Periodic forward differences per mm of `x` into `out` (one 3-vector per voxel).
 fn gradient_into(x: &[f32], shape: Shape3, inv_h: [f32; 3], out: &mut [Vec3]) {
-    let [nx, ny, nz] = shape.0;
-    out.par_chunks_mut(ny * nz)
-        .enumerate()
-        .for_each(|(i, out)| {
-            let ip = if i + 1 == nx { 0 } else { i + 1 };
-            for (j, out_row) in out.chunks_exact_mut(nz).enumerate() {
-                let jp = if j + 1 == ny { 0 } else { j + 1 };
-                let c = &x[shape.idx(i, j, 0)..][..nz];
-                let xp = &x[shape.idx(ip, j, 0)..][..nz];
-                let yp = &x[shape.idx(i, jp, 0)..][..nz];
-                for k in 0..nz {
-                    let zp = if k + 1 == nz { c[0] } else { c[k + 1] };
-                    out_row[k] = [
-                        (xp[k] - c[k]) * inv_h[0],
-                        (yp[k] - c[k]) * inv_h[1],
-                        (zp - c[k]) * inv_h[2],
-                    ];
-                }
-            }
-        });
+    scaled_gradient_into(x, shape, inv_h, out, |_| [1.0; 3]);
 }
 
 /// `out = g∘∇x` (periodic forward differences per mm, weighted per axis by `g`).
 fn weighted_gradient_into(x: &[f32], g: &[Vec3], shape: Shape3, inv_h: [f32; 3], out: &mut [Vec3]) {
+    scaled_gradient_into(x, shape, inv_h, out, |v| g[v]);
+}
+
+/// Forward differences per mm, each axis scaled by `scale(voxel)`; generic so that the
+/// unweighted case compiles to plain differences (the multiplications by 1 fold away).
+fn scaled_gradient_into<S: Fn(usize) -> Vec3 + Sync>(
+    x: &[f32],
+    shape: Shape3,
+    inv_h: [f32; 3],
+    out: &mut [Vec3],
+    scale: S,
+) {
     let [nx, ny, nz] = shape.0;
     out.par_chunks_mut(ny * nz)
         .enumerate()
@@ -1052,16 +1045,17 @@ fn weighted_gradient_into(x: &[f32], g: &[Vec3], shape: Shape3, inv_h: [f32; 3],
             let ip = if i + 1 == nx { 0 } else { i + 1 };
             for (j, out_row) in out.chunks_exact_mut(nz).enumerate() {
                 let jp = if j + 1 == ny { 0 } else { j + 1 };
-                let c = &x[shape.idx(i, j, 0)..][..nz];
+                let row = shape.idx(i, j, 0);
+                let c = &x[row..][..nz];
                 let xp = &x[shape.idx(ip, j, 0)..][..nz];
                 let yp = &x[shape.idx(i, jp, 0)..][..nz];
-                let w = &g[shape.idx(i, j, 0)..][..nz];
                 for k in 0..nz {
                     let zp = if k + 1 == nz { c[0] } else { c[k + 1] };
+                    let w = scale(row + k);
                     out_row[k] = [
-                        (xp[k] - c[k]) * inv_h[0] * w[k][0],
-                        (yp[k] - c[k]) * inv_h[1] * w[k][1],
-                        (zp - c[k]) * inv_h[2] * w[k][2],
+                        (xp[k] - c[k]) * inv_h[0] * w[0],
+                        (yp[k] - c[k]) * inv_h[1] * w[1],
+                        (zp - c[k]) * inv_h[2] * w[2],
                     ];
                 }
             }
@@ -1520,7 +1514,9 @@ mod tests {
         100.0 * (num / den).sqrt()
     }
 
-    fn setup(n: usize) -> (Vec<f32>, Vec<f32>, Vec<u8>, Shape3, [f64; 3], [f64; 3]) {
+    type Setup = (Vec<f32>, Vec<f32>, Vec<u8>, Shape3, [f64; 3], [f64; 3]);
+
+    fn setup(n: usize) -> Setup {
         let (chi, mask, shape) = blob_phantom(n);
         let vs = [1.0, 1.0, 1.3];
         let b0 = [0.1, 0.2, 1.0];
@@ -1697,8 +1693,10 @@ mod tests {
             max_iter: 5,
         };
         assert!(ilsqr(&field, &bad_w, &mask, shape, vs, b0, p, &never).is_err());
-        let mut rp = RtsParams::default();
-        rp.delta = 0.0;
+        let rp = RtsParams {
+            delta: 0.0,
+            ..RtsParams::default()
+        };
         assert!(rts(&field, &mask, shape, vs, b0, rp, &never).is_err());
         assert!(edge_weight(&field, &mask, shape, vs, 1.5).is_err());
         let g = edge_weight(&field, &mask, shape, vs, 0.1).unwrap();

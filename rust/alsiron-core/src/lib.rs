@@ -22,6 +22,8 @@ pub mod inversion_iterative;
 pub mod r2star;
 pub mod r2star_fit;
 pub mod surface;
+#[cfg(test)]
+mod test_timing;
 pub mod unwrap;
 pub mod unwrap_laplacian;
 

@@ -605,16 +605,7 @@ mod timing {
 mod chunk_timing {
     use super::*;
 
-    fn cpu() -> f64 {
-        std::fs::read_to_string("/proc/thread-self/schedstat")
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|t| t.parse::<f64>().ok())
-            })
-            .map_or(0.0, |ns| ns * 1e-9)
-    }
+    use crate::test_timing::thread_cpu_seconds as cpu;
 
     /// Thread CPU time per voxel of the chunk kernels (the machine is shared):
     /// `cargo test --release -p alsiron-core chunk_kernel_timing -- --ignored --nocapture`

@@ -957,16 +957,7 @@ mod tests {
 mod timing {
     use super::*;
 
-    fn cpu() -> f64 {
-        std::fs::read_to_string("/proc/thread-self/schedstat")
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|t| t.parse::<f64>().ok())
-            })
-            .map_or(0.0, |ns| ns * 1e-9)
-    }
+    use crate::test_timing::thread_cpu_seconds as cpu;
 
     /// Thread CPU time per voxel of the nonlinear fits on the bench's data (Rician
     /// magnitudes, S0 500, σ 5, R2* 10–60 s⁻¹, 6 echoes 3–23 ms), one thread:
