@@ -10,8 +10,9 @@ not rewarded for eroding away the difficult rim) and in each method's own mask.
 Measured (docs/qsm_stages_bfr.md), common mask: PDF local 24.9 %, χ 30.3 %, XSIM 0.66,
 slope 0.90; V-SHARP 25.2 / 27.5 %; iSMV 39.8 / 38.6 %; LBV 69 / 77 %. Chain from
 phase (MCPC-3D-S + ROMEO + complex fit + PDF + TV-ADMM): χ 34.0 % common, 56.6 % in the
-stage-input mask (true brain less two voxel layers), 69.1 % own mask, slope 0.90 (own mask 58.0 % with the former 2-voxel erosion: the chain's 4 mm
-erosion keeps one more (cortical) voxel layer; the stage's erosion stays at 2 voxels,
+stage-input mask (true brain less two voxel layers), 69.1 % own mask, slope 0.90 (own
+mask 58.0 % with the former 2-voxel erosion: the chain's 4 mm erosion keeps one more
+(cortical) voxel layer; the stage's erosion stays at 2 voxels,
 alsiron.stages.STAGE_ERODE_VOXELS). These χ numbers follow the default dipole
 inversion: re-measure them when it changes. Published leaders on the QSM-CI phantom:
 28.1 % (background stage, iSMV), 39.1 % (total field → χ), 68.3 % (phase → χ).
