@@ -7,15 +7,14 @@
 //!
 //! The transforms run in single precision ([`Complex32`]) because they are the hot path of
 //! every QSM kernel; the round-off is ~1e-6 relative to the signal norm, far below MRI
-//! noise. Plans are built once per shape and cached process-wide ([`Fft3Plan::get`]).
+//! noise. Plans are built once per shape and cached process-wide for the most recently used shapes ([`Fft3Plan::get`]).
 //!
 //! Strided axes (y and x) are transformed by gathering a block of neighbouring columns
 //! into a per-task scratch buffer (so each gathered row is one contiguous FFT input),
 //! transforming them together, and scattering them back: no global transpose and no
 //! second full-size buffer.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use num_complex::Complex32;
 use rayon::prelude::*;
@@ -61,11 +60,44 @@ pub struct Fft3Plan {
     x_inverse: Arc<dyn Fft<f32>>,
 }
 
-type PlanCache = Mutex<HashMap<[usize; 3], Arc<Fft3Plan>>>;
+/// How many shapes keep their plan: a cohort run meets a handful of grids, and a long-lived
+/// process that sees many (a server, a test suite) should not keep every plan forever.
+const PLAN_CACHE_SHAPES: usize = 8;
+
+/// Most-recently-used list of values by key, at most `capacity` long (tiny, so a linear
+/// scan beats hashing).
+struct MruCache<K, V> {
+    entries: Vec<(K, V)>,
+    capacity: usize,
+}
+
+impl<K: PartialEq, V: Clone> MruCache<K, V> {
+    const fn new(capacity: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            capacity,
+        }
+    }
+
+    /// The value for `key`, moved to the front; built by `make` (and the least recently
+    /// used entry dropped when full) on a miss.
+    fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> V {
+        if let Some(pos) = self.entries.iter().position(|(k, _)| *k == key) {
+            let entry = self.entries.remove(pos);
+            self.entries.insert(0, entry);
+        } else {
+            self.entries.insert(0, (key, make()));
+            self.entries.truncate(self.capacity.max(1));
+        }
+        self.entries[0].1.clone()
+    }
+}
+
+type PlanCache = Mutex<MruCache<[usize; 3], Arc<Fft3Plan>>>;
 
 fn plan_cache() -> &'static PlanCache {
-    static CACHE: OnceLock<PlanCache> = OnceLock::new();
-    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+    static CACHE: PlanCache = Mutex::new(MruCache::new(PLAN_CACHE_SHAPES));
+    &CACHE
 }
 
 /// A raw pointer that rayon tasks may share because each task touches a disjoint set of
@@ -76,7 +108,8 @@ unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl Fft3Plan {
-    /// The cached plan for `shape`, building it on first use.
+    /// The cached plan for `shape`, building it on first use (the last
+    /// [`PLAN_CACHE_SHAPES`] shapes keep theirs; plans in use stay alive through their `Arc`).
     pub fn get(shape: Shape3) -> CoreResult<Arc<Fft3Plan>> {
         if shape.is_empty() {
             return Err(CoreError::ShapeMismatch(format!(
@@ -87,12 +120,7 @@ impl Fft3Plan {
         // A poisoned lock only means another thread panicked while inserting; the map
         // itself is still a valid cache.
         let mut cache = plan_cache().lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(plan) = cache.get(&shape.0) {
-            return Ok(plan.clone());
-        }
-        let plan = Arc::new(Self::build(shape));
-        cache.insert(shape.0, plan.clone());
-        Ok(plan)
+        Ok(cache.get_or_insert_with(shape.0, || Arc::new(Self::build(shape))))
     }
 
     fn build(shape: Shape3) -> Fft3Plan {
@@ -438,6 +466,30 @@ mod tests {
                 .fold(0.0f32, f32::max);
             assert!(err < 1e-5, "shape {shape:?}: max err {err}");
         }
+    }
+
+    #[test]
+    fn plan_cache_keeps_the_most_recently_used_shapes() {
+        let mut cache = MruCache::new(3);
+        let mut built = 0;
+        let mut get = |cache: &mut MruCache<u32, u32>, key: u32| {
+            cache.get_or_insert_with(key, || {
+                built += 1;
+                key * 10
+            })
+        };
+        for key in [1, 2, 3, 1, 4] {
+            get(&mut cache, key);
+        }
+        // 1 was used again before 4 came, so 2 (least recently used) was dropped.
+        assert_eq!(
+            cache.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+            [4, 1, 3]
+        );
+        assert_eq!(get(&mut cache, 3), 30);
+        assert_eq!(get(&mut cache, 2), 20);
+        assert_eq!(built, 5);
+        assert_eq!(cache.entries.len(), 3);
     }
 
     #[test]
