@@ -7,7 +7,8 @@
 //!
 //! The transforms run in single precision ([`Complex32`]) because they are the hot path of
 //! every QSM kernel; the round-off is ~1e-6 relative to the signal norm, far below MRI
-//! noise. Plans are built once per shape and cached process-wide for the most recently used shapes ([`Fft3Plan::get`]).
+//! noise. Plans are built once per shape and cached process-wide for the most recently
+//! used shapes ([`Fft3Plan::get`]).
 //!
 //! Strided axes (y and x) are transformed by gathering a block of neighbouring columns
 //! into a per-task scratch buffer (so each gathered row is one contiguous FFT input),
