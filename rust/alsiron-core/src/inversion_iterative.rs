@@ -687,6 +687,44 @@ pub fn ndi(
     Ok((chi, iterations))
 }
 
+/// LSQR's plane rotation (Paige & Saunders 1982): the scalar recurrences shared by the
+/// k-space and the image-space LSQR loops.
+struct LsqrRotation {
+    /// φ̄, the norm of the current residual.
+    phi_bar: f64,
+    rho_bar: f64,
+}
+
+/// What one rotation gives the vector updates: x += step·w, v ← v·inv_alpha,
+/// w ← v − back·w; `c` (cosine) for the ‖Aᵀr‖ estimate φ̄·α·|c|.
+struct LsqrStep {
+    step: f32,
+    back: f32,
+    inv_alpha: f32,
+    c: f64,
+}
+
+impl LsqrRotation {
+    fn next(&mut self, alpha: f64, beta: f64) -> LsqrStep {
+        let rho = (self.rho_bar * self.rho_bar + beta * beta).sqrt();
+        let (c, s) = (self.rho_bar / rho, beta / rho);
+        let theta = s * alpha;
+        self.rho_bar = -c * alpha;
+        let phi = c * self.phi_bar;
+        self.phi_bar *= s;
+        LsqrStep {
+            step: (phi / rho) as f32,
+            back: (theta / rho) as f32,
+            inv_alpha: if alpha > 0.0 {
+                (1.0 / alpha) as f32
+            } else {
+                0.0
+            },
+            c,
+        }
+    }
+}
+
 /// Zero a half-spectrum kernel on the Nyquist planes of even axes. With an oblique B0 the
 /// dipole kernel is not symmetric there (D(−N/2, k_y) ≠ D(N/2, −k_y) through k_x·k_y), so
 /// D·F{x} would not be the spectrum of a real volume; LSQR keeps its vectors in k-space
@@ -854,7 +892,10 @@ fn lsqr_dipole_spectrum(
             });
     }
     let mut av = vec![0.0f32; n];
-    let (mut phi_bar, mut rho_bar) = (beta0, alpha);
+    let mut rotation = LsqrRotation {
+        phi_bar: beta0,
+        rho_bar: alpha,
+    };
     let mut a_norm_sq = 0.0f64;
     let mut iterations = 0;
     for iter in 1..=params.max_iter {
@@ -901,18 +942,13 @@ fn lsqr_dipole_spectrum(
             / n_f)
             .sqrt();
         // Plane rotation, then v ← v/α, x and w updates and spec = D·v in one pass.
-        let rho = (rho_bar * rho_bar + beta * beta).sqrt();
-        let (c, s) = (rho_bar / rho, beta / rho);
-        let theta = s * alpha;
-        rho_bar = -c * alpha;
-        let phi = c * phi_bar;
-        phi_bar *= s;
-        let (step, back) = ((phi / rho) as f32, (theta / rho) as f32);
-        let inv_alpha = if alpha > 0.0 {
-            (1.0 / alpha) as f32
-        } else {
-            0.0
-        };
+        let LsqrStep {
+            step,
+            back,
+            inv_alpha,
+            c,
+        } = rotation.next(alpha, beta);
+        let phi_bar = rotation.phi_bar;
         x_hat
             .par_chunks_mut(nh)
             .zip(w_dir.par_chunks_mut(nh))
@@ -1270,7 +1306,10 @@ fn lsqr_to_vectors(
     let mut w_dir = v.clone();
     let mut av: Vec<Vec3> = vec![[0.0; 3]; n];
     let mut atu = vec![0.0f32; n];
-    let (mut phi_bar, mut rho_bar) = (beta0, alpha);
+    let mut rotation = LsqrRotation {
+        phi_bar: beta0,
+        rho_bar: alpha,
+    };
     let mut a_norm_sq = 0.0f64;
     let mut iterations = 0;
     for iter in 1..=max_iter {
@@ -1312,18 +1351,13 @@ fn lsqr_to_vectors(
             })
             .sum::<f64>()
             .sqrt();
-        let rho = (rho_bar * rho_bar + beta * beta).sqrt();
-        let (c, s) = (rho_bar / rho, beta / rho);
-        let theta = s * alpha;
-        rho_bar = -c * alpha;
-        let phi = c * phi_bar;
-        phi_bar *= s;
-        let (step, back) = ((phi / rho) as f32, (theta / rho) as f32);
-        let inv_alpha = if alpha > 0.0 {
-            (1.0 / alpha) as f32
-        } else {
-            0.0
-        };
+        let LsqrStep {
+            step,
+            back,
+            inv_alpha,
+            c,
+        } = rotation.next(alpha, beta);
+        let phi_bar = rotation.phi_bar;
         x.par_iter_mut()
             .zip(w_dir.par_iter_mut().zip(v.par_iter_mut()))
             .with_min_len(MIN_LEN)
