@@ -1023,7 +1023,7 @@ mod tests {
 mod timing {
     use super::*;
     /// Seconds this thread has been on a CPU (the machine is shared; wall time is not).
-    use crate::test_timing::thread_cpu_seconds as cpu;
+    use crate::test_support::thread_cpu_seconds as cpu;
     #[test]
     #[ignore]
     fn epg_parts_timing() {

@@ -1506,6 +1506,7 @@ pub fn ilsqr_streaking(
 mod tests {
     use super::*;
     use crate::dipole::forward_field;
+    use crate::test_support::masked_nrmse_pct as nrmse;
 
     fn blob_phantom(n: usize) -> (Vec<f32>, Vec<u8>, Shape3) {
         let shape = Shape3([n, n, n]);
@@ -1529,23 +1530,6 @@ mod tests {
             }
         }
         (chi, mask, shape)
-    }
-
-    fn nrmse(est: &[f32], truth: &[f32], mask: &[u8]) -> f64 {
-        let sel = |v: &[f32]| -> Vec<f64> {
-            let xs: Vec<f64> = v
-                .iter()
-                .zip(mask)
-                .filter(|(_, &m)| m != 0)
-                .map(|(&x, _)| x as f64)
-                .collect();
-            let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-            xs.iter().map(|x| x - mean).collect()
-        };
-        let (e, t) = (sel(est), sel(truth));
-        let num: f64 = e.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum();
-        let den: f64 = t.iter().map(|b| b * b).sum();
-        100.0 * (num / den).sqrt()
     }
 
     type Setup = (Vec<f32>, Vec<f32>, Vec<u8>, Shape3, [f64; 3], [f64; 3]);

@@ -23,7 +23,7 @@ pub mod r2star;
 pub mod r2star_fit;
 pub mod surface;
 #[cfg(test)]
-mod test_timing;
+mod test_support;
 pub mod unwrap;
 pub mod unwrap_laplacian;
 

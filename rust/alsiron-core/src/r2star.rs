@@ -605,7 +605,7 @@ mod timing {
 mod chunk_timing {
     use super::*;
 
-    use crate::test_timing::thread_cpu_seconds as cpu;
+    use crate::test_support::thread_cpu_seconds as cpu;
 
     /// Thread CPU time per voxel of the chunk kernels (the machine is shared):
     /// `cargo test --release -p alsiron-core chunk_kernel_timing -- --ignored --nocapture`

@@ -957,7 +957,7 @@ mod tests {
 mod timing {
     use super::*;
 
-    use crate::test_timing::thread_cpu_seconds as cpu;
+    use crate::test_support::thread_cpu_seconds as cpu;
 
     /// Thread CPU time per voxel of the nonlinear fits on the bench's data (Rician
     /// magnitudes, S0 500, σ 5, R2* 10–60 s⁻¹, 6 echoes 3–23 ms), one thread:

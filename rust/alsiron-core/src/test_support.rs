@@ -1,0 +1,35 @@
+//! Helpers shared by the unit tests: thread CPU time for the ignored timing tests
+//! (`cargo test --release -- --ignored`) and the masked NRMSE of the inversion tests.
+
+/// CPU time [s] the calling thread has used (Linux `/proc/thread-self/schedstat`; 0 where
+/// it cannot be read). Thread CPU time rather than wall time, because the development
+/// machine is shared and wall time there measures the other jobs as well.
+pub(crate) fn thread_cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|t| t.parse::<f64>().ok())
+        })
+        .map_or(0.0, |ns| ns * 1e-9)
+}
+
+/// NRMSE [%] of `est` against `truth` over `mask` after removing each one's mean there
+/// (DESIGN.md §5, as the Python metrics), in f64.
+pub(crate) fn masked_nrmse_pct(est: &[f32], truth: &[f32], mask: &[u8]) -> f64 {
+    let demeaned = |v: &[f32]| -> Vec<f64> {
+        let xs: Vec<f64> = v
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m != 0)
+            .map(|(&x, _)| x as f64)
+            .collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        xs.iter().map(|x| x - mean).collect()
+    };
+    let (e, t) = (demeaned(est), demeaned(truth));
+    let num: f64 = e.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f64 = t.iter().map(|b| b * b).sum();
+    100.0 * (num / den).sqrt()
+}
