@@ -55,6 +55,24 @@ pub(crate) fn field_and_mask<'a>(
     ))
 }
 
+/// Shape, field, weight and mask slices of a weighted solver's inputs.
+pub(crate) type WeightedInputs<'a> = (Shape3, &'a [f32], &'a [f32], &'a [u8]);
+
+/// [`field_and_mask`] plus a data weight of the same shape (checked in the same order:
+/// shapes first, then contiguity); `weight_name` names it in errors.
+pub(crate) fn field_weight_and_mask<'a>(
+    field: &'a PyReadonlyArray3<'_, f32>,
+    weight: &'a PyReadonlyArray3<'_, f32>,
+    mask: &'a PyReadonlyArray3<'_, u8>,
+    weight_name: &str,
+) -> PyResult<WeightedInputs<'a>> {
+    let shape = shape_of(field);
+    same_shape(shape, shape_of(mask), "mask")?;
+    same_shape(shape, shape_of(weight), weight_name)?;
+    let (f, m) = (contiguous(field, "field")?, contiguous(mask, "mask")?);
+    Ok((shape, f, contiguous(weight, weight_name)?, m))
+}
+
 pub(crate) fn to_array<'py, T: numpy::Element>(
     py: Python<'py>,
     shape: Shape3,

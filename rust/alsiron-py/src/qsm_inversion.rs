@@ -14,7 +14,10 @@ use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
-use crate::qsm::{contiguous, field_and_mask, run_iterative, same_shape, shape_of, to_array};
+use crate::qsm::{
+    contiguous, field_and_mask, field_weight_and_mask, run_iterative, same_shape, shape_of,
+    to_array,
+};
 
 type Chi<'py> = Bound<'py, PyArray3<f32>>;
 
@@ -61,11 +64,7 @@ fn weighted_tv_admm<'py>(
     wh_mu: Option<f64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    same_shape(shape, shape_of(&data_weight), "data_weight")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
-    let w = contiguous(&data_weight, "data_weight")?;
+    let (shape, f, w, m) = field_weight_and_mask(&field, &data_weight, &mask, "data_weight")?;
     let g = match &tv_weight {
         Some(g) => {
             same_shape(shape, shape_of(g), "tv_weight")?;
@@ -173,11 +172,7 @@ fn ndi<'py>(
     tol: f64,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    same_shape(shape, shape_of(&weight), "weight")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
-    let w = contiguous(&weight, "weight")?;
+    let (shape, f, w, m) = field_weight_and_mask(&field, &weight, &mask, "weight")?;
     let params = NdiParams {
         phase_scale,
         lambda: lam,
@@ -206,11 +201,7 @@ fn ilsqr<'py>(
     max_iter: usize,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    same_shape(shape, shape_of(&weight), "weight")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
-    let w = contiguous(&weight, "weight")?;
+    let (shape, f, w, m) = field_weight_and_mask(&field, &weight, &mask, "weight")?;
     let params = LsqrParams { tol, max_iter };
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
         iterative::ilsqr(f, w, m, shape, voxel_size, b0_dir, params, stop)
@@ -238,11 +229,7 @@ fn ilsqr_streaking<'py>(
     streak_max_iter: usize,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize, usize)> {
-    let shape = shape_of(&field);
-    same_shape(shape, shape_of(&mask), "mask")?;
-    same_shape(shape, shape_of(&weight), "weight")?;
-    let (f, m) = (contiguous(&field, "field")?, contiguous(&mask, "mask")?);
-    let w = contiguous(&weight, "weight")?;
+    let (shape, f, w, m) = field_weight_and_mask(&field, &weight, &mask, "weight")?;
     let lsqr = LsqrParams { tol, max_iter };
     let streaking = StreakingParams {
         ill_threshold,
