@@ -45,6 +45,7 @@ from alsiron.workflow import (
     QsmParameters,
     bfr_input_mask,
     default_vsharp_radii,
+    inversion_inputs,
     invert,
     remove_background,
 )
@@ -84,7 +85,7 @@ def run_phantom(matrix, voxel, b0, seed: int, params: dict[str, QsmParameters]
                                  voxel_size=vsz)
     quality = brain & np.isfinite(fm.residual) & (fm.residual <= p0.residual_threshold)
     total = np.nan_to_num(fm.field_ppm)
-    rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
+    rss, _ = inversion_inputs(series)
     names = {n: i for i, n in ses.label_names.items()}
     deep_ids = [names[n] for n in names if n.startswith("precentral") and n.endswith("deep")]
     sup_ids = [names[n] for n in names if n.startswith("precentral")

@@ -295,7 +295,7 @@ def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
     list of StageScores
         ``method`` is the provenance name (with MEDI's α used).
     """
-    from alsiron.workflow import QsmParameters, process_series
+    from alsiron.workflow import QsmParameters, inversion_inputs, process_series
 
     p = params or QsmParameters()
     t0 = time.perf_counter()
@@ -309,8 +309,7 @@ def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
         scored &= eval_mask.astype(bool)
     local = np.nan_to_num(result.local_field.data)
     local_nrmse = metrics.nrmse(local, session.local_field, scored)
-    rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
-    scale = inversion.phase_per_ppm(series.field_strength, float(np.mean(series.echo_times)))
+    rss, scale = inversion_inputs(series)
     field_sd = None if result.field_sd is None else result.field_sd.data
 
     def row(name: str, chi: np.ndarray, secs: float) -> StageScores:

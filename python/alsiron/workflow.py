@@ -401,10 +401,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     timings["background_removal"] = time.perf_counter() - t0
 
     t0 = step(3)
-    # Magnitude for the data weights and MEDI's edges: root-sum-of-squares over echoes;
-    # phase per ppm at the mean echo time for the nonlinear data terms (MEDI, NDI).
-    rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
-    phase_scale = inv.phase_per_ppm(series.field_strength, float(np.mean(series.echo_times)))
+    rss, phase_scale = inversion_inputs(series)
     chi, inv_params = invert(local, qsm_mask, vsz, b0dir, p, magnitude=rss,
                              phase_scale=phase_scale, progress=iteration_progress,
                              field_sd=field_sd)
@@ -539,6 +536,21 @@ def erosion_record(p: QsmParameters, voxel_size: tuple[float, float, float]
                                      "Rule": "edge-band voxels with field SD above "
                                              "FieldSDFactor x the median field SD removed"}
     return record
+
+
+def inversion_inputs(series: MegreSeries) -> tuple[np.ndarray, float]:
+    """What the dipole inversion takes from the MEGRE series beside the local field.
+
+    Returns
+    -------
+    magnitude : ndarray, float64
+        Root-sum-of-squares magnitude over echoes (the data weights and MEDI's edges).
+    phase_scale : float
+        Phase per ppm [rad/ppm] at the mean echo time, for the nonlinear data terms
+        (MEDI, NDI).
+    """
+    rss = np.sqrt(np.sum(np.square(series.magnitude, dtype=np.float64), axis=0))
+    return rss, inv.phase_per_ppm(series.field_strength, float(np.mean(series.echo_times)))
 
 
 def invert(local: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, float, float],
