@@ -701,18 +701,14 @@ def edge_distance_mm(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarra
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 3:
         raise ValueError(f"mask must be 3-D, got shape {m.shape}")
-    vs = tuple(float(v) for v in voxel_size)
-    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-        raise ValueError(f"voxel_size must be 3 positive finite mm values, got {voxel_size!r}")
+    vs = _vec3(voxel_size, "voxel_size", positive=True)
     out = np.zeros(m.shape, dtype=np.float64)
     if not m.any():
         return out
     # Only the mask's bounding box, padded by one outside layer: an outside voxel beyond
     # the box is never nearer than its projection onto that layer, so the distances are
     # exact, and the transform runs on the box instead of the whole field of view.
-    box = tuple(slice(int(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != k)))[0]),
-                      int(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != k)))[-1])
-                      + 1) for k in range(3))
+    box = ndimage.find_objects(m.astype(np.uint8))[0]
     padded = np.pad(m[box], 1, constant_values=False)
     out[box] = ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
     return out
