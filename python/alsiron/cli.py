@@ -208,8 +208,8 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
-@click.option("--inversion", type=click.Choice(["tkd", "tikhonov", "ilsqr", "tvadmm", "medi",
-                                               "rts", "ndi"]), default=None,
+@click.option("--inversion", type=click.Choice(["tkd", "tikhonov", "ilsqr", "tvadmm",
+                                               "tvmasked", "medi", "rts", "ndi"]), default=None,
               help="Dipole inversion (default: the workflow's, see QsmParameters.inversion; "
                    "--list-methods shows it).")
 @click.option("--weak-harmonic", is_flag=True,

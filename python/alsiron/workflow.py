@@ -151,6 +151,8 @@ class QsmParameters:
         Stop when the relative change of χ per iteration falls below this.
     tikhonov_lambda, ilsqr_tol, ilsqr_max_iter, ilsqr_streaking, ilsqr_ill_threshold,
     ilsqr_streak_tol, ilsqr_streak_max_iter, tv_weak_harmonic, wh_alpha, wh_beta, wh_mu,
+    masked_tv_alpha, masked_tv_mu_gradient, masked_tv_mu_data, masked_tv_max_iter,
+    masked_tv_tol,
     medi_alpha, medi_edge_fraction, medi_mu_gradient, medi_mu_data, medi_max_iter, medi_tol,
     medi_nonlinear, medi_alpha_rule, medi_noise_factor, rts_delta, rts_mu, rts_rho,
     rts_max_iter, rts_tol, rts_lsqr_iter, ndi_lambda, ndi_step, ndi_max_iter, ndi_tol
@@ -187,7 +189,7 @@ class QsmParameters:
     ismv_max_iter: int = qsm.ISMV_MAX_ITER
     lbv_tol: float = qsm.LBV_TOL
     lbv_max_iter: int = qsm.LBV_MAX_ITER
-    inversion: str = "tvadmm"
+    inversion: str = "tvmasked"
     tkd_threshold: float = qsm.TKD_THRESHOLD
     tv_alpha: float = qsm.TV_ALPHA
     tv_mu: float = qsm.TV_MU
@@ -204,6 +206,11 @@ class QsmParameters:
     wh_alpha: float = inv.InversionSettings.wh_alpha
     wh_beta: float = inv.InversionSettings.wh_beta
     wh_mu: float = inv.InversionSettings.wh_mu
+    masked_tv_alpha: float = inv.InversionSettings.masked_tv_alpha
+    masked_tv_mu_gradient: float = inv.InversionSettings.masked_tv_mu_gradient
+    masked_tv_mu_data: float = inv.InversionSettings.masked_tv_mu_data
+    masked_tv_max_iter: int = inv.InversionSettings.masked_tv_max_iter
+    masked_tv_tol: float = inv.InversionSettings.masked_tv_tol
     medi_alpha: float = inv.InversionSettings.medi_alpha
     medi_edge_fraction: float = inv.InversionSettings.medi_edge_fraction
     medi_mu_gradient: float = inv.InversionSettings.medi_mu_gradient
