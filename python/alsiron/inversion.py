@@ -1,9 +1,10 @@
 """Dipole inversion: local field [ppm] → susceptibility χ [ppm], every method alsiron has.
 
 TKD and the plain TV-ADMM live in :mod:`alsiron.qsm`; this module adds closed-form
-Tikhonov, iLSQR (its LSQR core), TV-ADMM with a weak-harmonic background term
-(FANSI-style), MEDI-style magnitude-weighted L1, RTS and NDI, and one dispatcher,
-:func:`invert`, that the workflow, the command line and the stage evaluation share.
+Tikhonov, iLSQR (its LSQR core), TV-ADMM with a masked data term (the chain's default),
+TV-ADMM with a weak-harmonic background term (FANSI-style), MEDI-style magnitude-weighted
+L1, RTS and NDI, and one dispatcher, :func:`invert`, that the workflow, the command line
+and the stage evaluation share.
 
 Arrays are 3-D on the acquisition grid (C order), voxel sizes in mm, the B0 direction in
 voxel-index space; χ is 0 outside the mask and not referenced (see
@@ -101,6 +102,16 @@ class InversionSettings:
         so it wants a smaller α than the unweighted TV-ADMM).
     wh_beta, wh_mu : float
         Weight β of ½‖M·Δφ‖² and its ADMM penalty.
+    masked_tv_alpha : float
+        TV weight α of TV-ADMM with the masked data term ("tvmasked", the chain's
+        default); the plain TV-ADMM's 7e-4 (swept 3e-4–1.5e-3: 7e-4 is the best
+        compromise of dipole stage and chain, docs/qsm_stages.md).
+    masked_tv_mu_gradient, masked_tv_mu_data : float
+        Its ADMM penalties on ∇χ and on the data split (≤ 1.5 NRMSE points between
+        0.035–0.14 and 0.03–0.3 at 25–40 iterations; these converge fastest).
+    masked_tv_max_iter, masked_tv_tol : int, float
+        Its iteration cap and relative-change tolerance (2e-2: half the iterations of
+        1e-2 for ≤ 1 NRMSE point).
     medi_alpha : float
         MEDI TV weight α (1/λ of MEDI's ½λ‖W(e^{iDχ} − e^{if})‖² + ‖G∇χ‖₁, field in ppm).
     medi_edge_fraction : float
