@@ -6,8 +6,9 @@ field, on each phantom of :data:`alsiron.stages.CASES`. Prints one Markdown tabl
 add rows to the same table.
 
 Whole chain (``--chain``): ROMEO + PDF once per phantom, then each inversion on the
-chain's own local field (:func:`alsiron.stages.chain_inversions`); ``--snr 25`` for the
-noisier phantom.
+chain's own local field (:func:`alsiron.stages.chain_inversions`), scored in the chain's
+own QSM mask and in the fixed stage-input mask (:func:`alsiron.stages.stage_input_mask`);
+``--snr 25`` for the noisier phantom.
 
 Run: ``python bench/qsm_stages.py [--chain] [--snr S] [--seed N] [CASE ...]`` (default:
 all cases).
@@ -49,16 +50,21 @@ def dipole_rows(case_keys: list[str]) -> list[dict]:
 
 def chain_rows(case_keys: list[str], snr: float, seed: int | None) -> list[dict]:
     rows = []
-    methods = [("ilsqr", None), ("rts", None), ("medi", None),
+    methods = [("tvadmm", None), ("ilsqr", None), ("rts", None), ("medi", None),
                ("medi", inversion.InversionSettings(medi_alpha_rule="fixed"))]
     for key in case_keys:
         case = stages.CASES[key]
         session = stages.simulate_stage_phantom(case.matrix, case.voxel_size,
                                                 b0_direction=case.b0_direction, snr=snr,
                                                 seed=case.seed if seed is None else seed)
-        for s in stages.chain_inversions(session, methods):
+        fixed = stages.stage_input_mask(session, None)
+        scored = [(s, "own mask") for s in stages.chain_inversions(session, methods)]
+        scored += [(s, "stage-input mask")
+                   for s in stages.chain_inversions(session, methods, eval_mask=fixed)]
+        for s, where in scored:
             rows.append({"stage": f"whole chain (phase → χ), SNR {snr:g}",
-                         "phantom": f"{case.name}, seed {case.seed if seed is None else seed}",
+                         "phantom": f"{case.name}, seed {case.seed if seed is None else seed}, "
+                                    f"{where}",
                          "method": s.method, "NRMSE %": f"{s.chi_nrmse_pct:.1f}",
                          "HFEN %": f"{s.chi_hfen_pct:.1f}", "XSIM": f"{s.xsim:.3f}",
                          "deep-grey slope": f"{s.deep_grey_slope:.2f}",

@@ -92,6 +92,25 @@ def test_weighted_tv_admm_matches_twin(shape, variant):
     close(got, want, mask, 3e-4)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_masked_tv_admm_is_the_weighted_engine_with_the_mask_as_weight(shape):
+    # tvmasked = ½‖M(Dχ − f)‖² + α‖∇χ‖₁: the weighted twin with W = M, G = 1, linear.
+    field, mask, _ = case(shape, 3)
+    got, it = inversion.tv_admm_masked(field, mask, voxel_size=VOXEL, b0_dir=B0, alpha=2e-4,
+                                       mu_gradient=2e-2, mu_data=0.1, max_iter=12, tol=0.0)
+    assert it == 12
+    ones = np.ones(field.shape, np.float32)
+    want = tw.weighted_tv_admm(field, ones, ones, mask, VOXEL, B0, 2e-4, 2e-2, 0.1, 12)
+    close(got, want, mask, 3e-4)
+    chi, record = inversion.invert("tvmasked", field, mask, voxel_size=VOXEL, b0_dir=B0)
+    assert record["Method"] == inversion.INVERSION_METHODS["tvmasked"]
+    assert set(record["Parameters"]) == {"masked_tv_alpha", "masked_tv_mu_gradient",
+                                         "masked_tv_mu_data", "masked_tv_max_iter",
+                                         "masked_tv_tol"}
+    assert 1 <= record["IterationsRun"] <= 200
+    assert np.all(chi[~mask] == 0) and np.abs(chi[mask]).max() > 0
+
+
 def test_edge_weight_matches_twin_and_marks_the_requested_fraction():
     field, mask, mag = case((20, 18, 16), 3)
     got = inversion.edge_weight(mag, mask, voxel_size=VOXEL, edge_fraction=0.25)
@@ -154,6 +173,8 @@ def test_interrupt_and_progress():
                                tol=0.0, max_iter=50, progress=progress), 4, 50),
         (lambda: inversion.medi(field, mask, mag, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
                                 max_iter=50, progress=progress), 4, 50),
+        (lambda: inversion.tv_admm_masked(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                                          max_iter=50, progress=progress), 4, 50),
     ):
         seen.clear()
         stop_at[0] = stop

@@ -57,7 +57,8 @@ def test_outputs_and_sidecars(dataset, qsm_run):
     steps = chi_side["Steps"]
     assert steps["BackgroundFieldRemoval"]["Method"] == "PDF"
     assert steps["BackgroundFieldRemoval"]["IterationsRun"] >= 1
-    assert steps["DipoleInversion"]["Method"] == "TV-ADMM"
+    assert steps["DipoleInversion"]["Method"] == "TV-ADMM, masked data term"
+    assert steps["DipoleInversion"]["Parameters"]["masked_tv_alpha"] == 7e-4
     assert steps["DipoleInversion"]["IterationsRun"] >= 1
     # The pre-BFR erosion is recorded in mm (the default 4 mm, resolution-independent).
     assert steps["BackgroundFieldRemoval"]["MaskErosionMm"] == 4.0
@@ -88,26 +89,28 @@ def load_chi_and_truth(dataset: Path, anat: Path):
 def test_chi_accuracy_against_truth(dataset, qsm_run):
     chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
     scores = evaluate.score_chi(chi, mask, truth)
-    # Measured at this seed with the BET mask and PDF after the default 4 mm erosion (one
-    # voxel layer at 3 mm): NRMSE 68.9 %, HFEN 50.7 %, XSIM 0.48, slope 0.91, R² 0.95 (Otsu
-    # mask: 68.9 / 51.9 / 0.47 / 0.90) on the QSM mask,
+    # Measured at this seed with the BET mask, PDF after the default 4 mm erosion (one
+    # voxel layer at 3 mm) and the default inversion (TV-ADMM, masked data term): NRMSE
+    # 64.8 %, HFEN 47.0 %, XSIM 0.59, slope 0.93, R² 0.97; 45.0 % one voxel deeper, 30.9 %
+    # two voxels deeper (plain TV-ADMM, the former default: 68.9 / 50.7 / 0.48 / 0.91 /
+    # 0.95, 54.4 % and 43.3 % deeper; the bounds below date from it) on the QSM mask,
     # which keeps 88 % of the brain and one more (cortical) voxel layer, whose χ is
     # the least accurate (its own NRMSE ≈ 86 %, docs/qsm_mask_erosion.md). The former
     # 2-voxel erosion gave 58.1 % on a mask without that layer; on the SAME voxels (the
     # QSM mask eroded by one voxel, ≈ the former mask) this chain gives 54.4 % (XSIM
     # 0.50 vs 0.54), and 44.3 % one voxel deeper (former chain 42.1 %). The own-mask
     # bound moved from 65 to 72 % for the added rim, not for a loss of accuracy.
-    assert scores["NRMSE_pct"] < 72
-    assert scores["HFEN_pct"] < 55
-    assert scores["XSIM"] > 0.45
+    assert scores["NRMSE_pct"] < 68
+    assert scores["HFEN_pct"] < 51
+    assert scores["XSIM"] > 0.55
     assert 0.8 < scores["DeepGreySlope"] < 1.1
     assert scores["DeepGreyR2"] > 0.85
     # The QSM mask keeps most of the brain (the 4 mm BFR erosion removes one voxel layer).
     assert mask.sum() > 0.85 * truth.brain_mask.sum()
     core = ndimage.binary_erosion(mask)
-    assert evaluate.score_chi(chi, core, truth)["NRMSE_pct"] < 58
+    assert evaluate.score_chi(chi, core, truth)["NRMSE_pct"] < 49
     core2 = ndimage.binary_erosion(mask, iterations=2)
-    assert evaluate.score_chi(chi, core2, truth)["NRMSE_pct"] < 47
+    assert evaluate.score_chi(chi, core2, truth)["NRMSE_pct"] < 35
 
 
 def test_default_qsm_mask_keeps_the_precentral_cortex(dataset, qsm_run):
@@ -395,8 +398,8 @@ def test_user_mask(dataset, tmp_path, capsys):
 def test_list_methods(capsys):
     assert main(["qsm", "--list-methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("pdf (default)", "vsharp", "ismv", "lbv", "tvadmm (default)", "tkd",
-                 "tikhonov", "ilsqr", "medi", "rts", "ndi", "--weak-harmonic"):
+    for name in ("pdf (default)", "vsharp", "ismv", "lbv", "tvmasked (default)", "tvadmm",
+                 "tkd", "tikhonov", "ilsqr", "medi", "rts", "ndi", "--weak-harmonic"):
         assert name in out
 
 
@@ -414,8 +417,8 @@ def test_inversion_option_records_every_parameter(dataset, qsm_run, tmp_path):
                                                    rel=1e-6)
     assert side["Parameters"]["inversion"] == "medi"
     chi, mask, truth = load_chi_and_truth(dataset, anat)
-    # Measured in the chain (PDF local field, noise): MEDI NRMSE 99.0 %, slope 0.99; the
-    # TV-ADMM default 58.1 % (why the chain keeps TV-ADMM: QsmParameters.inversion).
+    # Measured in the chain (PDF local field, noise, 4 mm erosion): MEDI NRMSE 86.0 %,
+    # slope 0.97; the default (TV-ADMM, masked data term) 64.8 %, plain TV-ADMM 68.9 %.
     scores = evaluate.score_chi(chi, mask, truth)
     assert scores["NRMSE_pct"] < 110 and 0.85 < scores["DeepGreySlope"] < 1.15
     assert main(["qsm", str(dataset / "sub-01"), "--inversion", "rts", "--weak-harmonic",

@@ -208,12 +208,13 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
-@click.option("--inversion", type=click.Choice(["tkd", "tikhonov", "ilsqr", "tvadmm", "medi",
-                                               "rts", "ndi"]), default=None,
+@click.option("--inversion", type=click.Choice(["tkd", "tikhonov", "ilsqr", "tvadmm",
+                                               "tvmasked", "medi", "rts", "ndi"]), default=None,
               help="Dipole inversion (default: the workflow's, see QsmParameters.inversion; "
                    "--list-methods shows it).")
 @click.option("--weak-harmonic", is_flag=True,
-              help="With --inversion tvadmm: estimate a residual harmonic background jointly "
+              help="TV-ADMM (--inversion tvadmm, implied) estimating a residual harmonic "
+                   "background jointly "
                    "(FANSI-style weak-harmonic term).")
 @click.option("--bfr", type=click.Choice(["pdf", "vsharp", "ismv", "lbv"]), default=None,
               help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
@@ -293,6 +294,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
     if inversion is not None:
         params.inversion = inversion
     if weak_harmonic:
+        if inversion is None:
+            params.inversion = "tvadmm"  # the weak-harmonic term is a TV-ADMM option
         if params.inversion != "tvadmm":
             raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
         params.tv_weak_harmonic = True
