@@ -101,6 +101,24 @@ fn plan_cache() -> &'static PlanCache {
     &CACHE
 }
 
+/// How many spectrum-sized work buffers [`Fft3Plan::keep_workspace`] keeps between calls:
+/// the two that NDI's loop needs (≈ 94 MB at 256×256×176).
+pub const SPARE_SPECTRA: usize = 2;
+
+fn spare_spectra() -> &'static Mutex<Vec<Vec<Complex32>>> {
+    static SPARES: Mutex<Vec<Vec<Complex32>>> = Mutex::new(Vec::new());
+    &SPARES
+}
+
+/// Free the work buffers kept by [`Fft3Plan::keep_workspace`] (a long-lived process that
+/// is done with the large transforms).
+pub fn release_workspaces() {
+    spare_spectra()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+}
+
 /// A raw pointer that rayon tasks may share because each task touches a disjoint set of
 /// elements (see the SAFETY notes where it is dereferenced).
 #[derive(Clone, Copy)]
@@ -151,10 +169,44 @@ impl Fft3Plan {
 
     /// A zeroed half-spectrum buffer.
     ///
-    /// Taken from the allocator's zeroed pages ([`zeroed_complex`]): nothing is written
-    /// here, and each page is faulted in by the (parallel) pass that first writes it.
+    /// Filled in parallel: `vec![zero; n]` would write (and page-fault) tens of MB from
+    /// one thread, which costs as much as a whole FFT pass on large volumes.
     pub fn make_spectrum(&self) -> Vec<Complex32> {
-        zeroed_complex(self.spectrum_len())
+        (0..self.spectrum_len())
+            .into_par_iter()
+            .with_min_len(1 << 14)
+            .map(|_| Complex32::new(0.0, 0.0))
+            .collect()
+    }
+
+    /// A half-spectrum-sized work buffer with unspecified (initialised) contents: a spare
+    /// kept by [`Fft3Plan::keep_workspace`] when one of this length is there, else fresh
+    /// zeroed pages ([`zeroed_complex`]).
+    ///
+    /// Why: faulting in fresh pages is about a third of the CPU time of a fused filter
+    /// at 256×256×176 (46 MB of spectrum are 11 000 page faults), so the passes that
+    /// only need scratch reuse the previous call's.
+    pub fn take_workspace(&self) -> Vec<Complex32> {
+        let len = self.spectrum_len();
+        let mut spares = spare_spectra().lock().unwrap_or_else(|e| e.into_inner());
+        match spares.iter().position(|b| b.len() == len) {
+            Some(pos) => spares.swap_remove(pos),
+            None => {
+                drop(spares);
+                zeroed_complex(len)
+            }
+        }
+    }
+
+    /// Keep a buffer from [`Fft3Plan::take_workspace`] for later calls. At most
+    /// [`SPARE_SPECTRA`] buffers are kept process-wide (the oldest goes first); see
+    /// [`release_workspaces`].
+    pub fn keep_workspace(&self, buffer: Vec<Complex32>) {
+        let mut spares = spare_spectra().lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() >= SPARE_SPECTRA {
+            spares.remove(0);
+        }
+        spares.push(buffer);
     }
 
     /// Forward transform (unnormalised, like `numpy.fft.rfftn`).
@@ -210,7 +262,8 @@ impl Fft3Plan {
             self.shape.check_len(mask.len(), "filter mask")?;
         }
         let n = self.shape.0[0];
-        let mut spectrum = self.make_spectrum();
+        // Every element is written by the forward plane pass before it is read.
+        let mut spectrum = self.take_workspace();
         self.forward_planes(input, input_mask, &mut spectrum)?;
         self.x_blocks(&mut spectrum, &mut [], true, |mut block| {
             block.forward();
@@ -220,7 +273,9 @@ impl Fft3Plan {
             block.inverse();
             [0.0; 2]
         });
-        self.inverse_planes(&mut spectrum, output, output_mask)
+        let result = self.inverse_planes(&mut spectrum, output, output_mask);
+        self.keep_workspace(spectrum);
+        result
     }
 
     /// Real transforms along z and complex transforms along y of every x-plane (the
@@ -616,7 +671,8 @@ impl PlaneScratch {
 /// Forward FFT of `input` with the cached plan for `shape` (allocating convenience).
 pub fn forward(input: &[f32], shape: Shape3) -> CoreResult<Vec<Complex32>> {
     let plan = Fft3Plan::get(shape)?;
-    let mut spectrum = plan.make_spectrum();
+    // Written by the (parallel) plane pass before anything reads it.
+    let mut spectrum = zeroed_complex(plan.spectrum_len());
     plan.forward(input, &mut spectrum)?;
     Ok(spectrum)
 }

@@ -627,28 +627,17 @@ pub fn ndi(
     let [nx, _, nz] = shape.0;
     let s = params.phase_scale as f32;
     let (tau, lambda) = (params.step as f32, params.lambda as f32);
-    let field = masked(local_field, mask);
-    // W²/s, 0 outside the mask: the residual is W²·sin(s(Dχ − f))/s.
-    let w2_over_s: Vec<f32> = weight
-        .par_iter()
-        .zip(mask.par_iter())
-        .map(|(&w, &m)| if m != 0 { w * w / s } else { 0.0 })
-        .collect();
-    // Both spectra are read before they are written, so they are zeroed by writing (in
-    // parallel): untouched zero pages would fault twice, once mapped for the read and
-    // again copied for the write.
-    let written_zeros = || -> Vec<Complex32> {
-        (0..plan.spectrum_len())
-            .into_par_iter()
-            .with_min_len(1 << 14)
-            .map(|_| Complex32::new(0.0, 0.0))
-            .collect()
-    };
     // χ̂ in the x pass's block layout (see Fft3Plan::x_blocks), read next to the gathered
-    // block of the residual spectrum.
-    let mut chi_hat = written_zeros();
-    // D·χ̂ with its x axis already transformed back (χ̂ = 0 at the start).
-    let mut spec = written_zeros();
+    // block of the residual spectrum; and D·χ̂ with its x axis already transformed back.
+    // Both start at 0; they are the plan's spare work buffers when those are there.
+    let mut chi_hat = plan.take_workspace();
+    let mut spec = plan.take_workspace();
+    for buffer in [&mut chi_hat, &mut spec] {
+        buffer
+            .par_iter_mut()
+            .with_min_len(1 << 14)
+            .for_each(|v| *v = Complex32::new(0.0, 0.0));
+    }
     let mut iterations = 0;
     for iter in 1..=params.max_iter {
         if should_stop(iter) {
@@ -659,7 +648,13 @@ pub fn ndi(
         // the residual replaces it, and the forward z/y transforms put it back.
         plan.map_real_lines(&mut spec, |offset, line| {
             let end = offset + line.len();
-            ndi_residual_line(line, &field[offset..end], &w2_over_s[offset..end], s);
+            ndi_residual_line(
+                line,
+                &local_field[offset..end],
+                &weight[offset..end],
+                &mask[offset..end],
+                s,
+            );
         })?;
         // One sweep over the x columns: forward x FFT (the residual spectrum r̂), the
         // step g = τ(D·r̂ + λχ̂), χ̂ ← χ̂ − g, the next D·χ̂, inverse x FFT; plus the
@@ -700,30 +695,47 @@ pub fn ndi(
         block.inverse();
         [0.0; 2]
     });
-    plan.inverse_planes(&mut spec, &mut chi, Some(mask))?;
+    let result = plan.inverse_planes(&mut spec, &mut chi, Some(mask));
+    plan.keep_workspace(chi_hat);
+    plan.keep_workspace(spec);
+    result?;
     Ok((chi, iterations))
 }
 
-/// NDI's voxel-wise residual of one line: `line ← w2_over_s·sin(s(line − field))`.
+/// NDI's voxel-wise residual of one line: `line ← W²·sin(s(line − field))/s` inside the
+/// mask, exactly 0 outside it (whatever the field or weight hold there).
 ///
-/// The sine is [`sin_f32`] (vectorisable, within 1.4e-7 of the exact sine) when every
+/// The sine is [`sin_f32`] (vectorisable, within 1.3e-7 of the exact sine) when every
 /// argument of the line is within [`SIN_F32_MAX_ARG`]; otherwise (a residual of
-/// thousands of radians, never seen in practice) the line uses `f32::sin`.
-fn ndi_residual_line(line: &mut [f32], field: &[f32], w2_over_s: &[f32], s: f32) {
+/// thousands of radians, or a non-finite value) the line uses `f32::sin`.
+fn ndi_residual_line(line: &mut [f32], field: &[f32], weight: &[f32], mask: &[u8], s: f32) {
+    let inv_s = 1.0 / s;
     let mut out_of_range = false;
-    for (v, &f) in line.iter_mut().zip(field) {
+    for ((v, &f), &m) in line.iter_mut().zip(field).zip(mask) {
         *v = s * (*v - f);
-        // NaN counts as out of range, so it takes the exact path and stays NaN.
-        out_of_range |= v.is_nan() | (v.abs() > SIN_F32_MAX_ARG);
+        out_of_range |= (m != 0) & (v.is_nan() | (v.abs() > SIN_F32_MAX_ARG));
     }
+    // Two monomorphised loops rather than a branch per voxel, so the fast one vectorises.
     if out_of_range {
-        for (v, &w) in line.iter_mut().zip(w2_over_s) {
-            *v = w * v.sin();
-        }
+        scaled_sine_inside(line, weight, mask, inv_s, f32::sin);
     } else {
-        for (v, &w) in line.iter_mut().zip(w2_over_s) {
-            *v = w * sin_f32(*v);
-        }
+        scaled_sine_inside(line, weight, mask, inv_s, sin_f32);
+    }
+}
+
+/// `line ← W²·sine(line)·inv_s` inside the mask, +0 outside (a bit select rather than a
+/// branch, so the loop vectorises).
+#[inline(always)]
+fn scaled_sine_inside(
+    line: &mut [f32],
+    weight: &[f32],
+    mask: &[u8],
+    inv_s: f32,
+    sine: impl Fn(f32) -> f32,
+) {
+    for ((v, &w), &m) in line.iter_mut().zip(weight).zip(mask) {
+        let r = w * w * inv_s * sine(*v);
+        *v = f32::from_bits(r.to_bits() & 0u32.wrapping_sub(u32::from(m != 0)));
     }
 }
 
@@ -836,17 +848,35 @@ mod ndi_tests {
 
     #[test]
     fn residual_line_takes_the_exact_sine_out_of_range() {
-        let field = [0.0f32; 4];
-        let w = [1.0f32; 4];
-        let mut line = [0.5f32, -1.0, 3.0, 1e5];
-        ndi_residual_line(&mut line, &field, &w, 1.0);
-        let want = [0.5f32.sin(), (-1.0f32).sin(), 3.0f32.sin(), 1e5f32.sin()];
+        let field = [0.0f32; 5];
+        let w = [1.0f32; 5];
+        let inside = [1u8; 5];
+        let mut line = [0.5f32, -1.0, 3.0, 1e5, 0.0];
+        ndi_residual_line(&mut line, &field, &w, &inside, 1.0);
+        let want = [
+            0.5f32.sin(),
+            (-1.0f32).sin(),
+            3.0f32.sin(),
+            1e5f32.sin(),
+            0.0,
+        ];
         assert_eq!(line, want);
-        let mut line = [0.5f32, -1.0, 3.0, 100.0];
-        ndi_residual_line(&mut line, &field, &w, 1.0);
-        for (got, x) in line.iter().zip([0.5f32, -1.0, 3.0, 100.0]) {
+        let mut line = [0.5f32, -1.0, 3.0, 100.0, 0.0];
+        ndi_residual_line(&mut line, &field, &w, &inside, 1.0);
+        for (got, x) in line.iter().zip([0.5f32, -1.0, 3.0, 100.0, 0.0]) {
             assert!((got - x.sin()).abs() < 2e-7);
         }
+        // Outside the mask: exactly 0, even for a non-finite field or a huge residual
+        // (which must not push the inside voxels onto the slow path either).
+        let field = [f32::NAN, 0.0, f32::INFINITY, 0.0, 0.0];
+        let mask = [0u8, 1, 0, 1, 0];
+        let mut line = [0.5f32, 0.25, 3.0, -0.75, 1e6];
+        ndi_residual_line(&mut line, &field, &[2.0; 5], &mask, 2.0);
+        assert_eq!(line[0], 0.0);
+        assert_eq!(line[2], 0.0);
+        assert_eq!(line[4], 0.0);
+        assert!((line[1] - 2.0 * 0.5f32.sin()).abs() < 1e-6);
+        assert!((line[3] - 2.0 * (-1.5f32).sin()).abs() < 1e-6);
     }
 
     #[test]
