@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from timing import best_of, row  # noqa: E402
+from timing import paired_best, row  # noqa: E402
 
 from alsiron import _core, inversion  # noqa: E402
 
@@ -36,7 +36,14 @@ ITERATIONS = 5
 LAM = 2e-2
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, only: str | None = None) -> list[dict]:
+    """Rows of this benchmark; ``only``: comma-separated substrings of the kernel names to
+    run (all by default)."""
+    wanted = None if only is None else [w for w in only.split(",") if w]
+
+    def selected(name: str) -> bool:
+        return wanted is None or any(w in name for w in wanted)
+
     shape = QUICK_SHAPE if quick else FULL_SHAPE
     rng = np.random.default_rng(0)
     g = np.indices(shape, sparse=True)
@@ -52,20 +59,16 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
 
     def add(name, rust_fn, twin_fn, per_iteration=1, twin_reps=None):
-        # Alternate the two sides so that load from other processes on a shared machine
-        # hits both alike; best of each.
-        rust_fn()  # plans and pages warm
-        t_rust = t_twin = np.inf
-        for k in range(reps):
-            t_rust = min(t_rust, best_of(rust_fn, 1)[0])
-            if k < (twin_reps or reps):
-                t_twin = min(t_twin, best_of(twin_fn, 1)[0])
-        r = row(name, shape, t_rust, t_twin, n_vox=int(np.prod(shape)) * per_iteration)
-        rows.append(r)
+        # Both sides warmed up once, then alternating best-of (timing.paired_best).
+        if not selected(name):
+            return
+        t_rust, t_twin, c_rust, c_twin = paired_best(rust_fn, twin_fn, reps, twin_reps)
+        rows.append(row(name, shape, t_rust, t_twin, n_vox=int(np.prod(shape)) * per_iteration,
+                        cpu_s=(c_rust, c_twin)))
 
     # Closed-form Tikhonov: vs NumPy float64 and vs SciPy float32 (kernel built in each).
     add("tikhonov", lambda: inversion.tikhonov(field, mask, lam=LAM, **geo),
-        lambda: tw.tikhonov(field, mask, VOXEL, B0, LAM), twin_reps=1)
+        lambda: tw.tikhonov(field, mask, VOXEL, B0, LAM))
     add("tikhonov [scipy]", lambda: inversion.tikhonov(field, mask, lam=LAM, **geo),
         lambda: tw.tikhonov(field, mask, VOXEL, B0, LAM, fft=sp))
 
@@ -107,14 +110,20 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     args = sys.argv[1:] if argv is None else argv
-    print(f"rayon threads: {_core.num_threads()}")
-    rows = run(quick="--quick" in args)
-    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"]
+    load = os.getloadavg()
+    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)
+    rows = run(quick="--quick" in args, only=only)
+    print(f"rayon threads: {_core.num_threads()}; load average before/after: "
+          f"{load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput", "rust_cpu_ms",
+              "twin_cpu_ms"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print("| " + " | ".join(str(r[h]) for h in header) + " |")
+        print("| " + " | ".join(str(r.get(h, "")) for h in header) + " |")
 
 
 if __name__ == "__main__":

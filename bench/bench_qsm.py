@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from timing import best_of, row  # noqa: E402
+from timing import best_of, paired_best, row  # noqa: E402
 
 from alsiron import _core, qsm  # noqa: E402
 
@@ -41,7 +41,14 @@ def _scipy_tkd(field, mask, threshold=qsm.TKD_THRESHOLD):
     return np.where(mask, chi, 0)
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, only: str | None = None) -> list[dict]:
+    """Rows of this benchmark; ``only``: comma-separated substrings of the kernel names to
+    run (all by default)."""
+    wanted = None if only is None else [w for w in only.split(",") if w]
+
+    def selected(name: str) -> bool:
+        return wanted is None or any(w in name for w in wanted)
+
     import scipy.fft as sfft
 
     shape = QUICK_SHAPE if quick else FULL_SHAPE
@@ -54,34 +61,32 @@ def run(quick: bool = False) -> list[dict]:
     reps_slow = 3 if quick else 1
     rows = []
 
-    # FFT forward + inverse.
+    # FFT forward + inverse, TKD: warm-up and alternating best-of-3 on both sides
+    # (timing.paired_best; the float64 NumPy twins used to be timed once, cold).
+    def paired(name, rust_fn, twin_fn):
+        if not selected(name):
+            return
+        t_rust, t_twin, c_rust, c_twin = paired_best(rust_fn, twin_fn, reps_fast)
+        rows.append(row(name, shape, t_rust, t_twin, cpu_s=(c_rust, c_twin)))
+
     def rust_fft():
         return _core.fft3_inverse(_core.fft3_forward(field), shape[2])
-
-    rust_fft()  # plan once
-    t_rust = best_of(rust_fft, reps_fast)[0]
-    t_np = best_of(lambda: tw.fft3_inverse(tw.fft3_forward(field), shape[2]), reps_slow)[0]
-    rows.append(row("fft3 fwd+inv", shape, t_rust, t_np))
 
     def scipy_fft():
         return sfft.irfftn(sfft.rfftn(field, workers=-1), s=shape, workers=-1)
 
-    scipy_fft()
-    rows.append(row("fft3 fwd+inv [scipy]", shape, t_rust, best_of(scipy_fft, reps_fast)[0]))
+    paired("fft3 fwd+inv", rust_fft, lambda: tw.fft3_inverse(tw.fft3_forward(field), shape[2]))
+    paired("fft3 fwd+inv [scipy]", rust_fft, scipy_fft)
 
-    # TKD.
     def rust_tkd():
         return qsm.tkd(field, mask, voxel_size=VOXEL, b0_dir=B0)
 
-    rust_tkd()
-    t_rust = best_of(rust_tkd, reps_fast)[0]
-    t_np = best_of(lambda: tw.tkd(field, mask_u8, VOXEL, B0, qsm.TKD_THRESHOLD), reps_slow)[0]
-    rows.append(row("tkd", shape, t_rust, t_np))
-    rows.append(
-        row("tkd [scipy]", shape, t_rust, best_of(lambda: _scipy_tkd(field, mask), reps_fast)[0])
-    )
+    paired("tkd", rust_tkd, lambda: tw.tkd(field, mask_u8, VOXEL, B0, qsm.TKD_THRESHOLD))
+    paired("tkd [scipy]", rust_tkd, lambda: _scipy_tkd(field, mask))
 
     # V-SHARP with the default radii (12 mm down to 1 mm at 1 mm voxels).
+    if not selected("vsharp"):
+        return rows
     radii = qsm.vsharp_default_radii(VOXEL)
     if quick:
         radii = [r for r in radii if r <= 6.0]
@@ -95,6 +100,8 @@ def run(quick: bool = False) -> list[dict]:
     rows.append(row(f"vsharp ({len(radii)} radii)", shape, t_rust, t_np))
 
     # TV-ADMM, fixed iteration count.
+    if not selected("tv_admm"):
+        return rows
     def rust_admm():
         return qsm.tv_admm(
             field, mask, voxel_size=VOXEL, b0_dir=B0, max_iter=ADMM_ITERATIONS, tol=0.0
@@ -109,15 +116,20 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     args = sys.argv[1:] if argv is None else argv
-    rows = run(quick="--quick" in args)
-    print(f"rayon threads: {_core.num_threads()}")
-    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"]
+    load = os.getloadavg()
+    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)
+    rows = run(quick="--quick" in args, only=only)
+    print(f"rayon threads: {_core.num_threads()}; load average before/after: "
+          f"{load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput", "rust_cpu_ms",
+              "twin_cpu_ms"]
     print("  ".join(f"{h:>22}" if i == 0 else f"{h:>12}" for i, h in enumerate(header)))
     for r in rows:
-        print(
-            "  ".join(f"{r[h]!s:>22}" if i == 0 else f"{r[h]!s:>12}" for i, h in enumerate(header))
-        )
+        print("  ".join(f"{r.get(h, '')!s:>22}" if i == 0 else f"{r.get(h, '')!s:>12}"
+                        for i, h in enumerate(header)))
 
 
 if __name__ == "__main__":

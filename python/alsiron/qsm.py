@@ -118,7 +118,13 @@ def _mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.nd
         raise ValueError(f"{name} has shape {arr.shape}, expected {shape} (same grid as the field)")
     if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name} must be boolean or numeric, got dtype {arr.dtype}")
-    out = np.ascontiguousarray(arr != 0, dtype=np.uint8)
+    if arr.dtype == bool and arr.flags.c_contiguous:
+        # Already 0/1 bytes: a read-only uint8 view instead of two full-size copies
+        # (10 ms at 256x256x176, a tenth of a TKD call).
+        out = arr.view(np.uint8)
+        out.flags.writeable = False
+    else:
+        out = np.ascontiguousarray(arr != 0, dtype=np.uint8)
     if not out.any():
         raise ValueError(f"{name} is empty: no voxel inside")
     return out

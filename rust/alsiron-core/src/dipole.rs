@@ -36,6 +36,66 @@ pub fn half_spectrum_frequencies(shape: Shape3, voxel_size: [f64; 3]) -> [Vec<f6
     [kx, ky, kz]
 }
 
+/// The dipole kernel evaluated on the fly, a half-spectrum column at a time (for
+/// [`Fft3Plan::filter`] and the fused solver passes that never store a kernel array).
+///
+/// Same formula and f64 arithmetic as [`dipole_kernel`], so the values agree with it to
+/// the f32 rounding of the result.
+pub struct DipoleSymbol {
+    kx: Vec<f64>,
+    kx_b: Vec<f64>,
+    ky: Vec<f64>,
+    kz: Vec<f64>,
+    b: [f64; 3],
+    nh: usize,
+}
+
+impl DipoleSymbol {
+    /// Frequencies of `shape`'s half spectrum for `voxel_size` [mm] and B0 direction.
+    pub fn new(shape: Shape3, voxel_size: [f64; 3], b0_dir: [f64; 3]) -> CoreResult<Self> {
+        check_voxel_size(voxel_size)?;
+        let b = unit_direction(b0_dir)?;
+        let [kx, ky, kz] = half_spectrum_frequencies(shape, voxel_size);
+        let kx_b = kx.iter().map(|x| x * b[0]).collect();
+        Ok(DipoleSymbol {
+            kx,
+            kx_b,
+            ky,
+            kz,
+            b,
+            nh: shape.0[2] / 2 + 1,
+        })
+    }
+
+    /// Whether half-spectrum column `column` (= j·nh + k) is a one-sided plane of the
+    /// real transform (kz = 0 or, for even nz, the Nyquist kz): its bins stand for one
+    /// full-spectrum bin, the others for two (k and −k).
+    #[inline]
+    pub fn column_weight(&self, column: usize, nz: usize) -> f32 {
+        let k = column % self.nh;
+        if k == 0 || (nz % 2 == 0 && k == self.nh - 1) {
+            1.0
+        } else {
+            2.0
+        }
+    }
+
+    /// D along x for half-spectrum column `column` (= j·nh + k): `out[a]` = D at
+    /// (kx = a, j, k) for a < nx (`out.len()` must be nx). Branch-free, so it vectorises.
+    #[inline]
+    pub fn column_into(&self, column: usize, out: &mut [f32]) {
+        let (y, z) = (self.ky[column / self.nh], self.kz[column % self.nh]);
+        let yz2 = y * y + z * z;
+        let yz_b = y * self.b[1] + z * self.b[2];
+        for ((d, &x), &x_b) in out.iter_mut().zip(&self.kx).zip(&self.kx_b) {
+            let k2 = x * x + yz2;
+            let kb = x_b + yz_b;
+            let value = 1.0 / 3.0 - kb * kb / k2;
+            *d = if k2 == 0.0 { 0.0 } else { value as f32 };
+        }
+    }
+}
+
 /// Dipole kernel on the half spectrum `[nx, ny, nz/2+1]` (C order).
 pub fn dipole_kernel(
     shape: Shape3,

@@ -9,7 +9,7 @@
 use num_complex::Complex32;
 use rayon::prelude::*;
 
-use crate::dipole::{apply_kernel, dipole_kernel};
+use crate::dipole::{apply_kernel, dipole_kernel, DipoleSymbol};
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
 use crate::grid::Shape3;
@@ -50,16 +50,21 @@ pub(crate) fn apply_mask(values: &mut [f32], mask: &[u8]) {
 pub fn truncated_inverse(kernel: &[f32], threshold: f32) -> Vec<f32> {
     kernel
         .par_iter()
-        .map(|&d| {
-            if d.abs() > threshold {
-                1.0 / d
-            } else if d == 0.0 {
-                0.0
-            } else {
-                d.signum() / threshold
-            }
-        })
+        .map(|&d| truncated_inverse_value(d, threshold))
         .collect()
+}
+
+/// One value of [`truncated_inverse`], branch-free (so loops over it vectorise):
+/// ±1/max(|d|, t) with the sign of d is 1/d where |d| > t and sign(d)/t elsewhere, with the
+/// same rounding as those two expressions.
+#[inline]
+pub fn truncated_inverse_value(d: f32, threshold: f32) -> f32 {
+    let inverse = (1.0 / d.abs().max(threshold)).copysign(d);
+    if d == 0.0 {
+        0.0
+    } else {
+        inverse
+    }
 }
 
 /// Truncated k-space division. `threshold` on |D| (default [`TKD_DEFAULT_THRESHOLD`]).
@@ -77,15 +82,22 @@ pub fn tkd(
             "TKD threshold must be in (0, 2/3], got {threshold}"
         )));
     }
-    let kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
-    let inverse_kernel = truncated_inverse(&kernel, threshold as f32);
+    let dipole = DipoleSymbol::new(shape, voxel_size, b0_dir)?;
     let plan = Fft3Plan::get(shape)?;
-    let mut spectrum = plan.make_spectrum();
-    plan.forward(&masked(local_field, mask), &mut spectrum)?;
-    apply_kernel(&mut spectrum, &inverse_kernel);
+    let t = threshold as f32;
     let mut chi = vec![0.0f32; shape.len()];
-    plan.inverse(&mut spectrum, &mut chi)?;
-    apply_mask(&mut chi, mask);
+    plan.filter(
+        local_field,
+        Some(mask),
+        &mut chi,
+        Some(mask),
+        |column, values, kernel| {
+            dipole.column_into(column, kernel);
+            for (v, &d) in values.iter_mut().zip(kernel.iter()) {
+                *v *= truncated_inverse_value(d, t);
+            }
+        },
+    )?;
     Ok(chi)
 }
 
@@ -97,8 +109,9 @@ pub const TIKHONOV_DEFAULT_LAMBDA: f64 = 2e-2;
 /// χ̂ = D·f̂ / (D² + λ·Σₐ|Eₐ|²), Eₐ the symbols of the periodic forward differences
 /// divided by the voxel size (so λ is in mm² and anisotropic voxels are honoured).
 ///
-/// The filter is evaluated on the fly inside the one k-space pass (no kernel arrays),
-/// so the call costs one forward and one inverse real FFT. χ̂(0) = 0.
+/// The filter is evaluated on the fly inside the fused x pass of [`Fft3Plan::filter`]
+/// (no kernel arrays, no full-size temporaries), so the call costs a little less than one
+/// forward and one inverse real FFT. χ̂(0) = 0.
 pub fn tikhonov(
     local_field: &[f32],
     mask: &[u8],
@@ -116,39 +129,33 @@ pub fn tikhonov(
     crate::grid::check_voxel_size(voxel_size)?;
     let b = crate::grid::unit_direction(b0_dir)?;
     let plan = Fft3Plan::get(shape)?;
-    let mut spectrum = plan.make_spectrum();
-    plan.forward(&masked(local_field, mask), &mut spectrum)?;
     let [kx, ky, kz] = crate::dipole::half_spectrum_frequencies(shape, voxel_size);
     let [ex, ey, ez] = difference_symbols(shape, voxel_size);
     let e2 = |s: &[Complex32]| -> Vec<f64> { s.iter().map(|c| c.norm_sqr() as f64).collect() };
     let (ex2, ey2, ez2) = (e2(&ex), e2(&ey), e2(&ez));
-    let [_, hy, hz] = shape.half_spectrum().0;
-    spectrum
-        .par_chunks_mut(hy * hz)
-        .enumerate()
-        .for_each(|(i, plane)| {
-            for (j, row) in plane.chunks_exact_mut(hz).enumerate() {
-                let (x, y) = (kx[i], ky[j]);
-                let xy2 = x * x + y * y;
-                let xyb = x * b[0] + y * b[1];
-                let exy = ex2[i] + ey2[j];
-                for (k, v) in row.iter_mut().enumerate() {
-                    let z = kz[k];
-                    let k2 = xy2 + z * z;
-                    let filter = if k2 == 0.0 {
-                        0.0
-                    } else {
-                        let kb = xyb + z * b[2];
-                        let d = 1.0 / 3.0 - kb * kb / k2;
-                        d / (d * d + lambda * (exy + ez2[k]))
-                    };
-                    *v *= filter as f32;
-                }
-            }
-        });
+    let nh = shape.half_spectrum().0[2];
     let mut chi = vec![0.0f32; shape.len()];
-    plan.inverse(&mut spectrum, &mut chi)?;
-    apply_mask(&mut chi, mask);
+    plan.filter(
+        local_field,
+        Some(mask),
+        &mut chi,
+        Some(mask),
+        |column, values, _| {
+            let (j, k) = (column / nh, column % nh);
+            let (y, z) = (ky[j], kz[k]);
+            let yz2 = y * y + z * z;
+            let yz_b = y * b[1] + z * b[2];
+            let eyz = ey2[j] + ez2[k];
+            for ((v, &x), &ex) in values.iter_mut().zip(&kx).zip(&ex2) {
+                let k2 = x * x + yz2;
+                let kb = x * b[0] + yz_b;
+                let d = 1.0 / 3.0 - kb * kb / k2;
+                let filter = d / (d * d + lambda * (ex + eyz));
+                // Branch-free select (vectorises); χ̂(0) = 0.
+                *v *= if k2 == 0.0 { 0.0 } else { filter as f32 };
+            }
+        },
+    )?;
     Ok(chi)
 }
 
@@ -548,6 +555,78 @@ mod tests {
         .unwrap();
         let err_low = nrmse(&est, &chi, &mask);
         assert!(err_low < err, "{err_low} !< {err}");
+    }
+
+    #[test]
+    fn fused_tkd_equals_the_kernel_array_version() {
+        // The former implementation: kernel arrays, forward, multiply, inverse, mask.
+        for (n, voxel, b0) in [
+            (16, [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]),
+            (15, [1.0, 1.1, 1.3], [0.2, -0.1, 1.0]),
+        ] {
+            let (chi, mask, _) = phantom(n);
+            let shape = Shape3([n, n + 2, n - 3]);
+            let chi = &chi[..shape.len()];
+            let mask = &mask[..shape.len()];
+            let field = forward_field(chi, shape, voxel, b0).unwrap();
+            let inverse_kernel = truncated_inverse(&dipole_kernel(shape, voxel, b0).unwrap(), 0.19);
+            let plan = Fft3Plan::get(shape).unwrap();
+            let mut spectrum = plan.make_spectrum();
+            plan.forward(&masked(&field, mask), &mut spectrum).unwrap();
+            apply_kernel(&mut spectrum, &inverse_kernel);
+            let mut want = vec![0.0f32; shape.len()];
+            plan.inverse(&mut spectrum, &mut want).unwrap();
+            apply_mask(&mut want, mask);
+            let got = tkd(&field, mask, shape, voxel, b0, 0.19).unwrap();
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err <= 1e-5 * scale, "max err {err} (scale {scale})");
+            assert!(got.iter().zip(mask).all(|(v, &m)| m != 0 || *v == 0.0));
+        }
+    }
+
+    #[test]
+    fn fused_tikhonov_equals_the_kernel_array_version() {
+        let (chi, mask, _) = phantom(15);
+        let shape = Shape3([15, 17, 12]);
+        let (chi, mask) = (&chi[..shape.len()], &mask[..shape.len()]);
+        let (voxel, b0, lambda) = ([1.0, 1.1, 1.3], [0.2, -0.1, 1.0], 2e-2);
+        let field = forward_field(chi, shape, voxel, b0).unwrap();
+        let d = dipole_kernel(shape, voxel, b0).unwrap();
+        let [ex, ey, ez] = difference_symbols(shape, voxel);
+        let half = shape.half_spectrum();
+        let mut filter = vec![0.0f32; half.len()];
+        for i in 0..half.0[0] {
+            for j in 0..half.0[1] {
+                for k in 0..half.0[2] {
+                    let idx = half.idx(i, j, k);
+                    let e2 = (ex[i].norm_sqr() + ey[j].norm_sqr() + ez[k].norm_sqr()) as f64;
+                    let dk = d[idx] as f64;
+                    if idx != 0 {
+                        filter[idx] = (dk / (dk * dk + lambda * e2)) as f32;
+                    }
+                }
+            }
+        }
+        let plan = Fft3Plan::get(shape).unwrap();
+        let mut spectrum = plan.make_spectrum();
+        plan.forward(&masked(&field, mask), &mut spectrum).unwrap();
+        apply_kernel(&mut spectrum, &filter);
+        let mut want = vec![0.0f32; shape.len()];
+        plan.inverse(&mut spectrum, &mut want).unwrap();
+        apply_mask(&mut want, mask);
+        let got = tikhonov(&field, mask, shape, voxel, b0, lambda).unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 1e-5 * scale, "max err {err} (scale {scale})");
     }
 
     #[test]
