@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from timing import paired_best, row  # noqa: E402
+from timing import main, paired_best, row  # noqa: E402
 
-from alsiron import _core, inversion  # noqa: E402
+from alsiron import inversion  # noqa: E402
 
 import twins_qsm as tw  # noqa: E402
 
@@ -109,22 +109,5 @@ def run(quick: bool = False, only: str | None = None) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    import os
-
-    args = sys.argv[1:] if argv is None else argv
-    load = os.getloadavg()
-    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)
-    rows = run(quick="--quick" in args, only=only)
-    print(f"rayon threads: {_core.num_threads()}; load average before/after: "
-          f"{load[0]:.2f} / {os.getloadavg()[0]:.2f}")
-    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput", "rust_cpu_ms",
-              "twin_cpu_ms"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(h, "")) for h in header) + " |")
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

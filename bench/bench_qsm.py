@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from timing import best_of, paired_best, row  # noqa: E402
+from timing import best_of, main, paired_best, row  # noqa: E402
 
 from alsiron import _core, qsm  # noqa: E402
 
@@ -115,22 +115,5 @@ def run(quick: bool = False, only: str | None = None) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    import os
-
-    args = sys.argv[1:] if argv is None else argv
-    load = os.getloadavg()
-    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)
-    rows = run(quick="--quick" in args, only=only)
-    print(f"rayon threads: {_core.num_threads()}; load average before/after: "
-          f"{load[0]:.2f} / {os.getloadavg()[0]:.2f}")
-    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput", "rust_cpu_ms",
-              "twin_cpu_ms"]
-    print("  ".join(f"{h:>22}" if i == 0 else f"{h:>12}" for i, h in enumerate(header)))
-    for r in rows:
-        print("  ".join(f"{r.get(h, '')!s:>22}" if i == 0 else f"{r.get(h, '')!s:>12}"
-                        for i, h in enumerate(header)))
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

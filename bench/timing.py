@@ -66,3 +66,28 @@ def row(kernel: str, shape: Sequence[int] | str, rust_s: float, twin_s: float,
         "ratio": round(twin_s / rust_s, 2) if rust_s > 0 else float("nan"),
         "throughput": round(n_vox / rust_s / 1e6, 3) if rust_s > 0 else float("nan"),
     }
+
+
+def main(run: Callable[..., list[dict]], argv: list[str] | None = None) -> None:
+    """Command line of a module with ``run(quick, only)``: ``[--quick] [--only=a,b]``.
+
+    Prints the rayon thread count, the load average before and after, and one Markdown
+    row per kernel with the process CPU times next to the wall times.
+    """
+    import os
+    import sys
+
+    from alsiron import _core
+
+    args = sys.argv[1:] if argv is None else argv
+    load = os.getloadavg()
+    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)
+    rows = run(quick="--quick" in args, only=only)
+    print(f"rayon threads: {_core.num_threads()}; load average before/after: "
+          f"{load[0]:.2f} / {os.getloadavg()[0]:.2f}")
+    header = ["kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput", "rust_cpu_ms",
+              "twin_cpu_ms"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(h, "")) for h in header) + " |")

@@ -689,6 +689,7 @@ pub fn inverse(spectrum: &[Complex32], shape: Shape3) -> CoreResult<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     /// Direct O(N²) 3-D DFT in f64: the obviously correct reference.
     fn naive_rdft(x: &[f32], shape: [usize; 3]) -> Vec<(f64, f64)> {
@@ -767,11 +768,7 @@ mod tests {
             let s = Shape3(shape);
             let x = test_volume(s.len(), 3);
             let back = inverse(&forward(&x, s).unwrap(), s).unwrap();
-            let err = x
-                .iter()
-                .zip(&back)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let err = max_abs_diff(&x, &back);
             assert!(err < 1e-5, "shape {shape:?}: max err {err}");
         }
     }
@@ -823,11 +820,7 @@ mod tests {
                     }
                 })
                 .unwrap();
-                let err = want
-                    .iter()
-                    .zip(&got)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
+                let err = max_abs_diff(&want, &got);
                 assert!(err < 1e-5, "shape {shape:?}: max err {err}");
                 if let Some(m) = m_out {
                     assert!(got.iter().zip(m).all(|(v, &k)| k != 0 || *v == 0.0));

@@ -497,6 +497,7 @@ mod tests {
     use super::*;
     use crate::dipole::forward_field;
     use crate::test_support::masked_nrmse_pct as nrmse;
+    use crate::test_support::{max_abs, max_abs_diff};
 
     /// Smooth blob (Gaussian) in the middle of an n³ grid, and a ball mask.
     fn phantom(n: usize) -> (Vec<f32>, Vec<u8>, Shape3) {
@@ -578,12 +579,8 @@ mod tests {
             plan.inverse(&mut spectrum, &mut want).unwrap();
             apply_mask(&mut want, mask);
             let got = tkd(&field, mask, shape, voxel, b0, 0.19).unwrap();
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let err = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let scale = max_abs(&want);
+            let err = max_abs_diff(&want, &got);
             assert!(err <= 1e-5 * scale, "max err {err} (scale {scale})");
             assert!(got.iter().zip(mask).all(|(v, &m)| m != 0 || *v == 0.0));
         }
@@ -600,11 +597,11 @@ mod tests {
         let [ex, ey, ez] = difference_symbols(shape, voxel);
         let half = shape.half_spectrum();
         let mut filter = vec![0.0f32; half.len()];
-        for i in 0..half.0[0] {
-            for j in 0..half.0[1] {
-                for k in 0..half.0[2] {
+        for (i, exi) in ex.iter().enumerate().take(half.0[0]) {
+            for (j, eyj) in ey.iter().enumerate().take(half.0[1]) {
+                for (k, ezk) in ez.iter().enumerate().take(half.0[2]) {
                     let idx = half.idx(i, j, k);
-                    let e2 = (ex[i].norm_sqr() + ey[j].norm_sqr() + ez[k].norm_sqr()) as f64;
+                    let e2 = (exi.norm_sqr() + eyj.norm_sqr() + ezk.norm_sqr()) as f64;
                     let dk = d[idx] as f64;
                     if idx != 0 {
                         filter[idx] = (dk / (dk * dk + lambda * e2)) as f32;
@@ -620,12 +617,8 @@ mod tests {
         plan.inverse(&mut spectrum, &mut want).unwrap();
         apply_mask(&mut want, mask);
         let got = tikhonov(&field, mask, shape, voxel, b0, lambda).unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let scale = max_abs(&want);
+        let err = max_abs_diff(&want, &got);
         assert!(err <= 1e-5 * scale, "max err {err} (scale {scale})");
     }
 

@@ -773,6 +773,7 @@ fn sin_f32(x: f32) -> f32 {
 mod ndi_tests {
     use super::*;
     use crate::dipole::forward_field;
+    use crate::test_support::{max_abs, max_abs_diff};
 
     /// The former NDI (kernel array, full forward and inverse FFTs, `f32::sin`, the real
     /// residual volume): the reference the fused passes must reproduce.
@@ -926,12 +927,8 @@ mod ndi_tests {
                     "the tolerance should stop it early"
                 );
             }
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let err = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let scale = max_abs(&want);
+            let err = max_abs_diff(&want, &got);
             // Measured: 1.9e-8 at scale 0.16 (the fast sine and the summation order).
             assert!(
                 err <= 1e-5 * scale,

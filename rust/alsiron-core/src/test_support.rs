@@ -33,3 +33,16 @@ pub(crate) fn masked_nrmse_pct(est: &[f32], truth: &[f32], mask: &[u8]) -> f64 {
     let den: f64 = t.iter().map(|b| b * b).sum();
     100.0 * (num / den).sqrt()
 }
+
+/// Largest |a − b| over two equally long slices (0 for empty ones).
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Largest |v| of a slice (0 for an empty one): the scale relative errors refer to.
+pub(crate) fn max_abs(values: &[f32]) -> f32 {
+    values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
