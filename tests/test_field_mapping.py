@@ -128,8 +128,8 @@ def test_romeo_second_echo_weight_keeps_exactness():
 
 
 def test_romeo_block_wise_on_a_large_volume_is_exact_and_consistent():
-    # Over 4 M voxels, so the growth runs block-wise (19×19×250 blocks here, joined
-    # across their faces): still one consistent part, input + 2πk everywhere.
+    # Over 4 M voxels, so the growth runs block-wise (9×9 blocks of 15–16 × 15–16 × 250
+    # voxels, joined across their faces): still one consistent part, input + 2πk.
     shape = (130, 130, 250)
     x, y, z = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape),
                           indexing="ij", sparse=True)
@@ -137,7 +137,8 @@ def test_romeo_block_wise_on_a_large_volume_is_exact_and_consistent():
     wrapped = np.angle(np.exp(1j * truth)).astype(np.float32)
     mag = (1 + 0.3 * np.cos(3 * x) + 0 * y + 0 * z).astype(np.float32)
     mag = np.ascontiguousarray(np.broadcast_to(mag, shape))
-    # A U-shaped mask (two arms joined at high x) that blocks cut into separate pieces.
+    # A U-shaped mask (two arms joined only at high x), cut by the blocks into pieces
+    # that must all be rejoined with the same 2πk.
     arms = (np.abs(y) > 0.3) | (x > 0.6)
     mask = np.ascontiguousarray(np.broadcast_to(arms & (np.abs(z) < 0.9), shape)
                                 ).astype(np.uint8)
