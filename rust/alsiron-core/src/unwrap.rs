@@ -1684,6 +1684,26 @@ mod tests {
     }
 
     #[test]
+    fn blocks_handle_empty_masks_and_flat_volumes() {
+        let shape = Shape3([16, 12, 6]);
+        let w = wrapped(&smooth_phase(shape));
+        let empty = vec![0u8; shape.len()];
+        let out = unwrap_blocks_of(&w, None, None, Some(&empty), shape, 4);
+        assert_eq!((out.n_components(), out.visit_order.len()), (0, 0));
+        assert_consistent(&out, &w);
+        // One z-row per (x, y): blocks of 4 × 4 × 1.
+        let flat = Shape3([24, 20, 1]);
+        let truth: Vec<f64> = smooth_phase(Shape3([24, 20, 16]))
+            .into_iter()
+            .step_by(16)
+            .collect();
+        let w = wrapped(&truth);
+        let out = unwrap_blocks_of(&w, None, None, None, flat, 4);
+        assert_eq!(out.n_components(), 1);
+        assert_exact(&out.phase, &truth, |_| true);
+    }
+
+    #[test]
     fn wrong_lengths_are_refused() {
         let shape = Shape3([4, 4, 4]);
         assert!(unwrap_phase_3d(&[0.0; 63], None, None, shape).is_err());
