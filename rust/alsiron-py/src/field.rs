@@ -61,9 +61,9 @@ fn unwrap_romeo<'py>(
         None => None,
     };
     let out = py
-        .detach(|| unwrap::unwrap_romeo(p, Some(m), second, Some(k), shape))
+        .detach(|| unwrap::unwrap_romeo_phase(p, Some(m), second, Some(k), shape))
         .map_err(to_py)?;
-    to_array(py, shape, out.phase)
+    to_array(py, shape, out)
 }
 
 /// Laplacian unwrapping: returns (snapped phase = input + 2πk, raw smooth estimate) [rad].
