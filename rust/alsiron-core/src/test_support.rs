@@ -46,3 +46,20 @@ pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn max_abs(values: &[f32]) -> f32 {
     values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
+
+/// Seeded standard-normal samples (a 64-bit LCG and Box–Muller): reproducible noise for
+/// test phantoms without a random-number crate.
+pub(crate) fn normal_source(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        let mut uniform = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            // In (0, 1): the logarithm below never sees 0.
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (a, b) = (uniform(), uniform());
+        (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
+    }
+}

@@ -1297,6 +1297,7 @@ mod reference;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::normal_source;
 
     fn smooth_phase(shape: Shape3) -> Vec<f64> {
         let [nx, ny, nz] = shape.0;
@@ -1575,17 +1576,7 @@ mod tests {
     /// same field at a later echo.
     fn noisy_brain(shape: Shape3) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<u8>) {
         let [nx, ny, nz] = shape.0;
-        let mut state = 7u64;
-        let mut normal = move || {
-            let mut u = || {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-            };
-            let (a, b) = (u(), u());
-            (-2.0 * a.ln()).sqrt() * (TWO_PI * b).cos()
-        };
+        let mut normal = normal_source(7u64);
         let axis = |i: usize, n: usize| -1.0 + 2.0 * i as f64 / (n - 1) as f64;
         let (mut phase, mut later, mut mag, mut mask) = (vec![], vec![], vec![], vec![]);
         for i in 0..nx {
@@ -1715,6 +1706,7 @@ mod tests {
 #[cfg(test)]
 mod timing {
     use super::*;
+    use crate::test_support::normal_source;
 
     /// Process CPU time [s] (user + system) from /proc, 0 where unavailable.
     fn cpu_s() -> f64 {
@@ -1735,17 +1727,7 @@ mod timing {
     /// noisy ellipsoid with several wraps, noise (SNR 100 inside, 5 outside).
     fn bench_echoes(shape: Shape3) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let [nx, ny, nz] = shape.0;
-        let mut state = 12345u64;
-        let mut normal = move || {
-            let mut u = || {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-            };
-            let (a, b) = (u(), u());
-            (-2.0 * a.ln()).sqrt() * (TWO_PI * b).cos()
-        };
+        let mut normal = normal_source(12345u64);
         let axis = |i: usize, n: usize| -1.0 + 2.0 * i as f64 / (n - 1) as f64;
         let (mut phase1, mut phase2, mut mag1) = (vec![], vec![], vec![]);
         for i in 0..nx {
