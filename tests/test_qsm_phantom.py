@@ -312,9 +312,9 @@ def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
     wrong_chi = workflow.process_series(series).chi.data
     # Scored on the QSM mask less its outer voxel layer (≈ the former chain's mask; the
     # 4 mm erosion keeps that layer, whose χ is poor with either B0: own-mask NRMSE
-    # 72.9 % vs 78.6 %). Measured with PDF (default): NRMSE 51.0 % (slope 0.84, XSIM
-    # 0.50) with the affine's B0 vs 64.3 % (slope 0.70) assuming (0, 0, 1); the former
-    # 2-voxel erosion gave 50.9 % vs 64.4 % on its own mask.
+    # 70.6 % vs 80.4 %). Measured with the default chain (PDF, tvmasked; 2026-11-26):
+    # NRMSE 46.4 % (slope 0.87, XSIM 0.58) with the affine's B0 vs 64.5 % (slope 0.72)
+    # assuming (0, 0, 1); plain TV-ADMM gave 51.0 % (slope 0.84) vs 64.3 %.
     core = ndimage.binary_erosion(result.qsm_mask.data.astype(bool))
     right = evaluate.score_chi(result.chi.data, core, truth)
     wrong = evaluate.score_chi(wrong_chi, core, truth)
