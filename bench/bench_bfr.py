@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
-from timing import best_of, row  # noqa: E402
+from timing import paired_best, row  # noqa: E402
 
 from alsiron import qsm
 
@@ -141,27 +141,27 @@ _CROSS = ndimage.generate_binary_structure(3, 1).astype(np.uint8)
 def run(quick: bool = False) -> list[dict]:
     """Time PDF, iSMV and LBV (Rust vs SciPy, same iterations); rows as in bench/run.py."""
     shape = (64, 64, 48) if quick else (256, 256, 176)
-    repeats = 3 if quick else 1
+    repeats = 3 if quick else 2
     field, mask = _data(shape)
     rows = []
 
-    rust_s, (got, _) = best_of(lambda: qsm.pdf(field, mask, voxel_size=VOXEL, b0_dir=B0,
-                                                tol=0.0, max_iter=PDF_ITER), repeats)
-    ref_s, want = best_of(lambda: scipy_pdf(field, mask, PDF_ITER), repeats)
-    _check(got, want, "pdf")
-    rows.append(row(f"pdf ({PDF_ITER} CG it)", shape, rust_s, ref_s))
-
-    rust_s, (got, _, _) = best_of(lambda: qsm.ismv(field, mask, voxel_size=VOXEL, tol=0.0,
-                                                    max_iter=ISMV_ITER), repeats)
-    ref_s, want = best_of(lambda: scipy_ismv(field, mask, ISMV_ITER), repeats)
-    _check(got, want, "ismv")
-    rows.append(row(f"ismv ({ISMV_ITER} it)", shape, rust_s, ref_s))
-
-    rust_s, (got, _, _) = best_of(lambda: qsm.lbv(field, mask, voxel_size=VOXEL, tol=0.0,
-                                                   max_iter=LBV_ITER), repeats)
-    ref_s, want = best_of(lambda: scipy_lbv(field, mask, LBV_ITER), repeats)
-    _check(got, want, "lbv")
-    rows.append(row(f"lbv ({LBV_ITER} CG it)", shape, rust_s, ref_s))
+    cases = [
+        (f"pdf ({PDF_ITER} CG it)",
+         lambda: qsm.pdf(field, mask, voxel_size=VOXEL, b0_dir=B0, tol=0.0,
+                         max_iter=PDF_ITER)[0],
+         lambda: scipy_pdf(field, mask, PDF_ITER)),
+        (f"ismv ({ISMV_ITER} it)",
+         lambda: qsm.ismv(field, mask, voxel_size=VOXEL, tol=0.0, max_iter=ISMV_ITER)[0],
+         lambda: scipy_ismv(field, mask, ISMV_ITER)),
+        (f"lbv ({LBV_ITER} CG it)",
+         lambda: qsm.lbv(field, mask, voxel_size=VOXEL, tol=0.0, max_iter=LBV_ITER)[0],
+         lambda: scipy_lbv(field, mask, LBV_ITER)),
+    ]
+    for name, rust_fn, twin_fn in cases:
+        _check(rust_fn(), twin_fn(), name.split()[0])
+        # Warm-up and alternating best-of, as the FFT and inversion benches (timing.py).
+        rust_s, ref_s, rust_cpu, ref_cpu = paired_best(rust_fn, twin_fn, repeats)
+        rows.append(row(name, shape, rust_s, ref_s, cpu_s=(rust_cpu, ref_cpu)))
     return rows
 
 
