@@ -611,6 +611,7 @@ fn cg_step(
 mod tests {
     use super::*;
     use crate::dipole::forward_field;
+    use crate::test_support::{demeaned_in, masked_nrmse_pct};
 
     const NEVER: &(dyn Fn(usize) -> bool + Sync) = &|_| false;
 
@@ -653,32 +654,16 @@ mod tests {
 
     /// ‖a − b‖ / ‖b‖ over `sel` after demeaning both there.
     fn rel_error(a: &[f32], b: &[f32], sel: &[u8]) -> f64 {
-        let pick = |v: &[f32]| -> Vec<f64> {
-            let xs: Vec<f64> = v
-                .iter()
-                .zip(sel)
-                .filter(|(_, &m)| m != 0)
-                .map(|(&x, _)| x as f64)
-                .collect();
-            let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-            xs.iter().map(|x| x - mean).collect()
-        };
-        let (x, y) = (pick(a), pick(b));
-        let num: f64 = x.iter().zip(&y).map(|(p, q)| (p - q).powi(2)).sum();
-        let den: f64 = y.iter().map(|q| q * q).sum();
-        (num / den).sqrt()
+        masked_nrmse_pct(a, b, sel) / 100.0
     }
 
     /// ‖v‖ over `sel` after demeaning there.
     fn demeaned_norm(v: &[f32], sel: &[u8]) -> f64 {
-        let xs: Vec<f64> = v
+        demeaned_in(v, sel)
             .iter()
-            .zip(sel)
-            .filter(|(_, &m)| m != 0)
-            .map(|(&x, _)| x as f64)
-            .collect();
-        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>().sqrt()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt()
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Helpers shared by the unit tests: thread CPU time for the ignored timing tests
-//! (`cargo test --release -- --ignored`) and the masked NRMSE of the inversion tests.
+//! (`cargo test --release -- --ignored`), masked NRMSE and demeaning (inversion and
+//! background-removal tests), max-difference comparisons and seeded normal noise.
 
 /// CPU time [s] the calling thread has used (Linux `/proc/thread-self/schedstat`; 0 where
 /// it cannot be read). Thread CPU time rather than wall time, because the development
@@ -18,17 +19,7 @@ pub(crate) fn thread_cpu_seconds() -> f64 {
 /// NRMSE [%] of `est` against `truth` over `mask` after removing each one's mean there
 /// (DESIGN.md §5, as the Python metrics), in f64.
 pub(crate) fn masked_nrmse_pct(est: &[f32], truth: &[f32], mask: &[u8]) -> f64 {
-    let demeaned = |v: &[f32]| -> Vec<f64> {
-        let xs: Vec<f64> = v
-            .iter()
-            .zip(mask)
-            .filter(|(_, &m)| m != 0)
-            .map(|(&x, _)| x as f64)
-            .collect();
-        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-        xs.iter().map(|x| x - mean).collect()
-    };
-    let (e, t) = (demeaned(est), demeaned(truth));
+    let (e, t) = (demeaned_in(est, mask), demeaned_in(truth, mask));
     let num: f64 = e.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum();
     let den: f64 = t.iter().map(|b| b * b).sum();
     100.0 * (num / den).sqrt()
@@ -62,4 +53,16 @@ pub(crate) fn normal_source(seed: u64) -> impl FnMut() -> f64 {
         let (a, b) = (uniform(), uniform());
         (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
     }
+}
+
+/// The values of `v` inside `mask` (nonzero), in f64, minus their mean there.
+pub(crate) fn demeaned_in(v: &[f32], mask: &[u8]) -> Vec<f64> {
+    let xs: Vec<f64> = v
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m != 0)
+        .map(|(&x, _)| x as f64)
+        .collect();
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    xs.iter().map(|x| x - mean).collect()
 }

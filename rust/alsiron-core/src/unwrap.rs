@@ -144,16 +144,7 @@ pub fn unwrap_romeo(
     mask: Option<&[u8]>,
     shape: Shape3,
 ) -> CoreResult<Unwrapped> {
-    check_inputs(phase, magnitude, second, mask, shape)?;
-    Ok(unwrap_checked(
-        phase,
-        magnitude,
-        second,
-        mask,
-        shape,
-        default_block_side(shape),
-        true,
-    ))
+    unwrap_with_default_blocks(phase, magnitude, second, mask, shape, true)
 }
 
 /// The unwrapped phase [rad] of [`unwrap_romeo`] alone (the same values, without
@@ -165,6 +156,19 @@ pub fn unwrap_romeo_phase(
     mask: Option<&[u8]>,
     shape: Shape3,
 ) -> CoreResult<Vec<f32>> {
+    unwrap_with_default_blocks(phase, magnitude, second, mask, shape, false).map(|u| u.phase)
+}
+
+/// Checks the inputs, then unwraps with the block layout chosen from the shape (see
+/// [`unwrap_checked`]); `components` asks for the part lists.
+fn unwrap_with_default_blocks(
+    phase: &[f32],
+    magnitude: Option<&[f32]>,
+    second: Option<SecondEcho<'_>>,
+    mask: Option<&[u8]>,
+    shape: Shape3,
+    components: bool,
+) -> CoreResult<Unwrapped> {
     check_inputs(phase, magnitude, second, mask, shape)?;
     Ok(unwrap_checked(
         phase,
@@ -173,9 +177,8 @@ pub fn unwrap_romeo_phase(
         mask,
         shape,
         default_block_side(shape),
-        false,
-    )
-    .phase)
+        components,
+    ))
 }
 
 /// The unwrapping of [`unwrap_romeo`] on checked inputs: one queue over the volume if
