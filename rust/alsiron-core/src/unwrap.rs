@@ -1368,19 +1368,26 @@ mod tests {
         assert_exact(&a, &truth, |_| true);
     }
 
-    #[test]
-    fn separate_components_and_outside_mask() {
+    /// Two slabs of a 20×10×10 volume separated by an empty plane at i = 10, with one
+    /// NaN voxel inside: (shape, true phase, wrapped phase, wrapped phase with the NaN,
+    /// mask, index of the NaN voxel).
+    fn two_slabs_with_a_nan() -> (Shape3, Vec<f64>, Vec<f32>, Vec<f32>, Vec<u8>, usize) {
         let shape = Shape3([20, 10, 10]);
         let truth = smooth_phase(shape);
         let w = wrapped(&truth);
-        // Two slabs separated by an empty plane at i = 10; one NaN voxel inside.
         let mut mask: Vec<u8> = (0..shape.len()).map(|v| u8::from(v / 100 != 10)).collect();
         mask[0] = 1;
         let mut w_nan = w.clone();
-        w_nan[shape.idx(15, 5, 5)] = f32::NAN;
+        let nan_voxel = shape.idx(15, 5, 5);
+        w_nan[nan_voxel] = f32::NAN;
+        (shape, truth, w, w_nan, mask, nan_voxel)
+    }
+
+    #[test]
+    fn separate_components_and_outside_mask() {
+        let (shape, truth, w, w_nan, mask, nan_voxel) = two_slabs_with_a_nan();
         let unwrapped = unwrap_with_components(&w_nan, None, Some(&mask), shape).unwrap();
         let out = &unwrapped.phase;
-        let nan_voxel = shape.idx(15, 5, 5);
         assert!(out[nan_voxel].is_nan() && !unwrapped.reached(shape.len())[nan_voxel]);
         assert_eq!(unwrapped.n_components(), 2);
         let sizes = [unwrapped.component(0).len(), unwrapped.component(1).len()];
@@ -1552,14 +1559,7 @@ mod tests {
 
     #[test]
     fn separate_parts_stay_separate_across_block_faces() {
-        let shape = Shape3([20, 10, 10]);
-        let truth = smooth_phase(shape);
-        let w = wrapped(&truth);
-        let mut mask: Vec<u8> = (0..shape.len()).map(|v| u8::from(v / 100 != 10)).collect();
-        mask[0] = 1;
-        let mut w_nan = w.clone();
-        let nan_voxel = shape.idx(15, 5, 5);
-        w_nan[nan_voxel] = f32::NAN;
+        let (shape, truth, _, w_nan, mask, nan_voxel) = two_slabs_with_a_nan();
         let out = unwrap_blocks_of(&w_nan, None, None, Some(&mask), shape, 4);
         assert_eq!(out.n_components(), 2);
         assert!(out.phase[nan_voxel].is_nan() && !out.reached(shape.len())[nan_voxel]);
