@@ -62,25 +62,29 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("relax", ["relax", "{W}/bids/sub-01"]),
     ("relax_nlls", ["relax", "{W}/bids/sub-02/ses-01", "--out", "{W}/alt_relax",
                     "--r2star-method", "nlls", "--no-b0-gradient-correction"]),
-    ("roi_atlas", ["roi", "{W}/bids/sub-02/ses-02", "--out", "{W}/alt_roi", "--atlas", "ho"]),
+    ("roi_atlas", ["roi", "{W}/bids/sub-02/ses-02", "--atlas", "ho", "--overwrite"]),
     ("roi_overwrite", ["roi", "{W}/bids/sub-01/ses-01", "--overwrite"]),
     ("registry_export", ["registry", "export", "{W}/registry.tsv", "--registry",
                          "{W}/bids/derivatives/alsiron/registry.sqlite"]),
     ("normative", ["normative", "build", "--out", "{W}/model.json", "--dataset", "{W}/bids",
                    "--visits", "all"]),
     ("longitudinal", ["longitudinal", "{W}/bids/sub-01"]),
-    ("longitudinal_cohort", ["longitudinal", "--cohort", "--registry",
-                             "{W}/bids/derivatives/alsiron/registry.sqlite"]),
     ("report", ["report", "{W}/bids/sub-01", "--out", "{W}/report_sub01.html"]),
-    ("power", ["power", "--slowing", "0.3"]),
     ("demo", ["demo", "{W}/demo", "--subjects", "4", "--sessions", "2"]),
+    ("longitudinal_cohort", ["longitudinal", "--cohort", "--registry",
+                             "{W}/demo/derivatives/alsiron/registry.sqlite"]),
+    ("power", ["power", "--slowing", "0.3", "--registry",
+               "{W}/demo/derivatives/alsiron/registry.sqlite"]),
+    ("report_cohort", ["report", "--cohort", "--registry",
+                       "{W}/demo/derivatives/alsiron/registry.sqlite", "--out",
+                       "{W}/report_cohort.html"]),
 ]
 
 _VOLATILE_KEYS = {"software_version", "SoftwareVersion", "Version", "created", "created_at",
                   "recorded_at", "applied_at", "processed_at", "ElapsedSeconds", "elapsed_s",
                   "written_at", "Date", "date"}
 _TIMING = re.compile(r"\b\d+(\.\d+)?\s?(s|ms|min)\b")
-_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)?")
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)?")
 
 
 def _scrub_text(text: str, work: Path) -> str:
