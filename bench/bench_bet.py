@@ -5,7 +5,7 @@ Full size is a 256 × 256 × 176 head (the phantom geometry at 1 mm with a spina
 no supersampling); ``quick`` uses the 3 mm head (56 × 66 × 64). Rows:
 {"kernel", "shape", "rust_ms", "numpy_ms", "ratio", "throughput"}; for the "brain_mask"
 row ``rust_ms`` is the whole ``bet`` call (statistics, evolution, rasterisation) and
-``numpy_ms`` is ``qsm.brain_mask(method="otsu")``. The NumPy twin of the evolution runs
+``numpy_ms`` is ``bm.brain_mask(method="otsu")``. The NumPy twin of the evolution runs
 fewer iterations and is scaled to the same count (its cost per iteration is constant).
 
 Run: ``python bench/bench_bet.py [--quick]``.
@@ -25,7 +25,9 @@ import twins_bet as tw  # noqa: E402
 from bet_phantom import head_magnitude  # noqa: E402
 from timing import best_of, row  # noqa: E402
 
-from alsiron import _core, bet, qsm  # noqa: E402
+from alsiron import _core  # noqa: E402
+from alsiron.field import brain_mask as bet
+from alsiron.field import brain_mask as bm  # noqa: E402
 
 FULL_SHAPE = (256, 256, 176)
 QUICK_SHAPE = (56, 66, 64)
@@ -52,7 +54,7 @@ def run(quick: bool = False) -> list[dict]:
     rows.append(row(f"bet_evolve ({n_it} it, {len(unit)} vertices)", shape, t_rust,
                     t_twin * n_it / twin_it))
     t_bet, _ = best_of(lambda: bet.bet(mag, vs), 2)
-    t_otsu, _ = best_of(lambda: qsm.brain_mask(mag, method="otsu"), 2)
+    t_otsu, _ = best_of(lambda: bm.brain_mask(mag, method="otsu"), 2)
     rows.append(row("brain_mask bet [vs otsu+morphology]", shape, t_bet, t_otsu))
     return rows
 

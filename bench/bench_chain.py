@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from alsiron import qsm, workflow
+from alsiron import qsm
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
+from alsiron.qsm import chain as workflow
 from alsiron.volume import MegreSeries
 
 FULL_SHAPE = (256, 256, 176)

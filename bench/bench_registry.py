@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import row  # noqa: E402
 
-from alsiron.records import SessionRecord  # noqa: E402
-from alsiron.registry import Registry  # noqa: E402
+from alsiron.cohort.records import SessionRecord  # noqa: E402
+from alsiron.cohort.registry import Registry  # noqa: E402
 
 _REGIONS = ("precentral", "precentral_L", "precentral_R", "precentral_deep",
             "precentral_L_hand_deep")

@@ -1,4 +1,4 @@
-"""Benchmark: relaxometry fits (alsiron.relax) against NumPy/SciPy twins.
+"""Benchmark: relaxometry fits (alsiron.relax.r2star) against NumPy/SciPy twins.
 
 Same data, same process:
 

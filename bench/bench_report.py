@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from timing import best_of
 
-from alsiron.cohort_sim import simulate_index_cohort
-from alsiron.normative import build_normative_model
-from alsiron.records import HEADLINE_INDEX
-from alsiron.report import render_cohort_report, render_subject_report, write_report
+from alsiron.cohort.normative import build_normative_model
+from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.cohort.report import render_cohort_report, render_subject_report, write_report
+from alsiron.sim.cohort import simulate_index_cohort
 
 EXTRA_INDICES = ("chi_precentral_mean", "chi_precentral_p90", "chi_precentral_L_mean",
                  "chi_precentral_R_mean", "r2star_precentral_mean")

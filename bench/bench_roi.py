@@ -3,12 +3,12 @@
 The subject is the head phantom (96³ at 2 mm, upsampled to 1 mm = 192³ for the full run;
 64³ at 3 mm with ``quick``).  Rows:
 
-* label route: :func:`alsiron.masks.masks_from_labels` from the phantom's labels;
+* label route: :func:`alsiron.motor.masks.masks_from_labels` from the phantom's labels;
 * atlas route: the bundled MNI152 template + Harvard-Oxford atlas registered to the
   phantom magnitude (dipy affine + SyN on the tissue index), warped and restricted to
   grey matter — the phantom is an ellipsoidal head, so the registration quality is not
   meaningful here (``min_similarity`` is lowered to 0 to time it regardless);
-* indices: :func:`alsiron.indices.motor_cortex_indices` on χ and R2*.
+* indices: :func:`alsiron.motor.indices.motor_cortex_indices` on χ and R2*.
 
 All stages are Python/NumPy/SciPy/dipy (no Rust kernel), so ``rust_ms`` holds the stage
 time and ``numpy_ms`` is NaN; the peak memory (tracemalloc, NumPy allocations) is in the
@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import row  # noqa: E402
 
-from alsiron import masks as mk  # noqa: E402
-from alsiron.indices import motor_cortex_indices  # noqa: E402
-from alsiron.phantom import simulate_subject  # noqa: E402
-from alsiron.phantom_tissues import TISSUES  # noqa: E402
-from alsiron.registration import RegistrationParameters  # noqa: E402
+from alsiron.motor import masks as mk  # noqa: E402
+from alsiron.motor.indices import motor_cortex_indices  # noqa: E402
+from alsiron.motor.registration import RegistrationParameters  # noqa: E402
+from alsiron.sim.phantom import simulate_subject  # noqa: E402
+from alsiron.sim.tissues import TISSUES  # noqa: E402
 
 
 def _subject(quick: bool) -> dict:

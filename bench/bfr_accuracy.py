@@ -26,9 +26,13 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from alsiron import fieldmap, ingest, metrics, qsm
-from alsiron.evaluate import load_truth, score_chi
-from alsiron.workflow import QsmParameters, bfr_input_mask, default_vsharp_radii
+from alsiron import qsm
+from alsiron.evaluation import metrics
+from alsiron.evaluation.truth import load_truth, score_chi
+from alsiron.field import brain_mask as bm
+from alsiron.field import echo_fit as fieldmap
+from alsiron.io import bids as ingest
+from alsiron.qsm.chain import QsmParameters, bfr_input_mask, default_vsharp_radii
 
 PRECENTRAL = [20, 21, 22, 23]
 
@@ -69,7 +73,7 @@ def load(root: Path):
     local_true = np.asarray(nib.load(str(anat / f"{stem}_desc-local_fieldmap.nii.gz")).dataobj,
                             np.float32)
     p = QsmParameters()
-    brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
+    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
     fm = fieldmap.fit_multi_echo_field(series.magnitude, series.phase, series.echo_times, brain,
                                        field_strength=series.field_strength)
     quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.residual_threshold)

@@ -21,8 +21,8 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron import qsm
-from alsiron.evaluate import load_truth
-from alsiron.workflow import QsmParameters, default_vsharp_radii
+from alsiron.evaluation.truth import load_truth
+from alsiron.qsm.chain import QsmParameters, default_vsharp_radii
 
 CORTEX = [6, 20, 21, 22, 23]
 CONTRAST_PPM = 0.032

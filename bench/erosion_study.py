@@ -6,7 +6,7 @@ Usage: ``python bench/erosion_study.py [--cases 64-3mm 96-2mm] [--seeds 3 4]
 For each phantom (ALS group, so the deep precentral layer carries the iron excess the
 project looks for) the chain's own brain mask, multi-echo field fit and phase-quality
 mask are computed ONCE; then every mask setting runs the default background-field
-removal (PDF) and inversion (TV-ADMM) exactly as :func:`alsiron.workflow.process_series`
+removal (PDF) and inversion (TV-ADMM) exactly as :func:`alsiron.qsm.chain.process_series`
 does, and is scored against the phantom truth:
 
 - ``deep_kept`` / ``sup_kept``: fraction of the deep / superficial precentral voxels
@@ -20,9 +20,9 @@ does, and is scored against the phantom truth:
   (the intersection of all settings' masks, so that the numbers compare);
 - ``rim_nrmse``: χ NRMSE over the voxels a setting keeps beyond the common mask.
 
-Settings: ``e<d>`` = Euclidean erosion by d mm (:func:`alsiron.qsm.erode_mm`),
+Settings: ``e<d>`` = Euclidean erosion by d mm (:func:`alsiron.qsm.dipole.erode_mm`),
 ``v2`` = the former default (two 6-connected voxel erosions), ``r<k>`` = the
-reliability trim (:func:`alsiron.workflow.bfr_input_mask` with
+reliability trim (:func:`alsiron.qsm.chain.bfr_input_mask` with
 ``bfr_trim_sd_factor=k``): no fixed erosion, but voxels within ``bfr_trim_band_mm`` of
 the edge whose field SD exceeds k × the median field SD are dropped.
 """
@@ -37,11 +37,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from alsiron import fieldmap, metrics, qsm
-from alsiron.evaluate import score_chi
-from alsiron.phantom import simulate_subject
-from alsiron.stages import series_of, truth_of
-from alsiron.workflow import (
+from alsiron import qsm
+from alsiron.evaluation import metrics
+from alsiron.evaluation.stages import series_of, truth_of
+from alsiron.evaluation.truth import score_chi
+from alsiron.field import brain_mask as bm
+from alsiron.field import echo_fit as fieldmap
+from alsiron.qsm.chain import (
     QsmParameters,
     bfr_input_mask,
     default_vsharp_radii,
@@ -49,6 +51,7 @@ from alsiron.workflow import (
     invert,
     remove_background,
 )
+from alsiron.sim.phantom import simulate_subject
 
 #: case → (matrix, voxel size [mm], B0 direction in voxel-index space)
 CASES = {"64-3mm": (64, 3.0, (0.0, 0.0, 1.0)), "96-2mm": (96, 2.0, (0.0, 0.0, 1.0)),
@@ -78,7 +81,7 @@ def run_phantom(matrix, voxel, b0, seed: int, params: dict[str, QsmParameters]
     truth = truth_of(ses)
     vsz = series.voxel_size
     p0 = QsmParameters()
-    brain = qsm.brain_mask(series.magnitude[0], erode_voxels=p0.mask_opening_voxels)
+    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p0.mask_opening_voxels)
     fm = fieldmap.estimate_field(series.magnitude, series.phase, series.echo_times, brain,
                                  field_strength=series.field_strength,
                                  unwrapping=p0.unwrapping, complex_fit=p0.complex_fit,

@@ -1,13 +1,13 @@
 """Per-stage QSM accuracy on the head phantom, QSM-CI style (docs/qsm_stages.md).
 
 Dipole stage: every inversion with default parameters from the phantom's true local
-field, on each phantom of :data:`alsiron.stages.CASES`. Prints one Markdown table row per
+field, on each phantom of :data:`alsiron.evaluation.stages.CASES`. Prints one Markdown table row per
 (stage, phantom, method) in the column order of docs/qsm_stages.md, so other stages can
 add rows to the same table.
 
 Whole chain (``--chain``): ROMEO + PDF once per phantom, then each inversion on the
-chain's own local field (:func:`alsiron.stages.chain_inversions`), scored in the chain's
-own QSM mask and in the fixed stage-input mask (:func:`alsiron.stages.stage_input_mask`);
+chain's own local field (:func:`alsiron.evaluation.stages.chain_inversions`), scored in the chain's
+own QSM mask and in the fixed stage-input mask (:func:`alsiron.evaluation.stages.stage_input_mask`);
 ``--snr 25`` for the noisier phantom.
 
 Run: ``python bench/qsm_stages.py [--chain] [--snr S] [--seed N] [CASE ...]`` (default:
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import sys
 
-from alsiron import inversion, stages
+from alsiron.evaluation import stages
+from alsiron.qsm import inversion
 
 #: Column order of the stage table.
 COLUMNS = ("stage", "phantom", "method", "NRMSE %", "HFEN %", "XSIM", "deep-grey slope",

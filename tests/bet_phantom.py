@@ -1,6 +1,6 @@
 """Magnitude-only head phantoms for the brain-mask tests (harder than the default head).
 
-Built from the project's head phantom geometry (:func:`alsiron._phantom_geometry.head_labels`)
+Built from the project's head phantom geometry (:func:`alsiron.sim.geometry.head_labels`)
 and tissue table, at echo 1 of the default MEGRE (TE 4 ms), with options that make
 intensity thresholds fail where real heads make them fail: a smooth receive-coil gain,
 bright (fat-like) scalp, a thinned skull where scalp nearly touches the brain, and an
@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from alsiron._phantom_geometry import (
+from alsiron.sim.geometry import (
     HEAD_SEMI_AXES_MM,
     INTRACRANIAL_DEPTH_MM,
     SKULL_BASE_Z_MM,
     ellipsoid_depth,
     head_labels,
 )
-from alsiron.phantom_tissues import LABELS, TISSUES
+from alsiron.sim.tissues import LABELS, TISSUES
 
 TE1_S = 0.004
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from alsiron import masks as mk
-from alsiron.indices import motor_cortex_indices, trimmed_voxels
-from alsiron.phantom import simulate_subject
-from alsiron.phantom_tissues import LABELS, PRECENTRAL_LABELS
-from alsiron.registration import RegistrationError, RegistrationParameters
+from alsiron.motor import masks as mk
+from alsiron.motor.indices import motor_cortex_indices, trimmed_voxels
+from alsiron.motor.registration import RegistrationError, RegistrationParameters
+from alsiron.sim.phantom import simulate_subject
+from alsiron.sim.tissues import LABELS, PRECENTRAL_LABELS
 
 
 def _deformation(shape, affine):
@@ -119,7 +119,7 @@ def test_atlas_route_prefers_the_session_t1w(case, tmp_path, monkeypatch):
     phantom made from the truth labels."""
     import nibabel as nib
 
-    from alsiron import roi_workflow
+    from alsiron.runs import roi as roi_workflow
 
     s, template, subject, _ = case
     coords = _deformation(s.labels.shape, s.affine)

@@ -1,4 +1,4 @@
-"""BET-like brain extraction (alsiron.bet) against ground truth, and Otsu for contrast.
+"""BET-like brain extraction (alsiron.field.brain_mask) against ground truth, and Otsu for contrast.
 
 Truth on the head phantom is the intracranial volume (everything inside the inner skull
 surface, CSF included, voxel fraction >= 0.5): it is the phantom's own ``brain_mask``
@@ -17,9 +17,11 @@ from bet_phantom import dice, head_magnitude, scalp_fraction
 from scipy import ndimage
 from twins_bet import evolve
 
-from alsiron import _core, bet, qsm
-from alsiron.phantom import simulate_subject
-from alsiron.phantom_tissues import LABELS
+from alsiron import _core
+from alsiron.field import brain_mask as bet
+from alsiron.field import brain_mask as bm
+from alsiron.sim.phantom import simulate_subject
+from alsiron.sim.tissues import LABELS
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 if not REAL.exists():
@@ -83,7 +85,7 @@ def test_evolution_stops_once_settled():
 # ----------------------------------------------------------------------- phantom
 def _scores(h, f=bet.BET_FRACTIONAL_INTENSITY):
     b = bet.bet(h.magnitude, h.voxel_size, f=f).mask
-    o = qsm.brain_mask(h.magnitude, method="otsu")
+    o = bm.brain_mask(h.magnitude, method="otsu")
     return (dice(b, h.intracranial), scalp_fraction(b, h.scalp),
             dice(o, h.intracranial), scalp_fraction(o, h.scalp))
 
@@ -91,8 +93,8 @@ def _scores(h, f=bet.BET_FRACTIONAL_INTENSITY):
 def test_project_phantom_64_cubed_3mm():
     ses = simulate_subject(matrix=64, voxel_size=3.0, echo_times=(0.004, 0.009), rng=1)
     mag = ses.magnitude[0]
-    b = qsm.brain_mask(mag, method="bet", voxel_size=ses.voxel_size)
-    o = qsm.brain_mask(mag, method="otsu")
+    b = bm.brain_mask(mag, method="bet", voxel_size=ses.voxel_size)
+    o = bm.brain_mask(mag, method="otsu")
     # Measured: BET 0.990, Otsu 0.994 (a clean phantom: the skull is uniformly dark).
     assert dice(b, ses.brain_mask) > 0.98
     assert dice(o, ses.brain_mask) > 0.98
@@ -178,7 +180,7 @@ def test_spherical_water_phantom():
     mag = np.asarray(img.get_fdata(dtype=np.float32))
     mag = mag[..., 0] if mag.ndim == 4 else mag
     mask = bet.bet(mag, img.header.get_zooms()[:3]).mask
-    ref = ndimage.binary_fill_holes(mag > qsm.magnitude_threshold(mag[mag > 0]))
+    ref = ndimage.binary_fill_holes(mag > bm.magnitude_threshold(mag[mag > 0]))
     assert dice(mask, ref) > 0.97  # measured 0.990
 
 
@@ -192,7 +194,7 @@ def test_spherical_water_phantom():
 ])
 def test_bad_magnitude_is_a_clear_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
-        qsm.brain_mask(bad, method="bet")
+        bm.brain_mask(bad, method="bet")
 
 
 def test_bad_options_are_value_errors():
@@ -203,7 +205,7 @@ def test_bad_options_are_value_errors():
     with pytest.raises(ValueError, match="voxel_size"):
         bet.bet(mag, (1, 0, 1))
     with pytest.raises(ValueError, match="unknown brain-mask method"):
-        qsm.brain_mask(mag, method="watershed")
+        bm.brain_mask(mag, method="watershed")
     with pytest.raises(ValueError, match="NaN"):
         bet.bet(np.full((8, 8, 8), np.nan), (1, 1, 1))
 

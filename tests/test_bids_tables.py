@@ -2,8 +2,8 @@
 
 import pytest
 
-from alsiron.bids_tables import visit_info
 from alsiron.errors import InputError
+from alsiron.io.tables import visit_info
 
 
 def _write(path, text):

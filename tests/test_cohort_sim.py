@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from alsiron.cohort_sim import simulate_index_cohort
-from alsiron.records import HEADLINE_INDEX, index_units
+from alsiron.cohort.records import HEADLINE_INDEX, index_units
+from alsiron.sim.cohort import simulate_index_cohort
 
 
 def _values(records, **where):

@@ -6,12 +6,12 @@ import math
 from click.testing import CliRunner
 
 from alsiron.cli import cli
-from alsiron.cohort_sim import simulate_index_cohort
-from alsiron.demo import run_demo
-from alsiron.normative import build_normative_model
-from alsiron.phantom import write_dataset
-from alsiron.records import HEADLINE_INDEX
-from alsiron.registry import Registry, default_registry_path
+from alsiron.cohort.normative import build_normative_model
+from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.cohort.registry import Registry, default_registry_path
+from alsiron.runs.demo import run_demo
+from alsiron.sim.cohort import simulate_index_cohort
+from alsiron.sim.phantom import write_dataset
 
 
 def test_qsm_records_each_visit_and_scores_it_against_a_model(tmp_path):

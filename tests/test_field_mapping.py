@@ -17,8 +17,11 @@ import pytest
 import twins_field as twins
 from scipy import ndimage
 
-from alsiron import _core, fieldmap, phantom, qsm
+from alsiron import _core
 from alsiron.cli import EXIT_INPUT_ERROR, main
+from alsiron.field import brain_mask as bm
+from alsiron.field import echo_fit as fieldmap
+from alsiron.sim import phantom
 
 TWO_PI = 2 * np.pi
 
@@ -30,7 +33,7 @@ def ses():
 
 @pytest.fixture(scope="module")
 def mask(ses):
-    return qsm.brain_mask(ses.magnitude[0], erode_voxels=2)
+    return bm.brain_mask(ses.magnitude[0], erode_voxels=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from skimage.restoration import unwrap_phase as skimage_unwrap
 
 from alsiron import _core
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
-from alsiron.fieldmap import fit_multi_echo_field, omega_to_ppm, unwrap_phase
-from alsiron.relax import R2STAR_STATUS, fit_r2star_loglinear
+from alsiron.field.echo_fit import fit_multi_echo_field, omega_to_ppm, unwrap_phase
+from alsiron.relax.r2star import R2STAR_STATUS, fit_r2star_loglinear
 
 import twins_fit as twins
 
@@ -261,7 +261,7 @@ def test_r2star_layouts_without_copy():
     for res in (a, b, c):
         assert res.r2star.shape == shape
         np.testing.assert_allclose(res.r2star, r2, rtol=1e-5)
-    from alsiron.relax import _echo_major
+    from alsiron.relax.r2star import _echo_major
     flat, vol_shape, order = _echo_major(nib_like, 6)
     assert np.shares_memory(flat, nib_like) and order == "F" and vol_shape == shape
     flat, _, order = _echo_major(echo_first, 6)

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from alsiron import ingest
 from alsiron.errors import InputError
+from alsiron.io import bids as ingest
 
 from bids_factory import write_megre_session
 

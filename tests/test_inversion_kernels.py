@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alsiron import inversion
+from alsiron.qsm import inversion
 
 import twins_qsm as tw
 

@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from alsiron import io
 from alsiron.errors import OutputExistsError
+from alsiron.io import atomic as io
 
 
 def test_roundtrip_with_sidecar(tmp_path):
@@ -62,7 +62,7 @@ def test_existing_output_is_not_overwritten_unless_asked(tmp_path):
 def test_finished_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
     import os
 
-    from alsiron.io import save_text
+    from alsiron.io.atomic import save_text
 
     old = os.umask(0o022)
     try:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alsiron import longitudinal as lg
 from alsiron.cli import main
-from alsiron.cohort_sim import simulate_index_cohort
+from alsiron.cohort import longitudinal as lg
+from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.cohort.registry import Registry
 from alsiron.errors import AlsironError
-from alsiron.phantom import PRECENTRAL_AGE_SLOPE_PPM_PER_YEAR
-from alsiron.records import HEADLINE_INDEX
-from alsiron.registry import Registry
+from alsiron.sim.cohort import simulate_index_cohort
+from alsiron.sim.phantom import PRECENTRAL_AGE_SLOPE_PPM_PER_YEAR
 
 
 def _by_subject(records):

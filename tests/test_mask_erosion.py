@@ -1,4 +1,4 @@
-"""Mask erosion in mm (alsiron.qsm.erode_mm) and its use before background removal.
+"""Mask erosion in mm (alsiron.qsm.dipole.erode_mm) and its use before background removal.
 
 Ground truth for the physical depth: the Euclidean distance transform in mm and, for a
 sphere, the analytic distance to its surface. The twin is a brute-force erosion by an
@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from alsiron import qsm
 from alsiron.cli import MaskErosion
-from alsiron.workflow import QsmParameters, bfr_input_mask, erosion_depth_mm, erosion_record
+from alsiron.qsm.chain import QsmParameters, bfr_input_mask, erosion_depth_mm, erosion_record
 
 
 def ellipsoid_erosion_twin(mask: np.ndarray, voxel_size, depth_mm: float) -> np.ndarray:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alsiron import masks as mk
+from alsiron.cohort.records import SessionRecord, index_units
 from alsiron.errors import InputError
-from alsiron.indices import motor_cortex_indices, trimmed_voxels
-from alsiron.phantom import simulate_subject
-from alsiron.phantom_tissues import LABELS, PRECENTRAL_DEEP_LABELS, PRECENTRAL_LABELS, TISSUES
-from alsiron.records import SessionRecord, index_units
+from alsiron.motor import masks as mk
+from alsiron.motor.indices import motor_cortex_indices, trimmed_voxels
+from alsiron.sim.phantom import simulate_subject
+from alsiron.sim.tissues import LABELS, PRECENTRAL_DEEP_LABELS, PRECENTRAL_LABELS, TISSUES
 
 LUT = dict(enumerate(TISSUES.names))
 

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alsiron.cohort_sim import CONTROL_LEVEL_PPM, WITHIN_SUBJECT_SD_PPM, simulate_index_cohort
-from alsiron.errors import InputError, OutputExistsError
-from alsiron.normative import (
+from alsiron.cohort.normative import (
     NO_MODEL_MESSAGE,
     SCHEMA_VERSION,
     build_normative_model,
@@ -23,8 +21,10 @@ from alsiron.normative import (
     write_zscores,
     zscore_table,
 )
-from alsiron.phantom import PRECENTRAL_BETWEEN_SUBJECT_SD_PPM
-from alsiron.records import HEADLINE_INDEX
+from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.errors import InputError, OutputExistsError
+from alsiron.sim.cohort import CONTROL_LEVEL_PPM, WITHIN_SUBJECT_SD_PPM, simulate_index_cohort
+from alsiron.sim.phantom import PRECENTRAL_BETWEEN_SUBJECT_SD_PPM
 
 REFERENCE = Path(__file__).parent / "data" / "combat_reference.json"
 #: Observed single-scan SD of the simulated index (between + within subject), ppm.

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from alsiron import ingest
-from alsiron.phantom import (
+from alsiron.io import bids as ingest
+from alsiron.sim.phantom import (
     DEFAULT_ALS_EFFECT_PPM,
     R2STAR_PER_CHI,
     draw_cohort,
     simulate_subject,
     write_dataset,
 )
-from alsiron.phantom_tissues import (
+from alsiron.sim.tissues import (
     LABELS,
     PRECENTRAL_DEEP_LABELS,
     PRECENTRAL_LABELS,
@@ -311,7 +311,7 @@ def test_bad_arguments_raise_value_error():
 
 
 def test_block_helpers_match_plain_numpy():
-    from alsiron.phantom import _block_majority, _block_mean
+    from alsiron.sim.phantom import _block_majority, _block_mean
 
     rng = np.random.default_rng(0)
     fine = rng.standard_normal((2, 8, 10, 6)).astype(np.float32)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alsiron import longitudinal as lg
-from alsiron import power as pw
 from alsiron.cli import main
-from alsiron.cohort_sim import simulate_index_cohort
-from alsiron.registry import Registry
+from alsiron.cohort import longitudinal as lg
+from alsiron.cohort import power as pw
+from alsiron.cohort.registry import Registry
+from alsiron.sim.cohort import simulate_index_cohort
 
 
 def test_formula_by_hand():

@@ -1,6 +1,6 @@
 """Background-removal stage and the chain from phase, measured the QSM-CI way.
 
-Phantom: 64³, 3 mm, SNR 100, seed 3 (alsiron.stages.simulate_stage_phantom), made
+Phantom: 64³, 3 mm, SNR 100, seed 3 (alsiron.evaluation.stages.simulate_stage_phantom), made
 at 2x supersampling with a padded kernel, so no inverse crime. Stage input: the TRUE
 total field and the true brain mask (eroded by the workflow's 2 voxels); χ from each
 local field with the workflow's default dipole inversion. Scores (DESIGN.md §5) in the
@@ -14,7 +14,7 @@ ROMEO + complex fit + PDF + tvmasked): χ 20.9 % common, 48.6 % in the stage-inp
 (true brain less two voxel layers), 64.9 % own mask, slope 0.93. With the former default
 (plain TV-ADMM): PDF χ 30.3 %, V-SHARP 27.5 %, iSMV 38.6 %, LBV 77.4 %; chain 32.6 /
 56.3 / 69.1 %. The chain's 4 mm erosion keeps one more (cortical) voxel layer than the
-stage's fixed 2 voxels (alsiron.stages.STAGE_ERODE_VOXELS). These χ numbers follow the
+stage's fixed 2 voxels (alsiron.evaluation.stages.STAGE_ERODE_VOXELS). These χ numbers follow the
 default dipole inversion: re-measure them when it changes. Published leaders on the QSM-CI phantom:
 28.1 % (background stage, iSMV), 39.1 % (total field → χ), 68.3 % (phase → χ).
 Margins: 2-3 NRMSE points (the phantom is seeded, so they only absorb platform
@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alsiron import stages
-from alsiron.workflow import BFR_METHODS, QsmParameters
+from alsiron.evaluation import stages
+from alsiron.qsm.chain import BFR_METHODS, QsmParameters
 
 LEADER_BFR_LOCAL = 28.1
 LEADER_TOTAL_TO_CHI = 39.1

@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from alsiron import evaluate, ingest, phantom, workflow
 from alsiron.cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, main
+from alsiron.evaluation import truth as evaluate
+from alsiron.io import bids as ingest
+from alsiron.qsm import chain as workflow
+from alsiron.sim import phantom
 
 PRECENTRAL = [20, 21, 22, 23]
 OUTPUTS = ["Chimap", "R2starmap", "T2starmap", "S0map", "desc-r2starfit_status",

@@ -14,9 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alsiron import inversion, qsm, stages
-from alsiron.evaluate import score_chi
-from alsiron.workflow import QsmParameters
+from alsiron import qsm
+from alsiron.evaluation import stages
+from alsiron.evaluation.truth import score_chi
+from alsiron.qsm import inversion
+from alsiron.qsm.chain import QsmParameters
 
 PUBLISHED_DIPOLE_LEADER_NRMSE = 26.5
 

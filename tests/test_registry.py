@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from alsiron import registry as regmod
 from alsiron.cli import main
-from alsiron.cohort_sim import simulate_index_cohort
+from alsiron.cohort import registry as regmod
+from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord
+from alsiron.cohort.registry import Registry, RegistryError, default_registry_path
 from alsiron.errors import OutputExistsError
-from alsiron.records import HEADLINE_INDEX, SessionRecord
-from alsiron.registry import Registry, RegistryError, default_registry_path
+from alsiron.sim.cohort import simulate_index_cohort
 
 
 def _record(subject: str = "sub-01", session: str = "ses-01", run: int = 1,
@@ -97,8 +97,8 @@ def test_bad_records_are_refused_without_writing(tmp_path):
 def _writer_code() -> str:
     return """
         import sys
-        from alsiron.registry import Registry
-        from alsiron.records import SessionRecord
+        from alsiron.cohort.registry import Registry
+        from alsiron.cohort.records import SessionRecord
         tag, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
         with Registry.open(path) as reg:
             for i in range(n):
@@ -140,8 +140,8 @@ def test_killed_mid_write_leaves_registry_consistent_and_rerun_completes(tmp_pat
         reg.record_session(_record(value=0.030))
     code = """
         import sys, time
-        from alsiron import registry
-        from alsiron.records import SessionRecord
+        from alsiron.cohort import registry
+        from alsiron.cohort.records import SessionRecord
         original = registry._insert_index_values
         def slow(conn, rows):
             original(conn, rows)

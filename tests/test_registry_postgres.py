@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from alsiron.records import HEADLINE_INDEX, SessionRecord
-from alsiron.registry import Registry, RegistryError
+from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord
+from alsiron.cohort.registry import Registry, RegistryError
 
 pytest.importorskip("psycopg", reason="psycopg not installed (pip install '.[test]')")
 
@@ -121,8 +121,8 @@ def test_killed_mid_write_rolls_back_on_postgresql(url):
         reg.record_session(_record(value=0.030))
     code = """
         import sys, time
-        from alsiron import registry
-        from alsiron.records import SessionRecord
+        from alsiron.cohort import registry
+        from alsiron.cohort.records import SessionRecord
         original = registry._insert_index_values
         def slow(conn, rows):
             original(conn, rows)

@@ -50,7 +50,7 @@ def test_voxel_major_input_gives_identical_maps(n_echo):
     """A C-ordered (X, Y, Z, E) array (voxel-major, transposed per chunk in the kernels)
     gives bit-identical maps to the same data echo-major, for every method, with a mask
     and a partial last chunk, and is not copied."""
-    from alsiron.relax import _voxel_major
+    from alsiron.relax.r2star import _voxel_major
 
     rng = np.random.default_rng(33)
     shape = (13, 11, 9)  # 1287 voxels: one full chunk of 1024 and a partial one

@@ -11,9 +11,9 @@ from scipy import ndimage
 
 from alsiron.cli import main
 from alsiron.errors import InputError
-from alsiron.ingest import find_mese_series, load_mese
-from alsiron.phantom import LABELS, MeseProtocol, write_dataset
-from alsiron.relax_workflow import r2prime, resample_to_grid
+from alsiron.io.bids import find_mese_series, load_mese
+from alsiron.relax.chain import r2prime, resample_to_grid
+from alsiron.sim.phantom import LABELS, MeseProtocol, write_dataset
 
 # Bilateral regions (left + right labels) so that small nuclei have enough voxels.
 TISSUES = ("white_matter", "caudate", "putamen", "globus_pallidus", "thalamus")

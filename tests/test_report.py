@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from alsiron.cli import main
-from alsiron.cohort_sim import simulate_index_cohort
-from alsiron.normative import NO_MODEL_MESSAGE, build_normative_model
-from alsiron.records import HEADLINE_INDEX
-from alsiron.report import (
+from alsiron.cohort.normative import NO_MODEL_MESSAGE, build_normative_model
+from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.cohort.report import (
     BAND_RGB,
     esc,
     render_cohort_report,
     render_subject_report,
     write_report,
 )
+from alsiron.sim.cohort import simulate_index_cohort
 
 HOSTILE = "sub-<script>alert(1)</script>"
 
@@ -128,7 +128,7 @@ def test_pages_render_offline_in_headless_chromium(cohort, tmp_path):
 
 
 def test_cli_builds_the_model_and_writes_both_reports(cohort, tmp_path, capsys):
-    from alsiron.registry import Registry
+    from alsiron.cohort.registry import Registry
 
     records, _ = cohort
     reg_path = tmp_path / "reg.sqlite"

@@ -134,7 +134,7 @@ def test_qsm_computes_indices(dataset, tmp_path, capsys):
 
 
 def test_atlas_registration_failure_writes_nothing(dataset, tmp_path, capsys, monkeypatch):
-    from alsiron import registration
+    from alsiron.motor import registration
 
     root = tmp_path / "bids"
     shutil.copytree(dataset, root, ignore=shutil.ignore_patterns("derivatives"))

@@ -1,8 +1,8 @@
 """alsiron: quantitative iron maps (QSM, R2*) of the motor cortex from multi-echo MRI.
 
 The numerical kernels live in the compiled module :mod:`alsiron._core` (Rust); the
-stage modules (:mod:`alsiron.ingest`, :mod:`alsiron.fieldmap`, :mod:`alsiron.qsm`,
-:mod:`alsiron.relax`, :mod:`alsiron.phantom`) validate inputs and orchestrate them.
+stage modules (:mod:`alsiron.io.bids`, :mod:`alsiron.field.echo_fit`, :mod:`alsiron.qsm.dipole`,
+:mod:`alsiron.relax.r2star`, :mod:`alsiron.sim.phantom`) validate inputs and orchestrate them.
 The library logs to ``logging.getLogger("alsiron")`` and never configures logging.
 """
 

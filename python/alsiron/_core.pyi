@@ -163,7 +163,7 @@ def fit_t2_epg(
            npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """(E,N) MESE magnitude at k·ESP -> (T2 [s], S0, B1, R², status), codes as fit_r2star."""
 
-# --- multi-echo field mapping (alsiron.fieldmap: ROMEO / Laplacian / complex fit) ---
+# --- multi-echo field mapping (alsiron.field.echo_fit: ROMEO / Laplacian / complex fit) ---
 
 def unwrap_romeo(
     phase: npt.NDArray[np.float32],

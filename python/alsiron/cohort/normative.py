@@ -1,0 +1,978 @@
+"""Normative model of the iron indices in healthy controls, and z-scores of new sessions.
+
+Per index the model is
+
+    y* = b0 + f(age) + b_sex·[sex = M] + e,      e ~ (0, s²)
+
+where ``y*`` is the index after ComBat site harmonisation (Johnson et al. 2007, parametric
+empirical Bayes, implemented here: :func:`combat_fit`), ``f`` a natural cubic spline of
+age whose degrees of freedom are chosen by BIC (1 = a straight line), the coefficients a
+Huber M-estimate and ``s`` Huber's proposal-2 robust scale (consistent for the SD at the
+normal model). A new session's z-score is
+
+    z = (y* − ŷ(age, sex)) / sqrt(s² + Var ŷ)
+
+with ``y*`` its value harmonised with the estimates of its site (known sites) or left as
+it is (a site the model has not seen: a note and a log warning say so).
+
+The model is stored as a versioned JSON document (:data:`SCHEMA_VERSION`) with the cohort
+summary, the ComBat estimates per site and the provenance; see docs/normative.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+import alsiron
+from alsiron.cohort.records import SessionRecord, index_units
+from alsiron.errors import InputError
+from alsiron.io.atomic import save_json, sha256_file
+
+log = logging.getLogger("alsiron")
+
+#: Version of the JSON layout written by :meth:`NormativeModel.save`.
+SCHEMA_VERSION = 1
+#: Value of the ``format`` key that identifies a normative-model file.
+MODEL_FORMAT = "alsiron-normative-model"
+#: Below this many indices the ComBat site estimates are not pooled across indices
+#: (empirical Bayes needs a distribution of site effects across features to shrink to).
+MIN_FEATURES_FOR_EB = 5
+#: Sites with fewer eligible controls are left out of the fit (their sessions are then
+#: scored as from an unknown site).
+MIN_CONTROLS_PER_SITE = 5
+#: Knot quantiles of the natural cubic spline by number of knots (Harrell, Regression
+#: Modeling Strategies, 2nd ed., table 2.3).
+KNOT_QUANTILES = {3: (0.10, 0.50, 0.90), 4: (0.05, 0.35, 0.65, 0.95),
+                  5: (0.05, 0.275, 0.50, 0.725, 0.95)}
+#: Spline degrees of freedom tried by the BIC selection (1 = linear in age).
+AGE_DF_CHOICES = (1, 2, 3, 4)
+#: Two-sided 95 % normal quantile used for the normative band.
+Z95 = 1.959963984540054
+
+#: What ``alsiron qsm --normative`` (and the report) say when there is no model.
+NO_MODEL_MESSAGE = (
+    "no normative model: z-scores need one built from healthy controls. Build it from the "
+    "registry's control sessions with `alsiron normative build --group control "
+    "--registry REGISTRY --out normative_model.json` (the registry fills as sessions are "
+    "processed), then pass `--normative normative_model.json`.")
+
+_SEX_CODES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+def normalise_sex(value: str | None) -> str | None:
+    """``"M"``/``"F"`` from the common spellings (case-insensitive); None otherwise."""
+    if value is None:
+        return None
+    return _SEX_CODES.get(str(value).strip().lower())
+
+
+# ----------------------------------------------------------------------------- age basis
+
+
+@dataclass(frozen=True)
+class AgeBasis:
+    """Natural cubic spline basis of age (linear beyond the outer knots).
+
+    Attributes
+    ----------
+    centre_years, scale_years : float
+        Age is used as ``u = (age − centre) / scale`` (keeps the cubic terms well scaled).
+    knots : tuple of float
+        Knots in ``u`` units; empty for the linear basis (df = 1).
+    """
+
+    centre_years: float
+    scale_years: float
+    knots: tuple[float, ...] = ()
+
+    @property
+    def df(self) -> int:
+        """Number of basis columns (the intercept is not part of the basis)."""
+        return 1 if not self.knots else len(self.knots) - 1
+
+    @classmethod
+    def from_ages(cls, ages: np.ndarray, df: int) -> AgeBasis:
+        """Basis with ``df`` columns and knots at Harrell's quantiles of ``ages`` (years)."""
+        ages = np.asarray(ages, dtype=float)
+        centre, scale = float(np.median(ages)), 10.0
+        if df == 1:
+            return cls(centre, scale)
+        if df + 1 not in KNOT_QUANTILES:
+            raise ValueError(f"age spline df must be one of {AGE_DF_CHOICES}, got {df}")
+        u = (ages - centre) / scale
+        knots = tuple(float(k) for k in np.quantile(u, KNOT_QUANTILES[df + 1]))
+        if np.any(np.diff(knots) <= 0):
+            raise ValueError(f"too few distinct ages for an age spline with {df} df")
+        return cls(centre, scale, knots)
+
+    def __call__(self, ages: np.ndarray | float) -> np.ndarray:
+        """Basis matrix (n, df) at ``ages`` (years)."""
+        u = (np.atleast_1d(np.asarray(ages, dtype=float)) - self.centre_years) / self.scale_years
+        columns = [u]
+        if self.knots:
+            k = np.asarray(self.knots)
+
+            def d(j: int) -> np.ndarray:
+                return ((np.maximum(u - k[j], 0.0) ** 3 - np.maximum(u - k[-1], 0.0) ** 3)
+                        / (k[-1] - k[j]))
+
+            last = d(len(k) - 2)
+            columns += [d(j) - last for j in range(len(k) - 2)]
+        return np.column_stack(columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"basis": "natural cubic spline" if self.knots else "linear",
+                "centre_years": self.centre_years, "scale_years": self.scale_years,
+                "knots_years": [self.centre_years + self.scale_years * k for k in self.knots],
+                "df": self.df}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AgeBasis:
+        """Inverse of :meth:`to_dict`."""
+        centre, scale = float(d["centre_years"]), float(d["scale_years"])
+        return cls(centre, scale, tuple((float(k) - centre) / scale for k in d["knots_years"]))
+
+
+# -------------------------------------------------------------------------------- ComBat
+
+
+@dataclass
+class CombatEstimates:
+    """ComBat location/scale model fitted to a (samples × features) table.
+
+    Attributes
+    ----------
+    sites : list of str
+        Site labels, in the row order of the per-site arrays.
+    n_per_site : list of int
+    grand_mean : ndarray (g,)
+        Sample-size-weighted mean of the site intercepts, feature units.
+    beta : ndarray (q, g)
+        Covariate coefficients (fitted together with the site intercepts).
+    var_pooled : ndarray (g,)
+        Pooled residual variance (divisor n, as in sva::ComBat), feature units².
+    gamma_hat, delta_hat : ndarray (s, g)
+        Per-site mean and variance of the standardised residuals.
+    gamma_star, delta_star : ndarray (s, g)
+        Their empirical-Bayes posterior estimates (= the hats without EB).
+    empirical_bayes : bool
+    priors : dict
+        gamma_bar, tau2, a, b per site (EB only).
+    iterations : list of int
+        EB fixed-point iterations per site.
+    """
+
+    sites: list[str]
+    n_per_site: list[int]
+    grand_mean: np.ndarray
+    beta: np.ndarray
+    var_pooled: np.ndarray
+    gamma_hat: np.ndarray
+    delta_hat: np.ndarray
+    gamma_star: np.ndarray
+    delta_star: np.ndarray
+    empirical_bayes: bool
+    priors: dict[str, list[float]] = field(default_factory=dict)
+    iterations: list[int] = field(default_factory=list)
+
+    def covariate_mean(self, covariates: np.ndarray) -> np.ndarray:
+        """``grand_mean + C·beta`` (n, g): the site-free expected value."""
+        c = np.asarray(covariates, dtype=float).reshape(-1, self.beta.shape[0])
+        return self.grand_mean[None, :] + c @ self.beta
+
+    def harmonise(self, values: np.ndarray, sites: Sequence[str | None],
+                  covariates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Remove the site effects from new rows with the fitted estimates.
+
+        Parameters
+        ----------
+        values : ndarray (n, g)
+        sites : sequence of str or None, length n
+        covariates : ndarray (n, q)
+
+        Returns
+        -------
+        harmonised : ndarray (n, g)
+            Rows of unknown sites are returned unchanged.
+        known : ndarray of bool (n,)
+        """
+        y = np.asarray(values, dtype=float).reshape(len(sites), -1)
+        mean = self.covariate_mean(covariates)
+        sd = np.sqrt(self.var_pooled)[None, :]
+        out = y.copy()
+        known = np.zeros(len(sites), dtype=bool)
+        for i, site in enumerate(sites):
+            if site in self.sites:
+                s = self.sites.index(site)
+                z = (y[i] - mean[i]) / sd[0]
+                out[i] = (z - self.gamma_star[s]) / np.sqrt(self.delta_star[s]) * sd[0] + mean[i]
+                known[i] = True
+        return out, known
+
+    def unharmonise(self, harmonised: np.ndarray, site: str, covariates: np.ndarray
+                    ) -> np.ndarray:
+        """Inverse of :meth:`harmonise` for one known site (maps bands to site scale)."""
+        s = self.sites.index(site)
+        mean = self.covariate_mean(covariates)
+        sd = np.sqrt(self.var_pooled)[None, :]
+        z = (np.asarray(harmonised, dtype=float) - mean) / sd
+        return (z * np.sqrt(self.delta_star[s]) + self.gamma_star[s]) * sd + mean
+
+    def to_dict(self, feature_names: Sequence[str]) -> dict[str, Any]:
+        """JSON form keyed by site and feature name."""
+        def per_site(a: np.ndarray) -> dict[str, dict[str, float]]:
+            return {site: dict(zip(feature_names, map(float, a[s]), strict=True))
+                    for s, site in enumerate(self.sites)}
+        return {
+            "method": ("parametric empirical Bayes (Johnson et al. 2007)"
+                       if self.empirical_bayes else
+                       "location/scale per site without empirical Bayes (too few indices)"),
+            "sites": list(self.sites),
+            "n_per_site": dict(zip(self.sites, map(int, self.n_per_site), strict=True)),
+            "grand_mean": dict(zip(feature_names, map(float, self.grand_mean), strict=True)),
+            "var_pooled": dict(zip(feature_names, map(float, self.var_pooled), strict=True)),
+            "beta": {name: [float(v) for v in self.beta[:, j]]
+                     for j, name in enumerate(feature_names)},
+            "gamma_hat": per_site(self.gamma_hat), "delta_hat": per_site(self.delta_hat),
+            "gamma_star": per_site(self.gamma_star), "delta_star": per_site(self.delta_star),
+            "priors": self.priors, "iterations": list(self.iterations),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], feature_names: Sequence[str]) -> CombatEstimates:
+        """Inverse of :meth:`to_dict`."""
+        sites = [str(s) for s in d["sites"]]
+
+        def per_site(key: str) -> np.ndarray:
+            return np.array([[float(d[key][s][f]) for f in feature_names] for s in sites])
+        return cls(
+            sites=sites, n_per_site=[int(d["n_per_site"][s]) for s in sites],
+            grand_mean=np.array([float(d["grand_mean"][f]) for f in feature_names]),
+            beta=np.array([[float(v) for v in d["beta"][f]] for f in feature_names]).T
+            .reshape(-1, len(feature_names)),
+            var_pooled=np.array([float(d["var_pooled"][f]) for f in feature_names]),
+            gamma_hat=per_site("gamma_hat"), delta_hat=per_site("delta_hat"),
+            gamma_star=per_site("gamma_star"), delta_star=per_site("delta_star"),
+            empirical_bayes=str(d["method"]).startswith("parametric"),
+            priors={k: [float(x) for x in v] for k, v in d.get("priors", {}).items()},
+            iterations=[int(i) for i in d.get("iterations", [])])
+
+
+def combat_fit(values: np.ndarray, sites: Sequence[str], covariates: np.ndarray | None = None,
+               *, empirical_bayes: bool | None = None, tol: float = 1e-4,
+               max_iter: int = 1000) -> tuple[np.ndarray, CombatEstimates]:
+    """ComBat harmonisation (Johnson, Li & Rabinovic, Biostatistics 2007; parametric priors).
+
+    Model per feature g and sample j at site i:
+    ``y = α + C·β + γ_i + δ_i·ε``. Steps: OLS of y on [site indicators, C]; α = the
+    sample-size-weighted mean of the site intercepts; pooled variance with divisor n;
+    standardised residuals Z; per site γ̂ = mean Z, δ̂² = var Z (ddof 1); normal prior on
+    γ (mean and variance across features) and inverse-gamma prior on δ² (method of
+    moments); posterior γ*, δ*² by the fixed-point iteration of the paper, stopped when
+    the largest relative change is below ``tol`` (the rule of sva and neuroCombat).
+
+    Parameters
+    ----------
+    values : ndarray (n, g)
+        One row per sample (session), one column per feature (index).
+    sites : sequence of str, length n
+    covariates : ndarray (n, q) or None
+        Biological covariates to preserve (age basis, sex), without an intercept.
+    empirical_bayes : bool or None
+        None: EB when there are at least :data:`MIN_FEATURES_FOR_EB` features.
+    tol, max_iter : float, int
+        Convergence of the EB iteration.
+
+    Returns
+    -------
+    harmonised : ndarray (n, g)
+    estimates : CombatEstimates
+
+    Raises
+    ------
+    ValueError
+        Non-finite values, a site with fewer than 2 samples, a constant feature, or a
+        design that is not of full rank.
+    """
+    y = np.asarray(values, dtype=float)
+    if y.ndim != 2 or y.shape[0] != len(sites):
+        raise ValueError("values must be (n_samples, n_features) with one site per sample")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("ComBat needs finite values")
+    n, g = y.shape
+    c = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, dtype=float)
+    c = c.reshape(n, -1)
+    site_list = sorted(set(sites))
+    site_idx = np.array([site_list.index(s) for s in sites])
+    counts = np.bincount(site_idx, minlength=len(site_list))
+    if counts.min() < 2:
+        raise ValueError(f"ComBat needs at least 2 samples per site: "
+                         f"{dict(zip(site_list, counts.tolist(), strict=True))}")
+    onehot = np.eye(len(site_list))[site_idx]
+    design = np.hstack([onehot, c])
+    coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
+    if rank < design.shape[1]:
+        raise ValueError("ComBat design (sites + covariates) is not of full rank: a "
+                         "covariate is constant or confounded with site")
+    n_sites = len(site_list)
+    grand_mean = (counts / n) @ coef[:n_sites]
+    beta = coef[n_sites:]
+    var_pooled = ((y - design @ coef) ** 2).mean(axis=0)
+    if np.any(var_pooled <= 0):
+        raise ValueError("ComBat: a feature has no residual variance")
+    mean = grand_mean[None, :] + c @ beta
+    z = (y - mean) / np.sqrt(var_pooled)
+    gamma_hat = np.array([z[site_idx == s].mean(axis=0) for s in range(n_sites)])
+    delta_hat = np.array([z[site_idx == s].var(axis=0, ddof=1) for s in range(n_sites)])
+    if empirical_bayes is None:
+        empirical_bayes = g >= MIN_FEATURES_FOR_EB
+    if empirical_bayes and g < 2:
+        raise ValueError("empirical Bayes ComBat needs at least 2 features")
+    gamma_star, delta_star = gamma_hat.copy(), delta_hat.copy()
+    priors: dict[str, list[float]] = {}
+    iterations: list[int] = []
+    if empirical_bayes:
+        gamma_bar = gamma_hat.mean(axis=1)
+        tau2 = gamma_hat.var(axis=1, ddof=1)
+        m = delta_hat.mean(axis=1)
+        s2 = delta_hat.var(axis=1, ddof=1)
+        a = (2 * s2 + m**2) / s2
+        b = (m * s2 + m**3) / s2
+        priors = {"gamma_bar": gamma_bar.tolist(), "tau2": tau2.tolist(),
+                  "a": a.tolist(), "b": b.tolist()}
+        for s in range(n_sites):
+            zs = z[site_idx == s]
+            ns = zs.shape[0]
+            g_old, d_old = gamma_hat[s], delta_hat[s]
+            for n_iter in range(1, max_iter + 1):  # noqa: B007 - count kept after the loop
+                g_new = (tau2[s] * ns * gamma_hat[s] + d_old * gamma_bar[s]) / (tau2[s] * ns
+                                                                                 + d_old)
+                sum2 = ((zs - g_new) ** 2).sum(axis=0)
+                d_new = (0.5 * sum2 + b[s]) / (ns / 2.0 + a[s] - 1.0)
+                change = max(np.max(np.abs(g_new - g_old) / np.abs(g_old)),
+                             np.max(np.abs(d_new - d_old) / d_old))
+                g_old, d_old = g_new, d_new
+                if change < tol:
+                    break
+            else:
+                raise ValueError(f"ComBat EB iteration did not converge for site "
+                                 f"{site_list[s]} in {max_iter} iterations")
+            gamma_star[s], delta_star[s] = g_new, d_new
+            iterations.append(n_iter)
+    harmonised = np.empty_like(y)
+    for s in range(n_sites):
+        rows = site_idx == s
+        harmonised[rows] = ((z[rows] - gamma_star[s]) / np.sqrt(delta_star[s])
+                            * np.sqrt(var_pooled) + mean[rows])
+    est = CombatEstimates(sites=site_list, n_per_site=counts.tolist(), grand_mean=grand_mean,
+                          beta=beta, var_pooled=var_pooled, gamma_hat=gamma_hat,
+                          delta_hat=delta_hat, gamma_star=gamma_star, delta_star=delta_star,
+                          empirical_bayes=bool(empirical_bayes), priors=priors,
+                          iterations=iterations)
+    return harmonised, est
+
+
+# ----------------------------------------------------------------------- robust fitting
+
+
+def huber_regression(y: np.ndarray, x: np.ndarray, *, c: float = 1.345,
+                     max_iter: int = 100) -> tuple[np.ndarray, float, np.ndarray]:
+    """Huber M-regression with Huber's proposal-2 scale (statsmodels RLM, HuberScale).
+
+    Returns
+    -------
+    coef : ndarray (p,)
+    scale : float
+        Robust residual SD (consistent at the normal model).
+    cov : ndarray (p, p)
+        Covariance of ``coef`` (Huber's H1 sandwich form).
+    """
+    import statsmodels.api as sm
+
+    model = sm.RLM(y, x, M=sm.robust.norms.HuberT(t=c))
+    fit = model.fit(scale_est=sm.robust.scale.HuberScale(), maxiter=max_iter)
+    return np.asarray(fit.params), float(fit.scale), np.asarray(fit.bcov_scaled)
+
+
+# ------------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class ZScore:
+    """One index of one session against the normative model.
+
+    Attributes
+    ----------
+    index : str
+    value : float
+        As measured (index units).
+    harmonised : float
+        After the site's ComBat adjustment (= value for an unknown site).
+    expected : float
+        Normative mean for the session's age and sex (harmonised scale).
+    sd : float
+        Predictive SD: sqrt(residual SD² + variance of the fitted mean).
+    z : float
+        ``(harmonised − expected) / sd``; NaN when not computable (see ``notes``).
+    site_harmonised : bool
+    notes : tuple of str
+        Why the z-score is missing or should be read with care.
+    """
+
+    index: str
+    value: float
+    harmonised: float
+    expected: float
+    sd: float
+    z: float
+    site_harmonised: bool
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"index": self.index, "units": index_units(self.index), "value": self.value,
+                "harmonised": self.harmonised, "expected": self.expected, "sd": self.sd,
+                "z": self.z, "site_harmonised": self.site_harmonised,
+                "notes": list(self.notes)}
+
+
+@dataclass
+class IndexFit:
+    """Normative fit of one index on the harmonised scale.
+
+    Attributes
+    ----------
+    coef : ndarray (p,)
+        Intercept, age basis, then sex (M) when the model has a sex term.
+    cov : ndarray (p, p)
+    residual_sd : float
+        Huber proposal-2 scale of the residuals.
+    classical_sd : float
+        Plain residual SD (for comparison; not used for z).
+    n : int
+    """
+
+    coef: np.ndarray
+    cov: np.ndarray
+    residual_sd: float
+    classical_sd: float
+    n: int
+
+
+@dataclass
+class NormativeModel:
+    """Per-index normative model (see the module docstring); build with
+    :func:`build_normative_model`, persist with :meth:`save` / :func:`load_model`."""
+
+    indices: list[str]
+    age_basis: AgeBasis
+    sex_term: bool
+    combat: CombatEstimates
+    fits: dict[str, IndexFit]
+    cohort: dict[str, Any]
+    provenance: dict[str, Any]
+    selection: dict[str, Any] = field(default_factory=dict)
+
+    # -- design
+    def covariates(self, ages: np.ndarray, sexes: Sequence[str | None]) -> np.ndarray:
+        """Covariate matrix (n, q) without intercept: age basis, then [sex = M]."""
+        basis = self.age_basis(ages)
+        if not self.sex_term:
+            return basis
+        male = np.array([1.0 if normalise_sex(s) == "M" else 0.0 for s in sexes])
+        return np.column_stack([basis, male])
+
+    @property
+    def age_range(self) -> tuple[float, float]:
+        """Youngest and oldest control age in the fit, years."""
+        lo, hi = self.cohort["age_range_years"]
+        return float(lo), float(hi)
+
+    def _mean_sd(self, index: str, cov_row: np.ndarray) -> tuple[float, float]:
+        fit = self.fits[index]
+        x = np.concatenate([[1.0], cov_row])
+        mean = float(x @ fit.coef)
+        sd = math.sqrt(fit.residual_sd**2 + float(x @ fit.cov @ x))
+        return mean, sd
+
+    def _scoring_problems(self, age: float | None, sex: str | None) -> list[str]:
+        problems = []
+        if age is None or not math.isfinite(age):
+            problems.append("age unknown")
+        if self.sex_term and normalise_sex(sex) is None:
+            problems.append("sex unknown")
+        return problems
+
+    # -- scores
+    def z_scores(self, record: SessionRecord) -> dict[str, ZScore]:
+        """z-score of every model index present in ``record``.
+
+        Sites the model knows are harmonised with their ComBat estimates (using the
+        session's own age and sex). A site the model has not seen is not harmonised:
+        the z-score then includes that site's unknown offset; a note says so and a
+        warning is logged. Ages outside the control range are extrapolated linearly
+        (natural spline) and noted. Missing age (or sex, when the model has a sex
+        term) gives NaN with a note.
+        """
+        out: dict[str, ZScore] = {}
+        problems = self._scoring_problems(record.age, record.sex)
+        notes: list[str] = list(problems)
+        known_site = record.site in self.combat.sites
+        if not known_site:
+            notes.append(f"site {record.site!r} is not in the normative model: "
+                         "not harmonised")
+        if not problems:
+            lo, hi = self.age_range
+            if not lo <= float(record.age) <= hi:  # type: ignore[arg-type]
+                notes.append(f"age {record.age:g} outside the control range "
+                             f"{lo:g}-{hi:g} years (extrapolated)")
+        if record.qc_status == "fail":
+            notes.append("session QC failed")
+        if not known_site and any(k in record.indices for k in self.indices):
+            log.warning("%s %s: site %r is not in the normative model; z-scores are not "
+                        "site-harmonised", record.subject, record.session, record.site)
+        for k, index in enumerate(self.indices):
+            if index not in record.indices:
+                continue
+            value = float(record.indices[index])
+            if problems or not math.isfinite(value):
+                why = tuple(notes) if problems else (*notes, "value not finite")
+                out[index] = ZScore(index, value, math.nan, math.nan, math.nan, math.nan,
+                                    known_site, why)
+                continue
+            cov_row = self.covariates(np.array([record.age]), [record.sex])
+            harmonised = value
+            if known_site:
+                row = np.full((1, len(self.indices)), np.nan)
+                row[0, k] = value
+                adj, _ = self.combat.harmonise(row, [record.site], cov_row)
+                harmonised = float(adj[0, k])
+            mean, sd = self._mean_sd(index, cov_row[0])
+            out[index] = ZScore(index, value, harmonised, mean, sd, (harmonised - mean) / sd,
+                                known_site, tuple(notes))
+        return out
+
+    def band(self, index: str, age: float, sex: str | None, site: str | None,
+             level: float = 0.95) -> tuple[float, float, float]:
+        """Normative mean and central ``level`` band on the scale of ``site``.
+
+        For a known site the harmonised band is mapped back through that site's ComBat
+        adjustment, so it can be drawn with the site's raw values; otherwise the
+        harmonised band. Returns (mean, low, high), index units; NaN when age (or a
+        needed sex) is unknown.
+        """
+        if self._scoring_problems(age, sex):
+            return (math.nan, math.nan, math.nan)
+        from scipy.stats import norm
+
+        q = float(norm.ppf(0.5 + level / 2))
+        cov_row = self.covariates(np.array([age]), [sex])
+        mean, sd = self._mean_sd(index, cov_row[0])
+        triple = np.array([mean, mean - q * sd, mean + q * sd])
+        if site in self.combat.sites:
+            k = self.indices.index(index)
+            full = np.tile(self.combat.covariate_mean(cov_row), (3, 1))
+            full[:, k] = triple
+            triple = self.combat.unharmonise(full, site, np.tile(cov_row, (3, 1)))[:, k]
+        return (float(triple[0]), float(triple[1]), float(triple[2]))
+
+    # -- persistence
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document written by :meth:`save`."""
+        return {
+            "format": MODEL_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "provenance": self.provenance,
+            "cohort": self.cohort,
+            "selection": self.selection,
+            "covariates": {"age": self.age_basis.to_dict(),
+                           "sex": {"term": self.sex_term, "coded": "1 if M else 0"}},
+            "indices": {
+                name: {"units": index_units(name), "n": fit.n,
+                       "coef": [float(v) for v in fit.coef],
+                       "coef_cov": [[float(v) for v in row] for row in fit.cov],
+                       "residual_sd": fit.residual_sd,
+                       "residual_sd_method": "Huber proposal 2 (statsmodels HuberScale)",
+                       "classical_residual_sd": fit.classical_sd}
+                for name, fit in self.fits.items()},
+            "combat": self.combat.to_dict(self.indices),
+        }
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the model atomically as JSON; refuses to replace unless ``overwrite``."""
+        return save_json(path, self.to_dict(), overwrite=overwrite)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str | os.PathLike[str] | None = None
+                  ) -> NormativeModel:
+        """Model from its JSON document; one-line :class:`InputError` if unusable."""
+        if not isinstance(doc, Mapping) or doc.get("format") != MODEL_FORMAT:
+            raise InputError(path, f"not an alsiron normative model (no format "
+                                   f"{MODEL_FORMAT!r})")
+        version = doc.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InputError(path, "normative model has no integer schema_version")
+        if version > SCHEMA_VERSION:
+            raise InputError(path, f"normative model schema version {version} is newer than "
+                                   f"this alsiron ({alsiron.__version__}) reads (up to "
+                                   f"{SCHEMA_VERSION}): upgrade alsiron")
+        if version < 1:
+            raise InputError(path, f"unknown normative model schema version {version}")
+        try:
+            indices = list(doc["indices"])
+            for name in indices:
+                index_units(name)
+            fits = {}
+            for name in indices:
+                d = doc["indices"][name]
+                fits[name] = IndexFit(np.array(d["coef"], dtype=float),
+                                      np.array(d["coef_cov"], dtype=float),
+                                      float(d["residual_sd"]),
+                                      float(d.get("classical_residual_sd", math.nan)),
+                                      int(d["n"]))
+            age_basis = AgeBasis.from_dict(doc["covariates"]["age"])
+            sex_term = bool(doc["covariates"]["sex"]["term"])
+            combat = CombatEstimates.from_dict(doc["combat"], indices)
+            model = cls(indices=indices, age_basis=age_basis, sex_term=sex_term,
+                        combat=combat, fits=fits, cohort=dict(doc["cohort"]),
+                        provenance=dict(doc["provenance"]),
+                        selection=dict(doc.get("selection", {})))
+            q = age_basis.df + int(sex_term)
+            for name, fit in fits.items():
+                if (fit.coef.shape != (q + 1,) or fit.cov.shape != (q + 1, q + 1)
+                        or not fit.residual_sd > 0 or not np.all(np.isfinite(fit.coef))):
+                    raise ValueError(f"index {name}: coefficients do not match the design")
+            if combat.beta.shape != (q, len(indices)):
+                raise ValueError("ComBat covariate coefficients do not match the design")
+            model.age_range  # noqa: B018 - checks the cohort summary has it
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise InputError(path, f"malformed normative model ({type(exc).__name__}: "
+                                   f"{exc})") from None
+        return model
+
+
+def load_model(path: str | os.PathLike[str]) -> NormativeModel:
+    """Read a model written by :meth:`NormativeModel.save`.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, not JSON, not a normative model, a newer schema
+        version, or a malformed document (one line, naming the file).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise InputError(p, "normative model not found. " + NO_MODEL_MESSAGE) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(p, f"cannot read normative model: {exc}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(p, f"normative model is not valid JSON ({exc.msg}, line "
+                            f"{exc.lineno})") from None
+    return NormativeModel.from_dict(doc, p)
+
+
+# ------------------------------------------------------------------------- building
+
+
+def _select_rows(records: Iterable[SessionRecord], group: str, visits: str
+                 ) -> tuple[list[SessionRecord], dict[str, int]]:
+    """Eligible control scans: group match, QC not failed, run 1, one per subject
+    (earliest visit) unless ``visits == "all"``."""
+    dropped = {"qc_failed": 0, "repeat_runs": 0, "later_visits": 0, "missing_covariates": 0}
+    chosen: dict[tuple[str, str], SessionRecord] = {}
+    for r in records:
+        if r.group != group:
+            continue
+        if r.qc_status == "fail":
+            dropped["qc_failed"] += 1
+            continue
+        if r.run != 1:
+            dropped["repeat_runs"] += 1
+            continue
+        if r.age is None or not math.isfinite(r.age) or r.site is None:
+            dropped["missing_covariates"] += 1
+            continue
+        chosen[(r.subject, r.session)] = r
+    rows = sorted(chosen.values(), key=lambda r: (r.subject, _visit_order(r)))
+    if visits == "baseline":
+        first: dict[str, SessionRecord] = {}
+        for r in rows:
+            if r.subject in first:
+                dropped["later_visits"] += 1
+            else:
+                first[r.subject] = r
+        rows = list(first.values())
+    return rows, dropped
+
+
+def _visit_order(r: SessionRecord) -> tuple[float, str, str]:
+    t = r.years_since_baseline
+    return (t if t is not None and math.isfinite(t) else math.inf, r.acq_time or "", r.session)
+
+
+def _choose_indices(rows: Sequence[SessionRecord], indices: Sequence[str] | None,
+                    min_fraction: float = 0.9) -> list[str]:
+    if indices is not None:
+        chosen = list(indices)
+        for name in chosen:
+            index_units(name)
+        return chosen
+    names = sorted({k for r in rows for k in r.indices})
+    chosen = []
+    for name in names:
+        if name.endswith("_n"):
+            continue
+        present = sum(1 for r in rows if math.isfinite(r.indices.get(name, math.nan)))
+        if present >= min_fraction * len(rows):
+            chosen.append(name)
+        else:
+            log.warning("normative: index %s left out (finite in %d of %d controls)",
+                        name, present, len(rows))
+    return chosen
+
+
+def _bic_by_df(y: np.ndarray, ages: np.ndarray, sites: Sequence[str], male: np.ndarray | None
+               ) -> dict[int, float]:
+    """Summed (over indices) Gaussian BIC of OLS fits with site intercepts, per age df."""
+    n = y.shape[0]
+    site_list = sorted(set(sites))
+    onehot = np.eye(len(site_list))[[site_list.index(s) for s in sites]]
+    out = {}
+    for df in AGE_DF_CHOICES:
+        if len(np.unique(ages)) < df + 3:
+            continue
+        try:
+            basis = AgeBasis.from_ages(ages, df)(ages)
+        except ValueError:
+            continue
+        x = np.hstack([onehot, basis] + ([male[:, None]] if male is not None else []))
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        rss = ((y - x @ coef) ** 2).sum(axis=0)
+        k = x.shape[1] + 1
+        out[df] = float(np.sum(n * np.log(rss / n) + k * math.log(n)))
+    return out
+
+
+def build_normative_model(
+    records: Iterable[SessionRecord],
+    *,
+    group: str = "control",
+    indices: Sequence[str] | None = None,
+    age_df: int | Literal["auto"] = "auto",
+    visits: Literal["baseline", "all"] = "baseline",
+    empirical_bayes: bool | None = None,
+    min_per_site: int = MIN_CONTROLS_PER_SITE,
+    source: str | None = None,
+) -> NormativeModel:
+    """Fit the normative model to the ``group`` sessions of ``records``.
+
+    Parameters
+    ----------
+    records : iterable of SessionRecord
+        Typically ``Registry.sessions()``; only ``group`` sessions with QC not failed,
+        run 1 (no same-day repeats), known age and site are used.
+    group : str
+        Reference group label (participants.tsv ``group``).
+    indices : sequence of str or None
+        Indices to model; None: every index finite in ≥ 90 % of the eligible controls
+        except voxel counts (``*_n``).
+    age_df : int or "auto"
+        Degrees of freedom of the age spline (1 = linear, up to 4); "auto" picks the one
+        with the lowest BIC summed over indices.
+    visits : {"baseline", "all"}
+        One scan per control (earliest visit; default, keeps the samples independent as
+        ComBat and the scale estimate assume) or every visit.
+    empirical_bayes : bool or None
+        ComBat EB pooling across indices; None: when ≥ :data:`MIN_FEATURES_FOR_EB`.
+    min_per_site : int
+        Sites with fewer eligible controls are left out (logged).
+    source : str or None
+        Where the records came from (registry location), for the provenance.
+
+    Raises
+    ------
+    InputError
+        Too few usable controls, no index, or a design that cannot be fitted.
+    """
+    if visits not in ("baseline", "all"):
+        raise ValueError(f"visits must be 'baseline' or 'all', got {visits!r}")
+    records = list(records)
+    rows, dropped = _select_rows(records, group, visits)
+    groups_seen = sorted({str(r.group) for r in records})
+    if not rows:
+        raise InputError(source, f"no usable {group!r} sessions (groups present: "
+                                 f"{', '.join(groups_seen) or 'none'})")
+    names = _choose_indices(rows, indices)
+    if not names:
+        raise InputError(source, "no index is finite in enough control sessions")
+    y_all = np.array([[float(r.indices.get(k, math.nan)) for k in names] for r in rows])
+    complete = np.all(np.isfinite(y_all), axis=1)
+    dropped["missing_values"] = int((~complete).sum())
+    rows = [r for r, ok in zip(rows, complete, strict=True) if ok]
+    y = y_all[complete]
+    site_counts: dict[str, int] = {}
+    for r in rows:
+        site_counts[str(r.site)] = site_counts.get(str(r.site), 0) + 1
+    small = sorted(s for s, c in site_counts.items() if c < min_per_site)
+    if small:
+        log.warning("normative: sites with fewer than %d controls left out: %s",
+                    min_per_site, ", ".join(small))
+        keep = np.array([str(r.site) not in small for r in rows])
+        rows = [r for r, k in zip(rows, keep, strict=True) if k]
+        y = y[keep]
+        dropped["small_sites"] = int((~keep).sum())
+    if len(rows) < 20:
+        raise InputError(source, f"only {len(rows)} usable {group!r} sessions; a normative "
+                                 "model needs at least 20")
+    ages = np.array([float(r.age) for r in rows])  # type: ignore[arg-type]
+    sexes = [normalise_sex(r.sex) for r in rows]
+    sites = [str(r.site) for r in rows]
+    sex_known = all(s is not None for s in sexes)
+    sex_term = sex_known and len(set(sexes)) == 2
+    if not sex_known:
+        log.warning("normative: sex missing for some controls; model has no sex term")
+    male = np.array([1.0 if s == "M" else 0.0 for s in sexes]) if sex_term else None
+    bic = _bic_by_df(y, ages, sites, male)
+    if age_df == "auto":
+        if not bic:
+            raise InputError(source, "too few distinct control ages to fit an age model")
+        df = min(bic, key=lambda k: bic[k])
+    else:
+        df = int(age_df)
+    try:
+        basis = AgeBasis.from_ages(ages, df)
+    except ValueError as exc:
+        raise InputError(source, str(exc)) from None
+    model = NormativeModel(indices=names, age_basis=basis, sex_term=sex_term,
+                           combat=None, fits={}, cohort={}, provenance={})  # type: ignore
+    cov = model.covariates(ages, sexes)
+    try:
+        harmonised, combat = combat_fit(y, sites, cov, empirical_bayes=empirical_bayes)
+    except ValueError as exc:
+        raise InputError(source, f"ComBat: {exc}") from None
+    model.combat = combat
+    x = np.column_stack([np.ones(len(rows)), cov])
+    for j, name in enumerate(names):
+        coef, scale, coef_cov = huber_regression(harmonised[:, j], x)
+        resid = harmonised[:, j] - x @ coef
+        classical = float(np.sqrt((resid**2).sum() / (len(rows) - x.shape[1])))
+        model.fits[name] = IndexFit(coef, coef_cov, scale, classical, len(rows))
+    model.cohort = _cohort_summary(rows, group)
+    model.selection = {"group": group, "visits": visits, "dropped": dropped,
+                       "age_df": df, "age_df_selection": "BIC" if age_df == "auto" else "fixed",
+                       "bic_by_df": {str(k): v for k, v in bic.items()},
+                       "min_per_site": min_per_site}
+    model.provenance = {
+        "software": "alsiron", "software_version": alsiron.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "source": source, "indices": list(names),
+        "method": ("per index: ComBat (Johnson 2007) over sites preserving age spline and "
+                   "sex; Huber M-regression of the harmonised values on age spline and "
+                   "sex; Huber proposal-2 residual SD"),
+        "input_software_versions": sorted({r.software_version for r in rows
+                                           if r.software_version}),
+    }
+    return model
+
+
+def _cohort_summary(rows: Sequence[SessionRecord], group: str) -> dict[str, Any]:
+    def counts(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in rows:
+            label = str(getattr(r, key))
+            out[label] = out.get(label, 0) + 1
+        return dict(sorted(out.items()))
+    by_site_sex: dict[str, dict[str, int]] = {}
+    for r in rows:
+        per = by_site_sex.setdefault(str(r.site), {})
+        sex = normalise_sex(r.sex) or "unknown"
+        per[sex] = per.get(sex, 0) + 1
+    ages = [float(r.age) for r in rows]  # type: ignore[arg-type]
+    return {"n_sessions": len(rows), "n_subjects": len({r.subject for r in rows}),
+            "n_by_group": {group: len(rows)}, "n_by_site": counts("site"),
+            "n_by_sex": {k: v for k, v in sorted(
+                (s, sum(1 for r in rows if (normalise_sex(r.sex) or "unknown") == s))
+                for s in {normalise_sex(r.sex) or "unknown" for r in rows})},
+            "n_by_site_sex": by_site_sex,
+            "age_range_years": [min(ages), max(ages)],
+            "age_mean_years": float(np.mean(ages)),
+            "field_strength_t": sorted({r.field_strength_t for r in rows
+                                        if r.field_strength_t is not None})}
+
+
+# ------------------------------------------------------------------- session outputs
+
+
+def zscore_table(zscores: Mapping[str, ZScore]) -> str:
+    """Plain-text table of z-scores for the terminal (one index a line)."""
+    lines = [f"{'index':<36} {'value':>10} {'expected':>10} {'SD':>9} {'z':>7}  notes"]
+    for zs in zscores.values():
+        scale = 1000.0 if index_units(zs.index) == "ppm" else 1.0
+        unit = "ppb" if scale == 1000.0 else index_units(zs.index)
+        lines.append(f"{zs.index:<36} {zs.value * scale:>10.2f} {zs.expected * scale:>10.2f} "
+                     f"{zs.sd * scale:>9.2f} {zs.z:>7.2f}  {unit}"
+                     + (f"; {'; '.join(zs.notes)}" if zs.notes else ""))
+    return "\n".join(lines)
+
+
+def session_zscores(record: SessionRecord, model_path: str | os.PathLike[str] | None
+                    ) -> dict[str, ZScore]:
+    """z-scores of one session against the model at ``model_path``.
+
+    For ``alsiron qsm SUBJ_DIR --normative MODEL``: with ``model_path`` None it raises
+    :class:`InputError` with :data:`NO_MODEL_MESSAGE` (how to build one).
+    """
+    if model_path is None:
+        raise InputError(None, NO_MODEL_MESSAGE)
+    return load_model(model_path).z_scores(record)
+
+
+def score_session(record: SessionRecord, model_path: str | os.PathLike[str] | None, *,
+                  out: str | os.PathLike[str] | None = None, overwrite: bool = False
+                  ) -> tuple[dict[str, ZScore], str]:
+    """What ``alsiron qsm ... --normative MODEL`` does with one session's record.
+
+    Returns the z-scores and the text to print (:func:`zscore_table`); with ``out`` also
+    stores them as JSON there (:func:`write_zscores`). With ``model_path`` None nothing
+    is computed and the text is :data:`NO_MODEL_MESSAGE` (how to build a model).
+    """
+    if model_path is None:
+        return {}, NO_MODEL_MESSAGE
+    zscores = session_zscores(record, model_path)
+    if out is not None:
+        write_zscores(out, record, zscores, model_path, overwrite=overwrite)
+    return zscores, f"{record.subject} {record.session}: z-scores against {model_path}\n" \
+        + zscore_table(zscores)
+
+
+def write_zscores(path: str | os.PathLike[str], record: SessionRecord,
+                  zscores: Mapping[str, ZScore], model_path: str | os.PathLike[str], *,
+                  overwrite: bool = False) -> Path:
+    """Store one session's z-scores as JSON (atomic) with the model they came from."""
+    p = Path(model_path)
+    digest = sha256_file(p) if p.is_file() else None
+    doc = {"subject": record.subject, "session": record.session, "run": record.run,
+           "site": record.site, "age": record.age, "sex": record.sex,
+           "normative_model": {"path": str(p), "sha256": digest},
+           "software_version": alsiron.__version__,
+           "zscores": [z.to_dict() for z in zscores.values()]}
+    return save_json(path, doc, overwrite=overwrite)
+
+

@@ -1,0 +1,298 @@
+"""One subject through the whole per-visit chain: maps → motor-cortex indices → registry
+record → z-scores.
+
+This is what ``alsiron qsm SUBJ_DIR`` runs and what ``alsiron demo`` runs per subject;
+the CLI only parses options into :class:`QsmRunOptions` and prints the
+:class:`SessionOutcome` objects as they come.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import alsiron
+from alsiron.cohort.records import SessionRecord
+from alsiron.errors import AlsironError
+from alsiron.io import bids as ingest
+from alsiron.io import derivatives
+from alsiron.io.tables import visit_info
+from alsiron.qsm import chain as workflow
+from alsiron.runs import roi as roi_workflow
+from alsiron.volume import MegreSeries
+
+log = logging.getLogger("alsiron")
+
+
+@dataclass
+class QsmRunOptions:
+    """Every choice of an ``alsiron qsm`` run.
+
+    Attributes
+    ----------
+    params : QsmParameters
+        Algorithms and parameters of the map-making chain.
+    echo_times : list of float, optional
+        Echo times [s] overriding the sidecars.
+    field_strength : float, optional
+        B0 [T] overriding the sidecars.
+    fill_nonfinite, negate_phase, phase_unwrapped : bool
+        Input handling, as the CLI options of the same names.
+    mask_path, reference_mask, fieldmap_path : path, optional
+        User brain mask, reference region (with ``reference_label``) and total field map.
+    roi : RoiOptions or None
+        Motor-cortex masks and indices; None skips them.
+    registry : str or path or None
+        Results registry location (SQLite file or SQLAlchemy URL); None: ``$ALSIRON_REGISTRY``
+        or the default file beside the derivatives.
+    record : bool
+        Write each session's record to the registry.
+    normative : path, optional
+        Normative model JSON: z-scores per session (printed and stored beside the indices).
+    overwrite : bool
+        Replace existing outputs.
+    """
+
+    params: workflow.QsmParameters = field(default_factory=workflow.QsmParameters)
+    echo_times: list[float] | None = None
+    field_strength: float | None = None
+    fill_nonfinite: bool = False
+    negate_phase: bool = False
+    phase_unwrapped: bool = False
+    mask_path: Path | None = None
+    reference_mask: Path | None = None
+    reference_label: int | None = None
+    fieldmap_path: Path | None = None
+    roi: roi_workflow.RoiOptions | None = field(default_factory=roi_workflow.RoiOptions)
+    registry: str | Path | None = None
+    record: bool = True
+    normative: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class SessionOutcome:
+    """What one MEGRE series of one visit produced.
+
+    Attributes
+    ----------
+    label : str
+        BIDS prefix of the series (``sub-01_ses-01``).
+    out_root : Path
+        Derivatives folder the outputs went to.
+    series : MegreSeries
+    result : SessionResult
+        The maps.
+    written : list of Path
+        Map files written.
+    seconds : float
+        Wall time of the map-making chain.
+    truth : dict
+        Phantom-truth comparison (empty for real data).
+    indices : MotorCortexIndices or None
+        None when skipped or failed (then ``roi_error`` says why).
+    roi_written : list of Path
+    roi_seconds : float
+        Wall time of the motor-cortex stage.
+    roi_error : str or None
+    record : SessionRecord or None
+        The registry record (None when not recorded).
+    registry : str or None
+        Where the record went.
+    zscores : dict
+        Index → :class:`alsiron.cohort.normative.ZScore` (empty without a model).
+    zscore_text : str
+        Printable z-score table, or how to build a model.
+    """
+
+    label: str
+    out_root: Path
+    series: MegreSeries
+    result: workflow.SessionResult
+    written: list[Path]
+    seconds: float
+    truth: dict[str, Any]
+    indices: Any = None
+    roi_written: list[Path] = field(default_factory=list)
+    roi_seconds: float = 0.0
+    roi_error: str | None = None
+    record: SessionRecord | None = None
+    registry: str | None = None
+    zscores: dict[str, Any] = field(default_factory=dict)
+    zscore_text: str = ""
+
+
+def zscore_path(out_root: Path, entities: dict[str, str]) -> Path:
+    """Where a session's z-scores are stored (JSON beside the indices)."""
+    p = derivatives.map_path(out_root, entities, "zscores", roi_workflow.DESC)
+    return p.with_name(p.name.replace(".nii.gz", ".json"))
+
+
+def session_record(series: MegreSeries, entities: dict[str, str], dataset_root: Path,
+                   provenance: dict[str, Any]) -> SessionRecord:
+    """The registry record of one series, before indices: who, when, where, inputs.
+
+    Visit metadata come from ``participants.tsv``/``sessions.tsv``
+    (:func:`alsiron.io.tables.visit_info`); input checksums are SHA-256 of the
+    magnitude and phase files, keyed relative to the dataset.
+    """
+    from alsiron.cohort.registry import input_checksums
+
+    subject = f"sub-{entities['sub']}"
+    session = f"ses-{entities['ses']}" if entities.get("ses") else ""
+    run = int(entities["run"]) if entities.get("run", "").isdigit() else 1
+    info = visit_info(dataset_root, subject, session)
+    # A dataset without session folders has one visit; the registry key needs a label.
+    session = session or "n/a"
+    return SessionRecord(
+        subject=subject, session=session, run=run, acq_time=info.acq_time,
+        years_since_baseline=info.years_since_baseline, site=info.site, group=info.group,
+        sex=info.sex, age=info.age, field_strength_t=float(series.field_strength),
+        input_checksums=input_checksums(series.sources, dataset_root),
+        software_version=alsiron.__version__, parameters={"qsm": provenance})
+
+
+def _check_free(out_root: Path, entities: dict[str, str], opts: QsmRunOptions) -> None:
+    names = [derivatives.map_path(out_root, entities, m_suffix, m_desc)
+             for m_suffix, m_desc in workflow.OUTPUT_NAMES]
+    if opts.normative is not None:
+        names.append(zscore_path(out_root, entities))
+    derivatives.check_free(names, opts.overwrite)
+    if opts.roi is not None:
+        roi_workflow.check_outputs_free(out_root, entities, opts.overwrite)
+
+
+def run_qsm_subject(
+    subj_dir: str | Path,
+    options: QsmRunOptions | None = None,
+    *,
+    out: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    iteration_progress: Callable[[int, int], None] | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> Iterator[SessionOutcome]:
+    """Process every MEGRE series of every session of a subject, one at a time.
+
+    Parameters
+    ----------
+    subj_dir : path
+        BIDS ``sub-XX/`` or ``sub-XX/ses-YY/`` folder.
+    options : QsmRunOptions, optional
+    out : path, optional
+        Derivatives folder (default ``<dataset>/derivatives/alsiron``).
+    progress, iteration_progress : callable, optional
+        Step and solver-iteration callbacks (see :func:`alsiron.qsm.chain.process_series`).
+    announce : callable, optional
+        Receives one-line status messages ("loading 6 echoes").
+
+    Yields
+    ------
+    SessionOutcome
+        As each series finishes (its maps, indices and record are already on disk).
+
+    Raises
+    ------
+    InputError, OutputExistsError, ValueError
+        Bad input or outputs that exist without ``overwrite``: raised before any file
+        of that series is written.  A failure of the motor-cortex stage does not raise:
+        the maps stay, the outcome's ``roi_error`` says why and the record is marked
+        ``qc_status="fail"``.
+    """
+    from alsiron.evaluation.truth import compare_with_truth
+
+    opts = options or QsmRunOptions()
+    say = announce or (lambda _msg: None)
+    sessions = ingest.find_sessions(subj_dir)
+    root = ingest.dataset_root(subj_dir)
+    out_root = derivatives.derivatives_root(root, out)
+    registry = registry_location = None
+    if opts.record:
+        from alsiron.cohort.registry import (
+            REGISTRY_ENV,
+            Registry,
+            default_registry_path,
+            resolve_location,
+        )
+
+        if opts.registry is not None or os.environ.get(REGISTRY_ENV):
+            registry_location = resolve_location(opts.registry)
+        else:
+            registry_location = default_registry_path(out_root)
+        # Opened once for the subject (its integrity check is not free), and before any
+        # map is made, so a damaged or newer-schema registry stops the run up front.
+        registry = Registry.open(registry_location)
+    try:
+        for ses in sessions:
+            for files in ses.series:
+                label = files.prefix
+                entities = dict(files.entities)
+                _check_free(out_root, entities, opts)
+                say(f"{label}: loading {len(files.echoes)} echoes")
+                series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
+                                           echo_times=opts.echo_times,
+                                           field_strength=opts.field_strength,
+                                           fill_nonfinite=opts.fill_nonfinite,
+                                           negate_phase=opts.negate_phase,
+                                           phase_unwrapped=opts.phase_unwrapped)
+                user_mask = ref_region = user_field = None
+                if opts.mask_path is not None:
+                    user_mask = ingest.load_mask(opts.mask_path, series)
+                    series.metadata["BrainMaskSource"] = str(opts.mask_path)
+                if opts.reference_mask is not None:
+                    ref_region = ingest.load_mask(opts.reference_mask, series,
+                                                  label=opts.reference_label)
+                    series.metadata["ReferenceSource"] = (
+                        str(opts.reference_mask) if opts.reference_label is None
+                        else f"{opts.reference_mask} label {opts.reference_label}")
+                if opts.fieldmap_path is not None:
+                    user_field = ingest.load_fieldmap(opts.fieldmap_path, series)
+                    series.metadata["FieldMapSource"] = str(opts.fieldmap_path)
+                t0 = time.perf_counter()
+                result = workflow.process_series(series, opts.params, brain_mask=user_mask,
+                                                 reference_mask=ref_region,
+                                                 phase_unwrapped=opts.phase_unwrapped,
+                                                 total_field_ppm=user_field, progress=progress,
+                                                 iteration_progress=iteration_progress)
+                written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
+                                                 result.provenance, overwrite=opts.overwrite)
+                outcome = SessionOutcome(
+                    label=label, out_root=out_root, series=series, result=result,
+                    written=written, seconds=time.perf_counter() - t0,
+                    truth=compare_with_truth(result, root, entities))
+                record = session_record(series, entities, root, result.provenance)
+                if opts.roi is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        _, outcome.indices, outcome.roi_written = roi_workflow.run_session(
+                            out_root, entities, series.magnitude[0], series.affine,
+                            result.brain_mask.data > 0, chi=result.chi.data,
+                            r2star=result.r2star.data, options=opts.roi, dataset_root=root,
+                            magnitude_name=series.sources[0] if series.sources else None,
+                            overwrite=opts.overwrite)
+                    except (AlsironError, ValueError) as exc:
+                        # The maps are written; a failed mask leaves them usable.
+                        outcome.roi_error = str(exc)
+                        record.qc_status = "fail"
+                        record.qc_notes["motor_cortex_indices"] = f"failed: {exc}"
+                    else:
+                        outcome.indices.update_record(record)
+                    outcome.roi_seconds = time.perf_counter() - t0
+                outcome.record = record
+                if opts.normative is not None and record.indices:
+                    from alsiron.cohort.normative import score_session
+
+                    outcome.zscores, outcome.zscore_text = score_session(
+                        record, opts.normative, out=zscore_path(out_root, entities),
+                        overwrite=opts.overwrite)
+                if registry is not None:
+                    registry.record_session(record)
+                    outcome.registry = str(registry_location)
+                yield outcome
+    finally:
+        if registry is not None:
+            registry.close()
