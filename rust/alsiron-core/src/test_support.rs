@@ -1,10 +1,12 @@
-//! Helpers shared by the unit tests: thread CPU time for the ignored timing tests
-//! (`cargo test --release -- --ignored`), masked NRMSE and demeaning (inversion and
+//! Helpers shared by the unit tests and the timing code: thread CPU time for the timing
+//! code (`--features timing`, run through `tests/timing.rs`), masked NRMSE and demeaning (inversion and
 //! background-removal tests), max-difference comparisons and seeded normal noise.
+#![cfg_attr(not(test), allow(dead_code))]
 
 /// CPU time [s] the calling thread has used (Linux `/proc/thread-self/schedstat`; 0 where
 /// it cannot be read). Thread CPU time rather than wall time, because the development
 /// machine is shared and wall time there measures the other jobs as well.
+#[cfg(feature = "timing")]
 pub(crate) fn thread_cpu_seconds() -> f64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
         .ok()

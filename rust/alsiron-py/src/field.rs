@@ -4,8 +4,9 @@
 //! Every input must be C-contiguous float32 (uint8 masks); the Python wrappers in
 //! `alsiron.fieldmap` convert once. Outputs are new arrays.
 
-use alsiron_core::unwrap_laplacian as laplacian;
-use alsiron_core::{fieldfit, unwrap, Shape3};
+use alsiron_core::field::unwrap_laplacian as laplacian;
+use alsiron_core::field::{fieldfit, unwrap};
+use alsiron_core::Shape3;
 use numpy::ndarray::Array4;
 use numpy::PyUntypedArrayMethods;
 use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyReadonlyArray4};

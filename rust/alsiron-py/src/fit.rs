@@ -3,10 +3,12 @@
 //! Every input must be C-contiguous with the dtype named in the signature (the Python
 //! wrappers in `alsiron.fieldmap` / `alsiron.relax` convert once); outputs are new arrays.
 
-use alsiron_core::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
-use alsiron_core::r2star::EchoLayout;
-use alsiron_core::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
-use alsiron_core::{epg, fieldmap, r2star, r2star_fit, unwrap, Shape3};
+use alsiron_core::field::{fieldmap, unwrap};
+use alsiron_core::relax::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
+use alsiron_core::relax::r2star::EchoLayout;
+use alsiron_core::relax::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
+use alsiron_core::relax::{epg, r2star, r2star_fit};
+use alsiron_core::Shape3;
 use numpy::ndarray::Array1;
 use numpy::ndarray::Array2;
 use numpy::PyArray2;

@@ -4,7 +4,8 @@
 //! wrappers in `alsiron.qsm` validate and convert before calling. The GIL is released
 //! around every computation.
 
-use alsiron_core::{bfr, bfr_iterative, dipole, fft, inversion, CoreError, CoreResult, Shape3};
+use alsiron_core::qsm::{bfr, dipole, inversion};
+use alsiron_core::{fft, CoreError, CoreResult, Shape3};
 use numpy::ndarray::Array3;
 use numpy::{Complex32, IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -289,15 +290,15 @@ fn pdf<'py>(
         None => None,
     };
     let kernel = match kernel {
-        "kspace" => bfr_iterative::DipoleDiscretisation::KSpace,
-        "image" => bfr_iterative::DipoleDiscretisation::ImageSpace,
+        "kspace" => bfr::DipoleDiscretisation::KSpace,
+        "image" => bfr::DipoleDiscretisation::ImageSpace,
         other => {
             return Err(PyValueError::new_err(format!(
                 "PDF kernel must be 'kspace' or 'image', got {other:?}"
             )))
         }
     };
-    let params = bfr_iterative::PdfParams {
+    let params = bfr::PdfParams {
         pad_voxels,
         tol,
         max_iter,
@@ -305,7 +306,7 @@ fn pdf<'py>(
     };
     let should_stop = poll_signals_every(SIGNAL_POLL_EVERY);
     let (local, iterations) = py
-        .detach(|| bfr_iterative::pdf(f, m, w, shape, voxel_size, b0_dir, params, &should_stop))
+        .detach(|| bfr::pdf(f, m, w, shape, voxel_size, b0_dir, params, &should_stop))
         .map_err(to_py)?;
     Ok((to_array(py, shape, local)?, iterations))
 }
@@ -323,7 +324,7 @@ fn ismv<'py>(
     max_iter: usize,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let params = bfr_iterative::IsmvParams {
+    let params = bfr::IsmvParams {
         radius_mm,
         tol,
         max_iter,
@@ -331,7 +332,7 @@ fn ismv<'py>(
     // One iSMV iteration is a single FFT pair, so poll less often than ADMM.
     let should_stop = poll_signals_every(4 * SIGNAL_POLL_EVERY);
     let (local, eroded, iterations) = py
-        .detach(|| bfr_iterative::ismv(f, m, shape, voxel_size, params, &should_stop))
+        .detach(|| bfr::ismv(f, m, shape, voxel_size, params, &should_stop))
         .map_err(to_py)?;
     Ok((
         to_array(py, shape, local)?,
@@ -353,11 +354,11 @@ fn lbv<'py>(
     max_iter: usize,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let params = bfr_iterative::LbvParams { tol, max_iter };
+    let params = bfr::LbvParams { tol, max_iter };
     // An LBV iteration is one stencil pass (no FFT): poll every 32.
     let should_stop = poll_signals_every(32);
     let (local, interior, iterations) = py
-        .detach(|| bfr_iterative::lbv(f, m, shape, voxel_size, params, &should_stop))
+        .detach(|| bfr::lbv(f, m, shape, voxel_size, params, &should_stop))
         .map_err(to_py)?;
     Ok((
         to_array(py, shape, local)?,

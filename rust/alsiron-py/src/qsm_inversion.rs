@@ -5,10 +5,8 @@
 //! iterative solvers poll Ctrl-C and call `progress(iteration, max_iter)` every
 //! [`SIGNAL_POLL_EVERY`] iterations.
 
-use alsiron_core::inversion;
-use alsiron_core::inversion_iterative::{
-    self as iterative, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic,
-    WeightedTvParams,
+use alsiron_core::qsm::inversion::{
+    self, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic, WeightedTvParams,
 };
 use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
@@ -91,7 +89,7 @@ fn weighted_tv_admm<'py>(
         weak_harmonic,
     };
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
-        iterative::weighted_tv_admm(f, w, g, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::weighted_tv_admm(f, w, g, m, shape, voxel_size, b0_dir, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -113,7 +111,7 @@ fn edge_weight<'py>(
         contiguous(&mask, "mask")?,
     );
     let out = py
-        .detach(|| iterative::edge_weight(a, m, shape, voxel_size, edge_fraction))
+        .detach(|| inversion::edge_weight(a, m, shape, voxel_size, edge_fraction))
         .map_err(to_py)?;
     to_array(py, shape, out)
 }
@@ -148,7 +146,7 @@ fn rts<'py>(
         tol,
     };
     let (chi, it) = run_iterative(py, progress, lsqr_iter + max_iter, |stop| {
-        iterative::rts(f, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::rts(f, m, shape, voxel_size, b0_dir, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -181,7 +179,7 @@ fn ndi<'py>(
         tol,
     };
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
-        iterative::ndi(f, w, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::ndi(f, w, m, shape, voxel_size, b0_dir, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -204,7 +202,7 @@ fn ilsqr<'py>(
     let (shape, f, w, m) = field_weight_and_mask(&field, &weight, &mask, "weight")?;
     let params = LsqrParams { tol, max_iter };
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
-        iterative::ilsqr(f, w, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::ilsqr(f, w, m, shape, voxel_size, b0_dir, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -237,7 +235,7 @@ fn ilsqr_streaking<'py>(
         max_iter: streak_max_iter,
     };
     let (chi, it) = run_iterative(py, progress, max_iter + streak_max_iter, |stop| {
-        iterative::ilsqr_streaking(f, w, m, shape, voxel_size, b0_dir, lsqr, streaking, stop)
+        inversion::ilsqr_streaking(f, w, m, shape, voxel_size, b0_dir, lsqr, streaking, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it.lsqr, it.streaking))
 }
@@ -253,7 +251,7 @@ fn ilsqr_fast_estimate<'py>(
 ) -> PyResult<Chi<'py>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
     let chi = py
-        .detach(|| iterative::ilsqr_fast_estimate(f, m, shape, voxel_size, b0_dir))
+        .detach(|| inversion::ilsqr_fast_estimate(f, m, shape, voxel_size, b0_dir))
         .map_err(to_py)?;
     to_array(py, shape, chi)
 }

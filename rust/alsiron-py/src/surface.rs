@@ -1,6 +1,6 @@
 //! Brain-surface (BET-like) binding: the surface-evolution loop of `alsiron.bet`.
 
-use alsiron_core::surface::{bet_evolve, BetSettings};
+use alsiron_core::field::surface::{bet_evolve, BetSettings};
 use numpy::{PyArray2, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

@@ -2,7 +2,8 @@
 //! a full seed sort, one state array), kept for the tests: the optimised growth in
 //! `unwrap.rs` must reproduce its output bit for bit, and the timing test compares both.
 
-use super::{round_fast, SecondEcho, Unwrapped, NO_EDGE, N_BINS, TWO_PI};
+use super::cost::NO_EDGE;
+use super::{round_fast, SecondEcho, Unwrapped, N_BINS, TWO_PI};
 use crate::grid::Shape3;
 use rayon::prelude::*;
 
