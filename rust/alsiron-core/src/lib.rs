@@ -23,4 +23,4 @@ pub mod relax;
 mod test_support;
 
 pub use error::{CoreError, CoreResult};
-pub use grid::Shape3;
+pub use grid::{Geometry, Shape3};

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::{cg_step, check_inputs, convolve, crop, dot, pad, zero_inside};
 use crate::error::{CoreError, CoreResult};
 use crate::fft::{fast_len, Fft3Plan};
-use crate::grid::{check_voxel_size, unit_direction, Shape3};
+use crate::grid::{Geometry, Shape3};
 use crate::qsm::dipole::{dipole_kernel, fftfreq};
 
 /// Discretisation of the dipole kernel that PDF fits background sources with.
@@ -28,14 +28,10 @@ pub enum DipoleDiscretisation {
 ///
 /// Offsets are the minimum-image voxel offsets times the voxel size [mm]; the kernel is
 /// 0 at r = 0 (the Lorentz-sphere self term). Real because the kernel is even.
-pub fn dipole_kernel_image_space(
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
-) -> CoreResult<Vec<f32>> {
+pub fn dipole_kernel_image_space(geometry: &Geometry) -> CoreResult<Vec<f32>> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     shape.check_len(shape.len(), "dipole kernel grid")?;
-    check_voxel_size(voxel_size)?;
-    let b = unit_direction(b0_dir)?;
+    let b = geometry.b0_unit();
     let [nx, ny, nz] = shape.0;
     let offset = |i: usize, n: usize, h: f64| fftfreq(i, n) * n as f64 * h;
     let scale = voxel_size.iter().product::<f64>() / (4.0 * std::f64::consts::PI);
@@ -116,17 +112,15 @@ impl PdfParams {
 /// outside the mask in the padded grid and D is the dipole convolution. Returns the local
 /// field M·(f − D P x) [ppm] (0 outside the mask) and the number of CG iterations run.
 /// `should_stop(iter)` is polled every iteration; true aborts with `Interrupted`.
-#[allow(clippy::too_many_arguments)]
 pub fn pdf(
     field: &[f32],
     mask: &[u8],
     weight: Option<&[f32]>,
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: PdfParams,
     should_stop: &(dyn Fn(usize) -> bool + Sync),
 ) -> CoreResult<(Vec<f32>, usize)> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_inputs(field, mask, shape, voxel_size)?;
     params.check()?;
     let w2: Vec<f32> = match weight {
@@ -152,8 +146,10 @@ pub fn pdf(
     let padded = Shape3([0, 1, 2].map(|a| fast_len(shape.0[a] + params.pad_voxels[a])));
     let plan = Fft3Plan::get(padded)?;
     let kernel = match params.kernel {
-        DipoleDiscretisation::KSpace => dipole_kernel(padded, voxel_size, b0_dir)?,
-        DipoleDiscretisation::ImageSpace => dipole_kernel_image_space(padded, voxel_size, b0_dir)?,
+        DipoleDiscretisation::KSpace => dipole_kernel(&geometry.with_shape(padded))?,
+        DipoleDiscretisation::ImageSpace => {
+            dipole_kernel_image_space(&geometry.with_shape(padded))?
+        }
     };
     let mask_f: Vec<f32> = mask.iter().map(|&m| (m != 0) as u8 as f32).collect();
     let outside: Vec<bool> = pad(&mask_f, shape, padded)

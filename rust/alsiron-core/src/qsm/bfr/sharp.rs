@@ -267,6 +267,7 @@ pub fn vsharp(
 mod tests {
     use super::*;
     use crate::qsm::dipole::forward_field;
+    use crate::test_support::geometry;
 
     #[test]
     fn default_radii_run_from_12mm_to_one_voxel() {
@@ -314,8 +315,8 @@ mod tests {
         }
         let vs = [1.0; 3];
         let b0 = [0.0, 0.0, 1.0];
-        let bg = forward_field(&chi_out, shape, vs, b0).unwrap();
-        let local_true = forward_field(&chi_in, shape, vs, b0).unwrap();
+        let bg = forward_field(&chi_out, &geometry(shape, vs, b0)).unwrap();
+        let local_true = forward_field(&chi_in, &geometry(shape, vs, b0)).unwrap();
         let total: Vec<f32> = bg.iter().zip(&local_true).map(|(a, b)| a + b).collect();
         let vs_check = |radii: &[f64], tol: f64| {
             let (local, eroded) = vsharp(&total, &mask, shape, vs, radii, 0.05).unwrap();

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::qsm::dipole::forward_field;
+use crate::test_support::geometry;
 use crate::test_support::{demeaned_in, masked_nrmse_pct};
 
 const NEVER: &(dyn Fn(usize) -> bool + Sync) = &|_| false;
@@ -34,8 +35,8 @@ fn two_sources(n: usize, b0: [f64; 3], vs: [f64; 3]) -> (Vec<f32>, Vec<f32>, Vec
             }
         }
     }
-    let bg = forward_field(&chi_out, shape, vs, b0).unwrap();
-    let local = forward_field(&chi_in, shape, vs, b0).unwrap();
+    let bg = forward_field(&chi_out, &geometry(shape, vs, b0)).unwrap();
+    let local = forward_field(&chi_in, &geometry(shape, vs, b0)).unwrap();
     let total = bg.iter().zip(&local).map(|(a, b)| a + b).collect();
     (total, local, bg, mask)
 }
@@ -63,8 +64,17 @@ fn pdf_removes_an_outside_source_and_keeps_an_inside_one() {
         ([0.3, -0.2, 1.0], [1.0, 1.0, 1.5]),
     ] {
         let (total, local, bg, mask) = two_sources(n, b0, vs);
-        let run =
-            |f: &[f32]| pdf(f, &mask, None, shape, vs, b0, PdfParams::default(), NEVER).unwrap();
+        let run = |f: &[f32]| {
+            pdf(
+                f,
+                &mask,
+                None,
+                &geometry(shape, vs, b0),
+                PdfParams::default(),
+                NEVER,
+            )
+            .unwrap()
+        };
         let (bg_left, _) = run(&bg);
         let (got, iters) = run(&total);
         let removed = 1.0 - demeaned_norm(&bg_left, &mask) / demeaned_norm(&bg, &mask);
@@ -142,17 +152,49 @@ fn interrupts_and_bad_arguments_are_reported() {
     let ip = IsmvParams::for_voxel_size([1.0; 3]);
     let b0 = [0.0, 0.0, 1.0];
     assert_eq!(
-        pdf(&f, &m, None, shape, [1.0; 3], b0, pp, stop).err(),
+        pdf(&f, &m, None, &geometry(shape, [1.0; 3], b0), pp, stop).err(),
         Some(CoreError::Interrupted)
     );
     assert_eq!(
         ismv(&f, &m, shape, [1.0; 3], ip, stop).err(),
         Some(CoreError::Interrupted)
     );
-    assert!(pdf(&f, &vec![0u8; 1000], None, shape, [1.0; 3], b0, pp, NEVER).is_err());
-    assert!(pdf(&f, &m, Some(&[0.0; 1000]), shape, [1.0; 3], b0, pp, NEVER).is_err());
-    assert!(pdf(&f, &m, Some(&[-1.0; 1000]), shape, [1.0; 3], b0, pp, NEVER).is_err());
-    assert!(pdf(&f[..999], &m, None, shape, [1.0; 3], b0, pp, NEVER).is_err());
+    assert!(pdf(
+        &f,
+        &vec![0u8; 1000],
+        None,
+        &geometry(shape, [1.0; 3], b0),
+        pp,
+        NEVER
+    )
+    .is_err());
+    assert!(pdf(
+        &f,
+        &m,
+        Some(&[0.0; 1000]),
+        &geometry(shape, [1.0; 3], b0),
+        pp,
+        NEVER
+    )
+    .is_err());
+    assert!(pdf(
+        &f,
+        &m,
+        Some(&[-1.0; 1000]),
+        &geometry(shape, [1.0; 3], b0),
+        pp,
+        NEVER
+    )
+    .is_err());
+    assert!(pdf(
+        &f[..999],
+        &m,
+        None,
+        &geometry(shape, [1.0; 3], b0),
+        pp,
+        NEVER
+    )
+    .is_err());
     let mut nan = f.clone();
     nan[5] = f32::NAN;
     assert!(ismv(&nan, &m, shape, [1.0; 3], ip, NEVER).is_err());

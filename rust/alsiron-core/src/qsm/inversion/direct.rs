@@ -8,7 +8,7 @@ use super::operators::*;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::Geometry;
 use crate::qsm::dipole::DipoleSymbol;
 
 /// Default TKD truncation threshold on |D|.
@@ -40,18 +40,17 @@ pub fn truncated_inverse_value(d: f32, threshold: f32) -> f32 {
 pub fn tkd(
     local_field: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     threshold: f64,
 ) -> CoreResult<Vec<f32>> {
+    let shape = geometry.shape();
     check_field_and_mask(local_field, mask, shape)?;
     if !(threshold.is_finite() && threshold > 0.0 && threshold <= 2.0 / 3.0) {
         return Err(CoreError::InvalidArgument(format!(
             "TKD threshold must be in (0, 2/3], got {threshold}"
         )));
     }
-    let dipole = DipoleSymbol::new(shape, voxel_size, b0_dir)?;
+    let dipole = DipoleSymbol::new(geometry);
     let plan = Fft3Plan::get(shape)?;
     let t = threshold as f32;
     let mut chi = vec![0.0f32; shape.len()];
@@ -84,19 +83,17 @@ pub const TIKHONOV_DEFAULT_LAMBDA: f64 = 2e-2;
 pub fn tikhonov(
     local_field: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     lambda: f64,
 ) -> CoreResult<Vec<f32>> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_field_and_mask(local_field, mask, shape)?;
     if !(lambda.is_finite() && lambda > 0.0) {
         return Err(CoreError::InvalidArgument(format!(
             "Tikhonov lambda must be positive, got {lambda}"
         )));
     }
-    crate::grid::check_voxel_size(voxel_size)?;
-    let b = crate::grid::unit_direction(b0_dir)?;
+    let b = geometry.b0_unit();
     let plan = Fft3Plan::get(shape)?;
     let [kx, ky, kz] = crate::qsm::dipole::half_spectrum_frequencies(shape, voxel_size);
     let [ex, ey, ez] = difference_symbols(shape, voxel_size);

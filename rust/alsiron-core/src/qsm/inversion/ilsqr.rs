@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::{Geometry, Shape3};
 use crate::qsm::dipole::dipole_kernel;
 
 /// LSQR's plane rotation (Paige & Saunders 1982): the scalar recurrences shared by the
@@ -85,32 +85,21 @@ pub struct LsqrParams {
 ///
 /// The right-hand vectors (v, w, x) live in k-space (half spectrum; norms by Parseval),
 /// so Av costs one inverse FFT and Aᵀu one forward FFT. W = `weight` inside the mask.
-#[allow(clippy::too_many_arguments)]
 pub fn ilsqr(
     local_field: &[f32],
     weight: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: LsqrParams,
     should_stop: StopFn<'_>,
 ) -> CoreResult<(Vec<f32>, usize)> {
+    let shape = geometry.shape();
     check_field_and_mask(local_field, mask, shape)?;
     check_weight(weight, shape, "weight")?;
     check_iterations(params.max_iter, params.tol)?;
     let plan = Fft3Plan::get(shape)?;
-    let (mut x_hat, iterations) = lsqr_dipole_spectrum(
-        local_field,
-        weight,
-        mask,
-        shape,
-        voxel_size,
-        b0_dir,
-        params,
-        0,
-        should_stop,
-    )?;
+    let (mut x_hat, iterations) =
+        lsqr_dipole_spectrum(local_field, weight, mask, geometry, params, 0, should_stop)?;
     let mut chi = vec![0.0f32; shape.len()];
     plan.inverse(&mut x_hat, &mut chi)?;
     apply_mask(&mut chi, mask);
@@ -119,19 +108,17 @@ pub fn ilsqr(
 
 /// The LSQR iteration of [`ilsqr`]; returns the spectrum of the (unmasked) solution and
 /// the iterations run. `should_stop` sees `first_iteration + iteration`.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn lsqr_dipole_spectrum(
     local_field: &[f32],
     weight: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: LsqrParams,
     first_iteration: usize,
     should_stop: StopFn<'_>,
 ) -> CoreResult<(Vec<Complex32>, usize)> {
-    let mut kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let shape = geometry.shape();
+    let mut kernel = dipole_kernel(geometry)?;
     zero_nyquist_planes(&mut kernel, shape);
     let plan = Fft3Plan::get(shape)?;
     let n = shape.len();

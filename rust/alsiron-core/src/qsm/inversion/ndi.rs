@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::Geometry;
 use crate::qsm::dipole::DipoleSymbol;
 
 /// Parameters of [`ndi`].
@@ -30,17 +30,15 @@ pub struct NdiParams {
 ///
 /// χ is kept as its spectrum, so an iteration costs one inverse FFT (Dχ) and one forward
 /// FFT (of the voxel-wise residual). W = `weight` inside the mask, 0 outside.
-#[allow(clippy::too_many_arguments)]
 pub fn ndi(
     local_field: &[f32],
     weight: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: NdiParams,
     should_stop: StopFn<'_>,
 ) -> CoreResult<(Vec<f32>, usize)> {
+    let shape = geometry.shape();
     check_field_and_mask(local_field, mask, shape)?;
     check_weight(weight, shape, "weight")?;
     check_positive(&[
@@ -54,7 +52,7 @@ pub fn ndi(
         )));
     }
     check_iterations(params.max_iter, params.tol)?;
-    let dipole = DipoleSymbol::new(shape, voxel_size, b0_dir)?;
+    let dipole = DipoleSymbol::new(geometry);
     let plan = Fft3Plan::get(shape)?;
     let [nx, _, nz] = shape.0;
     let s = params.phase_scale as f32;
@@ -211,6 +209,7 @@ pub(super) fn sin_f32(x: f32) -> f32 {
 mod ndi_tests {
     use super::*;
     use crate::qsm::dipole::{dipole_kernel, forward_field};
+    use crate::test_support::geometry;
     use crate::test_support::{max_abs, max_abs_diff};
 
     /// The former NDI (kernel array, full forward and inverse FFTs, `f32::sin`, the real
@@ -224,7 +223,7 @@ mod ndi_tests {
         b0_dir: [f64; 3],
         p: NdiParams,
     ) -> (Vec<f32>, usize) {
-        let kernel = dipole_kernel(shape, voxel_size, b0_dir).unwrap();
+        let kernel = dipole_kernel(&geometry(shape, voxel_size, b0_dir)).unwrap();
         let plan = Fft3Plan::get(shape).unwrap();
         let s = p.phase_scale as f32;
         let (tau, lambda) = (p.step as f32, p.lambda as f32);
@@ -347,7 +346,7 @@ mod ndi_tests {
                 }
             }
             let (vs, b0) = ([1.0, 1.1, 1.3], [0.1, 0.2, 1.0]);
-            let field = forward_field(&chi, shape, vs, b0).unwrap();
+            let field = forward_field(&chi, &geometry(shape, vs, b0)).unwrap();
             let params = NdiParams {
                 phase_scale: 12.0,
                 lambda: 1e-3,
@@ -356,8 +355,15 @@ mod ndi_tests {
                 tol,
             };
             let (want, want_it) = ndi_unfused(&field, &weight, &mask, shape, vs, b0, params);
-            let (got, got_it) =
-                ndi(&field, &weight, &mask, shape, vs, b0, params, &|_| false).unwrap();
+            let (got, got_it) = ndi(
+                &field,
+                &weight,
+                &mask,
+                &geometry(shape, vs, b0),
+                params,
+                &|_| false,
+            )
+            .unwrap();
             assert_eq!(got_it, want_it);
             if tol > 0.0 {
                 assert!(

@@ -10,7 +10,7 @@ use super::tv::tv_split_loop;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::Geometry;
 use crate::qsm::dipole::dipole_kernel;
 
 /// Parameters of [`rts`].
@@ -52,16 +52,14 @@ impl Default for RtsParams {
 /// the well-conditioned cone and lets TV fill the ill-conditioned one. The Nyquist planes
 /// of even axes count as ill-conditioned (LSQR's kernel is zero there, see
 /// `zero_nyquist_planes`). `should_stop` sees 1..=lsqr_iter, then lsqr_iter + TV iteration.
-#[allow(clippy::too_many_arguments)]
 pub fn rts(
     local_field: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: RtsParams,
     should_stop: StopFn<'_>,
 ) -> CoreResult<(Vec<f32>, usize)> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_field_and_mask(local_field, mask, shape)?;
     check_positive(&[
         ("RTS delta", params.delta),
@@ -74,7 +72,7 @@ pub fn rts(
             "RTS lsqr_iter must be >= 1".into(),
         ));
     }
-    let mut kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let mut kernel = dipole_kernel(geometry)?;
     zero_nyquist_planes(&mut kernel, shape);
     let e2 = gradient_energy(shape, voxel_size);
     let plan = Fft3Plan::get(shape)?;
@@ -84,17 +82,8 @@ pub fn rts(
         tol: 0.0,
         max_iter: params.lsqr_iter,
     };
-    let (mut data_term, _) = lsqr_dipole_spectrum(
-        local_field,
-        &ones,
-        mask,
-        shape,
-        voxel_size,
-        b0_dir,
-        lsqr,
-        0,
-        should_stop,
-    )?;
+    let (mut data_term, _) =
+        lsqr_dipole_spectrum(local_field, &ones, mask, geometry, lsqr, 0, should_stop)?;
     drop(ones);
     let mut inv_denominator = vec![0.0f32; kernel.len()];
     data_term

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::qsm::dipole::forward_field;
+use crate::test_support::geometry;
 use crate::test_support::masked_nrmse_pct as nrmse;
 
 fn blob_phantom(n: usize) -> (Vec<f32>, Vec<u8>, Shape3) {
@@ -34,7 +35,7 @@ fn setup(n: usize) -> Setup {
     let (chi, mask, shape) = blob_phantom(n);
     let vs = [1.0, 1.0, 1.3];
     let b0 = [0.1, 0.2, 1.0];
-    let field = forward_field(&chi, shape, vs, b0).unwrap();
+    let field = forward_field(&chi, &geometry(shape, vs, b0)).unwrap();
     (chi, field, mask, shape, vs, b0)
 }
 
@@ -55,7 +56,15 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
     let results = [
         (
             "tv",
-            weighted_tv_admm(&field, &ones, None, &mask, shape, vs, b0, tv, &never),
+            weighted_tv_admm(
+                &field,
+                &ones,
+                None,
+                &mask,
+                &geometry(shape, vs, b0),
+                tv,
+                &never,
+            ),
         ),
         (
             "tv-wh",
@@ -64,9 +73,7 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
                 &ones,
                 None,
                 &mask,
-                shape,
-                vs,
-                b0,
+                &geometry(shape, vs, b0),
                 WeightedTvParams {
                     weak_harmonic: Some(WeakHarmonic { beta: 1.0, mu: 1.0 }),
                     ..tv
@@ -81,9 +88,7 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
                 &ones,
                 None,
                 &mask,
-                shape,
-                vs,
-                b0,
+                &geometry(shape, vs, b0),
                 WeightedTvParams {
                     phase_scale: Some(10.0),
                     ..tv
@@ -93,7 +98,13 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
         ),
         (
             "rts",
-            rts(&field, &mask, shape, vs, b0, RtsParams::default(), &never),
+            rts(
+                &field,
+                &mask,
+                &geometry(shape, vs, b0),
+                RtsParams::default(),
+                &never,
+            ),
         ),
         (
             "ndi",
@@ -101,9 +112,7 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
                 &field,
                 &ones,
                 &mask,
-                shape,
-                vs,
-                b0,
+                &geometry(shape, vs, b0),
                 NdiParams {
                     phase_scale: 10.0,
                     lambda: 1e-4,
@@ -120,9 +129,7 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
                 &field,
                 &ones,
                 &mask,
-                shape,
-                vs,
-                b0,
+                &geometry(shape, vs, b0),
                 LsqrParams {
                     tol: 1e-3,
                     max_iter: 50,
@@ -140,7 +147,13 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
     }
     let stop = |it: usize| it >= 2;
     assert_eq!(
-        rts(&field, &mask, shape, vs, b0, RtsParams::default(), &stop),
+        rts(
+            &field,
+            &mask,
+            &geometry(shape, vs, b0),
+            RtsParams::default(),
+            &stop
+        ),
         Err(CoreError::Interrupted)
     );
     let p = LsqrParams {
@@ -148,7 +161,7 @@ fn every_iterative_solver_recovers_the_blob_and_stops_on_request() {
         max_iter: 10,
     };
     assert_eq!(
-        ilsqr(&field, &ones, &mask, shape, vs, b0, p, &stop),
+        ilsqr(&field, &ones, &mask, &geometry(shape, vs, b0), p, &stop),
         Err(CoreError::Interrupted)
     );
 }
@@ -162,14 +175,12 @@ fn ilsqr_streaking_improves_on_its_lsqr_core_and_stops_on_request() {
         tol: 1e-2,
         max_iter: 50,
     };
-    let (core, _) = ilsqr(&field, &ones, &mask, shape, vs, b0, lsqr, &never).unwrap();
+    let (core, _) = ilsqr(&field, &ones, &mask, &geometry(shape, vs, b0), lsqr, &never).unwrap();
     let (full, it) = ilsqr_streaking(
         &field,
         &ones,
         &mask,
-        shape,
-        vs,
-        b0,
+        &geometry(shape, vs, b0),
         lsqr,
         StreakingParams::default(),
         &never,
@@ -192,7 +203,15 @@ fn ilsqr_streaking_improves_on_its_lsqr_core_and_stops_on_request() {
         ..StreakingParams::default()
     };
     assert_eq!(
-        ilsqr_streaking(&field, &ones, &mask, shape, vs, b0, p, s, &in_streaking),
+        ilsqr_streaking(
+            &field,
+            &ones,
+            &mask,
+            &geometry(shape, vs, b0),
+            p,
+            s,
+            &in_streaking
+        ),
         Err(CoreError::Interrupted)
     );
 }
@@ -206,12 +225,12 @@ fn bad_arguments_are_refused() {
         tol: 1e-2,
         max_iter: 5,
     };
-    assert!(ilsqr(&field, &bad_w, &mask, shape, vs, b0, p, &never).is_err());
+    assert!(ilsqr(&field, &bad_w, &mask, &geometry(shape, vs, b0), p, &never).is_err());
     let rp = RtsParams {
         delta: 0.0,
         ..RtsParams::default()
     };
-    assert!(rts(&field, &mask, shape, vs, b0, rp, &never).is_err());
+    assert!(rts(&field, &mask, &geometry(shape, vs, b0), rp, &never).is_err());
     assert!(edge_weight(&field, &mask, shape, vs, 1.5).is_err());
     let g = edge_weight(&field, &mask, shape, vs, 0.1).unwrap();
     let inside = mask.iter().filter(|&&m| m != 0).count() as f64;

@@ -9,7 +9,7 @@ use super::operators::*;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::Geometry;
 use crate::qsm::dipole::dipole_kernel;
 
 /// Parameters of [`ilsqr_streaking`] (steps 2–4 of iLSQR; step 1 is [`LsqrParams`]).
@@ -97,13 +97,12 @@ pub(super) fn ramp_down(v: f64, lo: f64, hi: f64) -> f32 {
 pub fn ilsqr_fast_estimate(
     local_field: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
 ) -> CoreResult<Vec<f32>> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     use ilsqr_constants::*;
     check_field_and_mask(local_field, mask, shape)?;
-    let kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let kernel = dipole_kernel(geometry)?;
     let plan = Fft3Plan::get(shape)?;
     let n = shape.len();
     // k-space weight of the sign estimate (eq. 10), percentiles over the half spectrum.
@@ -345,35 +344,25 @@ fn lsqr_to_vectors(
 /// x starts at 0 and every LSQR direction is Aᵀ(…) = F⁻¹M_icF(…), so the iterates stay
 /// in the range of F⁻¹M_icF and A·v is evaluated as W_G∘∇v (no FFT); Aᵀ costs one FFT
 /// pair. `should_stop` sees 1..=lsqr.max_iter, then lsqr.max_iter + streaking iteration.
-#[allow(clippy::too_many_arguments)]
 pub fn ilsqr_streaking(
     local_field: &[f32],
     weight: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     lsqr: LsqrParams,
     streaking: StreakingParams,
     should_stop: StopFn<'_>,
 ) -> CoreResult<(Vec<f32>, IlsqrIterations)> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     use ilsqr_constants::GRADIENT_WEIGHT_PERCENTILES;
     check_field_and_mask(local_field, mask, shape)?;
     check_weight(weight, shape, "weight")?;
     check_iterations(lsqr.max_iter, lsqr.tol)?;
     check_iterations(streaking.max_iter, streaking.tol)?;
     check_positive(&[("iLSQR ill_threshold", streaking.ill_threshold)])?;
-    let (chi_lsqr, lsqr_iterations) = ilsqr(
-        local_field,
-        weight,
-        mask,
-        shape,
-        voxel_size,
-        b0_dir,
-        lsqr,
-        should_stop,
-    )?;
-    let fast = ilsqr_fast_estimate(local_field, mask, shape, voxel_size, b0_dir)?;
+    let (chi_lsqr, lsqr_iterations) =
+        ilsqr(local_field, weight, mask, geometry, lsqr, should_stop)?;
+    let fast = ilsqr_fast_estimate(local_field, mask, geometry)?;
     let n = shape.len();
     let inv_h = voxel_size.map(|h| (1.0 / h) as f32);
     // Gradient weights W_G (eq. 15) per axis from |∂ₐχ_fs| in the mask.
@@ -411,7 +400,7 @@ pub fn ilsqr_streaking(
             }
         });
     let rhs = grad;
-    let mut kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let mut kernel = dipole_kernel(geometry)?;
     zero_nyquist_planes(&mut kernel, shape);
     let ill_threshold = streaking.ill_threshold as f32;
     let ill: Vec<f32> = kernel

@@ -5,6 +5,7 @@ use super::*;
 use crate::fft::Fft3Plan;
 use crate::qsm::dipole::forward_field;
 use crate::qsm::dipole::{apply_kernel, dipole_kernel};
+use crate::test_support::geometry;
 use crate::test_support::masked_nrmse_pct as nrmse;
 use crate::test_support::{max_abs, max_abs_diff};
 
@@ -39,13 +40,11 @@ fn truncated_inverse_rules() {
 fn tkd_recovers_a_smooth_source_from_a_noiseless_field() {
     let (chi, mask, shape) = phantom(32);
     let b0 = [0.2, 0.1, 1.0];
-    let field = forward_field(&chi, shape, [1.0, 1.0, 1.2], b0).unwrap();
+    let field = forward_field(&chi, &geometry(shape, [1.0, 1.0, 1.2], b0)).unwrap();
     let est = tkd(
         &field,
         &vec![1; shape.len()],
-        shape,
-        [1.0, 1.0, 1.2],
-        b0,
+        &geometry(shape, [1.0, 1.0, 1.2], b0),
         0.19,
     )
     .unwrap();
@@ -56,9 +55,7 @@ fn tkd_recovers_a_smooth_source_from_a_noiseless_field() {
     let est = tkd(
         &field,
         &vec![1; shape.len()],
-        shape,
-        [1.0, 1.0, 1.2],
-        b0,
+        &geometry(shape, [1.0, 1.0, 1.2], b0),
         0.05,
     )
     .unwrap();
@@ -77,8 +74,9 @@ fn fused_tkd_equals_the_kernel_array_version() {
         let shape = Shape3([n, n + 2, n - 3]);
         let chi = &chi[..shape.len()];
         let mask = &mask[..shape.len()];
-        let field = forward_field(chi, shape, voxel, b0).unwrap();
-        let inverse_kernel = truncated_inverse(&dipole_kernel(shape, voxel, b0).unwrap(), 0.19);
+        let field = forward_field(chi, &geometry(shape, voxel, b0)).unwrap();
+        let inverse_kernel =
+            truncated_inverse(&dipole_kernel(&geometry(shape, voxel, b0)).unwrap(), 0.19);
         let plan = Fft3Plan::get(shape).unwrap();
         let mut spectrum = plan.make_spectrum();
         plan.forward(&masked(&field, mask), &mut spectrum).unwrap();
@@ -86,7 +84,7 @@ fn fused_tkd_equals_the_kernel_array_version() {
         let mut want = vec![0.0f32; shape.len()];
         plan.inverse(&mut spectrum, &mut want).unwrap();
         apply_mask(&mut want, mask);
-        let got = tkd(&field, mask, shape, voxel, b0, 0.19).unwrap();
+        let got = tkd(&field, mask, &geometry(shape, voxel, b0), 0.19).unwrap();
         let scale = max_abs(&want);
         let err = max_abs_diff(&want, &got);
         assert!(err <= 1e-5 * scale, "max err {err} (scale {scale})");
@@ -100,8 +98,8 @@ fn fused_tikhonov_equals_the_kernel_array_version() {
     let shape = Shape3([15, 17, 12]);
     let (chi, mask) = (&chi[..shape.len()], &mask[..shape.len()]);
     let (voxel, b0, lambda) = ([1.0, 1.1, 1.3], [0.2, -0.1, 1.0], 2e-2);
-    let field = forward_field(chi, shape, voxel, b0).unwrap();
-    let d = dipole_kernel(shape, voxel, b0).unwrap();
+    let field = forward_field(chi, &geometry(shape, voxel, b0)).unwrap();
+    let d = dipole_kernel(&geometry(shape, voxel, b0)).unwrap();
     let [ex, ey, ez] = difference_symbols(shape, voxel);
     let half = shape.half_spectrum();
     let mut filter = vec![0.0f32; half.len()];
@@ -124,7 +122,7 @@ fn fused_tikhonov_equals_the_kernel_array_version() {
     let mut want = vec![0.0f32; shape.len()];
     plan.inverse(&mut spectrum, &mut want).unwrap();
     apply_mask(&mut want, mask);
-    let got = tikhonov(&field, mask, shape, voxel, b0, lambda).unwrap();
+    let got = tikhonov(&field, mask, &geometry(shape, voxel, b0), lambda).unwrap();
     let scale = max_abs(&want);
     let err = max_abs_diff(&want, &got);
     assert!(err <= 1e-5 * scale, "max err {err} (scale {scale})");
@@ -133,19 +131,29 @@ fn fused_tikhonov_equals_the_kernel_array_version() {
 #[test]
 fn tkd_output_is_zero_outside_mask_and_refuses_empty_masks() {
     let (chi, mask, shape) = phantom(16);
-    let field = forward_field(&chi, shape, [1.0; 3], [0.0, 0.0, 1.0]).unwrap();
-    let est = tkd(&field, &mask, shape, [1.0; 3], [0.0, 0.0, 1.0], 0.19).unwrap();
+    let field = forward_field(&chi, &geometry(shape, [1.0; 3], [0.0, 0.0, 1.0])).unwrap();
+    let est = tkd(
+        &field,
+        &mask,
+        &geometry(shape, [1.0; 3], [0.0, 0.0, 1.0]),
+        0.19,
+    )
+    .unwrap();
     assert!(est.iter().zip(&mask).all(|(v, &m)| m != 0 || *v == 0.0));
     assert!(tkd(
         &field,
         &vec![0; shape.len()],
-        shape,
-        [1.0; 3],
-        [0.0, 0.0, 1.0],
+        &geometry(shape, [1.0; 3], [0.0, 0.0, 1.0]),
         0.19
     )
     .is_err());
-    assert!(tkd(&field, &mask, shape, [1.0; 3], [0.0, 0.0, 1.0], 0.0).is_err());
+    assert!(tkd(
+        &field,
+        &mask,
+        &geometry(shape, [1.0; 3], [0.0, 0.0, 1.0]),
+        0.0
+    )
+    .is_err());
 }
 
 #[test]
@@ -153,7 +161,7 @@ fn admm_decreases_the_objective_and_stops_on_request() {
     let (chi, mask, shape) = phantom(24);
     let b0 = [0.0, 0.3, 1.0];
     let vs = [1.0, 1.0, 1.5];
-    let field = forward_field(&chi, shape, vs, b0).unwrap();
+    let field = forward_field(&chi, &geometry(shape, vs, b0)).unwrap();
     let all = vec![1u8; shape.len()];
     let alpha = 1e-4;
     let run = |iters: usize| {
@@ -163,9 +171,9 @@ fn admm_decreases_the_objective_and_stops_on_request() {
             max_iter: iters,
             tol: 0.0,
         };
-        tv_admm(&field, &all, shape, vs, b0, p, &|_| false).unwrap()
+        tv_admm(&field, &all, &geometry(shape, vs, b0), p, &|_| false).unwrap()
     };
-    let obj = |x: &[f32]| tv_objective(x, &field, &all, shape, vs, b0, alpha).unwrap();
+    let obj = |x: &[f32]| tv_objective(x, &field, &all, &geometry(shape, vs, b0), alpha).unwrap();
     let zero = vec![0.0f32; shape.len()];
     let (chi1, n1) = run(1);
     let (chi30, n30) = run(30);
@@ -178,6 +186,6 @@ fn admm_decreases_the_objective_and_stops_on_request() {
         max_iter: 50,
         ..TvAdmmParams::default()
     };
-    let stopped = tv_admm(&field, &all, shape, vs, b0, p, &|it| it >= 3);
+    let stopped = tv_admm(&field, &all, &geometry(shape, vs, b0), p, &|it| it >= 3);
     assert_eq!(stopped, Err(CoreError::Interrupted));
 }

@@ -8,7 +8,7 @@ use super::operators::*;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::{Geometry, Shape3};
 use crate::qsm::dipole::{apply_kernel, dipole_kernel};
 
 /// Parameters of [`tv_admm`].
@@ -63,14 +63,13 @@ pub fn tv_objective(
     chi: &[f32],
     local_field: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     alpha: f64,
 ) -> CoreResult<f64> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_field_and_mask(local_field, mask, shape)?;
     shape.check_len(chi.len(), "chi")?;
-    let field = crate::qsm::dipole::forward_field(chi, shape, voxel_size, b0_dir)?;
+    let field = crate::qsm::dipole::forward_field(chi, geometry)?;
     let data: f64 = field
         .par_iter()
         .zip(local_field.par_iter().zip(mask.par_iter()))
@@ -105,19 +104,17 @@ pub fn tv_objective(
 /// divergence term, one inverse FFT), then z = soft(∇χ + u, α/μ), u += ∇χ − z.
 /// `should_stop(iter)` is polled every iteration; returning true aborts with
 /// [`CoreError::Interrupted`]. Returns (χ masked, iterations run).
-#[allow(clippy::too_many_arguments)]
 pub fn tv_admm(
     local_field: &[f32],
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: TvAdmmParams,
     should_stop: &(dyn Fn(usize) -> bool + Sync),
 ) -> CoreResult<(Vec<f32>, usize)> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_field_and_mask(local_field, mask, shape)?;
     params.check()?;
-    let kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let kernel = dipole_kernel(geometry)?;
     let plan = Fft3Plan::get(shape)?;
     let mu = params.mu as f32;
 

@@ -8,7 +8,7 @@ use super::operators::*;
 use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
-use crate::grid::Shape3;
+use crate::grid::{Geometry, Shape3};
 use crate::qsm::dipole::dipole_kernel;
 
 /// Minimiser z of W²·ρ(z − f) + μ/2·(z − v)² with ρ(r) = r²/2 (linear) or
@@ -88,25 +88,23 @@ impl WeightedTvParams {
 ///
 /// `data_weight` W (0 outside the mask carries the mask into the data term),
 /// `tv_weight` G (None = 1 everywhere). Returns (χ masked, iterations run).
-#[allow(clippy::too_many_arguments)]
 pub fn weighted_tv_admm(
     local_field: &[f32],
     data_weight: &[f32],
     tv_weight: Option<&[f32]>,
     mask: &[u8],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
+    geometry: &Geometry,
     params: WeightedTvParams,
     should_stop: StopFn<'_>,
 ) -> CoreResult<(Vec<f32>, usize)> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_field_and_mask(local_field, mask, shape)?;
     check_weight(data_weight, shape, "data weight")?;
     if let Some(g) = tv_weight {
         check_weight(g, shape, "TV weight")?;
     }
     params.check()?;
-    let kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let kernel = dipole_kernel(geometry)?;
     let e2 = gradient_energy(shape, voxel_size);
     let plan = Fft3Plan::get(shape)?;
     let n = shape.len();
