@@ -39,7 +39,7 @@
 //! can differ from one global queue where a block's growth takes a different path
 //! through noise (measured: identical on the bench volume, 99.98–100 % of the in-mask
 //! voxels of a noisy brain phantom). Smaller volumes give exactly the single-queue
-//! result (`unwrap_reference.rs`, the first implementation, is kept as the test oracle).
+//! result (`reference.rs`, the first implementation, is kept as the test oracle).
 
 mod blocks;
 mod cost;
