@@ -1,4 +1,5 @@
-//! Shape bookkeeping for C-ordered 3-D volumes.
+//! Shape and geometry bookkeeping for C-ordered 3-D volumes: [`Shape3`], [`Geometry`]
+//! (shape, voxel size, B0 direction) and the shared argument checks.
 
 use crate::error::{CoreError, CoreResult};
 
@@ -91,6 +92,58 @@ pub fn unit_direction(b0_dir: [f64; 3]) -> CoreResult<[f64; 3]> {
     Ok([b0_dir[0] / n, b0_dir[1] / n, b0_dir[2] / n])
 }
 
+/// Sampling geometry of a volume for the kernels that need the dipole model: the shape,
+/// the voxel size [mm] and the B0 direction in voxel-index space.
+///
+/// [`Geometry::new`] validates the voxel size and the B0 direction once (the same checks
+/// and messages as [`check_voxel_size`] and [`unit_direction`]) and keeps the unit B0
+/// direction, so the kernels taking a `&Geometry` need not check either again. The shape
+/// is not checked here: each kernel checks it against its arrays (so that an empty or
+/// mismatched array is named in the error).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    shape: Shape3,
+    voxel_size: [f64; 3],
+    b0_unit: [f64; 3],
+}
+
+impl Geometry {
+    /// Geometry of a `shape` volume with voxels of `voxel_size` [mm] (finite, positive)
+    /// and B0 along `b0_dir` (any non-zero finite vector; normalised here).
+    pub fn new(shape: Shape3, voxel_size: [f64; 3], b0_dir: [f64; 3]) -> CoreResult<Self> {
+        check_voxel_size(voxel_size)?;
+        let b0_unit = unit_direction(b0_dir)?;
+        Ok(Geometry {
+            shape,
+            voxel_size,
+            b0_unit,
+        })
+    }
+
+    /// The same voxel size and B0 direction on another grid (e.g. a padded one).
+    pub fn with_shape(&self, shape: Shape3) -> Self {
+        Geometry { shape, ..*self }
+    }
+
+    /// Shape `[nx, ny, nz]`.
+    #[inline]
+    pub fn shape(&self) -> Shape3 {
+        self.shape
+    }
+
+    /// Voxel size [mm].
+    #[inline]
+    pub fn voxel_size(&self) -> [f64; 3] {
+        self.voxel_size
+    }
+
+    /// Unit B0 direction in voxel-index space.
+    #[inline]
+    pub fn b0_unit(&self) -> [f64; 3] {
+        self.b0_unit
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +165,14 @@ mod tests {
         assert!(check_voxel_size([1.0, -1.0, 1.0]).is_err());
         let u = unit_direction([0.0, 0.0, 2.0]).unwrap();
         assert_eq!(u, [0.0, 0.0, 1.0]);
+        let shape = Shape3([2, 2, 2]);
+        assert!(Geometry::new(shape, [1.0, 0.0, 1.0], [0.0, 0.0, 1.0]).is_err());
+        assert!(Geometry::new(shape, [1.0; 3], [0.0, f64::NAN, 1.0]).is_err());
+        let g = Geometry::new(shape, [1.0, 1.0, 2.0], [0.0, 0.0, 2.0]).unwrap();
+        assert_eq!(g.b0_unit(), [0.0, 0.0, 1.0]);
+        assert_eq!(
+            g.with_shape(Shape3([4, 2, 2])).voxel_size(),
+            [1.0, 1.0, 2.0]
+        );
     }
 }

@@ -1,4 +1,9 @@
-//! Pure numerical kernels of alsiron.
+//! Pure numerical kernels of alsiron, grouped by pipeline stage.
+//!
+//! - [`field`]: phase unwrapping, multi-echo field fits and the brain-surface (BET) mask.
+//! - [`qsm`]: the dipole model, background field removal and dipole inversion.
+//! - [`relax`]: R2* fits and the EPG (T2) model and fit.
+//! - [`fft`], [`grid`], [`error`]: shared by all stages.
 //!
 //! Conventions shared by every kernel:
 //! - 3-D volumes are flat `&[f32]` slices in C (row-major) order with a [`Shape3`]
@@ -8,24 +13,14 @@
 //! - Fields are in ppm of B0, susceptibilities in ppm, echo times in seconds, rates in s⁻¹.
 //! - Kernels return [`CoreError`] for bad arguments and never panic on user data.
 
-pub mod bfr;
-pub mod bfr_iterative;
-pub mod dipole;
-pub mod epg;
 pub mod error;
 pub mod fft;
-pub mod fieldfit;
-pub mod fieldmap;
+pub mod field;
 pub mod grid;
-pub mod inversion;
-pub mod inversion_iterative;
-pub mod r2star;
-pub mod r2star_fit;
-pub mod surface;
-#[cfg(test)]
+pub mod qsm;
+pub mod relax;
+#[cfg(any(test, feature = "timing"))]
 mod test_support;
-pub mod unwrap;
-pub mod unwrap_laplacian;
 
 pub use error::{CoreError, CoreResult};
-pub use grid::Shape3;
+pub use grid::{Geometry, Shape3};

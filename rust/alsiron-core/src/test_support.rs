@@ -1,10 +1,15 @@
-//! Helpers shared by the unit tests: thread CPU time for the ignored timing tests
-//! (`cargo test --release -- --ignored`), masked NRMSE and demeaning (inversion and
-//! background-removal tests), max-difference comparisons and seeded normal noise.
+//! Helpers shared by the unit tests and the timing code: thread CPU time for the timing
+//! code (`--features timing`, run through `tests/timing.rs`), masked NRMSE and demeaning
+//! (inversion and background-removal tests), max-difference comparisons, seeded normal
+//! noise and a valid [`Geometry`].
+#![cfg_attr(not(test), allow(dead_code))]
+
+use crate::grid::{Geometry, Shape3};
 
 /// CPU time [s] the calling thread has used (Linux `/proc/thread-self/schedstat`; 0 where
 /// it cannot be read). Thread CPU time rather than wall time, because the development
 /// machine is shared and wall time there measures the other jobs as well.
+#[cfg(feature = "timing")]
 pub(crate) fn thread_cpu_seconds() -> f64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
         .ok()
@@ -65,4 +70,9 @@ pub(crate) fn demeaned_in(v: &[f32], mask: &[u8]) -> Vec<f64> {
         .collect();
     let mean = xs.iter().sum::<f64>() / xs.len() as f64;
     xs.iter().map(|x| x - mean).collect()
+}
+
+/// A valid [`Geometry`] (panics on an invalid one: for tests only).
+pub(crate) fn geometry(shape: Shape3, voxel_size: [f64; 3], b0_dir: [f64; 3]) -> Geometry {
+    Geometry::new(shape, voxel_size, b0_dir).unwrap()
 }

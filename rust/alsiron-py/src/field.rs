@@ -4,29 +4,18 @@
 //! Every input must be C-contiguous float32 (uint8 masks); the Python wrappers in
 //! `alsiron.fieldmap` convert once. Outputs are new arrays.
 
-use alsiron_core::unwrap_laplacian as laplacian;
-use alsiron_core::{fieldfit, unwrap, Shape3};
+use alsiron_core::field::unwrap_laplacian as laplacian;
+use alsiron_core::field::{fieldfit, unwrap};
 use numpy::ndarray::Array4;
 use numpy::PyUntypedArrayMethods;
 use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyReadonlyArray4};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::convert::{contiguous, echoes_shape, same_dims, shape3, to_array};
 use crate::errors::to_py;
-use crate::fit::{contiguous, same_shape};
-use crate::qsm::to_array;
 
 type TwoVolumes<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<f32>>);
-
-fn echoes_shape(a: &[usize], n_te: usize) -> PyResult<Shape3> {
-    if a[0] != n_te {
-        return Err(PyValueError::new_err(format!(
-            "{} echoes but {n_te} echo times",
-            a[0]
-        )));
-    }
-    Ok(Shape3([a[1], a[2], a[3]]))
-}
 
 /// ROMEO-style unwrapping of one echo: edge weights from phase coherence, magnitude and
 /// (when `second_phase` is given) the phase-gradient coherence with a second echo whose
@@ -42,9 +31,9 @@ fn unwrap_romeo<'py>(
     te_ratio: f32,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let dims = phase.shape().to_vec();
-    same_shape(&dims, magnitude.shape(), "magnitude")?;
-    same_shape(&dims, mask.shape(), "mask")?;
-    let shape = Shape3([dims[0], dims[1], dims[2]]);
+    same_dims(&dims, magnitude.shape(), "magnitude")?;
+    same_dims(&dims, mask.shape(), "mask")?;
+    let shape = shape3(&dims);
     let (p, m, k) = (
         contiguous(&phase, "phase")?,
         contiguous(&magnitude, "magnitude")?,
@@ -52,7 +41,7 @@ fn unwrap_romeo<'py>(
     );
     let second = match &second_phase {
         Some(s) => {
-            same_shape(&dims, s.shape(), "second-echo phase")?;
+            same_dims(&dims, s.shape(), "second-echo phase")?;
             Some(unwrap::SecondEcho {
                 phase: contiguous(s, "second-echo phase")?,
                 te_ratio,
@@ -74,8 +63,8 @@ fn unwrap_laplacian<'py>(
     mask: PyReadonlyArray3<'py, u8>,
 ) -> PyResult<TwoVolumes<'py>> {
     let dims = phase.shape().to_vec();
-    same_shape(&dims, mask.shape(), "mask")?;
-    let shape = Shape3([dims[0], dims[1], dims[2]]);
+    same_dims(&dims, mask.shape(), "mask")?;
+    let shape = shape3(&dims);
     let (p, k) = (contiguous(&phase, "phase")?, contiguous(&mask, "mask")?);
     let out = py
         .detach(|| laplacian::unwrap_laplacian(p, Some(k), shape))
@@ -98,7 +87,7 @@ fn unwrap_echoes_temporal<'py>(
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     let dims = phase.shape().to_vec();
     let shape = echoes_shape(&dims, echo_times.len())?;
-    same_shape(&dims[1..], reference.shape(), "reference")?;
+    same_dims(&dims[1..], reference.shape(), "reference")?;
     let (p, r) = (
         contiguous(&phase, "phase")?,
         contiguous(&reference, "reference")?,
@@ -124,9 +113,9 @@ fn fit_field_linear<'py>(
     through_origin: bool,
 ) -> PyResult<TwoVolumes<'py>> {
     let dims = magnitude.shape().to_vec();
-    same_shape(&dims, unwrapped_phase.shape(), "phase")?;
+    same_dims(&dims, unwrapped_phase.shape(), "phase")?;
     let shape = echoes_shape(&dims, echo_times.len())?;
-    same_shape(&dims[1..], mask.shape(), "mask")?;
+    same_dims(&dims[1..], mask.shape(), "mask")?;
     let (m, p, k) = (
         contiguous(&magnitude, "magnitude")?,
         contiguous(&unwrapped_phase, "phase")?,
@@ -165,10 +154,10 @@ fn fit_field_complex<'py>(
     fixed_offset: bool,
 ) -> PyResult<ComplexFitMaps<'py>> {
     let dims = magnitude.shape().to_vec();
-    same_shape(&dims, phase.shape(), "phase")?;
+    same_dims(&dims, phase.shape(), "phase")?;
     let shape = echoes_shape(&dims, echo_times.len())?;
-    same_shape(&dims[1..], mask.shape(), "mask")?;
-    same_shape(&dims[1..], omega_init.shape(), "initial omega")?;
+    same_dims(&dims[1..], mask.shape(), "mask")?;
+    same_dims(&dims[1..], omega_init.shape(), "initial omega")?;
     let (m, p, k, w) = (
         contiguous(&magnitude, "magnitude")?,
         contiguous(&phase, "phase")?,
@@ -177,7 +166,7 @@ fn fit_field_complex<'py>(
     );
     let phi0 = match &phase_offset_init {
         Some(a) => {
-            same_shape(&dims[1..], a.shape(), "initial phase offset")?;
+            same_dims(&dims[1..], a.shape(), "initial phase offset")?;
             Some(contiguous(a, "initial phase offset")?)
         }
         None => None,

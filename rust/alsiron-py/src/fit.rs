@@ -3,85 +3,21 @@
 //! Every input must be C-contiguous with the dtype named in the signature (the Python
 //! wrappers in `alsiron.fieldmap` / `alsiron.relax` convert once); outputs are new arrays.
 
-use alsiron_core::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
-use alsiron_core::r2star::EchoLayout;
-use alsiron_core::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
-use alsiron_core::{epg, fieldmap, r2star, r2star_fit, unwrap, Shape3};
-use numpy::ndarray::Array1;
-use numpy::ndarray::Array2;
-use numpy::PyArray2;
-use numpy::{IntoPyArray, PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
+use alsiron_core::field::{fieldmap, unwrap};
+use alsiron_core::relax::epg::{CpmgSequence, EpgFitOptions, EpgOutputs};
+use alsiron_core::relax::r2star_fit::{R2starMethod, R2starOptions, R2starOutputs};
+use alsiron_core::relax::{epg, r2star, r2star_fit};
+use numpy::ndarray::{Array1, Array2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2};
 use numpy::{PyReadonlyArray3, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::convert::{
+    contiguous, echoes_and_voxels, layout, optional, output, same_dims, shape3, slice_mut,
+    to_array, writable,
+};
 use crate::errors::to_py;
-use crate::qsm::to_array;
-
-/// Borrow a C-contiguous array as a flat slice or raise a ValueError naming it.
-pub(crate) fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
-    arr: &'a numpy::PyReadonlyArray<'_, T, D>,
-    what: &str,
-) -> PyResult<&'a [T]> {
-    arr.as_slice().map_err(|_| {
-        PyValueError::new_err(format!(
-            "{what} must be C-contiguous (use numpy.ascontiguousarray)"
-        ))
-    })
-}
-
-/// A zeroed 1-D NumPy array for a kernel to write into. NumPy's allocator asks the kernel
-/// for transparent huge pages on large arrays: with Rust-allocated 4 KiB pages, the
-/// first-touch page faults of ~200 MB of R2* outputs cost as much CPU time as the
-/// closed-form fit itself.
-fn output<T: numpy::Element>(py: Python<'_>, n: usize) -> Bound<'_, PyArray1<T>> {
-    PyArray1::<T>::zeros(py, n, false)
-}
-
-/// Borrow a fresh output array mutably as a slice.
-fn writable<'py, T: numpy::Element>(
-    arr: &Bound<'py, PyArray1<T>>,
-) -> PyResult<numpy::PyReadwriteArray1<'py, T>> {
-    arr.try_readwrite()
-        .map_err(|e| PyValueError::new_err(format!("output array: {e}")))
-}
-
-fn slice_mut<'a, T: numpy::Element>(
-    arr: &'a mut numpy::PyReadwriteArray1<'_, T>,
-) -> PyResult<&'a mut [T]> {
-    arr.as_slice_mut()
-        .map_err(|_| PyValueError::new_err("output array is not contiguous"))
-}
-
-/// (E, N) for echo-major magnitude, (N, E) when `voxel_major`: returns (E, N).
-fn echoes_and_voxels(dims: &[usize], voxel_major: bool) -> [usize; 2] {
-    if voxel_major {
-        [dims[1], dims[0]]
-    } else {
-        [dims[0], dims[1]]
-    }
-}
-
-fn layout(voxel_major: bool) -> EchoLayout {
-    if voxel_major {
-        EchoLayout::VoxelMajor
-    } else {
-        EchoLayout::EchoMajor
-    }
-}
-
-fn shape3(dims: &[usize]) -> Shape3 {
-    Shape3([dims[0], dims[1], dims[2]])
-}
-
-pub(crate) fn same_shape(a: &[usize], b: &[usize], what: &str) -> PyResult<()> {
-    if a != b {
-        return Err(PyValueError::new_err(format!(
-            "{what} has shape {b:?}, expected {a:?}"
-        )));
-    }
-    Ok(())
-}
 
 /// Unwrap a 3-D wrapped phase [rad] guided by the magnitude inside a mask.
 ///
@@ -94,8 +30,8 @@ fn unwrap_phase<'py>(
     mask: PyReadonlyArray3<'py, u8>,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let dims = phase.shape().to_vec();
-    same_shape(&dims, magnitude.shape(), "magnitude")?;
-    same_shape(&dims, mask.shape(), "mask")?;
+    same_dims(&dims, magnitude.shape(), "magnitude")?;
+    same_dims(&dims, mask.shape(), "mask")?;
     let shape = shape3(&dims);
     let (p, m, k) = (
         contiguous(&phase, "phase")?,
@@ -125,8 +61,8 @@ fn fit_multi_echo_field<'py>(
     mask: PyReadonlyArray3<'py, u8>,
 ) -> PyResult<FieldMaps<'py>> {
     let dims = magnitude.shape().to_vec();
-    same_shape(&dims, phase.shape(), "phase")?;
-    same_shape(&dims[1..], mask.shape(), "mask")?;
+    same_dims(&dims, phase.shape(), "phase")?;
+    same_dims(&dims[1..], mask.shape(), "mask")?;
     if dims[0] != echo_times.len() {
         return Err(PyValueError::new_err(format!(
             "magnitude has {} echoes but {} echo times were given",
@@ -178,10 +114,7 @@ fn fit_r2star_loglinear<'py>(
         )));
     }
     let m = contiguous(&magnitude, "magnitude")?;
-    let k = match &mask {
-        Some(k) => Some(contiguous(k, "mask")?),
-        None => None,
-    };
+    let k = optional(&mask, "mask")?;
     let (r2_arr, s0_arr, status_arr) = (output(py, n), output(py, n), output(py, n));
     {
         let (mut r2w, mut s0w, mut stw) = (
@@ -254,10 +187,7 @@ fn fit_r2star<'py>(
         layout: layout(voxel_major),
     };
     let m = contiguous(&magnitude, "magnitude")?;
-    let k = match &mask {
-        Some(k) => Some(contiguous(k, "mask")?),
-        None => None,
-    };
+    let k = optional(&mask, "mask")?;
     let (r2_arr, s0_arr) = (output(py, n), output(py, n));
     let (sd_arr, gof_arr, status_arr) = (output(py, n), output(py, n), output(py, n));
     {
@@ -340,10 +270,7 @@ fn fit_t2_epg<'py>(
         max_iter,
     };
     let m = contiguous(&magnitude, "magnitude")?;
-    let k = match &mask {
-        Some(k) => Some(contiguous(k, "mask")?),
-        None => None,
-    };
+    let k = optional(&mask, "mask")?;
     let (mut t2, mut s0) = (vec![0.0f32; n], vec![0.0f32; n]);
     let (mut b1, mut gof) = (vec![0.0f32; n], vec![0.0f32; n]);
     let mut status = vec![0u8; n];

@@ -1,11 +1,12 @@
 //! `alsiron._core`: thin PyO3 bindings over `alsiron-core`.
 //!
-//! Every function validates array layout, converts numpy arrays once, releases the GIL
-//! around the numerical work (`py.detach`) and maps `CoreError` to Python exceptions in
-//! [`errors::to_py`].
+//! Every function validates array layout and converts numpy arrays once (shared checks
+//! and conversions in [`convert`]), releases the GIL around the numerical work
+//! (`py.detach`) and maps `CoreError` to Python exceptions in [`errors::to_py`].
 
 use pyo3::prelude::*;
 
+mod convert;
 mod errors;
 mod field;
 mod fit;

@@ -4,85 +4,21 @@
 //! wrappers in `alsiron.qsm` validate and convert before calling. The GIL is released
 //! around every computation.
 
-use alsiron_core::{bfr, bfr_iterative, dipole, fft, inversion, CoreError, CoreResult, Shape3};
-use numpy::ndarray::Array3;
-use numpy::{Complex32, IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
+use alsiron_core::qsm::{bfr, dipole, inversion};
+use alsiron_core::{fft, CoreResult, Shape3};
+use numpy::{Complex32, PyArray3, PyReadonlyArray3};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::sync::Mutex;
 
+use crate::convert::{
+    contiguous_volume, field_and_mask, geometry, optional_volume, shape_of, to_array,
+};
 use crate::errors::to_py;
 
 /// How often (in ADMM iterations) the solver polls Python for Ctrl-C: an iteration at
 /// 256³ takes ~0.1–0.3 s, so this keeps interrupts responsive without attaching every time.
 pub(crate) const SIGNAL_POLL_EVERY: usize = 2;
-
-pub(crate) fn shape_of<T: numpy::Element>(a: &PyReadonlyArray3<'_, T>) -> Shape3 {
-    let s = a.shape();
-    Shape3([s[0], s[1], s[2]])
-}
-
-pub(crate) fn contiguous<'a, T: numpy::Element>(
-    a: &'a PyReadonlyArray3<'_, T>,
-    what: &str,
-) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{what} must be a C-contiguous array")))
-}
-
-pub(crate) fn same_shape(a: Shape3, b: Shape3, what: &str) -> PyResult<()> {
-    if a != b {
-        return Err(to_py(CoreError::ShapeMismatch(format!(
-            "{what} has shape {:?}, expected {:?}",
-            b.0, a.0
-        ))));
-    }
-    Ok(())
-}
-
-/// Shape of `field`, and `field` and `mask` as C-contiguous slices; the mask must have
-/// the field's shape.
-pub(crate) fn field_and_mask<'a>(
-    field: &'a PyReadonlyArray3<'_, f32>,
-    mask: &'a PyReadonlyArray3<'_, u8>,
-) -> PyResult<(Shape3, &'a [f32], &'a [u8])> {
-    let shape = shape_of(field);
-    same_shape(shape, shape_of(mask), "mask")?;
-    Ok((
-        shape,
-        contiguous(field, "field")?,
-        contiguous(mask, "mask")?,
-    ))
-}
-
-/// Shape, field, weight and mask slices of a weighted solver's inputs.
-pub(crate) type WeightedInputs<'a> = (Shape3, &'a [f32], &'a [f32], &'a [u8]);
-
-/// [`field_and_mask`] plus a data weight of the same shape (checked in the same order:
-/// shapes first, then contiguity); `weight_name` names it in errors.
-pub(crate) fn field_weight_and_mask<'a>(
-    field: &'a PyReadonlyArray3<'_, f32>,
-    weight: &'a PyReadonlyArray3<'_, f32>,
-    mask: &'a PyReadonlyArray3<'_, u8>,
-    weight_name: &str,
-) -> PyResult<WeightedInputs<'a>> {
-    let shape = shape_of(field);
-    same_shape(shape, shape_of(mask), "mask")?;
-    same_shape(shape, shape_of(weight), weight_name)?;
-    let (f, m) = (contiguous(field, "field")?, contiguous(mask, "mask")?);
-    Ok((shape, f, contiguous(weight, weight_name)?, m))
-}
-
-pub(crate) fn to_array<'py, T: numpy::Element>(
-    py: Python<'py>,
-    shape: Shape3,
-    data: Vec<T>,
-) -> PyResult<Bound<'py, PyArray3<T>>> {
-    let [nx, ny, nz] = shape.0;
-    let arr = Array3::from_shape_vec((nx, ny, nz), data)
-        .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
-    Ok(arr.into_pyarray(py))
-}
 
 /// Forward 3-D real FFT (unnormalised, layout of numpy.fft.rfftn) → complex64 [nx, ny, nz//2+1].
 #[pyfunction]
@@ -91,7 +27,7 @@ fn fft3_forward<'py>(
     x: PyReadonlyArray3<'py, f32>,
 ) -> PyResult<Bound<'py, PyArray3<Complex32>>> {
     let shape = shape_of(&x);
-    let data = contiguous(&x, "x")?;
+    let data = contiguous_volume(&x, "x")?;
     let spectrum = py.detach(|| fft::forward(data, shape)).map_err(to_py)?;
     to_array(py, shape.half_spectrum(), spectrum)
 }
@@ -112,7 +48,7 @@ fn fft3_inverse<'py>(
         )));
     }
     let shape = Shape3([half.0[0], half.0[1], nz]);
-    let data = contiguous(&spectrum, "spectrum")?;
+    let data = contiguous_volume(&spectrum, "spectrum")?;
     let out = py.detach(|| fft::inverse(data, shape)).map_err(to_py)?;
     to_array(py, shape, out)
 }
@@ -126,8 +62,9 @@ fn dipole_kernel<'py>(
     b0_dir: [f64; 3],
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let shape = Shape3(shape);
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let kernel = py
-        .detach(|| dipole::dipole_kernel(shape, voxel_size, b0_dir))
+        .detach(|| dipole::dipole_kernel(&geometry))
         .map_err(to_py)?;
     to_array(py, shape.half_spectrum(), kernel)
 }
@@ -141,9 +78,10 @@ fn forward_field<'py>(
     b0_dir: [f64; 3],
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let shape = shape_of(&chi);
-    let data = contiguous(&chi, "chi")?;
+    let data = contiguous_volume(&chi, "chi")?;
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let field = py
-        .detach(|| dipole::forward_field(data, shape, voxel_size, b0_dir))
+        .detach(|| dipole::forward_field(data, &geometry))
         .map_err(to_py)?;
     to_array(py, shape, field)
 }
@@ -159,8 +97,9 @@ fn tkd<'py>(
     threshold: f64,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let chi = py
-        .detach(|| inversion::tkd(f, m, shape, voxel_size, b0_dir, threshold))
+        .detach(|| inversion::tkd(f, m, &geometry, threshold))
         .map_err(to_py)?;
     to_array(py, shape, chi)
 }
@@ -229,6 +168,7 @@ fn tv_admm<'py>(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let params = inversion::TvAdmmParams {
         alpha,
         mu,
@@ -236,7 +176,7 @@ fn tv_admm<'py>(
         tol,
     };
     let (chi, iterations) = run_iterative(py, progress, max_iter, |stop| {
-        inversion::tv_admm(f, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::tv_admm(f, m, &geometry, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, iterations))
 }
@@ -281,31 +221,26 @@ fn pdf<'py>(
     kernel: &str,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let w = match &weight {
-        Some(w) => {
-            same_shape(shape, shape_of(w), "weight")?;
-            Some(contiguous(w, "weight")?)
-        }
-        None => None,
-    };
+    let w = optional_volume(shape, &weight, "weight")?;
     let kernel = match kernel {
-        "kspace" => bfr_iterative::DipoleDiscretisation::KSpace,
-        "image" => bfr_iterative::DipoleDiscretisation::ImageSpace,
+        "kspace" => bfr::DipoleDiscretisation::KSpace,
+        "image" => bfr::DipoleDiscretisation::ImageSpace,
         other => {
             return Err(PyValueError::new_err(format!(
                 "PDF kernel must be 'kspace' or 'image', got {other:?}"
             )))
         }
     };
-    let params = bfr_iterative::PdfParams {
+    let params = bfr::PdfParams {
         pad_voxels,
         tol,
         max_iter,
         kernel,
     };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let should_stop = poll_signals_every(SIGNAL_POLL_EVERY);
     let (local, iterations) = py
-        .detach(|| bfr_iterative::pdf(f, m, w, shape, voxel_size, b0_dir, params, &should_stop))
+        .detach(|| bfr::pdf(f, m, w, &geometry, params, &should_stop))
         .map_err(to_py)?;
     Ok((to_array(py, shape, local)?, iterations))
 }
@@ -323,7 +258,7 @@ fn ismv<'py>(
     max_iter: usize,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let params = bfr_iterative::IsmvParams {
+    let params = bfr::IsmvParams {
         radius_mm,
         tol,
         max_iter,
@@ -331,7 +266,7 @@ fn ismv<'py>(
     // One iSMV iteration is a single FFT pair, so poll less often than ADMM.
     let should_stop = poll_signals_every(4 * SIGNAL_POLL_EVERY);
     let (local, eroded, iterations) = py
-        .detach(|| bfr_iterative::ismv(f, m, shape, voxel_size, params, &should_stop))
+        .detach(|| bfr::ismv(f, m, shape, voxel_size, params, &should_stop))
         .map_err(to_py)?;
     Ok((
         to_array(py, shape, local)?,
@@ -353,11 +288,11 @@ fn lbv<'py>(
     max_iter: usize,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let params = bfr_iterative::LbvParams { tol, max_iter };
+    let params = bfr::LbvParams { tol, max_iter };
     // An LBV iteration is one stencil pass (no FFT): poll every 32.
     let should_stop = poll_signals_every(32);
     let (local, interior, iterations) = py
-        .detach(|| bfr_iterative::lbv(f, m, shape, voxel_size, params, &should_stop))
+        .detach(|| bfr::lbv(f, m, shape, voxel_size, params, &should_stop))
         .map_err(to_py)?;
     Ok((
         to_array(py, shape, local)?,

@@ -5,19 +5,18 @@
 //! iterative solvers poll Ctrl-C and call `progress(iteration, max_iter)` every
 //! [`SIGNAL_POLL_EVERY`] iterations.
 
-use alsiron_core::inversion;
-use alsiron_core::inversion_iterative::{
-    self as iterative, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic,
-    WeightedTvParams,
+use alsiron_core::qsm::inversion::{
+    self, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic, WeightedTvParams,
 };
 use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
 
-use crate::errors::to_py;
-use crate::qsm::{
-    contiguous, field_and_mask, field_weight_and_mask, run_iterative, same_shape, shape_of,
-    to_array,
+use crate::convert::{
+    contiguous_volume, field_and_mask, field_weight_and_mask, geometry, optional_volume,
+    same_shape, shape_of, to_array,
 };
+use crate::errors::to_py;
+use crate::qsm::run_iterative;
 
 type Chi<'py> = Bound<'py, PyArray3<f32>>;
 
@@ -32,8 +31,9 @@ fn tikhonov<'py>(
     lam: f64,
 ) -> PyResult<Chi<'py>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let chi = py
-        .detach(|| inversion::tikhonov(f, m, shape, voxel_size, b0_dir, lam))
+        .detach(|| inversion::tikhonov(f, m, &geometry, lam))
         .map_err(to_py)?;
     to_array(py, shape, chi)
 }
@@ -65,13 +65,7 @@ fn weighted_tv_admm<'py>(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
     let (shape, f, w, m) = field_weight_and_mask(&field, &data_weight, &mask, "data_weight")?;
-    let g = match &tv_weight {
-        Some(g) => {
-            same_shape(shape, shape_of(g), "tv_weight")?;
-            Some(contiguous(g, "tv_weight")?)
-        }
-        None => None,
-    };
+    let g = optional_volume(shape, &tv_weight, "tv_weight")?;
     let weak_harmonic = match (wh_beta, wh_mu) {
         (Some(beta), Some(mu)) => Some(WeakHarmonic { beta, mu }),
         (None, None) => None,
@@ -90,8 +84,9 @@ fn weighted_tv_admm<'py>(
         phase_scale,
         weak_harmonic,
     };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
-        iterative::weighted_tv_admm(f, w, g, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::weighted_tv_admm(f, w, g, m, &geometry, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -109,11 +104,11 @@ fn edge_weight<'py>(
     let shape = shape_of(&magnitude);
     same_shape(shape, shape_of(&mask), "mask")?;
     let (a, m) = (
-        contiguous(&magnitude, "magnitude")?,
-        contiguous(&mask, "mask")?,
+        contiguous_volume(&magnitude, "magnitude")?,
+        contiguous_volume(&mask, "mask")?,
     );
     let out = py
-        .detach(|| iterative::edge_weight(a, m, shape, voxel_size, edge_fraction))
+        .detach(|| inversion::edge_weight(a, m, shape, voxel_size, edge_fraction))
         .map_err(to_py)?;
     to_array(py, shape, out)
 }
@@ -147,8 +142,9 @@ fn rts<'py>(
         max_iter,
         tol,
     };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let (chi, it) = run_iterative(py, progress, lsqr_iter + max_iter, |stop| {
-        iterative::rts(f, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::rts(f, m, &geometry, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -180,8 +176,9 @@ fn ndi<'py>(
         max_iter,
         tol,
     };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
-        iterative::ndi(f, w, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::ndi(f, w, m, &geometry, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -203,8 +200,9 @@ fn ilsqr<'py>(
 ) -> PyResult<(Chi<'py>, usize)> {
     let (shape, f, w, m) = field_weight_and_mask(&field, &weight, &mask, "weight")?;
     let params = LsqrParams { tol, max_iter };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
-        iterative::ilsqr(f, w, m, shape, voxel_size, b0_dir, params, stop)
+        inversion::ilsqr(f, w, m, &geometry, params, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it))
 }
@@ -236,8 +234,9 @@ fn ilsqr_streaking<'py>(
         tol: streak_tol,
         max_iter: streak_max_iter,
     };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let (chi, it) = run_iterative(py, progress, max_iter + streak_max_iter, |stop| {
-        iterative::ilsqr_streaking(f, w, m, shape, voxel_size, b0_dir, lsqr, streaking, stop)
+        inversion::ilsqr_streaking(f, w, m, &geometry, lsqr, streaking, stop)
     })?;
     Ok((to_array(py, shape, chi)?, it.lsqr, it.streaking))
 }
@@ -252,8 +251,9 @@ fn ilsqr_fast_estimate<'py>(
     b0_dir: [f64; 3],
 ) -> PyResult<Chi<'py>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
     let chi = py
-        .detach(|| iterative::ilsqr_fast_estimate(f, m, shape, voxel_size, b0_dir))
+        .detach(|| inversion::ilsqr_fast_estimate(f, m, &geometry))
         .map_err(to_py)?;
     to_array(py, shape, chi)
 }

@@ -1,12 +1,12 @@
 //! Brain-surface (BET-like) binding: the surface-evolution loop of `alsiron.bet`.
 
-use alsiron_core::surface::{bet_evolve, BetSettings};
+use alsiron_core::field::surface::{bet_evolve, BetSettings};
 use numpy::{PyArray2, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::convert::{contiguous_volume, shape_of};
 use crate::errors::to_py;
-use crate::qsm::{contiguous, shape_of};
 
 /// Evolve a BET surface on a float32 image; returns the new vertices (float64 [V, 3],
 /// mm) and the number of iterations run.
@@ -25,7 +25,7 @@ fn bet_evolve_surface<'py>(
     iterations: usize,
 ) -> PyResult<(Bound<'py, PyArray2<f64>>, usize)> {
     let shape = shape_of(&magnitude);
-    let mag = contiguous(&magnitude, "magnitude")?;
+    let mag = contiguous_volume(&magnitude, "magnitude")?;
     let v_shape = vertices.shape().to_vec();
     if v_shape.len() != 2 || v_shape[1] != 3 || faces.shape()[1] != 3 {
         return Err(PyValueError::new_err(

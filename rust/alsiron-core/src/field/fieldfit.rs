@@ -17,9 +17,9 @@
 //!   estimate `σ̂ = sqrt(Σ m_k² sin²(r_k) / (E − 2))` from the residual phases `r_k`.
 
 use crate::error::{CoreError, CoreResult};
-use crate::fieldmap::check_echo_times;
+use crate::field::fieldmap::check_echo_times;
+use crate::field::unwrap::{round_fast, wrap_angle};
 use crate::grid::Shape3;
-use crate::unwrap::{round_fast, wrap_angle};
 use rayon::prelude::*;
 use std::f64::consts::PI;
 

@@ -1,8 +1,9 @@
 //! The first, straightforward implementation of the growth (separate cost records,
-//! a full seed sort, one state array), kept for the tests: the optimised growth in
-//! `unwrap.rs` must reproduce its output bit for bit, and the timing test compares both.
+//! a full seed sort, one state array), kept for the tests: the optimised growth
+//! (`queue.rs`) must reproduce its output bit for bit.
 
-use super::{round_fast, SecondEcho, Unwrapped, NO_EDGE, N_BINS, TWO_PI};
+use super::cost::NO_EDGE;
+use super::{round_fast, SecondEcho, Unwrapped, N_BINS, TWO_PI};
 use crate::grid::Shape3;
 use rayon::prelude::*;
 

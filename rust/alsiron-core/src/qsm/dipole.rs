@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::error::CoreResult;
 use crate::fft::Fft3Plan;
-use crate::grid::{check_voxel_size, unit_direction, Shape3};
+use crate::grid::{Geometry, Shape3};
 
 /// Frequency of DFT bin `index` of an `n`-point axis, in cycles per sample, with the
 /// `numpy.fft.fftfreq` convention (Nyquist bin of even `n` is negative).
@@ -51,20 +51,21 @@ pub struct DipoleSymbol {
 }
 
 impl DipoleSymbol {
-    /// Frequencies of `shape`'s half spectrum for `voxel_size` [mm] and B0 direction.
-    pub fn new(shape: Shape3, voxel_size: [f64; 3], b0_dir: [f64; 3]) -> CoreResult<Self> {
-        check_voxel_size(voxel_size)?;
-        let b = unit_direction(b0_dir)?;
+    /// Frequencies of the half spectrum of `geometry`'s shape for its voxel size [mm]
+    /// and B0 direction.
+    pub fn new(geometry: &Geometry) -> Self {
+        let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
+        let b = geometry.b0_unit();
         let [kx, ky, kz] = half_spectrum_frequencies(shape, voxel_size);
         let kx_b = kx.iter().map(|x| x * b[0]).collect();
-        Ok(DipoleSymbol {
+        DipoleSymbol {
             kx,
             kx_b,
             ky,
             kz,
             b,
             nh: shape.0[2] / 2 + 1,
-        })
+        }
     }
 
     /// Whether half-spectrum column `column` (= j·nh + k) is a one-sided plane of the
@@ -97,14 +98,10 @@ impl DipoleSymbol {
 }
 
 /// Dipole kernel on the half spectrum `[nx, ny, nz/2+1]` (C order).
-pub fn dipole_kernel(
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
-) -> CoreResult<Vec<f32>> {
+pub fn dipole_kernel(geometry: &Geometry) -> CoreResult<Vec<f32>> {
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     shape.check_len(shape.len(), "dipole kernel grid")?;
-    check_voxel_size(voxel_size)?;
-    let b = unit_direction(b0_dir)?;
+    let b = geometry.b0_unit();
     let [kx, ky, kz] = half_spectrum_frequencies(shape, voxel_size);
     let half = shape.half_spectrum();
     let plane = half.0[1] * half.0[2];
@@ -139,14 +136,10 @@ pub fn apply_kernel(spectrum: &mut [Complex32], kernel: &[f32]) {
 }
 
 /// Field [ppm] of a susceptibility distribution `chi` [ppm]: F⁻¹{D·F{χ}} (periodic).
-pub fn forward_field(
-    chi: &[f32],
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    b0_dir: [f64; 3],
-) -> CoreResult<Vec<f32>> {
+pub fn forward_field(chi: &[f32], geometry: &Geometry) -> CoreResult<Vec<f32>> {
+    let shape = geometry.shape();
     shape.check_len(chi.len(), "chi")?;
-    let kernel = dipole_kernel(shape, voxel_size, b0_dir)?;
+    let kernel = dipole_kernel(geometry)?;
     let plan = Fft3Plan::get(shape)?;
     let mut spectrum = plan.make_spectrum();
     plan.forward(chi, &mut spectrum)?;
@@ -159,6 +152,7 @@ pub fn forward_field(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::geometry;
 
     /// Mean of a half-spectrum quantity over the full spectrum: bins with
     /// 0 < kz < nz/2 stand for two bins (k and −k), the DC and Nyquist planes for one.
@@ -185,7 +179,7 @@ mod tests {
             (Shape3([16, 16, 16]), [0.0, 0.0, 1.0]),
             (Shape3([15, 15, 15]), [1.0, 0.0, 0.0]),
         ] {
-            let d = dipole_kernel(shape, [1.0; 3], b0).unwrap();
+            let d = dipole_kernel(&geometry(shape, [1.0; 3], b0)).unwrap();
             assert_eq!(d[0], 0.0);
             let mean = full_spectrum_mean(&d, shape);
             assert!(mean.abs() < 1e-6, "mean {mean}");
@@ -195,7 +189,7 @@ mod tests {
         // Oblique b̂ on an odd cube (no one-sided Nyquist plane): cross terms k_a·k_b
         // cancel under k_a → −k_a, so the mean is exactly zero too.
         let shape = Shape3([15, 15, 15]);
-        let d = dipole_kernel(shape, [1.0; 3], [0.3, -0.2, 1.0]).unwrap();
+        let d = dipole_kernel(&geometry(shape, [1.0; 3], [0.3, -0.2, 1.0])).unwrap();
         assert!(full_spectrum_mean(&d, shape).abs() < 1e-6);
     }
 
@@ -203,17 +197,17 @@ mod tests {
     fn kernel_follows_a_rotated_b0() {
         // With b̂ along x, D at (kx, 0, 0) is -2/3 and at (0, 0, kz) is 1/3.
         let shape = Shape3([8, 8, 8]);
-        let d = dipole_kernel(shape, [1.0, 1.0, 1.0], [2.0, 0.0, 0.0]).unwrap();
+        let d = dipole_kernel(&geometry(shape, [1.0, 1.0, 1.0], [2.0, 0.0, 0.0])).unwrap();
         let half = shape.half_spectrum();
         assert!((d[half.idx(1, 0, 0)] + 2.0 / 3.0).abs() < 1e-6);
         assert!((d[half.idx(0, 0, 1)] - 1.0 / 3.0).abs() < 1e-6);
         // Swapping the roles of y and z: kernel with b̂ = y at (0, ky, 0) equals kernel
         // with b̂ = z at (0, 0, kz) for the same frequency on a cubic grid.
-        let dy = dipole_kernel(shape, [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]).unwrap();
-        let dz = dipole_kernel(shape, [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]).unwrap();
+        let dy = dipole_kernel(&geometry(shape, [1.0, 1.0, 1.0], [0.0, 1.0, 0.0])).unwrap();
+        let dz = dipole_kernel(&geometry(shape, [1.0, 1.0, 1.0], [0.0, 0.0, 1.0])).unwrap();
         assert!((dy[half.idx(0, 2, 0)] - dz[half.idx(0, 0, 2)]).abs() < 1e-7);
         // Oblique: b̂ = (1,1,0)/√2 is -2/3 along (1,1,0) and 1/3 along (1,-1,0).
-        let dd = dipole_kernel(shape, [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]).unwrap();
+        let dd = dipole_kernel(&geometry(shape, [1.0, 1.0, 1.0], [1.0, 1.0, 0.0])).unwrap();
         assert!((dd[half.idx(1, 1, 0)] + 2.0 / 3.0).abs() < 1e-6);
         assert!((dd[half.idx(1, 7, 0)] - 1.0 / 3.0).abs() < 1e-6);
     }
@@ -223,7 +217,7 @@ mod tests {
         // Stretching the z voxel by 2 makes bin (0,1,1) point at 2:1 (ky:kz) ratio in
         // index units -> cycles/mm (1/8, 1/16); with b̂ = z: 1/3 - (1/16)²/((1/8)²+(1/16)²).
         let shape = Shape3([8, 8, 8]);
-        let d = dipole_kernel(shape, [1.0, 1.0, 2.0], [0.0, 0.0, 1.0]).unwrap();
+        let d = dipole_kernel(&geometry(shape, [1.0, 1.0, 2.0], [0.0, 0.0, 1.0])).unwrap();
         let want = 1.0 / 3.0 - (1.0 / 256.0) / (1.0 / 64.0 + 1.0 / 256.0);
         let got = d[shape.half_spectrum().idx(0, 1, 1)] as f64;
         assert!((got - want).abs() < 1e-6);
@@ -232,7 +226,8 @@ mod tests {
     #[test]
     fn field_of_a_constant_is_zero() {
         let shape = Shape3([6, 6, 6]);
-        let field = forward_field(&vec![1.0; 216], shape, [1.0; 3], [0.0, 0.3, 1.0]).unwrap();
+        let field =
+            forward_field(&vec![1.0; 216], &geometry(shape, [1.0; 3], [0.0, 0.3, 1.0])).unwrap();
         assert!(field.iter().all(|v| v.abs() < 1e-6));
     }
 }

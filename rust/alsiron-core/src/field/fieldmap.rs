@@ -5,7 +5,7 @@
 //! 1. Initial ω from the echo pair with the shortest spacing (consecutive echoes, the
 //!    earliest pair on ties): the phase of `S_{p+1}·conj(S_p)` is `ω·ΔTE` wrapped; the
 //!    phase offset φ0 cancels and the short spacing gives the fewest wraps. It is
-//!    unwrapped spatially ([`crate::unwrap`]) with the magnitude `sqrt(m_p·m_{p+1})` as the
+//!    unwrapped spatially ([`crate::field::unwrap`]) with the magnitude `sqrt(m_p·m_{p+1})` as the
 //!    quality guide. Each disconnected part of the mask is then shifted by the multiple of
 //!    2π that brings its magnitude²-weighted mean closest to zero (the scanner centres the
 //!    frequency on the imaged tissue), so the result does not depend on the seed.
@@ -22,8 +22,8 @@
 //! any positive finite magnitude get NaN in all three outputs.
 
 use crate::error::{CoreError, CoreResult};
+use crate::field::unwrap::{round_fast, unwrap_with_components, wrap_angle, Unwrapped};
 use crate::grid::Shape3;
-use crate::unwrap::{round_fast, unwrap_with_components, wrap_angle, Unwrapped};
 use rayon::prelude::*;
 use std::f64::consts::PI;
 

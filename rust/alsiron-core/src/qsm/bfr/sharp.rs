@@ -11,9 +11,11 @@
 //! to fast FFT sizes (≥ the input size); the field outside the mask is set to zero before
 //! filtering, so padding only changes the (periodic) boundary of the final deconvolution.
 
-use num_complex::Complex32;
 use rayon::prelude::*;
 
+use num_complex::Complex32;
+
+use super::{crop, pad, sphere_indicator};
 use crate::error::{CoreError, CoreResult};
 use crate::fft::{fast_len, Fft3Plan};
 use crate::grid::{check_voxel_size, Shape3};
@@ -37,71 +39,6 @@ pub fn default_radii_mm(voxel_size: [f64; 3]) -> Vec<f64> {
     radii
 }
 
-/// Unnormalised indicator of a sphere of radius `radius_mm` on a periodic grid of
-/// `shape`, centred at voxel 0 (offsets wrap around). Returns (indicator, voxel count).
-pub(crate) fn sphere_indicator(
-    shape: Shape3,
-    voxel_size: [f64; 3],
-    radius_mm: f64,
-) -> (Vec<f32>, usize) {
-    let [nx, ny, nz] = shape.0;
-    let reach = |h: f64| (radius_mm / h).floor() as isize;
-    let (rx, ry, rz) = (
-        reach(voxel_size[0]),
-        reach(voxel_size[1]),
-        reach(voxel_size[2]),
-    );
-    let mut sphere = vec![0.0f32; shape.len()];
-    let mut count = 0;
-    let wrap = |d: isize, n: usize| d.rem_euclid(n as isize) as usize;
-    let r2 = radius_mm * radius_mm * (1.0 + 1e-9);
-    for dx in -rx..=rx {
-        for dy in -ry..=ry {
-            for dz in -rz..=rz {
-                let d2 = (dx as f64 * voxel_size[0]).powi(2)
-                    + (dy as f64 * voxel_size[1]).powi(2)
-                    + (dz as f64 * voxel_size[2]).powi(2);
-                if d2 <= r2 {
-                    let idx = shape.idx(wrap(dx, nx), wrap(dy, ny), wrap(dz, nz));
-                    if sphere[idx] == 0.0 {
-                        count += 1;
-                    }
-                    sphere[idx] = 1.0;
-                }
-            }
-        }
-    }
-    (sphere, count)
-}
-
-pub(crate) fn pad(values: &[f32], shape: Shape3, padded: Shape3) -> Vec<f32> {
-    let [_, ny, nz] = shape.0;
-    let [_, pny, pnz] = padded.0;
-    let mut out = vec![0.0f32; padded.len()];
-    out.par_chunks_mut(pny * pnz)
-        .zip(values.par_chunks(ny * nz))
-        .for_each(|(dst, src)| {
-            for j in 0..ny {
-                dst[j * pnz..j * pnz + nz].copy_from_slice(&src[j * nz..(j + 1) * nz]);
-            }
-        });
-    out
-}
-
-pub(crate) fn crop(values: &[f32], padded: Shape3, shape: Shape3) -> Vec<f32> {
-    let [_, ny, nz] = shape.0;
-    let [_, pny, pnz] = padded.0;
-    let mut out = vec![0.0f32; shape.len()];
-    out.par_chunks_mut(ny * nz)
-        .zip(values.par_chunks(pny * pnz))
-        .for_each(|(dst, src)| {
-            for j in 0..ny {
-                dst[j * nz..(j + 1) * nz].copy_from_slice(&src[j * pnz..j * pnz + nz]);
-            }
-        });
-    out
-}
-
 /// [`first_fitting_radius`] of a voxel no sphere fits around.
 const NO_RADIUS: u16 = u16::MAX;
 
@@ -117,7 +54,7 @@ const NO_RADIUS: u16 = u16::MAX;
 /// (exact, and vectorised along z rows), not a general lower-envelope transform. Same
 /// result as convolving the mask with each sphere and keeping full counts, in three
 /// sweeps instead of one FFT convolution per radius.
-fn first_fitting_radius(
+pub(super) fn first_fitting_radius(
     mask: &[f32],
     shape: Shape3,
     voxel_size: [f64; 3],
@@ -329,7 +266,8 @@ pub fn vsharp(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dipole::forward_field;
+    use crate::qsm::dipole::forward_field;
+    use crate::test_support::geometry;
 
     #[test]
     fn default_radii_run_from_12mm_to_one_voxel() {
@@ -377,8 +315,8 @@ mod tests {
         }
         let vs = [1.0; 3];
         let b0 = [0.0, 0.0, 1.0];
-        let bg = forward_field(&chi_out, shape, vs, b0).unwrap();
-        let local_true = forward_field(&chi_in, shape, vs, b0).unwrap();
+        let bg = forward_field(&chi_out, &geometry(shape, vs, b0)).unwrap();
+        let local_true = forward_field(&chi_in, &geometry(shape, vs, b0)).unwrap();
         let total: Vec<f32> = bg.iter().zip(&local_true).map(|(a, b)| a + b).collect();
         let vs_check = |radii: &[f64], tol: f64| {
             let (local, eroded) = vsharp(&total, &mask, shape, vs, radii, 0.05).unwrap();
@@ -472,64 +410,5 @@ mod tests {
         assert!(vsharp(&f, &m, shape, [1.0; 3], &[0.5], 0.05).is_err());
         assert!(vsharp(&f, &vec![0u8; 512], shape, [1.0; 3], &[2.0], 0.05).is_err());
         assert!(vsharp(&f, &m, shape, [1.0; 3], &[2.0], 1.5).is_err());
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-
-    /// `cargo test --release -p alsiron-core vsharp_timing -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn vsharp_timing() {
-        let shape = Shape3([256, 256, 176]);
-        let [nx, ny, nz] = shape.0;
-        let mut mask = vec![0.0f32; shape.len()];
-        let mut field = vec![0.0f32; shape.len()];
-        for i in 0..nx {
-            for j in 0..ny {
-                for k in 0..nz {
-                    let r =
-                        |c: usize, n: usize| (c as f64 - (n - 1) as f64 / 2.0) / (0.42 * n as f64);
-                    let v = shape.idx(i, j, k);
-                    mask[v] =
-                        f32::from(r(i, nx).powi(2) + r(j, ny).powi(2) + r(k, nz).powi(2) <= 1.0);
-                    field[v] = ((v * 7919) % 1000) as f32 * 1e-4;
-                }
-            }
-        }
-        let radii = default_radii_mm([1.0; 3]);
-        let mask_u8: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
-        for _ in 0..2 {
-            let t0 = std::time::Instant::now();
-            let first = first_fitting_radius(&mask, shape, [1.0; 3], &radii);
-            let t1 = t0.elapsed();
-            let _ = vsharp(&field, &mask_u8, shape, [1.0; 3], &radii, 0.05).unwrap();
-            let t2 = std::time::Instant::now();
-            // What the distance transform replaces: one mask × sphere convolution per radius.
-            let plan = Fft3Plan::get(shape).unwrap();
-            let mut mask_hat = plan.make_spectrum();
-            plan.forward(&mask, &mut mask_hat).unwrap();
-            let mut work = plan.make_spectrum();
-            let mut real = vec![0.0f32; shape.len()];
-            let mut eroded = vec![false; shape.len()];
-            for _ in &radii {
-                work.par_iter_mut()
-                    .zip(mask_hat.par_iter())
-                    .for_each(|(w, &m)| *w = m * 0.5);
-                plan.inverse(&mut work, &mut real).unwrap();
-                eroded
-                    .par_iter_mut()
-                    .zip(real.par_iter())
-                    .for_each(|(e, &v)| *e = v > 0.5);
-            }
-            eprintln!(
-                "distance transform {t1:?}, FFT erosions {:?}, vsharp {:?} ({})",
-                t2.elapsed(),
-                t2 - t0 - t1,
-                first[0]
-            );
-        }
     }
 }

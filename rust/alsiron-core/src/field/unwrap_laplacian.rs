@@ -16,8 +16,8 @@
 
 use crate::error::CoreResult;
 use crate::fft::{fast_len, Fft3Plan};
+use crate::field::unwrap::round_fast;
 use crate::grid::Shape3;
-use crate::unwrap::round_fast;
 use rayon::prelude::*;
 use std::f64::consts::PI;
 
@@ -191,7 +191,7 @@ pub fn unwrap_laplacian(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::unwrap::wrap_angle;
+    use crate::field::unwrap::wrap_angle;
 
     #[test]
     fn smooth_phase_is_recovered_exactly_after_snapping() {
