@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 import alsiron
 from alsiron.cohort.records import SessionRecord, index_units
-from alsiron.errors import AlsironError, InputError
+from alsiron.errors import AlsironError, InputError, RegistryError
 
 #: Schema version this alsiron writes; older registries are migrated on open.
 SCHEMA_VERSION = 1
@@ -120,10 +120,6 @@ def _migrate_0_to_1(conn: Connection) -> None:
 #: ``MIGRATIONS[v]`` brings a registry from schema ``v`` to ``v + 1`` (inside one
 #: transaction; SQLite and PostgreSQL both have transactional DDL).
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1}
-
-
-class RegistryError(InputError):
-    """The registry cannot be opened or used (corrupted, newer schema, locked, no driver)."""
 
 
 def default_registry_path(derivatives_root: Path) -> Path:

@@ -820,9 +820,9 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     InputError
         No precentral voxel left after grey-matter restriction.
     """
+    from alsiron.errors import RegistrationError
     from alsiron.motor.registration import (
         MIN_WORK_VOXELS,
-        RegistrationError,
         RegistrationParameters,
         register_template,
         work_grid,
