@@ -3,11 +3,17 @@ units (χ in ppb), trajectories, the cohort summary and the mixed model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+if TYPE_CHECKING:  # scipy.stats behind it would slow every `alsiron --help`
+    from alsiron.cohort.longitudinal import CohortModel, RetestSD, SubjectTrajectory
 
-def fmt(value: float, units: str, *, signed: bool = False) -> str:
-    """χ in ppb (values are ppm), other units as stored."""
+
+def fmt(value: float | None, units: str, *, signed: bool = False) -> str:
+    """χ in ppb (values are ppm), other units as stored; "n/a" for a missing value."""
     if value is None or not np.isfinite(value):
         return "n/a"
     if units == "ppm":
@@ -15,8 +21,9 @@ def fmt(value: float, units: str, *, signed: bool = False) -> str:
     return f"{value:{'+' if signed else ''}.3g} {units}"
 
 
-
-def retest_line(retest, units: str) -> str:
+def retest_line(retest: RetestSD | None, units: str) -> str:
+    """The test-retest SD, where it comes from and the MDC95 it implies, or why there is
+    none."""
     if retest is None:
         return ("no test-retest SD (no same-day repeat scans in the registry, no "
                 "--retest-sd, no --normative): changes are shown without RCI/MDC")
@@ -26,8 +33,9 @@ def retest_line(retest, units: str) -> str:
             f"MDC95 = 2.77 x SD = {fmt(retest.mdc95, units)} for single scans")
 
 
-
-def trajectory_text(tr, units: str) -> str:
+def trajectory_text(tr: SubjectTrajectory, units: str) -> str:
+    """One subject's visits (value, change from baseline, RCI, MDC95, flags) and slope per
+    year, in display units."""
     usable = [v for v in tr.visits if v.n_runs > 0]
     lines = [f"{tr.subject} ({tr.group or 'group n/a'}), {tr.index}: {len(usable)} usable "
              f"visit(s) over {tr.follow_up_years:.2f} years",
@@ -47,7 +55,9 @@ def trajectory_text(tr, units: str) -> str:
     return "\n".join(lines)
 
 
-def cohort_text(trajectories, units: str) -> str:
+def cohort_text(trajectories: Sequence[SubjectTrajectory], units: str) -> str:
+    """One line per subject: visits, follow-up [years], slope per year with its 95 % CI,
+    visits beyond the MDC and failed QC."""
     lines = [f"  {'subject':<12} {'group':<8} {'visits':>6} {'years':>5}  "
              f"{'slope/year':>12}  {'95% CI':>25}  >MDC  QC fail"]
     for tr in trajectories:
@@ -63,7 +73,8 @@ def cohort_text(trajectories, units: str) -> str:
     return "\n".join(lines)
 
 
-def model_text(model) -> str:
+def model_text(model: CohortModel) -> str:
+    """The cohort mixed model: slope per year by group, group x time effect and SDs."""
     u = model.units
     lines = [f"mixed model {model.index} ~ years * group, random intercept"
              f"{' and slope' if model.random_slopes else ' only'} per subject "
@@ -80,4 +91,3 @@ def model_text(model) -> str:
                  f"{fmt(model.random_slope_sd, u)}/year, residual {fmt(model.residual_sd, u)}")
     lines += [f"  note: {n}" for n in model.notes]
     return "\n".join(lines)
-

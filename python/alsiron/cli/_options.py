@@ -122,5 +122,3 @@ def echo_roi(label: str, result: MotorCortexIndices, written: list[Path],
                f"route), {len(written)} files in {elapsed:.1f} s")
     for line in summary_lines(result):
         click.echo(line)
-
-

@@ -62,6 +62,7 @@ def report_cmd(path: Path | None, cohort: bool, registry: str | None,
     report.write_report(target, page, overwrite=overwrite)
     click.echo(f"report: {target}")
 
+
 def _open_registry_records(registry: str | None, dataset_root: Path | None):
     """Current records of the registry named by --registry/$ALSIRON_REGISTRY/the dataset."""
     from alsiron.cohort.registry import Registry, default_registry_path, resolve_location
@@ -72,7 +73,6 @@ def _open_registry_records(registry: str | None, dataset_root: Path | None):
             dataset_root = Path.cwd()
     with Registry.open(resolve_location(registry, dataset_root), create=False) as reg:
         return reg.sessions()
-
 
 
 def _retest_from_option(retest_sd: float | None, normative: Path | None, records, index: str):
@@ -88,7 +88,6 @@ def _retest_from_option(retest_sd: float | None, normative: Path | None, records
     if found is None and normative is not None:
         found = lg.retest_from_normative(normative, index)
     return found
-
 
 
 @click.command("longitudinal")
@@ -151,7 +150,6 @@ def longitudinal_cmd(subj_dir: Path | None, cohort: bool, index: str | None,
             save_json(out.with_name(out.stem + "_model.json"), lg.model_summary(model),
                       overwrite=overwrite)
         click.echo(f"written: {out}")
-
 
 
 @click.command("power")

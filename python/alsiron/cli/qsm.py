@@ -140,7 +140,7 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         click.echo(NO_MODEL_MESSAGE, err=True)
 
 
-# ---------------------------------------------------------------- options → QsmParameters
+# The option → QsmParameters block: every algorithm option of `alsiron qsm` lands here.
 def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | None,
                    unwrapping: str | None, brain_mask_method: str | None,
                    bet_f: float | None, mask_path: Path | None,
@@ -178,7 +178,6 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
     if phase_quality_threshold is not None:
         params.residual_threshold = phase_quality_threshold
     return params
-# ------------------------------------------------------------------------------------------
 
 
 def _echo_outcome(oc: pipeline.SessionOutcome) -> bool:

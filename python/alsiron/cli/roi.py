@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from alsiron.cli._options import echo_roi, roi_options, with_roi_options
+from alsiron.runs.roi import run_roi_subject
 
 
 @click.command("roi")
@@ -21,8 +22,6 @@ from alsiron.cli._options import echo_roi, roi_options, with_roi_options
 def roi_cmd(subj_dir: Path, out: Path | None, labels: Path | None, lut: Path | None,
             atlas: str | None, t1w: Path | None, no_qc: bool, overwrite: bool) -> None:
     """Precentral masks and motor-cortex χ / R2* indices from the maps of `alsiron qsm`."""
-    from alsiron.runs.roi import run_roi_subject
-
     options = roi_options(labels, lut, atlas, not no_qc, t1w)
     for oc in run_roi_subject(subj_dir, options, out=out, overwrite=overwrite):
         echo_roi(oc.label, oc.indices, oc.written, oc.seconds)

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron import __version__, relax
+from alsiron.errors import InvalidInputError
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
 from alsiron.io.derivatives import DerivativeMap
@@ -225,7 +226,7 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
     t0 = time.perf_counter()
     brain = bm.brain_mask(megre.magnitude[0], erode_voxels=p.mask_opening_voxels)
     if not brain.any():
-        raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
+        raise InvalidInputError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
     magnitude = megre.magnitude
     correction: dict[str, Any] = {"Applied": False}

@@ -234,8 +234,7 @@ def run_qsm_subject(
         for ses in sessions:
             for files in ses.series:
                 label = files.prefix
-                entities = dict(files.entities)
-                plan = plan_outputs(out_root, entities, opts)
+                plan = plan_outputs(out_root, dict(files.entities), opts)
                 plan.check_free(opts.overwrite)
                 say(f"{label}: loading {len(files.echoes)} echoes")
                 series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
@@ -268,8 +267,8 @@ def run_qsm_subject(
                 outcome = SessionOutcome(
                     label=label, out_root=out_root, series=series, result=result,
                     written=written, seconds=time.perf_counter() - t0,
-                    truth=compare_with_truth(result, root, entities))
-                record = session_record(series, entities, root, result.provenance)
+                    truth=compare_with_truth(result, root, plan.entities))
+                record = session_record(series, plan.entities, root, result.provenance)
                 if opts.roi is not None:
                     t0 = time.perf_counter()
                     try:
