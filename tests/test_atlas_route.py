@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from alsiron.errors import RegistrationError
 from alsiron.motor import masks as mk
 from alsiron.motor.indices import motor_cortex_indices, trimmed_voxels
-from alsiron.motor.registration import RegistrationError, RegistrationParameters
+from alsiron.motor.registration import RegistrationParameters
 from alsiron.sim.phantom import simulate_subject
 from alsiron.sim.tissues import LABELS, PRECENTRAL_LABELS
 

@@ -82,3 +82,20 @@ def test_mismatched_shapes(capsys, tmp_path):
 def test_bad_options_are_usage_errors(capsys, bad):
     code, _, err = run(capsys, *bad)
     assert code != 0 and "Traceback" not in err
+
+
+def test_invalid_option_value_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "phantom", str(tmp_path / "ph"), "--voxel-size", "-1")
+    assert code == EXIT_INPUT_ERROR
+    assert_one_line_error(err, "voxel_size", "positive")
+
+
+def test_a_plain_value_error_is_a_bug_and_keeps_its_traceback(monkeypatch, tmp_path):
+    from alsiron.runs import qsm as pipeline
+
+    def buggy(*_args, **_kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(pipeline, "run_qsm_subject", buggy)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["qsm", str(tmp_path / "sub-01")])

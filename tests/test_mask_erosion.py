@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from alsiron import qsm
-from alsiron.cli import MaskErosion
+from alsiron.cli._options import MaskErosion
 from alsiron.qsm.chain import QsmParameters, bfr_input_mask, erosion_depth_mm, erosion_record
 
 

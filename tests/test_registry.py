@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from alsiron.cli import main
 from alsiron.cohort import registry as regmod
 from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord
-from alsiron.cohort.registry import Registry, RegistryError, default_registry_path
-from alsiron.errors import OutputExistsError
+from alsiron.cohort.registry import Registry, default_registry_path
+from alsiron.errors import OutputExistsError, RegistryError
 from alsiron.sim.cohort import simulate_index_cohort
 
 

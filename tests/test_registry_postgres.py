@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord
-from alsiron.cohort.registry import Registry, RegistryError
+from alsiron.cohort.registry import Registry
+from alsiron.errors import RegistryError
 
 pytest.importorskip("psycopg", reason="psycopg not installed (pip install '.[test]')")
 

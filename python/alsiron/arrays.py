@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from alsiron.errors import InvalidInputError
+
 logger = logging.getLogger("alsiron")
 
 
@@ -15,11 +17,11 @@ logger = logging.getLogger("alsiron")
 def as_vec3(value: Sequence[float], name: str, *, positive: bool) -> tuple[float, float, float]:
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be three finite numbers, got {value!r}")
+        raise InvalidInputError(f"{name} must be three finite numbers, got {value!r}")
     if positive and np.any(arr <= 0):
-        raise ValueError(f"{name} must be positive (mm), got {value!r}")
+        raise InvalidInputError(f"{name} must be positive (mm), got {value!r}")
     if not positive and not np.any(arr != 0):
-        raise ValueError(f"{name} must be a non-zero vector, got {value!r}")
+        raise InvalidInputError(f"{name} must be a non-zero vector, got {value!r}")
     return (float(arr[0]), float(arr[1]), float(arr[2]))
 
 
@@ -27,15 +29,15 @@ def as_vec3(value: Sequence[float], name: str, *, positive: bool) -> tuple[float
 def as_volume(x: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D array, got shape {arr.shape}")
+        raise InvalidInputError(f"{name} must be a 3-D array, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
+        raise InvalidInputError(f"{name} is empty (shape {arr.shape})")
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+        raise InvalidInputError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.all(np.isfinite(out)):
         bad = int(np.count_nonzero(~np.isfinite(out)))
-        raise ValueError(
+        raise InvalidInputError(
             f"{name} has {bad} non-finite voxels (NaN/inf); set them to 0 or exclude them "
             "from the mask first"
         )
@@ -46,9 +48,10 @@ def as_volume(x: np.ndarray, name: str) -> np.ndarray:
 def as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
     arr = np.asarray(mask)
     if arr.shape != shape:
-        raise ValueError(f"{name} has shape {arr.shape}, expected {shape} (same grid as the field)")
+        raise InvalidInputError(f"{name} has shape {arr.shape}, expected {shape} (same grid as "
+                                "the field)")
     if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must be boolean or numeric, got dtype {arr.dtype}")
+        raise InvalidInputError(f"{name} must be boolean or numeric, got dtype {arr.dtype}")
     if arr.dtype == bool and arr.flags.c_contiguous:
         # Already 0/1 bytes: a read-only uint8 view instead of two full-size copies
         # (10 ms at 256x256x176, a tenth of a TKD call).
@@ -57,5 +60,5 @@ def as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.
     else:
         out = np.ascontiguousarray(arr != 0, dtype=np.uint8)
     if not out.any():
-        raise ValueError(f"{name} is empty: no voxel inside")
+        raise InvalidInputError(f"{name} is empty: no voxel inside")
     return out

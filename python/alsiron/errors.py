@@ -1,7 +1,8 @@
 """Exceptions that reach the user as one actionable line.
 
 :class:`AlsironError` is the base of every error the command line prints without a
-traceback; anything else is a bug.
+traceback; anything else (a plain ``ValueError`` included) is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -22,5 +23,26 @@ class InputError(AlsironError):
         super().__init__(problem if path is None else f"{path}: {problem}")
 
 
+class InvalidInputError(InputError, ValueError):
+    """A value of the user's data or options is out of range (echo times, voxel size,
+    an empty mask, ...).
+
+    Also a ``ValueError``, so that library callers catching ``ValueError`` for bad
+    arguments keep working; the command line reports it as one line like any
+    :class:`InputError`.
+    """
+
+    def __init__(self, problem: str, path: str | PathLike[str] | None = None) -> None:
+        super().__init__(path, problem)
+
+
 class OutputExistsError(AlsironError):
     """An output already exists and overwriting was not requested."""
+
+
+class RegistryError(InputError):
+    """The registry cannot be opened or used (corrupted, newer schema, locked, no driver)."""
+
+
+class RegistrationError(InputError):
+    """The template could not be registered to the subject."""

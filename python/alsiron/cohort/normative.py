@@ -36,7 +36,7 @@ import numpy as np
 
 import alsiron
 from alsiron.cohort.records import SessionRecord, index_units
-from alsiron.errors import InputError
+from alsiron.errors import InputError, InvalidInputError
 from alsiron.io.atomic import save_json, sha256_file
 
 log = logging.getLogger("alsiron")
@@ -109,11 +109,11 @@ class AgeBasis:
         if df == 1:
             return cls(centre, scale)
         if df + 1 not in KNOT_QUANTILES:
-            raise ValueError(f"age spline df must be one of {AGE_DF_CHOICES}, got {df}")
+            raise InvalidInputError(f"age spline df must be one of {AGE_DF_CHOICES}, got {df}")
         u = (ages - centre) / scale
         knots = tuple(float(k) for k in np.quantile(u, KNOT_QUANTILES[df + 1]))
         if np.any(np.diff(knots) <= 0):
-            raise ValueError(f"too few distinct ages for an age spline with {df} df")
+            raise InvalidInputError(f"too few distinct ages for an age spline with {df} df")
         return cls(centre, scale, knots)
 
     def __call__(self, ages: np.ndarray | float) -> np.ndarray:
@@ -310,7 +310,7 @@ def combat_fit(values: np.ndarray, sites: Sequence[str], covariates: np.ndarray 
     if y.ndim != 2 or y.shape[0] != len(sites):
         raise ValueError("values must be (n_samples, n_features) with one site per sample")
     if not np.all(np.isfinite(y)):
-        raise ValueError("ComBat needs finite values")
+        raise InvalidInputError("ComBat needs finite values")
     n, g = y.shape
     c = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, dtype=float)
     c = c.reshape(n, -1)
@@ -318,20 +318,20 @@ def combat_fit(values: np.ndarray, sites: Sequence[str], covariates: np.ndarray 
     site_idx = np.array([site_list.index(s) for s in sites])
     counts = np.bincount(site_idx, minlength=len(site_list))
     if counts.min() < 2:
-        raise ValueError(f"ComBat needs at least 2 samples per site: "
-                         f"{dict(zip(site_list, counts.tolist(), strict=True))}")
+        raise InvalidInputError(f"ComBat needs at least 2 samples per site: "
+                                f"{dict(zip(site_list, counts.tolist(), strict=True))}")
     onehot = np.eye(len(site_list))[site_idx]
     design = np.hstack([onehot, c])
     coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
     if rank < design.shape[1]:
-        raise ValueError("ComBat design (sites + covariates) is not of full rank: a "
-                         "covariate is constant or confounded with site")
+        raise InvalidInputError("ComBat design (sites + covariates) is not of full rank: a "
+                                "covariate is constant or confounded with site")
     n_sites = len(site_list)
     grand_mean = (counts / n) @ coef[:n_sites]
     beta = coef[n_sites:]
     var_pooled = ((y - design @ coef) ** 2).mean(axis=0)
     if np.any(var_pooled <= 0):
-        raise ValueError("ComBat: a feature has no residual variance")
+        raise InvalidInputError("ComBat: a feature has no residual variance")
     mean = grand_mean[None, :] + c @ beta
     z = (y - mean) / np.sqrt(var_pooled)
     gamma_hat = np.array([z[site_idx == s].mean(axis=0) for s in range(n_sites)])
@@ -339,7 +339,7 @@ def combat_fit(values: np.ndarray, sites: Sequence[str], covariates: np.ndarray 
     if empirical_bayes is None:
         empirical_bayes = g >= MIN_FEATURES_FOR_EB
     if empirical_bayes and g < 2:
-        raise ValueError("empirical Bayes ComBat needs at least 2 features")
+        raise InvalidInputError("empirical Bayes ComBat needs at least 2 features")
     gamma_star, delta_star = gamma_hat.copy(), delta_hat.copy()
     priors: dict[str, list[float]] = {}
     iterations: list[int] = []
@@ -367,8 +367,8 @@ def combat_fit(values: np.ndarray, sites: Sequence[str], covariates: np.ndarray 
                 if change < tol:
                     break
             else:
-                raise ValueError(f"ComBat EB iteration did not converge for site "
-                                 f"{site_list[s]} in {max_iter} iterations")
+                raise InvalidInputError(f"ComBat EB iteration did not converge for site "
+                                        f"{site_list[s]} in {max_iter} iterations")
             gamma_star[s], delta_star[s] = g_new, d_new
             iterations.append(n_iter)
     harmonised = np.empty_like(y)
@@ -811,7 +811,7 @@ def build_normative_model(
         Too few usable controls, no index, or a design that cannot be fitted.
     """
     if visits not in ("baseline", "all"):
-        raise ValueError(f"visits must be 'baseline' or 'all', got {visits!r}")
+        raise InvalidInputError(f"visits must be 'baseline' or 'all', got {visits!r}")
     records = list(records)
     rows, dropped = _select_rows(records, group, visits)
     groups_seen = sorted({str(r.group) for r in records})

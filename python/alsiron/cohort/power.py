@@ -30,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from alsiron.cohort.longitudinal import CohortModel
-from alsiron.errors import AlsironError
+from alsiron.errors import AlsironError, InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,17 @@ class PowerDesign:
     def __post_init__(self) -> None:
         t = np.asarray(self.visit_years, dtype=float)
         if t.size < 2 or np.ptp(t) <= 0 or not np.all(np.isfinite(t)):
-            raise ValueError("visit_years needs at least two distinct finite times")
+            raise InvalidInputError("visit_years needs at least two distinct finite times")
         if not 0 < self.slowing <= 1:
-            raise ValueError(f"slowing must lie in (0, 1], got {self.slowing}")
+            raise InvalidInputError(f"slowing must lie in (0, 1], got {self.slowing}")
         if not (self.residual_sd >= 0 and self.random_slope_sd >= 0):
-            raise ValueError("SDs must be >= 0")
+            raise InvalidInputError("SDs must be >= 0")
         if not (0 < self.alpha < 1 and 0 < self.power < 1):
-            raise ValueError("alpha and power must lie in (0, 1)")
+            raise InvalidInputError("alpha and power must lie in (0, 1)")
         if not (math.isfinite(self.slope_per_year) and self.slope_per_year != 0):
-            raise ValueError("slope_per_year must be finite and non-zero")
+            raise InvalidInputError("slope_per_year must be finite and non-zero")
         if not -1 <= self.random_correlation <= 1:
-            raise ValueError("random_correlation must lie in [-1, 1]")
+            raise InvalidInputError("random_correlation must lie in [-1, 1]")
 
     @property
     def effect_per_year(self) -> float:
@@ -207,7 +207,7 @@ def design_from_model(model: CohortModel, slowing: float, *,
         Unknown group, or a slope of zero.
     """
     if slope not in ("excess", "total"):
-        raise ValueError("slope must be 'excess' or 'total'")
+        raise InvalidInputError("slope must be 'excess' or 'total'")
     groups = [g for g in model.groups if g != model.reference_group]
     group = treated_group or (groups[0] if groups else model.groups[0])
     if group not in model.slope_per_year:
@@ -229,7 +229,7 @@ def design_from_model(model: CohortModel, slowing: float, *,
 def schedule(duration_years: float, interval_months: float) -> tuple[float, ...]:
     """Visit times 0, interval, 2 × interval, ... up to ``duration_years`` (inclusive)."""
     if duration_years <= 0 or interval_months <= 0:
-        raise ValueError("duration and interval must be positive")
+        raise InvalidInputError("duration and interval must be positive")
     step = interval_months / 12.0
     n = int(math.floor(duration_years / step + 1e-9))
     return tuple(round(k * step, 6) for k in range(n + 1))

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alsiron.errors import InvalidInputError
+
 #: Deep-layer precentral mean χ (ppm): where the ALS iron excess sits.
 HEADLINE_INDEX = "chi_precentral_deep_mean"
 
@@ -32,8 +34,8 @@ def index_units(name: str) -> str:
     """
     match = _INDEX_NAME.match(name)
     if match is None:
-        raise ValueError(f"index name {name!r} is not of the form "
-                         "{chi|r2star}_{region}_{statistic}")
+        raise InvalidInputError(f"index name {name!r} is not of the form "
+                                "{chi|r2star}_{region}_{statistic}")
     if match.group(3) == "n":
         return "voxel"
     return "ppm" if match.group(1) == "chi" else "1/s"

@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 import alsiron
 from alsiron.cohort.records import SessionRecord, index_units
-from alsiron.errors import AlsironError, InputError
+from alsiron.errors import AlsironError, InputError, InvalidInputError, RegistryError
 
 #: Schema version this alsiron writes; older registries are migrated on open.
 SCHEMA_VERSION = 1
@@ -120,10 +120,6 @@ def _migrate_0_to_1(conn: Connection) -> None:
 #: ``MIGRATIONS[v]`` brings a registry from schema ``v`` to ``v + 1`` (inside one
 #: transaction; SQLite and PostgreSQL both have transactional DDL).
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1}
-
-
-class RegistryError(InputError):
-    """The registry cannot be opened or used (corrupted, newer schema, locked, no driver)."""
 
 
 def default_registry_path(derivatives_root: Path) -> Path:
@@ -571,8 +567,8 @@ class Registry:
 
 def _check_label(name: str, value: Any) -> None:
     if not isinstance(value, str) or not _LABEL.match(value):
-        raise ValueError(f"SessionRecord.{name} must be a non-empty one-line string, "
-                         f"got {value!r}")
+        raise InvalidInputError(f"SessionRecord.{name} must be a non-empty one-line string, "
+                                f"got {value!r}")
 
 
 def _json(obj: Any) -> str:
@@ -592,10 +588,10 @@ def _record_row(rec: SessionRecord) -> tuple[dict[str, Any], list[tuple[str, flo
     _check_label("subject", rec.subject)
     _check_label("session", rec.session)
     if not isinstance(rec.run, int) or isinstance(rec.run, bool) or rec.run < 1:
-        raise ValueError(f"SessionRecord.run must be an integer >= 1, got {rec.run!r}")
+        raise InvalidInputError(f"SessionRecord.run must be an integer >= 1, got {rec.run!r}")
     if rec.qc_status not in ("pass", "warn", "fail"):
-        raise ValueError(f"SessionRecord.qc_status must be pass, warn or fail, "
-                         f"got {rec.qc_status!r}")
+        raise InvalidInputError(f"SessionRecord.qc_status must be pass, warn or fail, "
+                                f"got {rec.qc_status!r}")
     for opt in ("acq_time", "site", "group", "sex"):
         value = getattr(rec, opt)
         if value is not None:

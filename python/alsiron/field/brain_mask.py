@@ -37,6 +37,7 @@ from skimage.filters import threshold_otsu
 
 from alsiron import _core
 from alsiron.arrays import as_volume
+from alsiron.errors import InvalidInputError
 
 log = logging.getLogger("alsiron")
 
@@ -144,20 +145,20 @@ def _validated(magnitude: np.ndarray, voxel_size: Sequence[float] | None,
                f: float) -> tuple[np.ndarray, np.ndarray]:
     mag = np.asarray(magnitude)
     if mag.ndim != 3:
-        raise ValueError(f"magnitude must be a 3-D volume, got shape {mag.shape}")
+        raise InvalidInputError(f"magnitude must be a 3-D volume, got shape {mag.shape}")
     if min(mag.shape) < 4:
-        raise ValueError(f"magnitude is too small for a surface model: shape {mag.shape}")
+        raise InvalidInputError(f"magnitude is too small for a surface model: shape {mag.shape}")
     if not np.issubdtype(mag.dtype, np.number) or np.iscomplexobj(mag):
-        raise ValueError(f"magnitude must be real numbers, got dtype {mag.dtype}")
+        raise InvalidInputError(f"magnitude must be real numbers, got dtype {mag.dtype}")
     mag = mag.astype(np.float32, copy=False)
     if not np.all(np.isfinite(mag)):
         n_bad = int(np.count_nonzero(~np.isfinite(mag)))
-        raise ValueError(f"magnitude has {n_bad} NaN/inf voxels; zero or fill them first")
+        raise InvalidInputError(f"magnitude has {n_bad} NaN/inf voxels; zero or fill them first")
     vsz = np.ones(3) if voxel_size is None else np.asarray(voxel_size, np.float64)
     if vsz.shape != (3,) or not np.all(np.isfinite(vsz)) or np.any(vsz <= 0):
-        raise ValueError(f"voxel_size must be 3 positive mm values, got {voxel_size!r}")
+        raise InvalidInputError(f"voxel_size must be 3 positive mm values, got {voxel_size!r}")
     if not (0.0 < f < 1.0):
-        raise ValueError(f"fractional intensity f must lie in (0, 1), got {f!r}")
+        raise InvalidInputError(f"fractional intensity f must lie in (0, 1), got {f!r}")
     return np.ascontiguousarray(mag), vsz
 
 
@@ -166,8 +167,8 @@ def _head_statistics(mag: np.ndarray, vsz: np.ndarray) -> dict[str, Any]:
     values = mag.ravel()
     t2, t98 = (float(x) for x in np.percentile(values, [2.0, 98.0]))
     if not t98 > t2:
-        raise ValueError("magnitude has no contrast (2nd and 98th percentiles are equal); "
-                         "cannot find a head")
+        raise InvalidInputError("magnitude has no contrast (2nd and 98th percentiles are equal); "
+                                "cannot find a head")
     # t2 stands for the background (air) level. In a field of view cropped inside the
     # brain there is no background: Otsu's two classes are then both tissue (means within
     # 2x), and the 2nd percentile is dark tissue, which would make the surface shrink
@@ -183,8 +184,8 @@ def _head_statistics(mag: np.ndarray, vsz: np.ndarray) -> dict[str, Any]:
     head = mag > t
     n_head = int(np.count_nonzero(head))
     if n_head < 8:
-        raise ValueError("fewer than 8 voxels are above the head threshold; cannot find a "
-                         "head in the magnitude")
+        raise InvalidInputError("fewer than 8 voxels are above the head threshold; cannot find a "
+                                "head in the magnitude")
     idx = np.nonzero(head)
     weights = np.minimum(mag[idx], t98).astype(np.float64) - t2
     centre = np.array([np.average(i, weights=weights) for i in idx]) * vsz
@@ -315,8 +316,8 @@ def bet(
         np.ascontiguousarray(faces, np.uint32), settings, int(iterations))
     mask = _rasterise(pos, faces, mag.shape, vsz)
     if not mask.any():
-        raise ValueError("the brain surface collapsed to nothing; check the magnitude "
-                         "(skull and air must be darker than brain) or lower f")
+        raise InvalidInputError("the brain surface collapsed to nothing; check the magnitude "
+                                "(skull and air must be darker than brain) or lower f")
     params = dict(stats, f=float(f), max_iterations=int(iterations),
                   iterations_run=int(iterations_run), settle_mm=BET_SETTLE_MM,
                   vertices=int(len(pos)), voxel_size_mm=vsz.tolist())
@@ -402,13 +403,13 @@ def brain_mask(
     """
     mag = as_volume(magnitude_echo1, "magnitude_echo1").astype(np.float64)
     if method not in BRAIN_MASK_METHODS:
-        raise ValueError(f"unknown brain-mask method {method!r} "
-                         f"(choose one of {', '.join(BRAIN_MASK_METHODS)})")
+        raise InvalidInputError(f"unknown brain-mask method {method!r} "
+                                f"(choose one of {', '.join(BRAIN_MASK_METHODS)})")
     if erode_voxels < 0:
         raise ValueError(f"erode_voxels must be >= 0, got {erode_voxels}")
     positive = mag[mag > 0]
     if positive.size == 0:
-        raise ValueError("magnitude_echo1 has no positive voxel; cannot derive a brain mask")
+        raise InvalidInputError("magnitude_echo1 has no positive voxel; cannot derive a brain mask")
     if method == "bet":
 
         return bet(mag, voxel_size, f=bet_f).mask
@@ -423,7 +424,7 @@ def brain_mask(
         core = ndimage.binary_erosion(fg, structure=ball)
     labels, n = ndimage.label(core)
     if n == 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"no foreground left after thresholding at {level:.4g} and eroding by {r} voxels; "
             "lower erode_voxels or pass a threshold"
         )

@@ -24,6 +24,7 @@ import numpy as np
 
 from alsiron import _core
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
+from alsiron.errors import InvalidInputError
 
 log = logging.getLogger("alsiron")
 
@@ -73,15 +74,16 @@ def validate_echo_times(echo_times: Sequence[float], n_echoes: int, *, minimum: 
     """
     tes = np.asarray(echo_times, dtype=np.float64).ravel()
     if tes.size != n_echoes:
-        raise ValueError(f"got {tes.size} echo times for {n_echoes} echoes")
+        raise InvalidInputError(f"got {tes.size} echo times for {n_echoes} echoes")
     if n_echoes < minimum:
-        raise ValueError(f"need at least {minimum} echoes, got {n_echoes}")
+        raise InvalidInputError(f"need at least {minimum} echoes, got {n_echoes}")
     if not np.all(np.isfinite(tes)) or np.any(tes < 0):
-        raise ValueError(f"echo times must be finite non-negative seconds, got {tes.tolist()}")
+        raise InvalidInputError("echo times must be finite non-negative seconds, got "
+                                f"{tes.tolist()}")
     if np.any(np.diff(tes) <= 0):
-        raise ValueError(f"echo times must be strictly increasing, got {tes.tolist()}")
+        raise InvalidInputError(f"echo times must be strictly increasing, got {tes.tolist()}")
     if tes[-1] > 1.0:
-        raise ValueError(f"echo times look like milliseconds ({tes.tolist()}); give seconds")
+        raise InvalidInputError(f"echo times look like milliseconds ({tes.tolist()}); give seconds")
     return tuple(float(t) for t in tes)
 
 
@@ -97,7 +99,8 @@ def _mask_u8(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
 def omega_to_ppm(omega: np.ndarray, field_strength: float) -> np.ndarray:
     """Convert angular off-resonance ω [rad/s] to field [ppm] at B0 = ``field_strength`` [T]."""
     if not (np.isfinite(field_strength) and field_strength > 0):
-        raise ValueError(f"field_strength must be a positive number of tesla, got {field_strength}")
+        raise InvalidInputError("field_strength must be a positive number of tesla, got "
+                                f"{field_strength}")
     scale = 1e6 / (2.0 * np.pi * GAMMA_BAR_HZ_PER_T * float(field_strength))
     return (np.asarray(omega, dtype=np.float64) * scale).astype(np.float32)
 

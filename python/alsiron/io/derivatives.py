@@ -1,9 +1,10 @@
-"""BIDS-derivatives naming, sidecars and writing of alsiron outputs."""
+"""BIDS-derivatives naming, sidecars and writing of alsiron outputs, and the output plan
+of a visit (every file a run will write, checked once before any work)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,42 +44,117 @@ def write_dataset_description(root: Path) -> None:
     })
 
 
-def map_path(root: Path, entities: dict[str, str], suffix: str, desc: str | None = None) -> Path:
-    """``root/sub-X[/ses-Y]/anat/<entities>[_desc-D]_<suffix>.nii.gz``."""
+def map_path(root: Path, entities: dict[str, str], suffix: str, desc: str | None = None,
+             *, ext: str = ".nii.gz") -> Path:
+    """``root/sub-X[/ses-Y]/anat/<entities>[_desc-D]_<suffix><ext>`` (ext ``.nii.gz`` by
+    default; ``.tsv``, ``.json``, ``.png`` for tables, z-scores and QC images)."""
     folder = root / f"sub-{entities['sub']}"
     if "ses" in entities:
         folder = folder / f"ses-{entities['ses']}"
     stem = "_".join(f"{k}-{v}" for k, v in entities.items())
     if desc:
         stem += f"_desc-{desc}"
-    return folder / "anat" / f"{stem}_{suffix}.nii.gz"
+    return folder / "anat" / f"{stem}_{suffix}{ext}"
 
 
-def check_free(paths: list[Path], overwrite: bool) -> None:
-    """Refuse up front when any output (image or sidecar) exists and overwrite is off.
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output of a visit: its BIDS ``suffix``/``desc`` key, its path and the files
+    written with it (sidecar JSON, label table), in the order they are checked."""
 
-    Checking before computing means a refused run does no work and leaves a finished
-    set of outputs exactly as it was.
+    suffix: str
+    desc: str | None
+    path: Path
+    companions: tuple[Path, ...] = ()
+
+
+@dataclass
+class OutputPlan:
+    """Every file one visit's run will write, computed once before any work.
+
+    The run checks the whole plan with :meth:`check_free` before loading anything, and
+    the writers take their paths from it (:meth:`path`), so the files checked are the
+    files written.
+
+    Attributes
+    ----------
+    root : Path
+        Derivatives root of the run.
+    entities : dict
+        BIDS entities of the visit's series (``sub``, ``ses``, ``run``, ...).
+    files : list of PlannedFile
+        In checking order.
     """
-    if overwrite:
-        return
-    for p in paths:
-        for candidate in (p, sidecar_path(p)):
+
+    root: Path
+    entities: dict[str, str]
+    files: list[PlannedFile] = field(default_factory=list)
+
+    def add_map(self, suffix: str, desc: str | None = None,
+                extra: tuple[str, ...] = ()) -> Path:
+        """Plan a NIfTI image with its JSON sidecar (and files of the same stem with the
+        extensions in ``extra``, e.g. a dseg's ``.tsv``); returns the image path."""
+        path = map_path(self.root, self.entities, suffix, desc)
+        stem = path.name.removesuffix(".nii.gz")
+        companions = (sidecar_path(path),) + tuple(path.with_name(stem + e) for e in extra)
+        self.files.append(PlannedFile(suffix, desc, path, companions))
+        return path
+
+    def add_maps(self, names: list[tuple[str, str | None]]) -> None:
+        """Plan a NIfTI image with its sidecar for every (suffix, desc) in ``names``."""
+        for suffix, desc in names:
+            self.add_map(suffix, desc)
+
+    def add_file(self, suffix: str, desc: str | None, ext: str,
+                 extra: tuple[str, ...] = ()) -> Path:
+        """Plan a non-image file (``.tsv``, ``.json``, ``.png``) and files of the same stem
+        with the extensions in ``extra``; returns its path."""
+        path = map_path(self.root, self.entities, suffix, desc, ext=ext)
+        companions = tuple(path.with_suffix(e) for e in extra)
+        self.files.append(PlannedFile(suffix, desc, path, companions))
+        return path
+
+    def path(self, suffix: str, desc: str | None = None) -> Path:
+        """The planned path of ``suffix``/``desc`` (KeyError when it was not planned)."""
+        for f in self.files:
+            if f.suffix == suffix and f.desc == desc:
+                return f.path
+        raise KeyError(f"{suffix} (desc {desc!r}) is not in the output plan")
+
+    def paths(self) -> list[Path]:
+        """Every planned path, companions included, in checking order."""
+        return [p for f in self.files for p in (f.path, *f.companions)]
+
+    def check_free(self, overwrite: bool) -> None:
+        """Refuse up front when any planned file exists and ``overwrite`` is off.
+
+        Checking before computing means a refused run does no work and leaves a finished
+        set of outputs exactly as it was.
+
+        Raises
+        ------
+        OutputExistsError
+            Naming the first existing file.
+        """
+        if overwrite:
+            return
+        for candidate in self.paths():
             if candidate.exists():
                 raise OutputExistsError(
                     f"{candidate}: already exists (use --overwrite to replace the outputs)")
 
 
-def write_maps(root: Path, entities: dict[str, str], maps: list[DerivativeMap],
-               common: dict[str, Any], *, overwrite: bool = False) -> list[Path]:
-    """Write each map with a sidecar: its units, description and the common provenance.
+def write_maps(plan: OutputPlan, maps: list[DerivativeMap], common: dict[str, Any], *,
+               overwrite: bool = False) -> list[Path]:
+    """Write each map with a sidecar (its units, description and the common provenance)
+    to its path in ``plan``.
 
     Every file is written atomically (temporary file + rename).
     """
-    write_dataset_description(root)
+    write_dataset_description(plan.root)
     written = []
     for m in maps:
-        path = map_path(root, entities, m.suffix, m.desc)
+        path = plan.path(m.suffix, m.desc)
         sidecar = {"Description": m.description, "Units": m.volume.units, **common}
         if m.volume.provenance:
             sidecar["MapProvenance"] = m.volume.provenance

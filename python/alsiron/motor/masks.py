@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from alsiron.errors import InputError
+from alsiron.errors import InputError, InvalidInputError
 
 log = logging.getLogger("alsiron")
 
@@ -646,7 +646,7 @@ def tissue_classes(image: np.ndarray, mask: np.ndarray, *, contrast: str = "gre"
     core = ndimage.binary_erosion(mask, iterations=1)
     values = image[core if core.sum() >= 30 else mask].astype(np.float64)
     if values.size < 30:
-        raise ValueError("tissue model needs at least 30 brain voxels")
+        raise InvalidInputError("tissue model needs at least 30 brain voxels")
     centres = np.percentile(values, [10.0, 50.0, 90.0])
     for _ in range(n_iter):
         edges = (centres[:-1] + centres[1:]) / 2.0
@@ -754,7 +754,7 @@ def load_bundled_atlas(name: str = "ho") -> AtlasTemplate:
         :data:`BUNDLED_ATLASES`).  Both are FSL atlases (FSL licence, non-commercial use).
     """
     if name not in BUNDLED_ATLASES:
-        raise ValueError(f"unknown atlas {name!r} (choose {', '.join(BUNDLED_ATLASES)})")
+        raise InvalidInputError(f"unknown atlas {name!r} (choose {', '.join(BUNDLED_ATLASES)})")
     spec = BUNDLED_ATLASES[name]
     data = atlas_data_dir()
     tpl_path = data / "templates" / TEMPLATE_FILE
@@ -820,9 +820,9 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     InputError
         No precentral voxel left after grey-matter restriction.
     """
+    from alsiron.errors import RegistrationError
     from alsiron.motor.registration import (
         MIN_WORK_VOXELS,
-        RegistrationError,
         RegistrationParameters,
         register_template,
         work_grid,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from alsiron.errors import InputError
+from alsiron.errors import RegistrationError
 
 log = logging.getLogger("alsiron")
 
@@ -35,10 +35,6 @@ MIN_SIMILARITY = 0.5
 MIN_WORK_VOXELS = 24
 #: Largest working grid on which mutual information uses every voxel by default.
 MI_DENSE_MAX_VOXELS = 300_000
-
-
-class RegistrationError(InputError):
-    """The template could not be registered to the subject."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from alsiron import _core
 from alsiron.arrays import as_mask, as_vec3, as_volume
+from alsiron.errors import InvalidInputError
 
 logger = logging.getLogger("alsiron")
 
@@ -95,12 +96,12 @@ def vsharp(
     if not radii or not all(np.isfinite(r) and r > 0 for r in radii):
         raise ValueError(f"radii_mm must be positive mm values, got {radii_mm!r}")
     if max(radii) < max(vs):
-        raise ValueError(f"the largest radius {max(radii)} mm is below the voxel size {vs}")
+        raise InvalidInputError(f"the largest radius {max(radii)} mm is below the voxel size {vs}")
     if not (0.0 < float(threshold) < 1.0):
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     local, eroded = _core.vsharp(field, m, vs, radii, float(threshold))
     if not eroded.any():
-        raise ValueError(
+        raise InvalidInputError(
             f"the mask is too thin for the V-SHARP radii {radii} mm: nothing survives erosion"
         )
     return local, eroded.astype(bool)
@@ -191,7 +192,7 @@ def pdf(
         if np.any(w < 0):
             raise ValueError("weight must be >= 0 everywhere")
         if not np.any(w[m != 0] > 0):
-            raise ValueError("weight is zero everywhere inside the mask")
+            raise InvalidInputError("weight is zero everywhere inside the mask")
     pads = np.broadcast_to(np.asarray(pad_voxels), (3,))
     if not np.issubdtype(pads.dtype, np.integer) or np.any(pads < 0) or np.any(pads > 4096):
         raise ValueError(f"pad_voxels must be integers in [0, 4096], got {pad_voxels!r}")
@@ -256,8 +257,8 @@ def ismv(
     vs = as_vec3(voxel_size, "voxel_size", positive=True)
     radius = 2.0 * max(vs) if radius_mm is None else float(radius_mm)
     if not (np.isfinite(radius) and radius >= max(vs)):
-        raise ValueError(f"radius_mm must be at least the largest voxel edge {max(vs)} mm, "
-                         f"got {radius_mm!r}")
+        raise InvalidInputError(f"radius_mm must be at least the largest voxel edge {max(vs)} mm, "
+                                f"got {radius_mm!r}")
     local, eroded, iterations = _core.ismv(field, m, vs, radius, _tolerance(tol, "tol"),
                                            _iterations(max_iter, "max_iter"))
     logger.debug("ismv: %d iterations", iterations)

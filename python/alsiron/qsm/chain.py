@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron import __version__, qsm, relax
+from alsiron.errors import InvalidInputError
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
 from alsiron.io.derivatives import DerivativeMap
@@ -341,17 +342,17 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     """
     p = params or QsmParameters()
     if p.unwrapping not in UNWRAPPING_METHODS:
-        raise ValueError(f"unknown phase unwrapping {p.unwrapping!r} "
-                         f"(choose one of {', '.join(UNWRAPPING_METHODS)})")
+        raise InvalidInputError(f"unknown phase unwrapping {p.unwrapping!r} "
+                                f"(choose one of {', '.join(UNWRAPPING_METHODS)})")
     if p.inversion not in inv.INVERSION_METHODS:
-        raise ValueError(f"unknown dipole inversion {p.inversion!r} (choose one of "
-                         f"{', '.join(inv.INVERSION_METHODS)})")
+        raise InvalidInputError(f"unknown dipole inversion {p.inversion!r} (choose one of "
+                                f"{', '.join(inv.INVERSION_METHODS)})")
     if brain_mask is None and p.brain_mask_method not in bm.BRAIN_MASK_METHODS:
-        raise ValueError(f"unknown brain-mask method {p.brain_mask_method!r} (choose one of "
-                         f"{', '.join(bm.BRAIN_MASK_METHODS)})")
+        raise InvalidInputError(f"unknown brain-mask method {p.brain_mask_method!r} (choose one of "
+                                f"{', '.join(bm.BRAIN_MASK_METHODS)})")
     if p.bfr not in BFR_METHODS:
-        raise ValueError(f"unknown background-field removal {p.bfr!r} "
-                         f"(choose one of {', '.join(BFR_METHODS)})")
+        raise InvalidInputError(f"unknown background-field removal {p.bfr!r} "
+                                f"(choose one of {', '.join(BFR_METHODS)})")
     steps = _steps(p.inversion, p.bfr)
     timings: dict[str, float] = {}
 
@@ -372,9 +373,10 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     else:
         brain = np.asarray(brain_mask, dtype=bool)
         if brain.shape != series.shape:
-            raise ValueError(f"brain mask has shape {brain.shape} but the data {series.shape}")
+            raise InvalidInputError(f"brain mask has shape {brain.shape} but the data "
+                                    f"{series.shape}")
     if not brain.any():
-        raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
+        raise InvalidInputError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
 
     t0 = step(1)
@@ -382,7 +384,8 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     if total_field_ppm is not None:
         total = np.asarray(total_field_ppm, dtype=np.float32)
         if total.shape != series.shape:
-            raise ValueError(f"field map has shape {total.shape} but the data {series.shape}")
+            raise InvalidInputError(f"field map has shape {total.shape} but the data "
+                                    f"{series.shape}")
         total = np.where(brain, total, np.nan).astype(np.float32)
         quality = brain & np.isfinite(total)
         field_record: dict[str, Any] = {"Method": "total field map given as input",
@@ -407,8 +410,8 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
                                                     series, p, radii)
     qsm_mask = qsm_mask.astype(bool)
     if not qsm_mask.any():
-        raise ValueError(f"mask is empty after {BFR_METHODS[p.bfr]} erosion: the brain is "
-                         "smaller than its sphere radius")
+        raise InvalidInputError(f"mask is empty after {BFR_METHODS[p.bfr]} erosion: the brain is "
+                                "smaller than its sphere radius")
     timings["background_removal"] = time.perf_counter() - t0
 
     t0 = step(3)
@@ -421,8 +424,9 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
     if reference_mask is not None:
         region = np.asarray(reference_mask, dtype=bool) & qsm_mask
         if region.sum() < 10:
-            raise ValueError(f"reference region has {int(region.sum())} voxels inside the QSM "
-                             "mask; need at least 10")
+            raise InvalidInputError(f"reference region has {int(region.sum())} voxels inside the "
+                                    "QSM "
+                                    "mask; need at least 10")
         offset = float(chi[region].mean())
         referencing = {"Method": "mean over the given reference region set to 0",
                        "Source": series.metadata.get("ReferenceSource", "array"),
@@ -496,15 +500,15 @@ def bfr_input_mask(quality: np.ndarray, voxel_size: tuple[float, float, float],
     """
     if p.bfr_erode_voxels is not None:
         if p.bfr_erode_voxels < 0:
-            raise ValueError(f"bfr_erode_voxels must be >= 0, got {p.bfr_erode_voxels}")
+            raise InvalidInputError(f"bfr_erode_voxels must be >= 0, got {p.bfr_erode_voxels}")
         mask = (ndimage.binary_erosion(quality, iterations=p.bfr_erode_voxels)
                 if p.bfr_erode_voxels > 0 else quality.copy())
     else:
         mask = qsm.erode_mm(quality, voxel_size, erosion_depth_mm(p, voxel_size))
     if p.bfr_trim_sd_factor is not None:
         if not (p.bfr_trim_sd_factor > 0 and p.bfr_trim_band_mm >= 0):
-            raise ValueError("bfr_trim_sd_factor must be > 0 and bfr_trim_band_mm >= 0, got "
-                             f"{p.bfr_trim_sd_factor} and {p.bfr_trim_band_mm}")
+            raise InvalidInputError("bfr_trim_sd_factor must be > 0 and bfr_trim_band_mm >= 0, got "
+                                    f"{p.bfr_trim_sd_factor} and {p.bfr_trim_band_mm}")
     if p.bfr_trim_sd_factor is not None and field_sd is not None and mask.any():
         sd = np.asarray(field_sd, dtype=np.float64)
         finite = quality & np.isfinite(sd)

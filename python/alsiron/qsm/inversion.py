@@ -24,6 +24,7 @@ import numpy as np
 from alsiron import _core
 from alsiron.arrays import as_mask, as_vec3, as_volume
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
+from alsiron.errors import InvalidInputError
 
 __all__ = [
     "INVERSION_METHODS",
@@ -367,7 +368,7 @@ def magnitude_weight(magnitude: np.ndarray, mask: np.ndarray) -> np.ndarray:
     m = as_mask(mask, mag.shape) != 0
     top = float(np.percentile(np.abs(mag[m]), 99))
     if not top > 0:
-        raise ValueError("magnitude is zero inside the mask; cannot weight the data by it")
+        raise InvalidInputError("magnitude is zero inside the mask; cannot weight the data by it")
     return np.where(m, np.clip(np.abs(mag) / top, 0.0, 1.0), 0.0).astype(np.float32)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron import __version__, relax
+from alsiron.errors import InvalidInputError
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
 from alsiron.io.derivatives import DerivativeMap
@@ -24,7 +25,8 @@ from alsiron.volume import MegreSeries, MeseSeries, Volume
 
 log = logging.getLogger("alsiron")
 
-__all__ = ["RelaxParameters", "RelaxResult", "process_relax", "r2prime", "resample_to_grid"]
+__all__ = ["MEGRE_OUTPUT_NAMES", "MESE_OUTPUT_NAMES", "RelaxParameters", "RelaxResult",
+           "output_names", "process_relax", "r2prime", "resample_to_grid"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,23 @@ class RelaxParameters:
     min_gradient_factor: float = 0.3
 
 
+#: (BIDS suffix, desc entity) of every map of :meth:`RelaxResult.derivative_maps` from the
+#: MEGRE, in writing order.
+MEGRE_OUTPUT_NAMES: list[tuple[str, str | None]] = [
+    ("R2starmap", "relax"), ("T2starmap", "relax"), ("S0map", "megre"),
+    ("R2starmap", "crlbsd"), ("R2starmap", "rsquared"), ("status", "relaxr2starfit"),
+    ("mask", "relaxbrain")]
+#: ... and those written when the session has a MESE (R2, T2, B1, R2').
+MESE_OUTPUT_NAMES: list[tuple[str, str | None]] = [
+    ("R2map", None), ("T2map", None), ("TB1map", None), ("R2map", "rsquaredmese"),
+    ("status", "epgfit"), ("R2primemap", None)]
+
+
+def output_names(with_mese: bool) -> list[tuple[str, str | None]]:
+    """(suffix, desc) of every map a session writes, with or without a MESE series."""
+    return MEGRE_OUTPUT_NAMES + (MESE_OUTPUT_NAMES if with_mese else [])
+
+
 @dataclass
 class RelaxResult:
     """Maps on the MEGRE grid (R2, T2, B1 and their S0 also on it after resampling)."""
@@ -95,38 +114,35 @@ class RelaxResult:
 
         r = self.r2star
         codes = {"StatusCodes": {str(k): v for k, v in relax.R2STAR_STATUS.items()}}
-        maps = [
-            DerivativeMap("R2starmap", vol(r.r2star, "1/s"), "R2* (apparent transverse "
-                          f"relaxation rate), {r.method} fit", desc="relax"),
-            DerivativeMap("T2starmap", vol(r.t2star, "s"), "T2* = 1/R2*", desc="relax"),
-            DerivativeMap("S0map", vol(r.s0, "arbitrary"), "MEGRE signal at TE = 0",
-                          desc="megre"),
-            DerivativeMap("R2starmap", vol(r.r2star_sd, "1/s"), "Cramér–Rao standard "
-                          "deviation of R2*", desc="crlbsd"),
-            DerivativeMap("R2starmap", vol(r.gof, ""), "goodness of fit R² of the R2* model",
-                          desc="rsquared"),
-            DerivativeMap("status", vol(r.status, "", codes), "R2* fit status code per "
-                          "voxel (see StatusCodes)", desc="relaxr2starfit"),
-            DerivativeMap("mask", vol(self.brain_mask.astype(np.uint8), ""),
-                          "brain mask (echo-1 magnitude) of the relaxometry fits",
-                          desc="relaxbrain"),
+        megre = [
+            (vol(r.r2star, "1/s"), f"R2* (apparent transverse relaxation rate), {r.method} fit"),
+            (vol(r.t2star, "s"), "T2* = 1/R2*"),
+            (vol(r.s0, "arbitrary"), "MEGRE signal at TE = 0"),
+            (vol(r.r2star_sd, "1/s"), "Cramér–Rao standard deviation of R2*"),
+            (vol(r.gof, ""), "goodness of fit R² of the R2* model"),
+            (vol(r.status, "", codes), "R2* fit status code per voxel (see StatusCodes)"),
+            (vol(self.brain_mask.astype(np.uint8), ""),
+             "brain mask (echo-1 magnitude) of the relaxometry fits"),
         ]
+        maps = [DerivativeMap(suffix, v, text, desc=desc)
+                for (suffix, desc), (v, text) in zip(MEGRE_OUTPUT_NAMES, megre, strict=True)]
         if self.t2fit is not None and self.r2_on_megre is not None:
             t = self.t2fit
-            maps += [
-                DerivativeMap("R2map", vol(self.r2_on_megre, "1/s"), "R2 from the EPG fit of "
-                              "the MESE, resampled to the MEGRE grid"),
-                DerivativeMap("T2map", vol(self.t2_on_megre, "s"), "T2 from the EPG fit"),
-                DerivativeMap("TB1map", vol(self.b1_on_megre, "ratio"), "refocusing flip "
-                              "angle / nominal from the EPG fit"),
-                DerivativeMap("R2map", vol(t.gof, "", None, self.mese_affine), "goodness of "
-                              "fit R² of the EPG model (MESE grid)", desc="rsquaredmese"),
-                DerivativeMap("status", vol(t.status, "", codes, self.mese_affine), "EPG fit "
-                              "status code per voxel (MESE grid)", desc="epgfit"),
-                DerivativeMap("R2primemap", vol(self.r2prime, "1/s",
-                                                {"NegativeValues": self.r2prime_summary}),
-                              "R2' = R2* − R2 (negative values kept)"),
+            mese = [
+                (vol(self.r2_on_megre, "1/s"), "R2 from the EPG fit of the MESE, resampled "
+                 "to the MEGRE grid"),
+                (vol(self.t2_on_megre, "s"), "T2 from the EPG fit"),
+                (vol(self.b1_on_megre, "ratio"), "refocusing flip angle / nominal from the "
+                 "EPG fit"),
+                (vol(t.gof, "", None, self.mese_affine), "goodness of fit R² of the EPG model "
+                 "(MESE grid)"),
+                (vol(t.status, "", codes, self.mese_affine), "EPG fit status code per voxel "
+                 "(MESE grid)"),
+                (vol(self.r2prime, "1/s", {"NegativeValues": self.r2prime_summary}),
+                 "R2' = R2* − R2 (negative values kept)"),
             ]
+            maps += [DerivativeMap(suffix, v, text, desc=desc)
+                     for (suffix, desc), (v, text) in zip(MESE_OUTPUT_NAMES, mese, strict=True)]
         return maps
 
 
@@ -210,7 +226,7 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
     t0 = time.perf_counter()
     brain = bm.brain_mask(megre.magnitude[0], erode_voxels=p.mask_opening_voxels)
     if not brain.any():
-        raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
+        raise InvalidInputError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
     magnitude = megre.magnitude
     correction: dict[str, Any] = {"Applied": False}

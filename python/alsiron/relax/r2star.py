@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alsiron import _core
+from alsiron.errors import InvalidInputError
 from alsiron.field.echo_fit import validate_echo_times
 
 log = logging.getLogger("alsiron")
@@ -201,9 +202,9 @@ def fit_r2star(
         ``status`` (see :data:`R2STAR_STATUS`); NaN wherever status ≠ 0.
     """
     if method not in R2STAR_METHODS:
-        raise ValueError(f"unknown R2* method {method!r}; choose one of {R2STAR_METHODS}")
+        raise InvalidInputError(f"unknown R2* method {method!r}; choose one of {R2STAR_METHODS}")
     if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma > 0):
-        raise ValueError(f"noise_sigma must be a positive number, got {noise_sigma}")
+        raise InvalidInputError(f"noise_sigma must be a positive number, got {noise_sigma}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     flat, tes, vol_shape, order, mask_flat, voxel_major = _prepare(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alsiron import _core
+from alsiron.errors import InvalidInputError
 from alsiron.relax.r2star import _prepare, fit_r2star
 
 
@@ -53,12 +54,14 @@ class T2Result:
 
 def _check_sequence(echo_spacing: float, refocusing_angle: float, t1: float) -> None:
     if not (np.isfinite(echo_spacing) and echo_spacing > 0):
-        raise ValueError(f"echo_spacing must be a positive number of seconds, got "
-                         f"{echo_spacing} (MESE sidecars need EchoTime or EchoSpacing)")
+        raise InvalidInputError(f"echo_spacing must be a positive number of seconds, got "
+                                f"{echo_spacing} (MESE sidecars need EchoTime or EchoSpacing)")
     if echo_spacing > 1.0:
-        raise ValueError(f"echo_spacing {echo_spacing} looks like milliseconds; give seconds")
+        raise InvalidInputError(f"echo_spacing {echo_spacing} looks like milliseconds; give "
+                                "seconds")
     if not (np.isfinite(refocusing_angle) and 0 < refocusing_angle <= 180):
-        raise ValueError(f"refocusing_angle must be in (0, 180] degrees, got {refocusing_angle}")
+        raise InvalidInputError("refocusing_angle must be in (0, 180] degrees, got "
+                                f"{refocusing_angle}")
     if not (np.isfinite(t1) and t1 > 0):
         raise ValueError(f"t1 must be a positive number of seconds, got {t1}")
 

@@ -129,8 +129,8 @@ class SessionOutcome:
 
 def zscore_path(out_root: Path, entities: dict[str, str]) -> Path:
     """Where a session's z-scores are stored (JSON beside the indices)."""
-    p = derivatives.map_path(out_root, entities, "zscores", roi_workflow.DESC)
-    return p.with_name(p.name.replace(".nii.gz", ".json"))
+    return derivatives.OutputPlan(out_root, entities).add_file("zscores", roi_workflow.DESC,
+                                                                ".json")
 
 
 def session_record(series: MegreSeries, entities: dict[str, str], dataset_root: Path,
@@ -157,14 +157,18 @@ def session_record(series: MegreSeries, entities: dict[str, str], dataset_root: 
         software_version=alsiron.__version__, parameters={"qsm": provenance})
 
 
-def _check_free(out_root: Path, entities: dict[str, str], opts: QsmRunOptions) -> None:
-    names = [derivatives.map_path(out_root, entities, m_suffix, m_desc)
-             for m_suffix, m_desc in workflow.OUTPUT_NAMES]
+def plan_outputs(out_root: Path, entities: dict[str, str],
+                 opts: QsmRunOptions) -> derivatives.OutputPlan:
+    """Every file one series' run writes: the maps of :data:`alsiron.qsm.chain.OUTPUT_NAMES`
+    (with sidecars), the z-scores (with ``normative``) and the motor-cortex outputs (with
+    ``roi``), in checking order."""
+    plan = derivatives.OutputPlan(out_root, entities)
+    plan.add_maps(workflow.OUTPUT_NAMES)
     if opts.normative is not None:
-        names.append(zscore_path(out_root, entities))
-    derivatives.check_free(names, opts.overwrite)
+        plan.add_file("zscores", roi_workflow.DESC, ".json")
     if opts.roi is not None:
-        roi_workflow.check_outputs_free(out_root, entities, opts.overwrite)
+        roi_workflow.plan_outputs(plan)
+    return plan
 
 
 def run_qsm_subject(
@@ -230,8 +234,8 @@ def run_qsm_subject(
         for ses in sessions:
             for files in ses.series:
                 label = files.prefix
-                entities = dict(files.entities)
-                _check_free(out_root, entities, opts)
+                plan = plan_outputs(out_root, dict(files.entities), opts)
+                plan.check_free(opts.overwrite)
                 say(f"{label}: loading {len(files.echoes)} echoes")
                 series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
                                            echo_times=opts.echo_times,
@@ -258,18 +262,18 @@ def run_qsm_subject(
                                                  phase_unwrapped=opts.phase_unwrapped,
                                                  total_field_ppm=user_field, progress=progress,
                                                  iteration_progress=iteration_progress)
-                written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
+                written = derivatives.write_maps(plan, result.derivative_maps(),
                                                  result.provenance, overwrite=opts.overwrite)
                 outcome = SessionOutcome(
                     label=label, out_root=out_root, series=series, result=result,
                     written=written, seconds=time.perf_counter() - t0,
-                    truth=compare_with_truth(result, root, entities))
-                record = session_record(series, entities, root, result.provenance)
+                    truth=compare_with_truth(result, root, plan.entities))
+                record = session_record(series, plan.entities, root, result.provenance)
                 if opts.roi is not None:
                     t0 = time.perf_counter()
                     try:
                         _, outcome.indices, outcome.roi_written = roi_workflow.run_session(
-                            out_root, entities, series.magnitude[0], series.affine,
+                            plan, series.magnitude[0], series.affine,
                             result.brain_mask.data > 0, chi=result.chi.data,
                             r2star=result.r2star.data, options=opts.roi, dataset_root=root,
                             magnitude_name=series.sources[0] if series.sources else None,
@@ -287,7 +291,7 @@ def run_qsm_subject(
                     from alsiron.cohort.normative import score_session
 
                     outcome.zscores, outcome.zscore_text = score_session(
-                        record, opts.normative, out=zscore_path(out_root, entities),
+                        record, opts.normative, out=plan.path("zscores", roi_workflow.DESC),
                         overwrite=opts.overwrite)
                 if registry is not None:
                     registry.record_session(record)

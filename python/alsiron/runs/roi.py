@@ -1,22 +1,32 @@
-"""The per-session motor-cortex stage: masks → indices → TSV/JSON, mask image, QC PNG.
+"""The per-session motor-cortex stage (masks → indices → TSV/JSON, mask image, QC PNG) and
+the subject loop of ``alsiron roi``.
 
-Used by ``alsiron roi`` (on maps already in the derivatives) and at the end of
-``alsiron qsm``.  Route choice: a label image given by the user; else, unless an atlas is
-requested explicitly, a label image with a lookup table found in the dataset's
-derivatives (:func:`alsiron.motor.masks.find_label_image`); else the bundled atlas.
+Used by ``alsiron roi`` (:func:`run_roi_subject`, on maps already in the derivatives) and
+at the end of ``alsiron qsm`` (:func:`run_session`).  Route choice: a label image given by
+the user; else, unless an atlas is requested explicitly, a label image with a lookup table
+found in the dataset's derivatives (:func:`alsiron.motor.masks.find_label_image`); else the
+bundled atlas.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from alsiron.errors import OutputExistsError
-from alsiron.io.atomic import save_nifti, save_text, sidecar_path
-from alsiron.io.derivatives import map_path, write_dataset_description
+from alsiron.errors import InputError
+from alsiron.io import bids as ingest
+from alsiron.io.atomic import save_nifti, save_text
+from alsiron.io.derivatives import (
+    OutputPlan,
+    derivatives_root,
+    map_path,
+    write_dataset_description,
+)
 from alsiron.motor import masks as mk
 from alsiron.motor.indices import MotorCortexIndices, motor_cortex_indices, write_indices
 
@@ -55,28 +65,16 @@ class RoiOptions:
     qc: bool = True
 
 
-def output_paths(out_root: Path, entities: dict[str, str]) -> dict[str, Path]:
-    """Paths of the stage's outputs: indices TSV (+ JSON), mask label image (+ TSV,
-    JSON) and QC PNG."""
-    dseg = map_path(out_root, entities, "dseg", DESC)
-    tsv = map_path(out_root, entities, "indices", DESC)
-    tsv = tsv.with_name(tsv.name.replace(".nii.gz", ".tsv"))
-    png = map_path(out_root, entities, "qc", DESC)
-    png = png.with_name(png.name.replace(".nii.gz", ".png"))
-    return {"indices": tsv, "dseg": dseg, "qc": png}
+def plan_outputs(plan: OutputPlan) -> None:
+    """Add the stage's outputs to a visit's plan: indices TSV (+ JSON dictionary), the
+    sub-region label image (+ sidecar, + TSV table) and the QC PNG.
 
-
-def check_outputs_free(out_root: Path, entities: dict[str, str], overwrite: bool) -> None:
-    """Refuse before any work when an output exists and ``overwrite`` is off."""
-    if overwrite:
-        return
-    paths = output_paths(out_root, entities)
-    candidates = [paths["indices"], paths["indices"].with_suffix(".json"), paths["dseg"],
-                  sidecar_path(paths["dseg"]), _dseg_tsv(paths["dseg"]), paths["qc"]]
-    for p in candidates:
-        if p.exists():
-            raise OutputExistsError(f"{p}: already exists (use --overwrite to replace the "
-                                    "outputs)")
+    The QC PNG is planned (and so checked) even when ``RoiOptions.qc`` is off, as it
+    always was.
+    """
+    plan.add_file("indices", DESC, ".tsv", extra=(".json",))
+    plan.add_map("dseg", DESC, extra=(".tsv",))
+    plan.add_file("qc", DESC, ".png")
 
 
 def _dseg_tsv(dseg: Path) -> Path:
@@ -134,47 +132,47 @@ def mask_label_image(masks: mk.RegionMasks) -> tuple[np.ndarray, list[tuple[int,
     return image, table
 
 
-def write_outputs(out_root: Path, entities: dict[str, str], masks: mk.RegionMasks,
-                  result: MotorCortexIndices, magnitude: np.ndarray, chi: np.ndarray | None,
-                  *, qc: bool = True, overwrite: bool = False) -> list[Path]:
+def write_outputs(plan: OutputPlan, masks: mk.RegionMasks, result: MotorCortexIndices,
+                  magnitude: np.ndarray, chi: np.ndarray | None, *, qc: bool = True,
+                  overwrite: bool = False) -> list[Path]:
     """Write the indices (TSV + JSON dictionary), the sub-region label image and the QC
-    montage; returns the paths."""
+    montage to their paths in ``plan`` (see :func:`plan_outputs`); returns the paths."""
     from alsiron.motor import qc as qc_mod
 
-    write_dataset_description(out_root)
-    paths = output_paths(out_root, entities)
-    written = write_indices(paths["indices"], result, overwrite=overwrite)
+    write_dataset_description(plan.root)
+    written = write_indices(plan.path("indices", DESC), result, overwrite=overwrite)
     image, table = mask_label_image(masks)
-    written.append(save_nifti(paths["dseg"], image, masks.affine, sidecar={
+    dseg = plan.path("dseg", DESC)
+    written.append(save_nifti(dseg, image, masks.affine, sidecar={
         "Description": "precentral sub-regions (side x somatotopic segment x depth band), "
                        "underlying white matter and control cortex; names in the .tsv",
         **masks.provenance}, overwrite=overwrite))
-    written.append(save_text(_dseg_tsv(paths["dseg"]), "index\tname\n" + "".join(
+    written.append(save_text(_dseg_tsv(dseg), "index\tname\n" + "".join(
         f"{v}\t{n}\n" for v, n in table), overwrite=overwrite))
     if qc:
-        stem = "_".join(f"{k}-{v}" for k, v in entities.items())
+        stem = "_".join(f"{k}-{v}" for k, v in plan.entities.items())
         lost = result.qc_notes.get("precentral_lost_to_mask", float("nan"))
         title = (f"{stem}: precentral {result.qc_notes.get('precentral_voxels', 0)} voxels, "
                  f"{lost:.1%} lost to the mask, QC {result.qc_status}")
-        written.append(qc_mod.save_montage(paths["qc"], masks, magnitude, chi, title=title,
-                                           overwrite=overwrite))
+        written.append(qc_mod.save_montage(plan.path("qc", DESC), masks, magnitude, chi,
+                                           title=title, overwrite=overwrite))
     return written
 
 
-def run_session(out_root: Path, entities: dict[str, str], magnitude: np.ndarray,
-                affine: np.ndarray, brain: np.ndarray, *, chi: np.ndarray | None,
-                r2star: np.ndarray | None, options: RoiOptions | None = None,
-                dataset_root: Path | None = None, magnitude_name: str | None = None,
+def run_session(plan: OutputPlan, magnitude: np.ndarray, affine: np.ndarray,
+                brain: np.ndarray, *, chi: np.ndarray | None, r2star: np.ndarray | None,
+                options: RoiOptions | None = None, dataset_root: Path | None = None,
+                magnitude_name: str | None = None,
                 overwrite: bool = False) -> tuple[mk.RegionMasks, MotorCortexIndices,
                                                   list[Path]]:
     """Masks, indices and outputs of one session (nothing is written on an error).
 
+    The caller has checked ``plan`` (:meth:`OutputPlan.check_free`) before any work.
+
     Parameters
     ----------
-    out_root : Path
-        Derivatives root.
-    entities : dict
-        BIDS entities of the session's series (``sub``, ``ses``, ...).
+    plan : OutputPlan
+        The visit's plan, holding the stage's outputs (:func:`plan_outputs`).
     magnitude : ndarray (X, Y, Z)
         Echo-1 magnitude.
     affine : ndarray (4, 4)
@@ -187,10 +185,133 @@ def run_session(out_root: Path, entities: dict[str, str], magnitude: np.ndarray,
         Where to look for label images in the derivatives.
     """
     opts = options or RoiOptions()
-    check_outputs_free(out_root, entities, overwrite)
     masks = region_masks(magnitude, affine, brain, opts, dataset_root=dataset_root,
-                         entities=entities, magnitude_name=magnitude_name)
+                         entities=plan.entities, magnitude_name=magnitude_name)
     result = motor_cortex_indices(masks, chi=chi, r2star=r2star)
-    written = write_outputs(out_root, entities, masks, result, magnitude, chi, qc=opts.qc,
+    written = write_outputs(plan, masks, result, magnitude, chi, qc=opts.qc,
                             overwrite=overwrite)
     return masks, result, written
+
+
+@dataclass
+class RoiOutcome:
+    """What ``alsiron roi`` produced for one MEGRE series of one visit.
+
+    Attributes
+    ----------
+    label : str
+        BIDS prefix of the series (``sub-01_ses-01``).
+    out_root : Path
+        Derivatives folder read from and written to.
+    indices : MotorCortexIndices
+    written : list of Path
+        Files written.
+    seconds : float
+        Wall time of masks, indices and writing.
+    """
+
+    label: str
+    out_root: Path
+    indices: MotorCortexIndices
+    written: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    import nibabel as nib
+
+    if not path.is_file():
+        return None
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, float)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read image ({exc})") from None
+
+
+@dataclass
+class _SessionMaps:
+    magnitude: np.ndarray
+    affine: np.ndarray
+    brain: np.ndarray
+    chi: np.ndarray | None
+    r2star: np.ndarray | None
+
+
+def _load_session_maps(out_root: Path, entities: dict[str, str],
+                       mag_path: Path) -> _SessionMaps:
+    """The maps of ``alsiron qsm`` (χ and/or R2*, brain mask) and the echo-1 magnitude,
+    checked to share one grid; without a stored brain mask, one from the magnitude."""
+    import nibabel as nib
+
+    from alsiron.field import brain_mask as bm
+
+    chi = _load_map(map_path(out_root, entities, "Chimap"))
+    r2s = _load_map(map_path(out_root, entities, "R2starmap"))
+    if chi is None and r2s is None:
+        raise InputError(map_path(out_root, entities, "Chimap"),
+                         "no Chimap or R2starmap found: run `alsiron qsm` first")
+    try:
+        mag_img = nib.load(str(mag_path))
+        magnitude = np.asarray(mag_img.get_fdata(dtype=np.float32))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(mag_path, f"cannot read magnitude ({exc})") from None
+    magnitude = magnitude.reshape(magnitude.shape[:3])
+    affine = np.asarray(mag_img.affine, float)
+    for name, loaded in (("Chimap", chi), ("R2starmap", r2s)):
+        if loaded is not None and (loaded[0].shape != magnitude.shape
+                                   or not np.allclose(loaded[1], affine, atol=1e-3)):
+            raise InputError(map_path(out_root, entities, name),
+                             "not on the grid of the echo-1 magnitude")
+    brain_loaded = _load_map(map_path(out_root, entities, "mask", "brain"))
+    brain = brain_loaded[0] > 0 if brain_loaded is not None else bm.brain_mask(magnitude)
+    return _SessionMaps(magnitude, affine, brain, None if chi is None else chi[0],
+                        None if r2s is None else r2s[0])
+
+
+def run_roi_subject(subj_dir: str | Path, options: RoiOptions | None = None, *,
+                    out: str | Path | None = None,
+                    overwrite: bool = False) -> Iterator[RoiOutcome]:
+    """Masks and indices for every MEGRE series of every session of a subject, from the
+    maps that ``alsiron qsm`` left in the derivatives.
+
+    Parameters
+    ----------
+    subj_dir : path
+        BIDS ``sub-XX/`` or ``sub-XX/ses-YY/`` folder.
+    options : RoiOptions, optional
+    out : path, optional
+        Derivatives folder holding the maps and receiving the outputs (default
+        ``<dataset>/derivatives/alsiron``).
+    overwrite : bool
+        Replace existing outputs.
+
+    Yields
+    ------
+    RoiOutcome
+        As each series finishes (its files are on disk).
+
+    Raises
+    ------
+    InputError, OutputExistsError
+        Missing or unreadable maps, maps off the magnitude's grid, or outputs that exist
+        without ``overwrite``: raised before any file of that series is written.
+    """
+    opts = options or RoiOptions()
+    sessions = ingest.find_sessions(subj_dir)
+    root = ingest.dataset_root(subj_dir)
+    out_root = derivatives_root(root, out)
+    for ses in sessions:
+        for files in ses.series:
+            plan = OutputPlan(out_root, dict(files.entities))
+            plan_outputs(plan)
+            plan.check_free(overwrite)
+            mag_path = files.echoes[0].magnitude
+            maps = _load_session_maps(out_root, plan.entities, mag_path)
+            t0 = time.perf_counter()
+            _, indices, written = run_session(
+                plan, maps.magnitude, maps.affine, maps.brain, chi=maps.chi,
+                r2star=maps.r2star, options=opts, dataset_root=root,
+                magnitude_name=str(mag_path), overwrite=overwrite)
+            yield RoiOutcome(label=files.prefix, out_root=out_root, indices=indices,
+                             written=written, seconds=time.perf_counter() - t0)

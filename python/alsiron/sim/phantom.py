@@ -28,6 +28,7 @@ import scipy.fft
 
 import alsiron
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
+from alsiron.errors import InvalidInputError
 from alsiron.io.atomic import save_json, save_nifti, save_text
 from alsiron.sim.geometry import head_labels
 from alsiron.sim.tissues import (
@@ -218,10 +219,10 @@ def _as_triple(value: float | tuple[float, float, float] | list[float], name: st
     if arr.shape == (1,):
         arr = np.repeat(arr, 3)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be one positive number or three, got {value!r}")
+        raise InvalidInputError(f"{name} must be one positive number or three, got {value!r}")
     if kind is int:
         if np.any(arr != np.round(arr)) or np.any(arr < 8):
-            raise ValueError(f"{name} must be whole numbers >= 8, got {value!r}")
+            raise InvalidInputError(f"{name} must be whole numbers >= 8, got {value!r}")
         return tuple(int(v) for v in arr)
     return tuple(float(v) for v in arr)
 
@@ -432,15 +433,16 @@ def simulate_subject(
             or np.any(np.diff(tes) <= 0):
         raise ValueError(f"echo_times must be positive, increasing seconds, got {echo_times!r}")
     if not (np.isfinite(field_strength) and field_strength > 0):
-        raise ValueError(f"field_strength must be positive tesla, got {field_strength!r}")
+        raise InvalidInputError(f"field_strength must be positive tesla, got {field_strength!r}")
     b0 = np.asarray(b0_direction, np.float64)
     if b0.shape != (3,) or not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
-        raise ValueError(f"b0_direction must be 3 finite numbers, not all 0: {b0_direction!r}")
+        raise InvalidInputError("b0_direction must be 3 finite numbers, not all 0: "
+                                f"{b0_direction!r}")
     b0 = b0 / np.linalg.norm(b0)
     if group not in ("control", "ALS"):
         raise ValueError(f"group must be 'control' or 'ALS', got {group!r}")
     if snr is not None and not (snr > 0):
-        raise ValueError(f"snr must be positive (or None for noiseless), got {snr!r}")
+        raise InvalidInputError(f"snr must be positive (or None for noiseless), got {snr!r}")
     gen = _coerce_rng(rng)
 
     ss = SUPERSAMPLING
