@@ -445,4 +445,5 @@ def test_reference_region_from_a_label_image(dataset, tmp_path):
     # mean of the region-referenced map is minus that offset.
     np.testing.assert_allclose(chi[mask].mean(), -ref["RegionMeanVsWholeBrain_ppm"], atol=1e-5)
     assert ref["RegionVoxels"] == int(region.sum()) and ref["RegionSDVsWholeBrain_ppm"] > 0
+    assert ref["Source"] == f"{dseg} label {csf}"
     assert main(["qsm", str(dataset / "sub-01"), "--reference-label", "4"]) != 0

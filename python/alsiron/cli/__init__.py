@@ -291,35 +291,36 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
 
     if reference_label is not None and reference_mask is None:
         raise click.UsageError("--reference-label needs --reference-mask")
-    params = workflow.QsmParameters()
+    # Options → the sidecar's flat parameter keys (QsmParameters.from_flat).
+    flat = workflow.QsmParameters().to_flat()
     if inversion is not None:
-        params.inversion = inversion
+        flat["inversion"] = inversion
     if weak_harmonic:
         if inversion is None:
-            params.inversion = "tvadmm"  # the weak-harmonic term is a TV-ADMM option
-        if params.inversion != "tvadmm":
+            flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option
+        if flat["inversion"] != "tvadmm":
             raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
-        params.tv_weak_harmonic = True
+        flat["tv_weak_harmonic"] = True
     if bfr is not None:
-        params.bfr = bfr
+        flat["bfr"] = bfr
     if unwrapping is not None:
-        params.unwrapping = unwrapping
+        flat["unwrapping"] = unwrapping
     if brain_mask_method is not None:
-        params.brain_mask_method = brain_mask_method
+        flat["brain_mask_method"] = brain_mask_method
     if bet_f is not None:
-        if params.brain_mask_method != "bet":
+        if flat["brain_mask_method"] != "bet":
             raise click.UsageError("--bet-f goes with --brain-mask bet")
-        params.bet_f = bet_f
+        flat["bet_f"] = bet_f
     if (brain_mask_method is not None or bet_f is not None) and mask_path is not None:
         raise click.UsageError("--mask gives the brain mask; drop --brain-mask/--bet-f")
     if mask_erode is not None:
         unit, amount = mask_erode
         if unit == "vox":
-            params.bfr_erode_voxels = int(amount)
+            flat["bfr_erode_voxels"] = int(amount)
         else:
-            params.bfr_erode_mm = float(amount)
+            flat["bfr_erode_mm"] = float(amount)
     if phase_quality_threshold is not None:
-        params.residual_threshold = phase_quality_threshold
+        flat["residual_threshold"] = phase_quality_threshold
     if fieldmap_path is not None and (phase_unwrapped or unwrapping is not None):
         raise click.UsageError("--fieldmap replaces the phase processing; drop "
                                "--phase-unwrapped/--unwrapping")
@@ -327,6 +328,7 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         raise click.UsageError("--phase-unwrapped skips unwrapping; drop --unwrapping")
     if normative is not None and no_indices:
         raise click.UsageError("--normative scores the indices; drop --no-indices")
+    params = workflow.QsmParameters.from_flat(flat)
     options = pipeline.QsmRunOptions(
         params=params, echo_times=list(echo_times) or None, field_strength=field_strength,
         fill_nonfinite=fill_nonfinite, negate_phase=negate_phase,
@@ -519,14 +521,15 @@ def roi_cmd(subj_dir: Path, out: Path | None, labels: Path | None, lut: Path | N
 
 
 def _list_methods(ctx: click.Context) -> None:
+    from alsiron.field import echo_fit as fieldmap
     from alsiron.qsm import chain as workflow
     from alsiron.qsm import inversion
 
     default = workflow.QsmParameters()
     lines = [
         "phase unwrapping (--unwrapping): " + ", ".join(
-            f"{k}{' (default)' if k == default.unwrapping else ''}"
-            for k in workflow.UNWRAPPING_METHODS)
+            f"{k}{' (default)' if k == default.field.unwrapping else ''}"
+            for k in fieldmap.UNWRAPPING_METHODS)
         + " | --phase-unwrapped | --fieldmap FILE",
         "phase offsets    : MCPC-3D-S (romeo, laplacian); echo differences (echodiff)",
         "echo combination : nonlinear magnitude-weighted complex fit (default), "
@@ -534,9 +537,10 @@ def _list_methods(ctx: click.Context) -> None:
         "brain mask       : bet (deformable surface, default; --bet-f) | otsu (threshold + "
         "morphology) [--brain-mask] | --mask FILE",
         "background (--bfr): " + ", ".join(
-            f"{k}{' (default)' if k == default.bfr else ''}" for k in workflow.BFR_METHODS),
+            f"{k}{' (default)' if k == default.background.method else ''}"
+            for k in workflow.BFR_METHODS),
         "inversion (--inversion): " + ", ".join(
-            f"{k}{' (default)' if k == default.inversion else ''}"
+            f"{k}{' (default)' if k == default.inversion.method else ''}"
             for k in inversion.INVERSION_METHODS) + "; tvadmm --weak-harmonic",
         "reference        : whole-brain mean (default) | --reference-mask FILE "
         "[--reference-label N]",

@@ -240,23 +240,26 @@ def run_qsm_subject(
                                            negate_phase=opts.negate_phase,
                                            phase_unwrapped=opts.phase_unwrapped)
                 user_mask = ref_region = user_field = None
+                sources: dict[str, str] = {}  # files given in place of chain steps
                 if opts.mask_path is not None:
                     user_mask = ingest.load_mask(opts.mask_path, series)
-                    series.metadata["BrainMaskSource"] = str(opts.mask_path)
+                    sources["brain_mask"] = str(opts.mask_path)
                 if opts.reference_mask is not None:
                     ref_region = ingest.load_mask(opts.reference_mask, series,
                                                   label=opts.reference_label)
-                    series.metadata["ReferenceSource"] = (
+                    sources["reference"] = (
                         str(opts.reference_mask) if opts.reference_label is None
                         else f"{opts.reference_mask} label {opts.reference_label}")
                 if opts.fieldmap_path is not None:
                     user_field = ingest.load_fieldmap(opts.fieldmap_path, series)
-                    series.metadata["FieldMapSource"] = str(opts.fieldmap_path)
+                    sources["field_map"] = str(opts.fieldmap_path)
                 t0 = time.perf_counter()
                 result = workflow.process_series(series, opts.params, brain_mask=user_mask,
                                                  reference_mask=ref_region,
                                                  phase_unwrapped=opts.phase_unwrapped,
-                                                 total_field_ppm=user_field, progress=progress,
+                                                 total_field_ppm=user_field,
+                                                 input_sources=workflow.InputSources(**sources),
+                                                 progress=progress,
                                                  iteration_progress=iteration_progress)
                 written = derivatives.write_maps(out_root, entities, result.derivative_maps(),
                                                  result.provenance, overwrite=opts.overwrite)
