@@ -345,8 +345,9 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
             click.echo("", err=True)
         click.echo(_summary(oc.label, oc.series, oc.result, oc.seconds, len(oc.written),
                             oc.out_root))
-        if oc.truth:
-            click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in oc.truth.items()))
+        truth = _phantom_truth(oc)
+        if truth:
+            click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in truth.items()))
         if oc.roi_error is not None:
             click.echo(f"alsiron: warning: {oc.label}: motor-cortex indices skipped: "
                        f"{oc.roi_error}", err=True)
@@ -362,6 +363,16 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         from alsiron.cohort.normative import NO_MODEL_MESSAGE
 
         click.echo(NO_MODEL_MESSAGE, err=True)
+
+
+def _phantom_truth(oc) -> dict[str, str] | None:
+    """Accuracy of a session's maps vs the ground truth that ``alsiron phantom`` writes
+    beside its data; None (nothing evaluated) for real data."""
+    from alsiron.evaluation import truth
+
+    if not truth.has_truth(oc.dataset_root, oc.entities):
+        return None
+    return truth.compare_with_truth(oc.result, oc.dataset_root, oc.entities)
 
 
 @cli.command("relax")

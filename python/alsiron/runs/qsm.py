@@ -92,8 +92,10 @@ class SessionOutcome:
         Map files written.
     seconds : float
         Wall time of the map-making chain.
-    truth : dict
-        Phantom-truth comparison (empty for real data).
+    dataset_root : Path
+        BIDS dataset the series came from.
+    entities : dict
+        BIDS entities of the series (``sub``, ``ses``, ...).
     indices : MotorCortexIndices or None
         None when skipped or failed (then ``roi_error`` says why).
     roi_written : list of Path
@@ -116,7 +118,8 @@ class SessionOutcome:
     result: workflow.SessionResult
     written: list[Path]
     seconds: float
-    truth: dict[str, Any]
+    dataset_root: Path
+    entities: dict[str, str]
     indices: Any = None
     roi_written: list[Path] = field(default_factory=list)
     roi_seconds: float = 0.0
@@ -203,8 +206,6 @@ def run_qsm_subject(
         the maps stay, the outcome's ``roi_error`` says why and the record is marked
         ``qc_status="fail"``.
     """
-    from alsiron.evaluation.truth import compare_with_truth
-
     opts = options or QsmRunOptions()
     say = announce or (lambda _msg: None)
     sessions = ingest.find_sessions(subj_dir)
@@ -265,8 +266,8 @@ def run_qsm_subject(
                                                  result.provenance, overwrite=opts.overwrite)
                 outcome = SessionOutcome(
                     label=label, out_root=out_root, series=series, result=result,
-                    written=written, seconds=time.perf_counter() - t0,
-                    truth=compare_with_truth(result, root, entities))
+                    written=written, seconds=time.perf_counter() - t0, dataset_root=root,
+                    entities=entities)
                 record = session_record(series, entities, root, result.provenance)
                 if opts.roi is not None:
                     t0 = time.perf_counter()
