@@ -32,7 +32,8 @@ from alsiron.evaluation.truth import load_truth, score_chi
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
 from alsiron.io import bids as ingest
-from alsiron.qsm.chain import QsmParameters, bfr_input_mask, default_vsharp_radii
+from alsiron.qsm.chain import bfr_input_mask, default_vsharp_radii
+from alsiron.qsm.settings import QsmParameters
 
 PRECENTRAL = [20, 21, 22, 23]
 
@@ -73,10 +74,10 @@ def load(root: Path):
     local_true = np.asarray(nib.load(str(anat / f"{stem}_desc-local_fieldmap.nii.gz")).dataobj,
                             np.float32)
     p = QsmParameters()
-    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p.mask_opening_voxels)
+    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p.mask.opening_voxels)
     fm = fieldmap.fit_multi_echo_field(series.magnitude, series.phase, series.echo_times, brain,
                                        field_strength=series.field_strength)
-    quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.residual_threshold)
+    quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.field.residual_threshold)
     return series, truth, total_true, local_true, np.nan_to_num(fm.field_ppm), quality
 
 
@@ -91,7 +92,7 @@ def contrasts(chi, mask, labels):
 def run(root: Path, erosions, names) -> list[dict]:
     series, truth, total_true, local_true, field_est, quality = load(root)
     vsz, b0 = series.voxel_size, series.b0_direction
-    p = QsmParameters()
+    p = QsmParameters().inversion
     gm, m1 = contrasts(truth.chi, truth.brain_mask, truth.labels)
     print(f"{root.name}: voxels {vsz} mm, shape {series.shape}; true GM-WM {gm:+.1f} ppb, "
           f"M1-WM {m1:+.1f} ppb")
@@ -138,7 +139,7 @@ def null_contrast(root: Path) -> None:
     series, truth, _, _, field_est, quality = load(root)
     vsz, b0 = series.voxel_size, series.b0_direction
     p = QsmParameters()
-    mask = bfr_input_mask(quality, vsz, p)
+    mask = bfr_input_mask(quality, vsz, p.background)
     lab = truth.labels
     cortex, wm = np.isin(lab, [6, *PRECENTRAL]) & truth.brain_mask, lab == 5
     excess = np.where(cortex, truth.chi - truth.chi[wm & truth.brain_mask].mean(), 0.0)
@@ -148,8 +149,9 @@ def null_contrast(root: Path) -> None:
         for name in ("vsharp", "pdf_tol3e-3"):
             local, valid = table[name](field, mask)
             valid = valid.astype(bool)
-            chi, _ = qsm.tv_admm(local, valid, voxel_size=vsz, b0_dir=b0, alpha=p.tv_alpha,
-                                 mu=p.tv_mu, max_iter=p.tv_max_iter, tol=p.tv_tol)
+            s = p.inversion
+            chi, _ = qsm.tv_admm(local, valid, voxel_size=vsz, b0_dir=b0, alpha=s.tv_alpha,
+                                 mu=s.tv_mu, max_iter=s.tv_max_iter, tol=s.tv_tol)
             chi = qsm.reference_to_mean(chi, valid)
             inner = ndimage.distance_transform_edt(valid) >= 2
             gm = valid & (lab == 6)

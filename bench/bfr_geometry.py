@@ -22,7 +22,8 @@ from scipy import ndimage
 
 from alsiron import qsm
 from alsiron.evaluation.truth import load_truth
-from alsiron.qsm.chain import QsmParameters, default_vsharp_radii
+from alsiron.qsm.chain import default_vsharp_radii
+from alsiron.qsm.settings import QsmParameters
 
 CORTEX = [6, 20, 21, 22, 23]
 CONTRAST_PPM = 0.032
@@ -51,7 +52,7 @@ def main(root: Path) -> None:
     print(f"folded variant: {gm.sum()} -> {gm_folded.sum()} GM voxels, 95th pct depth "
           f"{np.percentile(depth[gm_folded], 95):.1f} mm")
 
-    p = QsmParameters()
+    p = QsmParameters().inversion
     mask = ndimage.binary_erosion(brain, iterations=2)
     for name, cortex in (("smooth", gm), ("folded", gm_folded)):
         chi = np.where(cortex & brain, CONTRAST_PPM, 0.0)

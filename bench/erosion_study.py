@@ -44,13 +44,13 @@ from alsiron.evaluation.truth import score_chi
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
 from alsiron.qsm.chain import (
-    QsmParameters,
     bfr_input_mask,
     default_vsharp_radii,
     inversion_inputs,
     invert,
     remove_background,
 )
+from alsiron.qsm.settings import BackgroundSettings, QsmParameters
 from alsiron.sim.phantom import simulate_subject
 
 #: case → (matrix, voxel size [mm], B0 direction in voxel-index space)
@@ -62,13 +62,16 @@ CASES = {"64-3mm": (64, 3.0, (0.0, 0.0, 1.0)), "96-2mm": (96, 2.0, (0.0, 0.0, 1.
 def settings(depths: list[float], trims: list[float], bfr: str = "pdf"
              ) -> dict[str, QsmParameters]:
     """Setting name → chain parameters (defaults except the pre-BFR mask and ``bfr``)."""
-    base = QsmParameters(bfr=bfr)
-    out = {f"e{d:g}": replace(base, bfr_erode_mm=d, bfr_erode_voxels=None,
-                              bfr_trim_sd_factor=None) for d in depths}
-    out["v2"] = replace(base, bfr_erode_voxels=2, bfr_trim_sd_factor=None)
+    base = QsmParameters(background=BackgroundSettings(method=bfr))
+
+    def with_background(**changes) -> QsmParameters:
+        return replace(base, background=replace(base.background, **changes))
+
+    out = {f"e{d:g}": with_background(erode_mm=d, erode_voxels=None, trim_sd_factor=None)
+           for d in depths}
+    out["v2"] = with_background(erode_voxels=2, trim_sd_factor=None)
     for k in trims:
-        out[f"r{k:g}"] = replace(base, bfr_erode_mm=0.0, bfr_erode_voxels=None,
-                                 bfr_trim_sd_factor=k)
+        out[f"r{k:g}"] = with_background(erode_mm=0.0, erode_voxels=None, trim_sd_factor=k)
     return out
 
 
@@ -81,12 +84,12 @@ def run_phantom(matrix, voxel, b0, seed: int, params: dict[str, QsmParameters]
     truth = truth_of(ses)
     vsz = series.voxel_size
     p0 = QsmParameters()
-    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p0.mask_opening_voxels)
+    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p0.mask.opening_voxels)
     fm = fieldmap.estimate_field(series.magnitude, series.phase, series.echo_times, brain,
                                  field_strength=series.field_strength,
-                                 unwrapping=p0.unwrapping, complex_fit=p0.complex_fit,
+                                 unwrapping=p0.field.unwrapping, complex_fit=p0.field.complex_fit,
                                  voxel_size=vsz)
-    quality = brain & np.isfinite(fm.residual) & (fm.residual <= p0.residual_threshold)
+    quality = brain & np.isfinite(fm.residual) & (fm.residual <= p0.field.residual_threshold)
     total = np.nan_to_num(fm.field_ppm)
     rss, _ = inversion_inputs(series)
     names = {n: i for i, n in ses.label_names.items()}
@@ -101,10 +104,10 @@ def run_phantom(matrix, voxel, b0, seed: int, params: dict[str, QsmParameters]
     results = {}
     for name, p in params.items():
         t0, c0 = time.perf_counter(), time.process_time()
-        mask = bfr_input_mask(quality, vsz, p, field_sd=fm.field_sd_ppm)
-        local, qmask, _ = remove_background(total, mask, series, p, radii)
+        mask = bfr_input_mask(quality, vsz, p.background, field_sd=fm.field_sd_ppm)
+        local, qmask, _ = remove_background(total, mask, series, p.background, radii)
         qmask = qmask.astype(bool)
-        chi, _ = invert(local, qmask, vsz, series.b0_direction, p, magnitude=rss)
+        chi, _ = invert(local, qmask, vsz, series.b0_direction, p.inversion, magnitude=rss)
         chi = qsm.reference_to_mean(chi, qmask).astype(np.float64)
         results[name] = (qmask, chi, time.perf_counter() - t0, time.process_time() - c0)
     common = np.logical_and.reduce([r[0] for r in results.values()]) & truth.brain_mask
@@ -145,7 +148,7 @@ def case_name(matrix, voxel, b0) -> str:
 
 
 def p_bfr(p: QsmParameters) -> str:
-    return p.bfr
+    return p.background.method
 
 
 FMT = ("{case:>11} {seed:>4} {setting:>12} {mask_vox:>7} {deep_kept:>6.1%} {sup_kept:>6.1%} "

@@ -246,7 +246,8 @@ def test_cli_fieldmap_in_hz_and_ppm(small_dataset, tmp_path):
     np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), atol=1e-5)
     side = json.loads((tmp_path / "Hz/sub-01/ses-01/anat/sub-01_ses-01_Chimap.json")
                       .read_text())
-    assert side["Steps"]["FieldMap"]["Method"] == "total field map given as input"
+    assert side["Steps"]["FieldMap"] == {"Method": "total field map given as input",
+                                         "Source": str(tmp_path / "field_Hz.nii.gz")}
 
 
 def test_cli_fieldmap_errors(small_dataset, tmp_path, capsys):

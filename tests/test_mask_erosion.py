@@ -13,7 +13,8 @@ from scipy import ndimage
 
 from alsiron import qsm
 from alsiron.cli._options import MaskErosion
-from alsiron.qsm.chain import QsmParameters, bfr_input_mask, erosion_depth_mm, erosion_record
+from alsiron.qsm.chain import bfr_input_mask, erosion_depth_mm, erosion_record
+from alsiron.qsm.settings import BackgroundSettings
 
 
 def ellipsoid_erosion_twin(mask: np.ndarray, voxel_size, depth_mm: float) -> np.ndarray:
@@ -126,23 +127,23 @@ def test_erode_mm_rejects_bad_input():
 def test_bfr_input_mask_modes_and_record():
     ball, _ = sphere(30.0, (2.0, 2.0, 2.0), fov_mm=80.0)
     vs = (2.0, 2.0, 2.0)
-    p = QsmParameters()
-    assert p.bfr_erode_mm is None and p.bfr_erode_voxels is None and p.bfr == "pdf"
+    p = BackgroundSettings()
+    assert p.erode_mm is None and p.erode_voxels is None and p.method == "pdf"
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, p), qsm.erode_mm(ball, vs, 4.0))
     assert erosion_record(p, vs)["MaskErosionMm"] == 4.0
-    vsharp = QsmParameters(bfr="vsharp")
+    vsharp = BackgroundSettings(method="vsharp")
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, vsharp), qsm.erode_mm(ball, vs, 6.0))
-    assert erosion_record(QsmParameters(bfr_erode_mm=2.5), vs)["MaskErosionMm"] == 2.5
+    assert erosion_record(BackgroundSettings(erode_mm=2.5), vs)["MaskErosionMm"] == 2.5
     # The default never leaves the outer voxel layer (coarse or thick-slice voxels); an
     # explicit depth is taken as given.
     assert erosion_depth_mm(p, (6.0, 6.0, 6.0)) == 6.0
     assert erosion_depth_mm(p, (1.0, 1.0, 5.0)) == 5.0
     assert erosion_depth_mm(p, (3.0, 3.0, 3.5)) == 4.0
-    assert erosion_depth_mm(QsmParameters(bfr_erode_mm=2.0), (6.0, 6.0, 6.0)) == 2.0
+    assert erosion_depth_mm(BackgroundSettings(erode_mm=2.0), (6.0, 6.0, 6.0)) == 2.0
     coarse, _ = sphere(30.0, (6.0, 6.0, 6.0), fov_mm=90.0)
     np.testing.assert_array_equal(bfr_input_mask(coarse, (6.0,) * 3, p),
                                   ndimage.binary_erosion(coarse))
-    legacy = QsmParameters(bfr_erode_voxels=1)
+    legacy = BackgroundSettings(erode_voxels=1)
     np.testing.assert_array_equal(bfr_input_mask(ball, vs, legacy),
                                   ndimage.binary_erosion(ball))
     rec = erosion_record(legacy, vs)
@@ -153,12 +154,12 @@ def test_bfr_input_mask_modes_and_record():
     noisy_edge[:, :, : ball.shape[2] // 2] = False
     sd[noisy_edge] = 0.05
     sd[ball.shape[0] // 2, ball.shape[1] // 2, ball.shape[2] // 2] = 0.05  # deep: kept
-    trim = QsmParameters(bfr_erode_mm=0.0, bfr_trim_sd_factor=3.0, bfr_trim_band_mm=8.0)
+    trim = BackgroundSettings(erode_mm=0.0, trim_sd_factor=3.0, trim_band_mm=8.0)
     got = bfr_input_mask(ball, vs, trim, field_sd=sd)
     np.testing.assert_array_equal(got, ball & ~noisy_edge)
     assert erosion_record(trim, vs)["ReliabilityTrim"]["FieldSDFactor"] == 3.0
     with pytest.raises(ValueError, match="bfr_trim_sd_factor"):
-        bfr_input_mask(ball, vs, QsmParameters(bfr_trim_sd_factor=0.0), field_sd=sd)
+        bfr_input_mask(ball, vs, BackgroundSettings(trim_sd_factor=0.0), field_sd=sd)
 
 
 @pytest.mark.parametrize("text, parsed", [("4", ("mm", 4.0)), ("4.5mm", ("mm", 4.5)),

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from alsiron.evaluation import stages
-from alsiron.qsm.chain import BFR_METHODS, QsmParameters
+from alsiron.qsm.settings import BFR_METHODS, QsmParameters
 
 LEADER_BFR_LOCAL = 28.1
 LEADER_TOTAL_TO_CHI = 39.1
@@ -55,7 +55,7 @@ def test_common_mask_is_large_enough(session, common):
 
 
 def test_default_bfr_beats_the_background_stage_leader(stage):
-    best = stage[QsmParameters().bfr]
+    best = stage[QsmParameters().background.method]
     assert best.local_nrmse_pct < LEADER_BFR_LOCAL - 1  # measured 24.9 %
     assert best.chi_nrmse_pct < LEADER_TOTAL_TO_CHI - 16  # measured 19.9 %
     assert best.xsim > 0.78  # measured 0.83
@@ -63,8 +63,8 @@ def test_default_bfr_beats_the_background_stage_leader(stage):
 
 
 def test_default_bfr_is_the_most_accurate(stage):
-    default = stage[QsmParameters().bfr]
-    others = [s for m, s in stage.items() if m != QsmParameters().bfr]
+    default = stage[QsmParameters().background.method]
+    others = [s for m, s in stage.items() if m != QsmParameters().background.method]
     # Best local field and best χ outright (χ 19.9 % vs V-SHARP 24.5 % with the default
     # inversion; with the plain TV-ADMM V-SHARP was 2.8 points ahead at 3 mm).
     assert default.local_nrmse_pct <= min(s.local_nrmse_pct for s in others)
@@ -105,7 +105,7 @@ def test_chain_from_phase_beats_the_leader(session, common):
 
 def test_stage_scores_fail_on_a_wrong_field(session, common):
     # Control: the stage score must see a missing background removal (total = local).
-    s = stages.bfr_stage(session, QsmParameters().bfr, eval_mask=common)
+    s = stages.bfr_stage(session, QsmParameters().background.method, eval_mask=common)
     broken = stages._scores("none", session.total_field.astype(np.float32), common,
                                 session, 0.0, None)
     assert broken.local_nrmse_pct > 3 * s.local_nrmse_pct

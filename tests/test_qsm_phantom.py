@@ -274,6 +274,15 @@ def test_rerun_refuses_then_overwrites(dataset, qsm_run, capsys):
     assert main(["qsm", str(dataset / "sub-01"), "--overwrite", "--inversion", "tkd"]) == 0
     side = json.loads((qsm_run / "sub-01_ses-01_Chimap.json").read_text())
     assert side["Steps"]["DipoleInversion"]["Method"] == "TKD"
+    # The phantom's truth is beside the data: the CLI (not the run) compares with it.
+    assert "  vs phantom truth: chi NRMSE " in capsys.readouterr().out
+
+
+def test_truth_is_looked_for_only_beside_phantom_data(dataset, tmp_path):
+    assert evaluate.has_truth(dataset, {"sub": "01", "ses": "01"})
+    assert not evaluate.has_truth(dataset, {"sub": "02", "ses": "01"})
+    assert not evaluate.has_truth(tmp_path, {"sub": "01"})
+    assert evaluate.load_truth(tmp_path, {"sub": "01"}) is None
 
 
 def test_interrupted_run_leaves_no_partial_files(dataset, tmp_path, monkeypatch, capsys):
@@ -445,4 +454,5 @@ def test_reference_region_from_a_label_image(dataset, tmp_path):
     # mean of the region-referenced map is minus that offset.
     np.testing.assert_allclose(chi[mask].mean(), -ref["RegionMeanVsWholeBrain_ppm"], atol=1e-5)
     assert ref["RegionVoxels"] == int(region.sum()) and ref["RegionSDVsWholeBrain_ppm"] > 0
+    assert ref["Source"] == f"{dseg} label {csf}"
     assert main(["qsm", str(dataset / "sub-01"), "--reference-label", "4"]) != 0

@@ -18,7 +18,7 @@ from alsiron import qsm
 from alsiron.evaluation import stages
 from alsiron.evaluation.truth import score_chi
 from alsiron.qsm import inversion
-from alsiron.qsm.chain import QsmParameters
+from alsiron.qsm.settings import QsmParameters
 
 PUBLISHED_DIPOLE_LEADER_NRMSE = 26.5
 
@@ -75,7 +75,7 @@ def test_dipole_stage_metrics(phantom_case):
     assert 0.9 < medi["DeepGreySlope"] < 1.1
     assert medi["XSIM"] > 0.9
     # The chain's default (TV-ADMM with the masked data term) beats the leader too.
-    default = scores[QsmParameters().inversion]
+    default = scores[QsmParameters().inversion.method]
     assert default["NRMSE_pct"] < PUBLISHED_DIPOLE_LEADER_NRMSE - 5
     assert 0.9 < default["DeepGreySlope"] < 1.1
     assert default["NRMSE_pct"] < scores["tvadmm"]["NRMSE_pct"] - 10
@@ -156,7 +156,7 @@ def test_chain_default_is_ahead_of_tv_admm_rts_and_medi():
     # 0.58 (docs/qsm_stages.md "Default of the chain"). Margins: 2 points on the lead
     # over TV-ADMM (measured 4.2 / 7.7), 10 on RTS and MEDI in the own mask.
     session = stages.simulate(stages.CASES["64-3mm"])
-    assert QsmParameters().inversion == "tvmasked"
+    assert QsmParameters().inversion.method == "tvmasked"
     methods = [("tvadmm", None), ("rts", None), ("medi", None)]
     default, tv, rts, medi = stages.chain_inversions(session, methods)
     assert default.chi_nrmse_pct < 68.3 - 1  # the phase → χ leader, rim included

@@ -38,7 +38,7 @@ from alsiron.volume import MegreSeries
                    "background jointly "
                    "(FANSI-style weak-harmonic term).")
 @click.option("--bfr", type=method_choice(qsm_chain.BFR_METHODS,
-                                          first=qsm_chain.QsmParameters().bfr), default=None,
+                                          first=qsm_chain.QsmParameters().background.method), default=None,
               help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
 @click.option("--unwrapping", type=method_choice(qsm_chain.UNWRAPPING_METHODS),
               default=None, help="Phase unwrapping (default: the workflow's, see "
@@ -148,36 +148,47 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
                    phase_quality_threshold: float | None) -> qsm_chain.QsmParameters:
     """The chain's parameters from the algorithm options (None: the chain's default),
     refusing combinations that contradict each other (``click.UsageError``)."""
-    params = qsm_chain.QsmParameters()
+    # Options → the sidecar's flat parameter keys (QsmParameters.from_flat).
+    flat = qsm_chain.QsmParameters().to_flat()
     if inversion is not None:
-        params.inversion = inversion
+        flat["inversion"] = inversion
     if weak_harmonic:
         if inversion is None:
-            params.inversion = "tvadmm"  # the weak-harmonic term is a TV-ADMM option
-        if params.inversion != "tvadmm":
+            flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option
+        if flat["inversion"] != "tvadmm":
             raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
-        params.tv_weak_harmonic = True
+        flat["tv_weak_harmonic"] = True
     if bfr is not None:
-        params.bfr = bfr
+        flat["bfr"] = bfr
     if unwrapping is not None:
-        params.unwrapping = unwrapping
+        flat["unwrapping"] = unwrapping
     if brain_mask_method is not None:
-        params.brain_mask_method = brain_mask_method
+        flat["brain_mask_method"] = brain_mask_method
     if bet_f is not None:
-        if params.brain_mask_method != "bet":
+        if flat["brain_mask_method"] != "bet":
             raise click.UsageError("--bet-f goes with --brain-mask bet")
-        params.bet_f = bet_f
+        flat["bet_f"] = bet_f
     if (brain_mask_method is not None or bet_f is not None) and mask_path is not None:
         raise click.UsageError("--mask gives the brain mask; drop --brain-mask/--bet-f")
     if mask_erode is not None:
         unit, amount = mask_erode
         if unit == "vox":
-            params.bfr_erode_voxels = int(amount)
+            flat["bfr_erode_voxels"] = int(amount)
         else:
-            params.bfr_erode_mm = float(amount)
+            flat["bfr_erode_mm"] = float(amount)
     if phase_quality_threshold is not None:
-        params.residual_threshold = phase_quality_threshold
-    return params
+        flat["residual_threshold"] = phase_quality_threshold
+    return qsm_chain.QsmParameters.from_flat(flat)
+
+
+def _phantom_truth(oc: pipeline.SessionOutcome) -> dict[str, str] | None:
+    """Accuracy of a session's maps vs the ground truth that ``alsiron phantom`` writes
+    beside its data; None (nothing evaluated) for real data."""
+    from alsiron.evaluation import truth
+
+    if not truth.has_truth(oc.dataset_root, oc.entities):
+        return None
+    return truth.compare_with_truth(oc.result, oc.dataset_root, oc.entities)
 
 
 def _echo_outcome(oc: pipeline.SessionOutcome) -> bool:
@@ -186,8 +197,9 @@ def _echo_outcome(oc: pipeline.SessionOutcome) -> bool:
         click.echo("", err=True)
     click.echo(_summary(oc.label, oc.series, oc.result, oc.seconds, len(oc.written),
                         oc.out_root))
-    if oc.truth:
-        click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in oc.truth.items()))
+    truth = _phantom_truth(oc)
+    if truth:
+        click.echo("  vs phantom truth: " + ", ".join(f"{k} {v}" for k, v in truth.items()))
     if oc.roi_error is not None:
         click.echo(f"alsiron: warning: {oc.label}: motor-cortex indices skipped: "
                    f"{oc.roi_error}", err=True)
@@ -208,7 +220,7 @@ def _list_methods(ctx: click.Context) -> None:
     default = qsm_chain.QsmParameters()
     lines = [
         "phase unwrapping (--unwrapping): " + ", ".join(
-            f"{k}{' (default)' if k == default.unwrapping else ''}"
+            f"{k}{' (default)' if k == default.field.unwrapping else ''}"
             for k in qsm_chain.UNWRAPPING_METHODS)
         + " | --phase-unwrapped | --fieldmap FILE",
         "phase offsets    : MCPC-3D-S (romeo, laplacian); echo differences (echodiff)",
@@ -217,9 +229,9 @@ def _list_methods(ctx: click.Context) -> None:
         "brain mask       : bet (deformable surface, default; --bet-f) | otsu (threshold + "
         "morphology) [--brain-mask] | --mask FILE",
         "background (--bfr): " + ", ".join(
-            f"{k}{' (default)' if k == default.bfr else ''}" for k in qsm_chain.BFR_METHODS),
+            f"{k}{' (default)' if k == default.background.method else ''}" for k in qsm_chain.BFR_METHODS),
         "inversion (--inversion): " + ", ".join(
-            f"{k}{' (default)' if k == default.inversion else ''}"
+            f"{k}{' (default)' if k == default.inversion.method else ''}"
             for k in INVERSION_METHODS) + "; tvadmm --weak-harmonic",
         "reference        : whole-brain mean (default) | --reference-mask FILE "
         "[--reference-label N]",

@@ -154,7 +154,8 @@ def _scores(method: str, local: np.ndarray, valid: np.ndarray, session: PhantomS
     p = params or QsmParameters()
     truth = truth_of(session)
     valid = valid.astype(bool) & truth.brain_mask
-    chi, _ = invert(local, valid, session.voxel_size, tuple(session.b0_direction), p)
+    chi, _ = invert(local, valid, session.voxel_size, tuple(session.b0_direction),
+                    p.inversion)
     chi = qsm.reference_to_mean(chi, valid)
     scored = valid if eval_mask is None else valid & eval_mask.astype(bool)
     s = score_chi(chi, scored, truth)
@@ -213,16 +214,16 @@ def bfr_stage(session: PhantomSession, method: str, *, erode_mm: float | None = 
     import time
     from dataclasses import replace
 
-    from alsiron.qsm.chain import QsmParameters, default_vsharp_radii, remove_background
+    from alsiron.qsm.chain import QsmParameters, remove_background, vsharp_radii
 
-    p = replace(params or QsmParameters(), bfr=method)
+    base = params or QsmParameters()
+    p = replace(base, background=replace(base.background, method=method))
     mask = stage_input_mask(session, erode_mm)
     series = series_of(session)
-    radii = (default_vsharp_radii(series.voxel_size) if p.vsharp_radii_mm is None
-             else list(p.vsharp_radii_mm))
+    radii = vsharp_radii(p.background, series.voxel_size)
     t0 = time.perf_counter()
     local, valid, _ = remove_background(session.total_field.astype(np.float32), mask, series,
-                                        p, radii)
+                                        p.background, radii)
     seconds = time.perf_counter() - t0
     return _scores(method, local, valid.astype(bool), session, seconds, p, eval_mask)
 
@@ -232,19 +233,18 @@ def common_mask(session: PhantomSession, methods: list[str], *, erode_mm: float 
     """Intersection of the valid masks of ``methods`` (from the true total field)."""
     from dataclasses import replace
 
-    from alsiron.qsm.chain import QsmParameters, default_vsharp_radii, remove_background
+    from alsiron.qsm.chain import QsmParameters, remove_background, vsharp_radii
 
-    base = params or QsmParameters()
+    base = (params or QsmParameters()).background
     mask = stage_input_mask(session, erode_mm)
     series = series_of(session)
     out = mask.copy()
     for method in methods:
-        p = replace(base, bfr=method)
-        radii = (default_vsharp_radii(series.voxel_size) if p.vsharp_radii_mm is None
-                 else list(p.vsharp_radii_mm))
+        s = replace(base, method=method)
+        radii = vsharp_radii(s, series.voxel_size)
         if method in ("ismv", "vsharp", "lbv"):
             _, valid, _ = remove_background(session.total_field.astype(np.float32), mask,
-                                            series, p, radii)
+                                            series, s, radii)
             out &= valid.astype(bool)
     return out
 
@@ -268,7 +268,7 @@ def phase_chain(session: PhantomSession, params=None,
     chi = np.nan_to_num(result.chi.data)
     s = score_chi(chi, mask, truth)
     local = np.nan_to_num(result.local_field.data)
-    return StageScores(method=f"{p.unwrapping}+{p.bfr}+{p.inversion}",
+    return StageScores(method=f"{p.field.unwrapping}+{p.background.method}+{p.inversion.method}",
                        local_nrmse_pct=metrics.nrmse(local, session.local_field, mask),
                        chi_nrmse_pct=s["NRMSE_pct"], chi_hfen_pct=s["HFEN_pct"],
                        xsim=s["XSIM"], deep_grey_slope=s.get("DeepGreySlope", float("nan")),
@@ -324,7 +324,7 @@ def chain_inversions(session: PhantomSession, methods: list[tuple[str, Any]],
                            deep_grey_r2=s.get("DeepGreyR2", float("nan")),
                            mask_voxels=int(scored.sum()), seconds=secs)
 
-    rows = [row(f"chain default ({p.inversion})", np.nan_to_num(result.chi.data), seconds)]
+    rows = [row(f"chain default ({p.inversion.method})", np.nan_to_num(result.chi.data), seconds)]
     for method, settings in methods:
         t0 = time.perf_counter()
         chi, record = inversion.invert(method, local, qsm_mask,

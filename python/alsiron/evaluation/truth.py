@@ -36,16 +36,27 @@ def _truth_file(folder: Path, stem: str, tail: str) -> Path:
     return folder / f"{stem}_{tail}.nii.gz"
 
 
-def load_truth(dataset_root: Path, entities: dict[str, str]) -> PhantomTruth | None:
-    """Load the phantom truth for a session, or None when the dataset has none."""
+def _truth_place(dataset_root: Path, entities: dict[str, str]) -> tuple[Path, str]:
+    """Folder and file-name stem of a session's phantom truth."""
     folder = Path(dataset_root) / "derivatives" / "phantom" / f"sub-{entities['sub']}"
     if "ses" in entities:
         folder = folder / f"ses-{entities['ses']}"
-    folder = folder / "anat"
     stem = "_".join(f"{k}-{v}" for k, v in entities.items() if k in ("sub", "ses"))
-    chi_p = _truth_file(folder, stem, "Chimap")
-    if not chi_p.is_file():
+    return folder / "anat", stem
+
+
+def has_truth(dataset_root: Path, entities: dict[str, str]) -> bool:
+    """Whether the session has the ground truth that ``alsiron phantom`` writes beside
+    its data (real data never has)."""
+    folder, stem = _truth_place(dataset_root, entities)
+    return _truth_file(folder, stem, "Chimap").is_file()
+
+
+def load_truth(dataset_root: Path, entities: dict[str, str]) -> PhantomTruth | None:
+    """Load the phantom truth for a session, or None when the dataset has none."""
+    if not has_truth(dataset_root, entities):
         return None
+    folder, stem = _truth_place(dataset_root, entities)
 
     def load(tail: str) -> np.ndarray:
         return np.asarray(nib.load(str(_truth_file(folder, stem, tail))).dataobj)

@@ -92,8 +92,10 @@ class SessionOutcome:
         Map files written.
     seconds : float
         Wall time of the map-making chain.
-    truth : dict
-        Phantom-truth comparison (empty for real data).
+    dataset_root : Path
+        BIDS dataset the series came from.
+    entities : dict
+        BIDS entities of the series (``sub``, ``ses``, ...).
     indices : MotorCortexIndices or None
         None when skipped or failed (then ``roi_error`` says why).
     roi_written : list of Path
@@ -116,7 +118,8 @@ class SessionOutcome:
     result: workflow.SessionResult
     written: list[Path]
     seconds: float
-    truth: dict[str, Any]
+    dataset_root: Path
+    entities: dict[str, str]
     indices: Any = None
     roi_written: list[Path] = field(default_factory=list)
     roi_seconds: float = 0.0
@@ -207,8 +210,6 @@ def run_qsm_subject(
         the maps stay, the outcome's ``roi_error`` says why and the record is marked
         ``qc_status="fail"``.
     """
-    from alsiron.evaluation.truth import compare_with_truth
-
     opts = options or QsmRunOptions()
     say = announce or (lambda _msg: None)
     sessions = ingest.find_sessions(subj_dir)
@@ -244,30 +245,33 @@ def run_qsm_subject(
                                            negate_phase=opts.negate_phase,
                                            phase_unwrapped=opts.phase_unwrapped)
                 user_mask = ref_region = user_field = None
+                sources: dict[str, str] = {}  # files given in place of chain steps
                 if opts.mask_path is not None:
                     user_mask = ingest.load_mask(opts.mask_path, series)
-                    series.metadata["BrainMaskSource"] = str(opts.mask_path)
+                    sources["brain_mask"] = str(opts.mask_path)
                 if opts.reference_mask is not None:
                     ref_region = ingest.load_mask(opts.reference_mask, series,
                                                   label=opts.reference_label)
-                    series.metadata["ReferenceSource"] = (
+                    sources["reference"] = (
                         str(opts.reference_mask) if opts.reference_label is None
                         else f"{opts.reference_mask} label {opts.reference_label}")
                 if opts.fieldmap_path is not None:
                     user_field = ingest.load_fieldmap(opts.fieldmap_path, series)
-                    series.metadata["FieldMapSource"] = str(opts.fieldmap_path)
+                    sources["field_map"] = str(opts.fieldmap_path)
                 t0 = time.perf_counter()
                 result = workflow.process_series(series, opts.params, brain_mask=user_mask,
                                                  reference_mask=ref_region,
                                                  phase_unwrapped=opts.phase_unwrapped,
-                                                 total_field_ppm=user_field, progress=progress,
+                                                 total_field_ppm=user_field,
+                                                 input_sources=workflow.InputSources(**sources),
+                                                 progress=progress,
                                                  iteration_progress=iteration_progress)
                 written = derivatives.write_maps(plan, result.derivative_maps(),
                                                  result.provenance, overwrite=opts.overwrite)
                 outcome = SessionOutcome(
                     label=label, out_root=out_root, series=series, result=result,
-                    written=written, seconds=time.perf_counter() - t0,
-                    truth=compare_with_truth(result, root, plan.entities))
+                    written=written, seconds=time.perf_counter() - t0, dataset_root=root,
+                    entities=plan.entities)
                 record = session_record(series, plan.entities, root, result.provenance)
                 if opts.roi is not None:
                     t0 = time.perf_counter()

@@ -1,0 +1,111 @@
+"""The QSM settings model: sections with today's defaults, and the sidecar's flat
+``Parameters`` (same keys, values, types and order as the sidecars written before the
+sections existed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from alsiron.qsm.settings import (
+    PARAMETER_KEYS,
+    BackgroundSettings,
+    FieldSettings,
+    InversionSettings,
+    MaskSettings,
+    QsmParameters,
+    R2starSettings,
+)
+
+#: ``Parameters`` of a default run's Chimap sidecar, written by the flat QsmParameters
+#: (commit 9d6faf6, ``alsiron qsm`` on the output-manifest phantom).
+SIDECAR_PARAMETERS = {
+    "brain_mask_method": "bet", "bet_f": 0.5, "mask_opening_voxels": 2,
+    "residual_threshold": 0.5, "bfr_erode_mm": None, "bfr_erode_voxels": None,
+    "bfr_trim_sd_factor": None, "bfr_trim_band_mm": 6.0, "vsharp_radii_mm": None,
+    "vsharp_threshold": 0.05, "bfr": "pdf", "pdf_tol": 0.003, "pdf_max_iter": 100,
+    "pdf_pad_voxels": 16, "ismv_radius_mm": None, "ismv_tol": 0.001, "ismv_max_iter": 500,
+    "lbv_tol": 0.0001, "lbv_max_iter": 2000, "inversion": "tvmasked", "tkd_threshold": 0.19,
+    "tv_alpha": 0.0007, "tv_mu": 0.07, "tv_max_iter": 200, "tv_tol": 0.001,
+    "tikhonov_lambda": 0.02, "ilsqr_tol": 0.01, "ilsqr_max_iter": 50, "ilsqr_streaking": True,
+    "ilsqr_ill_threshold": 0.1, "ilsqr_streak_tol": 0.01, "ilsqr_streak_max_iter": 50,
+    "tv_weak_harmonic": False, "wh_alpha": 0.0001, "wh_beta": 1000.0, "wh_mu": 1.0,
+    "masked_tv_alpha": 0.0007, "masked_tv_mu_gradient": 0.14, "masked_tv_mu_data": 0.1,
+    "masked_tv_max_iter": 200, "masked_tv_tol": 0.02, "medi_alpha": 0.0001,
+    "medi_edge_fraction": 0.3, "medi_mu_gradient": 0.1, "medi_mu_data": 1.0,
+    "medi_max_iter": 200, "medi_tol": 0.001, "medi_nonlinear": True,
+    "medi_alpha_rule": "noise", "medi_noise_factor": 0.3, "rts_delta": 0.15,
+    "rts_mu": 100000.0, "rts_rho": 10.0, "rts_max_iter": 20, "rts_tol": 0.01,
+    "rts_lsqr_iter": 16, "ndi_lambda": 0.001, "ndi_step": 2.0, "ndi_max_iter": 200,
+    "ndi_tol": 0.001, "r2star_weighted": True, "unwrapping": "romeo", "complex_fit": True,
+}
+
+
+def _varied() -> QsmParameters:
+    """Parameters that differ from the defaults in every section."""
+    return QsmParameters(
+        mask=MaskSettings(method="otsu", bet_f=0.3, opening_voxels=3),
+        field=FieldSettings(unwrapping="laplacian", complex_fit=False, residual_threshold=0.7),
+        background=BackgroundSettings(method="vsharp", erode_voxels=2, trim_sd_factor=3.0,
+                                      vsharp_radii_mm=(12.0, 6.0, 3.0), lbv_max_iter=10),
+        inversion=InversionSettings(method="medi", medi_alpha=2e-4, tv_weak_harmonic=True),
+        r2star=R2starSettings(weighted=False))
+
+
+def test_flat_parameters_are_todays_sidecar():
+    flat = QsmParameters().to_flat()
+    assert flat == SIDECAR_PARAMETERS
+    assert list(flat) == list(SIDECAR_PARAMETERS) == list(PARAMETER_KEYS)
+    # 1000.0 and 1000 differ in the JSON text.
+    assert {k: type(v) for k, v in flat.items()} == {
+        k: type(v) for k, v in SIDECAR_PARAMETERS.items()}
+    assert json.dumps(flat) == json.dumps(SIDECAR_PARAMETERS)
+
+
+def test_every_section_field_has_one_flat_key():
+    n_fields = sum(len(dataclasses.fields(getattr(QsmParameters(), s.name)))
+                   for s in dataclasses.fields(QsmParameters))
+    assert n_fields == len(PARAMETER_KEYS) == len(set(PARAMETER_KEYS))
+
+
+@pytest.mark.parametrize("params", [QsmParameters(), _varied()])
+def test_from_flat_inverts_to_flat(params):
+    assert QsmParameters.from_flat(params.to_flat()) == params
+    assert QsmParameters.from_flat(dict(reversed(params.to_flat().items()))) == params
+
+
+def test_from_flat_of_some_keys_keeps_the_other_defaults():
+    p = QsmParameters.from_flat({"bfr": "lbv", "inversion": "tkd", "bfr_erode_mm": 2.0})
+    assert p.background == BackgroundSettings(method="lbv", erode_mm=2.0)
+    assert p.inversion == InversionSettings(method="tkd")
+    assert (p.mask, p.field, p.r2star) == (MaskSettings(), FieldSettings(), R2starSettings())
+    assert QsmParameters.from_flat({}) == QsmParameters()
+    with pytest.raises(ValueError, match="'bfr_method'"):
+        QsmParameters.from_flat({"bfr_method": "pdf"})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: MaskSettings(method="fsl"), "unknown brain-mask method 'fsl'"),
+    (lambda: FieldSettings(unwrapping="prelude"), "unknown phase unwrapping 'prelude'"),
+    (lambda: BackgroundSettings(method="sharp"), "unknown background-field removal 'sharp'"),
+    (lambda: BackgroundSettings(erode_voxels=-1), "bfr_erode_voxels must be >= 0"),
+    (lambda: BackgroundSettings(trim_sd_factor=2.0, trim_band_mm=-1.0),
+     "bfr_trim_sd_factor must be > 0"),
+    (lambda: InversionSettings(method="qsmnet"), "unknown dipole inversion 'qsmnet'"),
+    (lambda: dataclasses.replace(BackgroundSettings(), method="sharp"),
+     "unknown background-field removal"),
+    (lambda: QsmParameters.from_flat({"inversion": "qsmnet"}), "unknown dipole inversion"),
+])
+def test_sections_check_their_values_on_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_sections_are_frozen():
+    p = QsmParameters()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.inversion.method = "tkd"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.background = BackgroundSettings()  # type: ignore[misc]
