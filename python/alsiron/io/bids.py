@@ -22,6 +22,7 @@ import numpy as np
 
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.errors import InputError
+from alsiron.grid import voxel_size_from_affine
 from alsiron.volume import MegreSeries, MeseSeries
 
 log = logging.getLogger("alsiron")
@@ -292,12 +293,6 @@ def b0_direction_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     b = nearest.T @ np.array([0.0, 0.0, 1.0])
     b /= np.linalg.norm(b)
     return (float(b[0]), float(b[1]), float(b[2]))
-
-
-def voxel_size_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel edge lengths in mm along the array axes."""
-    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
 
 
 def phase_to_radians(values: np.ndarray, raw: np.ndarray | None,
