@@ -24,7 +24,13 @@ from alsiron.volume import MegreSeries, MeseSeries, Volume
 
 log = logging.getLogger("alsiron")
 
-__all__ = ["RelaxParameters", "RelaxResult", "process_relax", "r2prime"]
+#: Brain mask of the relaxometry fits: Otsu threshold + opening of the echo-1 magnitude,
+#: not the package default (:data:`alsiron.field.brain_mask.DEFAULT_BRAIN_MASK_METHOD`,
+#: BET) that ``alsiron qsm`` uses: the two commands' masks differ (a later issue may
+#: align them; that changes the relax outputs).
+RELAX_BRAIN_MASK_METHOD = "otsu"
+
+__all__ = ["RELAX_BRAIN_MASK_METHOD", "RelaxParameters", "RelaxResult", "process_relax", "r2prime"]
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,8 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
     p = params or RelaxParameters()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    brain = bm.brain_mask(megre.magnitude[0], erode_voxels=p.mask_opening_voxels)
+    brain = bm.brain_mask(megre.magnitude[0], method=RELAX_BRAIN_MASK_METHOD,
+                          erode_voxels=p.mask_opening_voxels)
     if not brain.any():
         raise ValueError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0

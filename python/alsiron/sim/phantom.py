@@ -27,6 +27,7 @@ import numpy as np
 import scipy.fft
 
 import alsiron
+from alsiron.arrays import as_voxel_size
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.io.atomic import save_json, save_nifti, save_text
 from alsiron.sim.geometry import head_labels
@@ -212,18 +213,17 @@ class PhantomSession:
 # --------------------------------------------------------------------------- geometry
 
 
-def _as_triple(value: float | tuple[float, float, float] | list[float], name: str,
-               kind: type) -> tuple:
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    if arr.shape == (1,):
-        arr = np.repeat(arr, 3)
-    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be one positive number or three, got {value!r}")
-    if kind is int:
-        if np.any(arr != np.round(arr)) or np.any(arr < 8):
-            raise ValueError(f"{name} must be whole numbers >= 8, got {value!r}")
-        return tuple(int(v) for v in arr)
-    return tuple(float(v) for v in arr)
+def _one_or_three(value: float | tuple[float, float, float] | list[float], name: str
+                  ) -> tuple[float, float, float]:
+    return as_voxel_size(value, name, one_for_all=True,
+                         message=f"{name} must be one positive number or three, got {value!r}")
+
+
+def _as_matrix(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+    arr = np.asarray(_one_or_three(value, "matrix"))
+    if np.any(arr != np.round(arr)) or np.any(arr < 8):
+        raise ValueError(f"matrix must be whole numbers >= 8, got {value!r}")
+    return (int(arr[0]), int(arr[1]), int(arr[2]))
 
 
 def rotation_to_b0(b0_direction: np.ndarray) -> np.ndarray:
@@ -425,8 +425,8 @@ def simulate_subject(
     -------
     PhantomSession
     """
-    matrix3 = _as_triple(matrix, "matrix", int)
-    voxel3 = _as_triple(voxel_size, "voxel_size", float)
+    matrix3 = _as_matrix(matrix)
+    voxel3 = _one_or_three(voxel_size, "voxel_size")
     tes = np.asarray(echo_times, np.float64)
     if tes.ndim != 1 or tes.size < 1 or np.any(~np.isfinite(tes)) or np.any(tes <= 0) \
             or np.any(np.diff(tes) <= 0):
