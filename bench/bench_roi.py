@@ -3,7 +3,7 @@
 The subject is the head phantom (96³ at 2 mm, upsampled to 1 mm = 192³ for the full run;
 64³ at 3 mm with ``quick``).  Rows:
 
-* label route: :func:`alsiron.motor.masks.masks_from_labels` from the phantom's labels;
+* label route: :func:`alsiron.motor.labels.masks_from_labels` from the phantom's labels;
 * atlas route: the bundled MNI152 template + Harvard-Oxford atlas registered to the
   phantom magnitude (dipy affine + SyN on the tissue index), warped and restricted to
   grey matter — the phantom is an ellipsoidal head, so the registration quality is not
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import row  # noqa: E402
 
-from alsiron.motor import masks as mk  # noqa: E402
+from alsiron.grid import resample_to_grid  # noqa: E402
+from alsiron.motor import atlas, labels  # noqa: E402
 from alsiron.motor.indices import motor_cortex_indices  # noqa: E402
 from alsiron.motor.registration import RegistrationParameters  # noqa: E402
 from alsiron.sim.phantom import simulate_subject  # noqa: E402
@@ -73,16 +74,16 @@ def run(quick: bool = False) -> list[dict]:
     label = "x".join(map(str, shape)) + (" 3mm" if quick else " 1mm")
     lut = dict(enumerate(TISSUES.names))
     rows = []
-    t, gb, masks = _timed(lambda: mk.masks_from_labels(
+    t, gb, masks = _timed(lambda: labels.masks_from_labels(
         subj["labels"], subj["affine"], lut, shape, subj["affine"], brain=subj["brain"]))
     rows.append(row(f"roi: label-route masks (peak {gb:.2f} GB)", label, t, float("nan"),
                     n_vox))
     t, gb, _ = _timed(lambda: motor_cortex_indices(masks, chi=subj["chi"],
                                                    r2star=subj["r2star"]))
     rows.append(row(f"roi: indices chi+R2* (peak {gb:.2f} GB)", label, t, float("nan"), n_vox))
-    template = mk.load_bundled_atlas("ho")
+    template = atlas.load_bundled_atlas("ho")
     params = RegistrationParameters(min_similarity=0.0)
-    t, gb, atlas_masks = _timed(lambda: mk.masks_from_atlas(
+    t, gb, atlas_masks = _timed(lambda: atlas.masks_from_atlas(
         subj["magnitude"], subj["affine"], subj["brain"], template=template,
         registration_params=params))
     reg = atlas_masks.provenance["Registration"]
@@ -92,14 +93,14 @@ def run(quick: bool = False) -> list[dict]:
     # A real brain: the MNI template itself as a 1 mm T1w "subject" after a known affine.
     t1w, t1w_affine = _moved_template(template, quick)
     t1w_label = "x".join(map(str, t1w.shape)) + (" 3mm T1w" if quick else " 1mm T1w")
-    t, gb, t1w_masks = _timed(lambda: mk.masks_from_atlas(
+    t, gb, t1w_masks = _timed(lambda: atlas.masks_from_atlas(
         t1w, t1w_affine, t1w > 0, template=template, subject_contrast="t1w"))
     reg = t1w_masks.provenance["Registration"]
     # Truth: the atlas moved by the known affine, in the subject's grey-matter class.
-    classes, _ = mk.tissue_classes(t1w, t1w > 0, contrast="t1w")
+    classes, _ = atlas.tissue_classes(t1w, t1w > 0, contrast="t1w")
     shape1 = t1w.shape
-    p_l = mk.resample_to_grid(template.left, template.maps_affine, shape1, t1w_affine)
-    p_r = mk.resample_to_grid(template.right, template.maps_affine, shape1, t1w_affine)
+    p_l = resample_to_grid(template.left, template.maps_affine, shape1, t1w_affine)
+    p_r = resample_to_grid(template.right, template.maps_affine, shape1, t1w_affine)
     truth = (np.maximum(p_l, p_r) >= template.threshold) & (classes == 2)
     got = t1w_masks.precentral
     dice = 2.0 * float((got & truth).sum()) / float(got.sum() + truth.sum())
@@ -111,7 +112,7 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-def _moved_template(template: mk.AtlasTemplate, quick: bool) -> tuple[np.ndarray, np.ndarray]:
+def _moved_template(template: atlas.AtlasTemplate, quick: bool) -> tuple[np.ndarray, np.ndarray]:
     """The template resampled on a subject-like grid (1 mm, or 3 mm with ``quick``) after
     a rotation of 5° about x and a shift of (3, -4, 5) mm."""
     vox = 3.0 if quick else 1.0
@@ -121,7 +122,7 @@ def _moved_template(template: mk.AtlasTemplate, quick: bool) -> tuple[np.ndarray
     affine = np.eye(4)
     affine[:3, :3] = rot * vox
     affine[:3, 3] = -(rot * vox) @ ((np.array(shape) - 1) / 2.0) + np.array([3.0, -22.0, 15.0])
-    image = mk.resample_to_grid(template.image, template.affine, shape, affine, order=1)
+    image = resample_to_grid(template.image, template.affine, shape, affine, order=1)
     return np.where(image > 1.0, image, 0.0).astype(np.float32), affine
 
 

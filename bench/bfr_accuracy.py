@@ -74,7 +74,8 @@ def load(root: Path):
     local_true = np.asarray(nib.load(str(anat / f"{stem}_desc-local_fieldmap.nii.gz")).dataobj,
                             np.float32)
     p = QsmParameters()
-    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p.mask.opening_voxels)
+    brain = bm.brain_mask(series.magnitude[0], method="otsu",
+                          erode_voxels=p.mask.opening_voxels)
     fm = fieldmap.fit_multi_echo_field(series.magnitude, series.phase, series.echo_times, brain,
                                        field_strength=series.field_strength)
     quality = brain & np.isfinite(fm.residual) & (fm.residual <= p.field.residual_threshold)

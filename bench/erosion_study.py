@@ -84,7 +84,8 @@ def run_phantom(matrix, voxel, b0, seed: int, params: dict[str, QsmParameters]
     truth = truth_of(ses)
     vsz = series.voxel_size
     p0 = QsmParameters()
-    brain = bm.brain_mask(series.magnitude[0], erode_voxels=p0.mask.opening_voxels)
+    brain = bm.brain_mask(series.magnitude[0], method="otsu",
+                          erode_voxels=p0.mask.opening_voxels)
     fm = fieldmap.estimate_field(series.magnitude, series.phase, series.echo_times, brain,
                                  field_strength=series.field_strength,
                                  unwrapping=p0.field.unwrapping, complex_fit=p0.field.complex_fit,

@@ -10,7 +10,8 @@ import pytest
 from scipy import ndimage
 
 from alsiron.errors import RegistrationError
-from alsiron.motor import masks as mk
+from alsiron.grid import world_coordinates
+from alsiron.motor import atlas
 from alsiron.motor.indices import motor_cortex_indices, trimmed_voxels
 from alsiron.motor.registration import RegistrationParameters
 from alsiron.sim.phantom import simulate_subject
@@ -23,7 +24,7 @@ def _deformation(shape, affine):
     ang = np.deg2rad(6.0)
     rot = 1.04 * np.array([[1, 0, 0], [0, np.cos(ang), -np.sin(ang)],
                            [0, np.sin(ang), np.cos(ang)]])
-    xyz = mk.world_coordinates(shape, affine).reshape(3, -1).astype(np.float64)
+    xyz = world_coordinates(shape, affine).reshape(3, -1).astype(np.float64)
     q = rot @ xyz + np.array([4.0, -5.0, 3.0])[:, None]
     q[0] += 3.0 * np.sin(2 * np.pi * xyz[2] / 120.0)
     q[1] += 3.0 * np.sin(2 * np.pi * xyz[0] / 100.0)
@@ -37,7 +38,7 @@ def case():
     mag = s.magnitude[0]
     pre = np.isin(s.labels, PRECENTRAL_LABELS)
     left = np.isin(s.labels, [LABELS["precentral_L_superficial"], LABELS["precentral_L_deep"]])
-    template = mk.AtlasTemplate(
+    template = atlas.AtlasTemplate(
         image=np.where(s.brain_mask, mag, 0.0).astype(np.float32), affine=s.affine,
         contrast="gre", left=left.astype(np.float32), right=(pre & ~left).astype(np.float32),
         control=np.zeros(mag.shape, np.float32), maps_affine=s.affine, threshold=0.5,
@@ -51,7 +52,7 @@ def case():
     subject = {"magnitude": warp(mag, 1), "brain": warp(s.brain_mask, 0) > 0.5,
                "precentral": warp(pre, 0) > 0.5, "r2star": warp(s.r2star, 1),
                "chi": warp(s.chi, 1)}
-    masks = mk.masks_from_atlas(subject["magnitude"], s.affine, subject["brain"],
+    masks = atlas.masks_from_atlas(subject["magnitude"], s.affine, subject["brain"],
                                 template=template)
     return s, template, subject, masks
 
@@ -89,27 +90,27 @@ def test_registration_failure_is_reported(case):
     noise = rng.uniform(0, 1, subject["magnitude"].shape).astype(np.float32)
     quick = RegistrationParameters(affine_iters=(10,), syn_iters=(5,))
     with pytest.raises(RegistrationError, match="did not converge"):
-        mk.masks_from_atlas(noise, s.affine, subject["brain"], template=template,
+        atlas.masks_from_atlas(noise, s.affine, subject["brain"], template=template,
                             registration_params=quick, magnitude_name="noise.nii.gz")
 
 
 def test_bundled_atlas_is_found():
-    tpl = mk.load_bundled_atlas("ho")
+    tpl = atlas.load_bundled_atlas("ho")
     assert tpl.image.shape == (182, 218, 182)
     # Harvard-Oxford precentral gyrus at >= 25 %: about 40 mL per side (1 mm voxels).
     vol_left = float((tpl.left >= tpl.threshold).sum()) / 1000.0
     assert 30.0 < vol_left < 50.0
-    world = mk.world_coordinates(tpl.left.shape, tpl.maps_affine)
+    world = world_coordinates(tpl.left.shape, tpl.maps_affine)
     sel = tpl.left >= tpl.threshold
     assert world[0][sel].mean() < 0 < world[0][tpl.right >= tpl.threshold].mean()
 
 
 def test_bundled_juelich_motor_cortex():
-    tpl = mk.load_bundled_atlas("juelich")
+    tpl = atlas.load_bundled_atlas("juelich")
     sel = tpl.left >= tpl.threshold
     # BA4a + BA4p at >= 25 %: about 30 mL per side, behind the HO gyrus centre, high up.
     assert 20.0 < sel.sum() / 1000.0 < 40.0
-    world = mk.world_coordinates(tpl.left.shape, tpl.maps_affine)
+    world = world_coordinates(tpl.left.shape, tpl.maps_affine)
     assert world[0][sel].mean() < 0 and world[2][sel].mean() > 40.0
 
 
@@ -138,12 +139,12 @@ def test_atlas_route_prefers_the_session_t1w(case, tmp_path, monkeypatch):
     anat = tmp_path / "sub-01" / "ses-01" / "anat"
     anat.mkdir(parents=True)
     nib.save(nib.Nifti1Image(t1, t1_affine), str(anat / "sub-01_ses-01_T1w.nii.gz"))
-    t1_template = mk.AtlasTemplate(
+    t1_template = atlas.AtlasTemplate(
         image=np.where(s.brain_mask, t1_of_label[s.labels], 0.0).astype(np.float32),
         affine=s.affine, contrast="t1w", left=template.left, right=template.right,
         control=template.control, maps_affine=s.affine, threshold=0.5,
         description="T1w phantom as its own template")
-    monkeypatch.setattr(mk, "load_bundled_atlas", lambda name="ho": t1_template)
+    monkeypatch.setattr(atlas, "load_bundled_atlas", lambda name="ho": t1_template)
 
     noise = np.random.default_rng(1).uniform(0, 1, s.labels.shape).astype(np.float32)
     masks = roi_workflow.region_masks(noise, s.affine, subject["brain"],

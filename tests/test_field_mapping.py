@@ -33,7 +33,7 @@ def ses():
 
 @pytest.fixture(scope="module")
 def mask(ses):
-    return bm.brain_mask(ses.magnitude[0], erode_voxels=2)
+    return bm.brain_mask(ses.magnitude[0], method="otsu", erode_voxels=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from alsiron.errors import InputError
+from alsiron.grid import voxel_size_from_affine
 from alsiron.io import bids as ingest
 
 from bids_factory import write_megre_session
@@ -111,7 +112,7 @@ def test_b0_direction_from_oblique_affine():
     b = ingest.b0_direction_from_affine(aff)
     # Voxel axis j points partly along world z: b_j = sin(20°), b_k = cos(20°).
     assert b == pytest.approx((0.0, math.sin(angle), math.cos(angle)), abs=1e-12)
-    assert ingest.voxel_size_from_affine(aff) == pytest.approx((1.0, 1.5, 2.0))
+    assert voxel_size_from_affine(aff) == pytest.approx((1.0, 1.5, 2.0))
     # A left-right flip (negative x axis) does not change the B0 components.
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     assert ingest.b0_direction_from_affine(flip) == pytest.approx((0.0, 0.0, 1.0))

@@ -7,7 +7,7 @@ import pytest
 
 from alsiron.cohort.records import SessionRecord, index_units
 from alsiron.errors import InputError
-from alsiron.motor import masks as mk
+from alsiron.motor import labels
 from alsiron.motor.indices import motor_cortex_indices, trimmed_voxels
 from alsiron.sim.phantom import simulate_subject
 from alsiron.sim.tissues import LABELS, PRECENTRAL_DEEP_LABELS, PRECENTRAL_LABELS, TISSUES
@@ -24,7 +24,7 @@ def pair():
 
 
 def _true_masks(s):
-    return mk.masks_from_labels(s.labels, s.affine, LUT, s.labels.shape, s.affine,
+    return labels.masks_from_labels(s.labels, s.affine, LUT, s.labels.shape, s.affine,
                                 brain=s.brain_mask)
 
 
@@ -63,7 +63,7 @@ def test_freesurfer_style_labels_on_a_finer_grid(pair):
     fine = fs.repeat(2, 0).repeat(2, 1).repeat(2, 2)
     fine_affine = s.affine @ np.array([[0.5, 0, 0, -0.25], [0, 0.5, 0, -0.25],
                                        [0, 0, 0.5, -0.25], [0, 0, 0, 1]])
-    m = mk.masks_from_labels(fine, fine_affine, mk.freesurfer_lut(fine), s.labels.shape,
+    m = labels.masks_from_labels(fine, fine_affine, labels.freesurfer_lut(fine), s.labels.shape,
                              s.affine, brain=s.brain_mask)
     assert m.provenance["Resampled"]
     assert np.array_equal(m.precentral, np.isin(s.labels, PRECENTRAL_LABELS))
@@ -73,12 +73,12 @@ def test_lut_reading_and_classification(tmp_path):
     tsv = tmp_path / "dseg.tsv"
     tsv.write_text("index\tname\n0\tair\n5\twhite_matter\n20\tprecentral_L_deep\n"
                    "22\tprecentral_R_superficial\n")
-    assert mk.read_lut(tsv)[20] == "precentral_L_deep"
+    assert labels.read_lut(tsv)[20] == "precentral_L_deep"
     fslut = tmp_path / "FreeSurferColorLUT.txt"
     fslut.write_text("# comment\n1024    ctx-lh-precentral  60 20 220 0\n"
                      "11129 ctx_lh_G_precentral 1 2 3 0\n11146 ctx_lh_S_precentral-inf-part"
                      " 1 2 3 0\n3024 wm-lh-precentral 1 2 3 0\n")
-    classes = mk.classify_lut(mk.read_lut(fslut))
+    classes = labels.classify_lut(labels.read_lut(fslut))
     assert sorted(classes["precentral_L"]) == [1024, 11129]
     assert 3024 in classes["wm"] and 11146 not in classes["precentral_L"]
 
@@ -86,7 +86,7 @@ def test_lut_reading_and_classification(tmp_path):
 def test_lut_without_precentral_is_refused(pair):
     s = pair[0]
     with pytest.raises(InputError, match="no precentral label"):
-        mk.masks_from_labels(s.labels, s.affine, {5: "white_matter", 6: "cortical_gm"},
+        labels.masks_from_labels(s.labels, s.affine, {5: "white_matter", 6: "cortical_gm"},
                              s.labels.shape, s.affine)
 
 
@@ -95,7 +95,7 @@ def test_labels_without_overlap_are_refused(pair):
     far = s.affine.copy()
     far[:3, 3] += 1000.0
     with pytest.raises(InputError, match="does not overlap"):
-        mk.masks_from_labels(s.labels, far, LUT, s.labels.shape, s.affine)
+        labels.masks_from_labels(s.labels, far, LUT, s.labels.shape, s.affine)
 
 
 def _reference(values_map, mask):

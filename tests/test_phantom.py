@@ -80,6 +80,22 @@ def test_table_is_packaged_and_linked():
     assert linked.read_text(encoding="utf-8") == table_text()
 
 
+def _tissue_markdown() -> str:
+    """The tissue table as phantoms/README.md shows it, rendered from the one TSV."""
+    rows = ["| index | name | chi_ppm | r2star_per_s | r2_per_s | m0 |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for i, name in enumerate(TISSUES.names):
+        rows.append(f"| {i} | {name} | {TISSUES.chi_ppm[i]:g} | {TISSUES.r2star_per_s[i]:g} "
+                     f"| {TISSUES.r2_per_s[i]:g} | {TISSUES.m0[i]:g} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_shows_the_packaged_table():
+    # The README's table is a rendering of head_tissues.tsv, not a second copy to edit.
+    readme = Path(__file__).resolve().parents[1] / "phantoms" / "README.md"
+    assert _tissue_markdown() in readme.read_text(encoding="utf-8")
+
+
 def test_same_seed_same_arrays_other_seed_differs():
     kw = dict(matrix=32, voxel_size=6.0, snr=50.0)
     a = simulate_subject(**kw, rng=11)

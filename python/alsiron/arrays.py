@@ -14,13 +14,47 @@ logger = logging.getLogger("alsiron")
 
 
 
+def as_voxel_size(value: float | Sequence[float], name: str = "voxel_size", *,
+                  one_for_all: bool = False, message: str | None = None
+                  ) -> tuple[float, float, float]:
+    """The one voxel-size check: three finite, positive edge lengths [mm].
+
+    Parameters
+    ----------
+    value : float or 3 floats
+        Voxel edges [mm] along the array axes (any array-like that flattens to three).
+    name : str
+        Argument named in the error message.
+    one_for_all : bool
+        Accept a single number for isotropic voxels.
+    message : str, optional
+        Error message for any invalid value, for callers whose wording users already
+        see (default: "… must be three finite numbers" / "… must be positive (mm)").
+
+    Raises
+    ------
+    ValueError
+        Not three (or, with ``one_for_all``, one) finite numbers, or one of them <= 0.
+    """
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if one_for_all and arr.shape == (1,):
+        arr = np.repeat(arr, 3)
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)):
+        raise InvalidInputError(message or f"{name} must be three finite numbers, got {value!r}")
+    if np.any(arr <= 0):
+        raise InvalidInputError(message or f"{name} must be positive (mm), got {value!r}")
+    return (float(arr[0]), float(arr[1]), float(arr[2]))
+
+
 def as_vec3(value: Sequence[float], name: str, *, positive: bool) -> tuple[float, float, float]:
+    """Three finite numbers: a voxel size [mm] (``positive``, :func:`as_voxel_size`) or a
+    non-zero direction vector."""
+    if positive:
+        return as_voxel_size(value, name)
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):
         raise InvalidInputError(f"{name} must be three finite numbers, got {value!r}")
-    if positive and np.any(arr <= 0):
-        raise InvalidInputError(f"{name} must be positive (mm), got {value!r}")
-    if not positive and not np.any(arr != 0):
+    if not np.any(arr != 0):
         raise InvalidInputError(f"{name} must be a non-zero vector, got {value!r}")
     return (float(arr[0]), float(arr[1]), float(arr[2]))
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
+from alsiron.motor.atlas import BUNDLED_ATLASES
 from alsiron.motor.indices import MotorCortexIndices, summary_lines
-from alsiron.motor.masks import BUNDLED_ATLASES
 from alsiron.runs.roi import RoiOptions
 
 

@@ -20,6 +20,7 @@ from alsiron.cli._options import (
     with_roi_options,
 )
 from alsiron.field.brain_mask import BRAIN_MASK_METHODS
+from alsiron.field.echo_fit import UNWRAPPING_METHODS
 from alsiron.qsm import chain as qsm_chain
 from alsiron.qsm.inversion import INVERSION_METHODS
 from alsiron.runs import qsm as pipeline
@@ -38,9 +39,10 @@ from alsiron.volume import MegreSeries
                    "background jointly "
                    "(FANSI-style weak-harmonic term).")
 @click.option("--bfr", type=method_choice(qsm_chain.BFR_METHODS,
-                                          first=qsm_chain.QsmParameters().background.method), default=None,
+                                          first=qsm_chain.QsmParameters().background.method),
+              default=None,
               help="Background-field removal (default: the workflow's, see QsmParameters.bfr).")
-@click.option("--unwrapping", type=method_choice(qsm_chain.UNWRAPPING_METHODS),
+@click.option("--unwrapping", type=method_choice(UNWRAPPING_METHODS),
               default=None, help="Phase unwrapping (default: the workflow's, see "
                                  "QsmParameters.unwrapping).")
 @click.option("--phase-unwrapped", is_flag=True,
@@ -221,7 +223,7 @@ def _list_methods(ctx: click.Context) -> None:
     lines = [
         "phase unwrapping (--unwrapping): " + ", ".join(
             f"{k}{' (default)' if k == default.field.unwrapping else ''}"
-            for k in qsm_chain.UNWRAPPING_METHODS)
+            for k in UNWRAPPING_METHODS)
         + " | --phase-unwrapped | --fieldmap FILE",
         "phase offsets    : MCPC-3D-S (romeo, laplacian); echo differences (echodiff)",
         "echo combination : nonlinear magnitude-weighted complex fit (default), "
@@ -229,7 +231,8 @@ def _list_methods(ctx: click.Context) -> None:
         "brain mask       : bet (deformable surface, default; --bet-f) | otsu (threshold + "
         "morphology) [--brain-mask] | --mask FILE",
         "background (--bfr): " + ", ".join(
-            f"{k}{' (default)' if k == default.background.method else ''}" for k in qsm_chain.BFR_METHODS),
+            f"{k}{' (default)' if k == default.background.method else ''}"
+            for k in qsm_chain.BFR_METHODS),
         "inversion (--inversion): " + ", ".join(
             f"{k}{' (default)' if k == default.inversion.method else ''}"
             for k in INVERSION_METHODS) + "; tvadmm --weak-harmonic",

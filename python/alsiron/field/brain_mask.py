@@ -36,7 +36,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from alsiron import _core
-from alsiron.arrays import as_volume
+from alsiron.arrays import as_volume, as_voxel_size
 from alsiron.errors import InvalidInputError
 
 log = logging.getLogger("alsiron")
@@ -154,9 +154,8 @@ def _validated(magnitude: np.ndarray, voxel_size: Sequence[float] | None,
     if not np.all(np.isfinite(mag)):
         n_bad = int(np.count_nonzero(~np.isfinite(mag)))
         raise InvalidInputError(f"magnitude has {n_bad} NaN/inf voxels; zero or fill them first")
-    vsz = np.ones(3) if voxel_size is None else np.asarray(voxel_size, np.float64)
-    if vsz.shape != (3,) or not np.all(np.isfinite(vsz)) or np.any(vsz <= 0):
-        raise InvalidInputError(f"voxel_size must be 3 positive mm values, got {voxel_size!r}")
+    vsz = np.ones(3) if voxel_size is None else np.asarray(as_voxel_size(
+        voxel_size, message=f"voxel_size must be 3 positive mm values, got {voxel_size!r}"))
     if not (0.0 < f < 1.0):
         raise InvalidInputError(f"fractional intensity f must lie in (0, 1), got {f!r}")
     return np.ascontiguousarray(mag), vsz
@@ -356,13 +355,17 @@ BRAIN_MASK_METHODS: dict[str, str] = {
     "bet": "deformable surface model (BET-like, Smith 2002) on the echo-1 magnitude",
     "otsu": "Otsu threshold of echo-1 magnitude, opening, largest component, hole filling",
 }
+#: The one default brain-mask method: of :func:`brain_mask` and of ``alsiron qsm``
+#: (:class:`alsiron.qsm.chain.QsmParameters`).  ``alsiron relax`` and ``alsiron roi``
+#: (without a mask from ``alsiron qsm``) name "otsu" at their call instead.
+DEFAULT_BRAIN_MASK_METHOD = "bet"
 
 
 
 def brain_mask(
     magnitude_echo1: np.ndarray,
     *,
-    method: str = "otsu",
+    method: str = DEFAULT_BRAIN_MASK_METHOD,
     voxel_size: Sequence[float] | None = None,
     bet_f: float = 0.5,
     erode_voxels: int = 2,
@@ -370,23 +373,24 @@ def brain_mask(
 ) -> np.ndarray:
     """Brain mask from the first-echo magnitude.
 
-    ``method="otsu"`` (the default here, kept for existing callers): threshold
+    ``method="otsu"``: threshold
     (:func:`magnitude_threshold` unless given) → erode by ``erode_voxels`` (a ball) to
     cut thin links between brain and scalp across the signal-free skull → keep the
     largest connected component → fill holes → dilate back by the same ball, restricted
     to the thresholded voxels → fill holes again.
 
-    ``method="bet"``: the deformable surface model of :func:`bet` (Smith
-    2002), which stops at the dark skull even where bright tissue (neck, scalp, a
-    foramen) connects to the brain; ``erode_voxels`` and ``threshold`` are not used.
-    The QSM workflow's default is set in :class:`alsiron.qsm.chain.QsmParameters`.
+    ``method="bet"`` (:data:`DEFAULT_BRAIN_MASK_METHOD`): the deformable surface model of
+    :func:`bet` (Smith 2002), which stops at the dark skull even where bright tissue
+    (neck, scalp, a foramen) connects to the brain; ``erode_voxels`` and ``threshold``
+    are not used.
 
     Parameters
     ----------
     magnitude_echo1 : ndarray, shape (X, Y, Z)
         Magnitude of the first echo (arbitrary units).
     method : {"otsu", "bet"}
-        Masking algorithm (see :data:`BRAIN_MASK_METHODS`). Default "otsu".
+        Masking algorithm (see :data:`BRAIN_MASK_METHODS`). Default
+        :data:`DEFAULT_BRAIN_MASK_METHOD` ("bet").
     voxel_size : 3 floats, optional
         Voxel edges in mm (used by "bet"; default 1 mm isotropic).
     bet_f : float

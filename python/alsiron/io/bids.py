@@ -22,6 +22,7 @@ import numpy as np
 
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.errors import InputError
+from alsiron.grid import voxel_size_from_affine
 from alsiron.volume import MegreSeries, MeseSeries
 
 log = logging.getLogger("alsiron")
@@ -217,33 +218,54 @@ def _parse_entities(stem: str) -> dict[str, str]:
     return entities
 
 
-def _find_megre_series(session_dir: Path) -> list[MegreFileSet]:
+#: Echo files of one series: echo number → part (None without ``parts``) → path.
+_EchoGroups = dict[tuple[tuple[str, str], ...], dict[int, dict[str | None, Path]]]
+
+
+def _scan_echo_files(session_dir: Path, suffix: str,
+                     parts: tuple[str, ...] | None = None) -> _EchoGroups:
+    """The one echo-file scanner: ``anat/*_<suffix>.nii[.gz]`` of a session, grouped by
+    their other BIDS entities (filename order), then by ``echo-<K>`` and, with ``parts``,
+    by ``part-<label>`` (files with another part are skipped, with a warning).
+
+    Raises
+    ------
+    InputError
+        A file without a numeric ``echo-<K>`` entity, or two files for one echo (part).
+    """
     anat = session_dir / "anat"
     if not anat.is_dir():
-        return []
-    groups: dict[tuple[tuple[str, str], ...], dict[int, dict[str, Path]]] = {}
+        return {}
+    pattern = _MEGRE_RE if suffix == "MEGRE" else _MESE_RE
+    groups: _EchoGroups = {}
     for f in sorted(anat.iterdir()):
-        m = _MEGRE_RE.match(f.name)
+        m = pattern.match(f.name)
         if m is None:
             continue
         ents = _parse_entities(m["stem"])
-        part = ents.pop("part", None)
+        part = None
+        if parts is not None:
+            part = ents.pop("part", None)
+            if part not in parts:
+                # A complex or real/imaginary part is not supported yet; name it.
+                if part is not None:
+                    log.warning("%s: part-%s is not used (only %s)", f, part,
+                                "/".join(f"part-{p}" for p in parts))
+                continue
         echo = ents.pop("echo", None)
-        if part not in ("mag", "phase"):
-            # A complex or real/imaginary part is not supported yet; name it.
-            if part is not None:
-                log.warning("%s: part-%s is not used (only part-mag/part-phase)", f, part)
-            continue
         if echo is None or not echo.isdigit():
-            raise InputError(f, "MEGRE file without a numeric echo-<K> entity")
-        key = tuple(ents.items())
-        per_echo = groups.setdefault(key, {}).setdefault(int(echo), {})
+            raise InputError(f, f"{suffix} file without a numeric echo-<K> entity")
+        per_echo = groups.setdefault(tuple(ents.items()), {}).setdefault(int(echo), {})
         if part in per_echo:
-            raise InputError(f, f"duplicate echo-{echo} part-{part} file")
+            raise InputError(f, f"duplicate echo-{echo} part-{part} file" if parts is not None
+                             else f"duplicate echo-{echo} {suffix} file")
         per_echo[part] = f
+    return groups
 
+
+def _find_megre_series(session_dir: Path) -> list[MegreFileSet]:
     result = []
-    for key, echoes in groups.items():
+    for key, echoes in _scan_echo_files(session_dir, "MEGRE", ("mag", "phase")).items():
         files = []
         for echo in sorted(echoes):
             parts = echoes[echo]
@@ -292,12 +314,6 @@ def b0_direction_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     b = nearest.T @ np.array([0.0, 0.0, 1.0])
     b /= np.linalg.norm(b)
     return (float(b[0]), float(b[1]), float(b[2]))
-
-
-def voxel_size_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel edge lengths in mm along the array axes."""
-    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
 
 
 def phase_to_radians(values: np.ndarray, raw: np.ndarray | None,
@@ -416,6 +432,74 @@ def _field_strength(sidecar: dict[str, Any], path: Path, override: float | None)
     return float(b0)
 
 
+def _same_grid_as(grid: tuple[tuple[int, ...], np.ndarray] | None, path: Path,
+                  shape: tuple[int, ...], affine: np.ndarray, first: Path
+                  ) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid (shape, affine) of a series' first image; later images must match it
+    (affines to 1e-3 mm)."""
+    if grid is None:
+        return shape, affine
+    if shape != grid[0]:
+        raise InputError(path, f"shape {shape} differs from {grid[0]} of {first}")
+    if not np.allclose(affine, grid[1], atol=1e-3):
+        raise InputError(path, f"affine differs from that of {first}")
+    return grid
+
+
+def _read_megre_echo(ef: EchoFiles, grid: tuple[tuple[int, ...], np.ndarray] | None,
+                     first: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                           tuple[tuple[int, ...], np.ndarray],
+                                           dict[str, Any], dict[str, Any]]:
+    """Magnitude, scaled and raw phase, the series grid and both sidecars of one echo."""
+    mag, _, aff_m = _load_image(ef.magnitude)
+    ph_scaled, ph_raw, aff_p = _load_image(ef.phase)
+    for path, arr, aff in ((ef.magnitude, mag, aff_m), (ef.phase, ph_scaled, aff_p)):
+        grid = _same_grid_as(grid, path, arr.shape, aff, first)
+    assert grid is not None
+    return mag, ph_scaled, ph_raw, grid, read_sidecar(ef.magnitude), read_sidecar(ef.phase)
+
+
+def _megre_echo_time(ef: EchoFiles, side_m: dict[str, Any], side_p: dict[str, Any]) -> float:
+    """Echo time [s] of one echo from its sidecars (magnitude and phase must agree)."""
+    te_m, te_p = _echo_time(side_m, ef.magnitude), _echo_time(side_p, ef.phase)
+    if te_m is not None and te_p is not None and abs(te_m - te_p) > 1e-6:
+        raise InputError(ef.phase, f"EchoTime {te_p} differs from the magnitude's {te_m}")
+    te = te_m if te_m is not None else te_p
+    if te is None:
+        raise InputError(ef.magnitude, "no EchoTime in the JSON sidecar; give the echo "
+                         "times with --echo-times")
+    return te
+
+
+def _megre_nonfinite(ef: EchoFiles, mag: np.ndarray, phase: np.ndarray,
+                     fill_nonfinite: bool) -> np.ndarray | None:
+    """Non-finite voxels of one echo (None when there is none); refuses them unless
+    ``fill_nonfinite``, and refuses negative magnitudes."""
+    nonfinite = ~np.isfinite(mag) | ~np.isfinite(phase)
+    found = None
+    if nonfinite.any():
+        if not fill_nonfinite:
+            where = ef.magnitude if (~np.isfinite(mag)).any() else ef.phase
+            raise InputError(where, f"{int(nonfinite.sum())} non-finite (NaN/inf) voxels; "
+                             "use --fill-nonfinite to zero them and exclude them from the mask")
+        found = nonfinite
+    if np.nanmin(np.where(np.isfinite(mag), mag, 0.0)) < 0:
+        raise InputError(ef.magnitude, "magnitude has negative values (is this a phase, real "
+                         "or imaginary image?)")
+    return found
+
+
+def _check_imaging_frequency(meta: dict[str, Any], first: Path, b0: float) -> None:
+    """Refuse a sidecar whose ImagingFrequency [MHz] disagrees with its field strength
+    ``b0`` [T] by more than 10 %."""
+    freq = meta.get("ImagingFrequency")
+    if isinstance(freq, (int, float)) and freq > 0:
+        b0_from_freq = freq * 1e6 / GAMMA_BAR_HZ_PER_T
+        if abs(b0_from_freq - b0) / b0 > 0.1:
+            raise InputError(first, f"MagneticFieldStrength {b0} T disagrees with "
+                             f"ImagingFrequency {freq} MHz ({b0_from_freq:.3f} T)")
+
+
 def load_megre(
     files: MegreFileSet,
     *,
@@ -473,48 +557,20 @@ def load_megre(
     tes: list[float] = []
     sources: list[str] = []
     conversions: set[str] = set()
-    ref_shape: tuple[int, ...] | None = None
-    ref_affine: np.ndarray | None = None
+    grid: tuple[tuple[int, ...], np.ndarray] | None = None
     bad_voxels = None
     meta0: dict[str, Any] = {}
     for n, ef in enumerate(echoes):
         for path in (ef.magnitude, ef.phase):
             sources.append(str(path))
-        mag, _, aff_m = _load_image(ef.magnitude)
-        ph_scaled, ph_raw, aff_p = _load_image(ef.phase)
-        for path, arr, aff in ((ef.magnitude, mag, aff_m), (ef.phase, ph_scaled, aff_p)):
-            if ref_shape is None:
-                ref_shape, ref_affine = arr.shape, aff
-            elif arr.shape != ref_shape:
-                raise InputError(path, f"shape {arr.shape} differs from {ref_shape} of {first}")
-            elif not np.allclose(aff, ref_affine, atol=1e-3):
-                raise InputError(path, f"affine differs from that of {first}")
-        side_m = read_sidecar(ef.magnitude)
-        side_p = read_sidecar(ef.phase)
+        mag, ph_scaled, ph_raw, grid, side_m, side_p = _read_megre_echo(ef, grid, first)
         if n == 0:
             meta0 = dict(side_m or side_p)
-        if echo_times is not None:
-            te = float(echo_times[n])
-        else:
-            te_m, te_p = _echo_time(side_m, ef.magnitude), _echo_time(side_p, ef.phase)
-            if te_m is not None and te_p is not None and abs(te_m - te_p) > 1e-6:
-                raise InputError(ef.phase, f"EchoTime {te_p} differs from the magnitude's {te_m}")
-            te = te_m if te_m is not None else te_p
-            if te is None:
-                raise InputError(ef.magnitude, "no EchoTime in the JSON sidecar; give the echo "
-                                 "times with --echo-times")
-        tes.append(te)
-
-        nonfinite = ~np.isfinite(mag) | ~np.isfinite(ph_scaled)
-        if nonfinite.any():
-            if not fill_nonfinite:
-                where = ef.magnitude if (~np.isfinite(mag)).any() else ef.phase
-                raise InputError(where, f"{int(nonfinite.sum())} non-finite (NaN/inf) voxels; "
-                                 "use --fill-nonfinite to zero them and exclude them from the mask")
+        tes.append(float(echo_times[n]) if echo_times is not None
+                   else _megre_echo_time(ef, side_m, side_p))
+        nonfinite = _megre_nonfinite(ef, mag, ph_scaled, fill_nonfinite)
+        if nonfinite is not None:
             bad_voxels = nonfinite if bad_voxels is None else (bad_voxels | nonfinite)
-        if np.nanmin(np.where(np.isfinite(mag), mag, 0.0)) < 0:
-            raise InputError(ef.magnitude, "magnitude has negative values (is this a phase, real "
-                             "or imaginary image?)")
         if phase_unwrapped:
             phase, conversion = (np.asarray(ph_scaled, np.float32),
                                  "none (unwrapped radians kept as given)")
@@ -529,12 +585,8 @@ def load_megre(
         raise InputError(first, f"echo times {list(te_arr)} s are not strictly increasing with "
                          "the echo number")
     b0 = _field_strength(meta0, first, field_strength)
-    freq = meta0.get("ImagingFrequency")
-    if field_strength is None and isinstance(freq, (int, float)) and freq > 0:
-        b0_from_freq = freq * 1e6 / GAMMA_BAR_HZ_PER_T
-        if abs(b0_from_freq - b0) / b0 > 0.1:
-            raise InputError(first, f"MagneticFieldStrength {b0} T disagrees with "
-                             f"ImagingFrequency {freq} MHz ({b0_from_freq:.3f} T)")
+    if field_strength is None:
+        _check_imaging_frequency(meta0, first, b0)
 
     magnitude = np.ascontiguousarray(np.stack(mags, axis=0), dtype=np.float32)
     phase_all = np.ascontiguousarray(np.stack(phases, axis=0), dtype=np.float32)
@@ -547,7 +599,8 @@ def load_megre(
         magnitude[:, bad_voxels] = 0.0
         phase_all[:, bad_voxels] = 0.0
         meta["NonFiniteVoxels"] = int(bad_voxels.sum())
-    assert ref_affine is not None
+    assert grid is not None
+    ref_affine = grid[1]
     try:
         b0_dir = b0_direction_from_affine(ref_affine)
     except ValueError as exc:
@@ -582,23 +635,8 @@ def find_mese_series(session_dir: str | Path) -> list[list[Path]]:
         One list of files per series (grouped by their other BIDS entities), ordered by
         echo number; empty when there is none.
     """
-    anat = Path(session_dir) / "anat"
-    if not anat.is_dir():
-        return []
-    groups: dict[tuple[tuple[str, str], ...], dict[int, Path]] = {}
-    for f in sorted(anat.iterdir()):
-        m = _MESE_RE.match(f.name)
-        if m is None:
-            continue
-        ents = _parse_entities(m["stem"])
-        echo = ents.pop("echo", None)
-        if echo is None or not echo.isdigit():
-            raise InputError(f, "MESE file without a numeric echo-<K> entity")
-        per_echo = groups.setdefault(tuple(ents.items()), {})
-        if int(echo) in per_echo:
-            raise InputError(f, f"duplicate echo-{echo} MESE file")
-        per_echo[int(echo)] = f
-    return [[echoes[k] for k in sorted(echoes)] for echoes in groups.values()]
+    groups = _scan_echo_files(Path(session_dir), "MESE")
+    return [[echoes[k][None] for k in sorted(echoes)] for echoes in groups.values()]
 
 
 def load_mese(
@@ -642,16 +680,11 @@ def load_mese(
     if echo_times is not None and len(echo_times) != len(files):
         raise InputError(first, f"{len(echo_times)} echo times given for {len(files)} echoes")
     mags, tes = [], []
-    ref_shape = ref_affine = None
+    grid: tuple[tuple[int, ...], np.ndarray] | None = None
     meta0: dict[str, Any] = {}
     for n, path in enumerate(files):
         mag, _, aff = _load_image(path)
-        if ref_shape is None:
-            ref_shape, ref_affine = mag.shape, aff
-        elif mag.shape != ref_shape:
-            raise InputError(path, f"shape {mag.shape} differs from {ref_shape} of {first}")
-        elif not np.allclose(aff, ref_affine, atol=1e-3):
-            raise InputError(path, f"affine differs from that of {first}")
+        grid = _same_grid_as(grid, path, mag.shape, aff, first)
         side = read_sidecar(path)
         if n == 0:
             meta0 = dict(side)
@@ -676,7 +709,8 @@ def load_mese(
     if not isinstance(angle, (int, float)) or not (0 < float(angle) <= 180):
         raise InputError(first, f"refocusing flip angle {angle!r} missing or outside (0, 180] "
                          "degrees; add RefocusingFlipAngle to the sidecar or give it")
-    assert ref_affine is not None
+    assert grid is not None
+    ref_affine = grid[1]
     return MeseSeries(
         magnitude=np.ascontiguousarray(np.stack(mags), dtype=np.float32),
         echo_times=te_arr, echo_spacing=spacing, refocusing_angle=float(angle),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alsiron.grid import voxel_size_from_affine
 from alsiron.io.atomic import atomic_path
 from alsiron.motor.masks import RegionMasks
 
@@ -77,7 +78,7 @@ def save_montage(path: str | Path, masks: RegionMasks, magnitude: np.ndarray,
     valid = np.isfinite(chi) if chi is not None else np.ones(masks.shape, bool)
     overlay = _overlay(masks, valid)
     i, j, k = montage_slices(masks)
-    vox = np.sqrt((masks.affine[:3, :3] ** 2).sum(axis=0))
+    vox = voxel_size_from_affine(masks.affine)
     views = [("axial", 2, k), ("coronal", 1, j), ("sagittal", 0, i)]
     rows = [("magnitude", np.asarray(magnitude, np.float32), "gray", None)]
     if chi is not None:

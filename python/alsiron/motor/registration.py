@@ -1,7 +1,7 @@
 """Template-to-subject registration (dipy affine + SyN) for the atlas route of the masks.
 
 Both images are first turned into a contrast-free *tissue index* (CSF 1, GM 2, WM 3 from
-a three-class intensity model, :func:`alsiron.motor.masks.tissue_classes`), so that a T1-weighted
+a three-class intensity model, :func:`alsiron.motor.atlas.tissue_classes`), so that a T1-weighted
 template and a GRE magnitude can be matched with one metric: mutual information for the
 affine stages (centre of mass → translation → rigid → affine) and local
 cross-correlation for SyN.  Registration runs on a working grid of ``work_mm`` voxels
@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron.errors import RegistrationError
+from alsiron.grid import vox2vox, voxel_size_from_affine
 
 log = logging.getLogger("alsiron")
 
@@ -131,7 +132,7 @@ def work_grid(shape: tuple[int, ...], affine: np.ndarray, work_mm: float
 
     Returns the grid itself when its voxels are already at least that large.
     """
-    vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    vox = np.asarray(voxel_size_from_affine(affine))
     factor = np.maximum(1.0, np.floor(work_mm / vox + 1e-6))
     if np.all(factor == 1.0):
         return tuple(int(s) for s in shape[:3]), np.asarray(affine, float)
@@ -149,10 +150,10 @@ def to_work_grid(image: np.ndarray, affine: np.ndarray, work_mm: float
     shape, w_affine = work_grid(image.shape, affine, work_mm)
     if shape == tuple(image.shape[:3]) and np.allclose(w_affine, affine):
         return np.asarray(image, np.float32), w_affine
-    vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    vox = np.asarray(voxel_size_from_affine(affine))
     sigma = np.maximum(0.0, (work_mm / vox - 1.0) / 2.0)
     smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), sigma)
-    m = np.linalg.inv(affine) @ w_affine
+    m = vox2vox(affine, w_affine)
     out = ndimage.affine_transform(smooth, m[:3, :3], offset=m[:3, 3], output_shape=shape,
                                    order=1, mode="constant", cval=0.0)
     return out.astype(np.float32), w_affine

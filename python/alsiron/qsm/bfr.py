@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron import _core
-from alsiron.arrays import as_mask, as_vec3, as_volume
+from alsiron.arrays import as_mask, as_vec3, as_volume, as_voxel_size
 from alsiron.errors import InvalidInputError
 
 logger = logging.getLogger("alsiron")
@@ -47,7 +47,7 @@ LBV_MAX_ITER = 2000
 
 def vsharp_default_radii(voxel_size: Sequence[float]) -> list[float]:
     """Default V-SHARP radii [mm]: 12 mm down to one (largest) voxel, one voxel apart."""
-    return list(_core.vsharp_default_radii(as_vec3(voxel_size, "voxel_size", positive=True)))
+    return list(_core.vsharp_default_radii(as_voxel_size(voxel_size)))
 
 
 
@@ -91,7 +91,7 @@ def vsharp(
     """
     field = as_volume(total_field, "total_field")
     m = as_mask(mask, field.shape)
-    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    vs = as_voxel_size(voxel_size)
     radii = vsharp_default_radii(vs) if radii_mm is None else [float(r) for r in radii_mm]
     if not radii or not all(np.isfinite(r) and r > 0 for r in radii):
         raise ValueError(f"radii_mm must be positive mm values, got {radii_mm!r}")
@@ -182,7 +182,7 @@ def pdf(
     """
     field = as_volume(total_field, "total_field")
     m = as_mask(mask, field.shape)
-    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    vs = as_voxel_size(voxel_size)
     b0 = as_vec3(b0_dir, "b0_dir", positive=False)
     w = None
     if weight is not None:
@@ -254,7 +254,7 @@ def ismv(
     """
     field = as_volume(total_field, "total_field")
     m = as_mask(mask, field.shape)
-    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    vs = as_voxel_size(voxel_size)
     radius = 2.0 * max(vs) if radius_mm is None else float(radius_mm)
     if not (np.isfinite(radius) and radius >= max(vs)):
         raise InvalidInputError(f"radius_mm must be at least the largest voxel edge {max(vs)} mm, "
@@ -311,7 +311,7 @@ def lbv(
     """
     field = as_volume(total_field, "total_field")
     m = as_mask(mask, field.shape)
-    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    vs = as_voxel_size(voxel_size)
     local, interior, iterations = _core.lbv(field, m, vs, _tolerance(tol, "tol"),
                                             _iterations(max_iter, "max_iter"))
     logger.debug("lbv: %d CG iterations", iterations)
@@ -346,7 +346,7 @@ def edge_distance_mm(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarra
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 3:
         raise ValueError(f"mask must be 3-D, got shape {m.shape}")
-    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    vs = as_voxel_size(voxel_size)
     out = np.zeros(m.shape, dtype=np.float64)
     if not m.any():
         return out

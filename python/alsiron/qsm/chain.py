@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from alsiron.errors import InvalidInputError
 from alsiron import __version__, qsm, relax
+from alsiron.errors import InvalidInputError
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
 from alsiron.io.derivatives import DerivativeMap
@@ -235,7 +235,8 @@ def _brain_mask_step(series: MegreSeries, s: MaskSettings,
     else:
         brain = np.asarray(brain_mask, dtype=bool)
         if brain.shape != series.shape:
-            raise InvalidInputError(f"brain mask has shape {brain.shape} but the data {series.shape}")
+            raise InvalidInputError(f"brain mask has shape {brain.shape} but the data "
+                                    f"{series.shape}")
     if not brain.any():
         raise InvalidInputError("brain mask is empty: the magnitude has no distinct head signal")
     return brain
@@ -259,7 +260,8 @@ def _field_step(series: MegreSeries, s: FieldSettings, brain: np.ndarray,
     if total_field_ppm is not None:
         total = np.asarray(total_field_ppm, dtype=np.float32)
         if total.shape != series.shape:
-            raise InvalidInputError(f"field map has shape {total.shape} but the data {series.shape}")
+            raise InvalidInputError(f"field map has shape {total.shape} but the data "
+                                    f"{series.shape}")
         total = np.where(brain, total, np.nan).astype(np.float32)
         return _FieldFit(total, None, brain & np.isfinite(total),
                          {"Method": "total field map given as input", "Source": source})

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from alsiron import _core
-from alsiron.arrays import as_vec3, as_volume
+from alsiron.arrays import as_vec3, as_volume, as_voxel_size
 
 logger = logging.getLogger("alsiron")
 
@@ -44,7 +44,7 @@ def dipole_kernel(
     if len(shp) != 3 or min(shp) < 1:
         raise ValueError(f"shape must be three positive integers, got {shape!r}")
     return _core.dipole_kernel(
-        shp, as_vec3(voxel_size, "voxel_size", positive=True),
+        shp, as_voxel_size(voxel_size),
         as_vec3(b0_dir, "b0_dir", positive=False)
     )
 
@@ -69,6 +69,6 @@ def forward_field(
     """
     return _core.forward_field(
         as_volume(chi, "chi"),
-        as_vec3(voxel_size, "voxel_size", positive=True),
+        as_voxel_size(voxel_size),
         as_vec3(b0_dir, "b0_dir", positive=False),
     )

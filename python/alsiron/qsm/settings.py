@@ -76,7 +76,7 @@ class MaskSettings:
         before the largest connected component is kept (dilated back afterwards).
     """
 
-    method: str = "bet"
+    method: str = bm.DEFAULT_BRAIN_MASK_METHOD
     bet_f: float = 0.5
     opening_voxels: int = 2
 

@@ -14,19 +14,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from alsiron import __version__, relax
 from alsiron.errors import InvalidInputError
 from alsiron.field import brain_mask as bm
 from alsiron.field import echo_fit as fieldmap
+from alsiron.grid import resample_to_grid
 from alsiron.io.derivatives import DerivativeMap
 from alsiron.volume import MegreSeries, MeseSeries, Volume
 
 log = logging.getLogger("alsiron")
 
-__all__ = ["MEGRE_OUTPUT_NAMES", "MESE_OUTPUT_NAMES", "RelaxParameters", "RelaxResult",
-           "output_names", "process_relax", "r2prime", "resample_to_grid"]
+#: Brain mask of the relaxometry fits: Otsu threshold + opening of the echo-1 magnitude,
+#: not the package default (:data:`alsiron.field.brain_mask.DEFAULT_BRAIN_MASK_METHOD`,
+#: BET) that ``alsiron qsm`` uses: the two commands' masks differ (a later issue may
+#: align them; that changes the relax outputs).
+RELAX_BRAIN_MASK_METHOD = "otsu"
+
+__all__ = ["MEGRE_OUTPUT_NAMES", "MESE_OUTPUT_NAMES", "RELAX_BRAIN_MASK_METHOD", "RelaxParameters",
+           "RelaxResult", "output_names", "process_relax", "r2prime"]
 
 
 @dataclass(frozen=True)
@@ -146,28 +152,12 @@ class RelaxResult:
         return maps
 
 
-def resample_to_grid(data: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
-                     target_shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear resampling through the affines, ignoring NaN source voxels.
-
-    A target voxel is NaN when less than half of its interpolation weight falls on
-    finite source voxels or it lies outside the source field of view.
-    """
-    data = np.asarray(data, dtype=np.float64)
-    if np.allclose(source_affine, target_affine, atol=1e-6) and data.shape == tuple(
-            target_shape):
-        return data.astype(np.float32)
-    index_map = np.linalg.inv(source_affine) @ target_affine
-    finite = np.isfinite(data)
-    filled = np.where(finite, data, 0.0)
-    kwargs = {"matrix": index_map[:3, :3], "offset": index_map[:3, 3],
-              "output_shape": tuple(target_shape), "order": 1, "mode": "constant",
-              "cval": 0.0}
-    values = ndimage.affine_transform(filled, **kwargs)
-    weight = ndimage.affine_transform(finite.astype(np.float64), **kwargs)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(weight >= 0.5, values / weight, np.nan)
-    return out.astype(np.float32)
+def _onto_grid(data: np.ndarray, source_affine: np.ndarray, target_shape: tuple[int, ...],
+              target_affine: np.ndarray) -> np.ndarray:
+    """MESE ↔ MEGRE resampling: trilinear, NaN (failed fit) voxels left out of the
+    weights, float32; grids equal to 1e-6 mm are not interpolated."""
+    return resample_to_grid(data, source_affine, target_shape, target_affine, order=1,
+                            nan_policy="ignore", grid_atol=1e-6)
 
 
 def r2prime(r2star: np.ndarray, r2: np.ndarray, mask: np.ndarray, affine: np.ndarray
@@ -224,7 +214,8 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
     p = params or RelaxParameters()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    brain = bm.brain_mask(megre.magnitude[0], erode_voxels=p.mask_opening_voxels)
+    brain = bm.brain_mask(megre.magnitude[0], method=RELAX_BRAIN_MASK_METHOD,
+                          erode_voxels=p.mask_opening_voxels)
     if not brain.any():
         raise InvalidInputError("brain mask is empty: the magnitude has no distinct head signal")
     timings["brain_mask"] = time.perf_counter() - t0
@@ -257,16 +248,16 @@ def process_relax(megre: MegreSeries, mese: MeseSeries | None,
     }
     if mese is not None:
         t0 = time.perf_counter()
-        mese_mask = resample_to_grid(brain.astype(np.float32), megre.affine, mese.affine,
-                                     mese.magnitude.shape[1:])
+        mese_mask = _onto_grid(brain.astype(np.float32), megre.affine,
+                               mese.magnitude.shape[1:], mese.affine)
         mese_mask = np.nan_to_num(mese_mask) > 0.25
         t2fit = relax.fit_t2_epg(mese.magnitude, mese.echo_spacing, mese.refocusing_angle,
                                  mask=mese_mask, t1=p.t1)
         timings["t2_epg"] = time.perf_counter() - t0
         shape = megre.magnitude.shape[1:]
-        r2_m = resample_to_grid(t2fit.r2, mese.affine, megre.affine, shape)
-        t2_m = resample_to_grid(t2fit.t2, mese.affine, megre.affine, shape)
-        b1_m = resample_to_grid(t2fit.b1, mese.affine, megre.affine, shape)
+        r2_m = _onto_grid(t2fit.r2, mese.affine, shape, megre.affine)
+        t2_m = _onto_grid(t2fit.t2, mese.affine, shape, megre.affine)
+        b1_m = _onto_grid(t2fit.b1, mese.affine, shape, megre.affine)
         for a in (r2_m, t2_m, b1_m):
             a[~brain] = np.nan
         rprime, summary = r2prime(r2s.r2star, r2_m, brain, megre.affine)

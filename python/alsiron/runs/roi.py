@@ -4,8 +4,8 @@ the subject loop of ``alsiron roi``.
 Used by ``alsiron roi`` (:func:`run_roi_subject`, on maps already in the derivatives) and
 at the end of ``alsiron qsm`` (:func:`run_session`).  Route choice: a label image given by
 the user; else, unless an atlas is requested explicitly, a label image with a lookup table
-found in the dataset's derivatives (:func:`alsiron.motor.masks.find_label_image`); else the
-bundled atlas.
+found in the dataset's derivatives (:func:`alsiron.motor.labels.find_label_image`); else
+the bundled atlas.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from alsiron.io.derivatives import (
     map_path,
     write_dataset_description,
 )
+from alsiron.motor import atlas, labels
 from alsiron.motor import masks as mk
 from alsiron.motor.indices import MotorCortexIndices, motor_cortex_indices, write_indices
 
@@ -88,26 +89,26 @@ def region_masks(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarray,
     """Masks on the maps' grid by the route that :class:`RoiOptions` selects."""
     shape = magnitude.shape[:3]
     if options.labels is not None:
-        return mk.masks_from_label_file(options.labels, shape, affine, lut_path=options.lut,
-                                        brain=brain)
+        return labels.masks_from_label_file(options.labels, shape, affine, lut_path=options.lut,
+                                            brain=brain)
     if options.atlas is None and dataset_root is not None and entities is not None:
-        found = mk.find_label_image(dataset_root, entities)
+        found = labels.find_label_image(dataset_root, entities)
         if found is not None:
             log.info("motor cortex: using label image %s", found[0])
-            return mk.masks_from_label_file(found[0], shape, affine, lut_path=found[1],
-                                            brain=brain)
+            return labels.masks_from_label_file(found[0], shape, affine, lut_path=found[1],
+                                                brain=brain)
     t1w = options.t1w
     if t1w is None and options.find_t1w and dataset_root is not None and entities is not None:
-        t1w = mk.find_session_t1w(dataset_root, entities)
+        t1w = atlas.find_session_t1w(dataset_root, entities)
     if t1w is not None:
         log.info("motor cortex: registering the template to %s", t1w)
-        image = mk.load_on_grid(t1w, shape, affine)
-        masks = mk.masks_from_atlas(image, affine, brain, atlas=options.atlas or "ho",
-                                    subject_contrast="t1w", magnitude_name=str(t1w))
+        image = atlas.load_on_grid(t1w, shape, affine)
+        masks = atlas.masks_from_atlas(image, affine, brain, atlas=options.atlas or "ho",
+                                       subject_contrast="t1w", magnitude_name=str(t1w))
         masks.provenance["SubjectImage"] = str(t1w)
         return masks
-    masks = mk.masks_from_atlas(magnitude, affine, brain, atlas=options.atlas or "ho",
-                                magnitude_name=magnitude_name)
+    masks = atlas.masks_from_atlas(magnitude, affine, brain, atlas=options.atlas or "ho",
+                                   magnitude_name=magnitude_name)
     masks.provenance["SubjectImage"] = magnitude_name or "GRE echo-1 magnitude"
     return masks
 
@@ -264,7 +265,10 @@ def _load_session_maps(out_root: Path, entities: dict[str, str],
             raise InputError(map_path(out_root, entities, name),
                              "not on the grid of the echo-1 magnitude")
     brain_loaded = _load_map(map_path(out_root, entities, "mask", "brain"))
-    brain = brain_loaded[0] > 0 if brain_loaded is not None else bm.brain_mask(magnitude)
+    # Without the mask of `alsiron qsm`, the threshold mask it has always used here (not the
+    # package default, BET): changing it changes the ROI outputs (issue 12 closing note).
+    brain = (brain_loaded[0] > 0 if brain_loaded is not None
+             else bm.brain_mask(magnitude, method="otsu"))
     return _SessionMaps(magnitude, affine, brain, None if chi is None else chi[0],
                         None if r2s is None else r2s[0])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ import numpy as np
 import scipy.fft
 
 import alsiron
+from alsiron.arrays import as_voxel_size
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.errors import InvalidInputError
 from alsiron.io.atomic import save_json, save_nifti, save_text
@@ -113,6 +115,12 @@ class MeseProtocol:
     b1_centre: float = 1.02
     b1_curvature: float = 0.2
     b1_tilt: float = 0.04
+
+    def parameters(self) -> dict[str, Any]:
+        """The protocol as recorded in the truth sidecars' ``PhantomParameters``."""
+        return {"n_echoes": self.n_echoes, "echo_spacing_s": self.echo_spacing,
+                "refocusing_angle_deg": self.refocusing_angle, "t1_s": self.t1,
+                "b1": [self.b1_centre, self.b1_curvature, self.b1_tilt]}
 
     def b1_field(self, unit_coords: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         """B1 scale on a grid given its coordinates in half-field-of-view units."""
@@ -213,18 +221,17 @@ class PhantomSession:
 # --------------------------------------------------------------------------- geometry
 
 
-def _as_triple(value: float | tuple[float, float, float] | list[float], name: str,
-               kind: type) -> tuple:
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    if arr.shape == (1,):
-        arr = np.repeat(arr, 3)
-    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise InvalidInputError(f"{name} must be one positive number or three, got {value!r}")
-    if kind is int:
-        if np.any(arr != np.round(arr)) or np.any(arr < 8):
-            raise InvalidInputError(f"{name} must be whole numbers >= 8, got {value!r}")
-        return tuple(int(v) for v in arr)
-    return tuple(float(v) for v in arr)
+def _one_or_three(value: float | tuple[float, float, float] | list[float], name: str
+                  ) -> tuple[float, float, float]:
+    return as_voxel_size(value, name, one_for_all=True,
+                         message=f"{name} must be one positive number or three, got {value!r}")
+
+
+def _as_matrix(value: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+    arr = np.asarray(_one_or_three(value, "matrix"))
+    if np.any(arr != np.round(arr)) or np.any(arr < 8):
+        raise InvalidInputError(f"matrix must be whole numbers >= 8, got {value!r}")
+    return (int(arr[0]), int(arr[1]), int(arr[2]))
 
 
 def rotation_to_b0(b0_direction: np.ndarray) -> np.ndarray:
@@ -363,6 +370,142 @@ def precentral_deep_fraction(labels: np.ndarray) -> float:
     return float(deep) / float(max(total, 1))
 
 
+def _checked_acquisition(echo_times: Sequence[float], field_strength: float,
+                         b0_direction: Sequence[float], group: str, snr: float | None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Echo times [s] as float64 and the unit B0 direction, after checking every
+    acquisition argument of :func:`simulate_subject`."""
+    tes = np.asarray(echo_times, np.float64)
+    if tes.ndim != 1 or tes.size < 1 or np.any(~np.isfinite(tes)) or np.any(tes <= 0) \
+            or np.any(np.diff(tes) <= 0):
+        raise ValueError(f"echo_times must be positive, increasing seconds, got {echo_times!r}")
+    if not (np.isfinite(field_strength) and field_strength > 0):
+        raise InvalidInputError(f"field_strength must be positive tesla, got {field_strength!r}")
+    b0 = np.asarray(b0_direction, np.float64)
+    if b0.shape != (3,) or not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
+        raise InvalidInputError("b0_direction must be 3 finite numbers, not all 0: "
+                                f"{b0_direction!r}")
+    b0 = b0 / np.linalg.norm(b0)
+    if group not in ("control", "ALS"):
+        raise ValueError(f"group must be 'control' or 'ALS', got {group!r}")
+    if snr is not None and not (snr > 0):
+        raise InvalidInputError(f"snr must be positive (or None for noiseless), got {snr!r}")
+    return tes, b0
+
+
+def _subject_tables(labels_fine: np.ndarray, group: str, als_effect_ppm: float,
+                    als_progression_ppm_per_year: float, years_since_baseline: float,
+                    precentral_offset_ppm: float, deep_grey_chi_scale: float,
+                    r2star_per_chi: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Per-label χ [ppm] and R2* [s⁻¹] of one subject (arguments as in
+    :func:`simulate_subject`): the tissue table with its deep-grey scale, precentral
+    offset and, for ALS, the excess placed in the deep precentral layer (of the fine
+    ``labels_fine``); R2* follows the χ changes.  Also the subject's entries of the
+    session parameters, in their sidecar order."""
+    deep_fraction = precentral_deep_fraction(labels_fine)
+    als_excess = 0.0
+    if group == "ALS":
+        als_excess = als_effect_ppm + als_progression_ppm_per_year * years_since_baseline
+    chi_tab = TISSUES.chi_ppm.copy()
+    r2s_tab = TISSUES.r2star_per_s.copy()
+    deep_grey = np.array(DEEP_GREY_LABELS)
+    chi_tab[deep_grey] *= deep_grey_chi_scale
+    precentral = np.array(PRECENTRAL_LABELS)
+    chi_tab[precentral] += precentral_offset_ppm
+    if group == "ALS" and deep_fraction > 0:
+        chi_tab[np.array(PRECENTRAL_DEEP_LABELS)] += als_excess / deep_fraction
+    changed = np.concatenate([deep_grey, precentral])
+    r2s_tab[changed] += r2star_per_chi * (chi_tab[changed] - TISSUES.chi_ppm[changed])
+    subject = {"group": group, "als_effect_ppm": als_effect_ppm,
+               "als_progression_ppm_per_year": als_progression_ppm_per_year,
+               "years_since_baseline": years_since_baseline,
+               "als_precentral_excess_ppm": als_excess,
+               "precentral_deep_fraction": deep_fraction,
+               "precentral_offset_ppm": precentral_offset_ppm,
+               "deep_grey_chi_scale": deep_grey_chi_scale, "r2star_per_chi": r2star_per_chi}
+    return chi_tab, r2s_tab, subject
+
+
+def _gre_signal(tes: np.ndarray, field_strength: float, m0_fine: np.ndarray,
+                r2s_fine: np.ndarray, phi0_fine: np.ndarray, total_fine: np.ndarray,
+                matrix3: tuple[int, int, int], ss: int) -> np.ndarray:
+    """Noiseless complex echoes (E, X, Y, Z), complex64: each echo formed on the fine
+    grid (M0, R2* [s⁻¹], phase offset [rad], field [ppm] at ``field_strength`` [T])
+    and block-averaged by ``ss``."""
+    rad_per_ppm_s = 2.0 * np.pi * GAMMA_BAR_HZ_PER_T * field_strength * 1e-6
+    signal = np.empty((tes.size, *matrix3), np.complex64)
+    for e, te in enumerate(tes):
+        mag = m0_fine * np.exp(np.float32(-te) * r2s_fine)
+        ph = phi0_fine + np.float32(rad_per_ppm_s * te) * total_fine
+        fine_echo = np.empty(m0_fine.shape, np.complex64)
+        fine_echo.real = mag * np.cos(ph)
+        fine_echo.imag = mag * np.sin(ph)
+        signal[e] = _block_mean(fine_echo, ss)
+    return signal
+
+
+def _add_noise(signal: np.ndarray, labels: np.ndarray, snr: float | None,
+               gen: np.random.Generator) -> float:
+    """Add complex Gaussian noise in place so that echo 1 has ``snr`` in white matter;
+    returns σ per channel (0 for noiseless)."""
+    wm = labels == LABELS["white_matter"]
+    signal_wm = float(np.abs(signal[0][wm]).mean()) if wm.any() else float(
+        np.abs(signal[0]).max())
+    sigma = 0.0 if snr is None or not np.isfinite(snr) else signal_wm / float(snr)
+    if sigma > 0:
+        noise = gen.standard_normal((2, *signal.shape), dtype=np.float32) * np.float32(sigma)
+        signal += noise[0] + 1j * noise[1]
+    return sigma
+
+
+def _fine_head(matrix3: tuple[int, int, int], voxel3: tuple[float, float, float], ss: int
+               ) -> tuple[tuple[float, ...], float, tuple[np.ndarray, ...], np.ndarray,
+                          np.ndarray]:
+    """The head drawn on the ``ss``-times supersampled grid.
+
+    Returns the fine voxel size [mm], the head scale (1 = true size), the axis
+    coordinates in units of the half field of view, the labels and the intracranial mask.
+    """
+    fine_shape = tuple(n * ss for n in matrix3)
+    fine_voxel = tuple(v / ss for v in voxel3)
+    fov = np.array(matrix3) * np.array(voxel3)
+    scale = min(1.0, float(fov.min()) / REFERENCE_FOV_MM)
+    axes = tuple(((np.arange(n) + 0.5) * h - f / 2.0)
+                 for n, h, f in zip(fine_shape, fine_voxel, fov, strict=True))
+    labels_fine, ic_fine = head_labels(*(a / scale for a in axes))
+    unit = tuple(a / (f / 2.0) for a, f in zip(axes, fov, strict=True))
+    return fine_voxel, scale, unit, labels_fine, ic_fine
+
+
+def _fine_fields(chi_fine: np.ndarray, ic_fine: np.ndarray, fine_voxel: tuple[float, ...],
+                 b0: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Total field [ppm] of the whole head (air as zero), the intracranial χ [ppm] with
+    its mean removed, that mean (table χ over the intracranial volume) and its local
+    field [ppm]."""
+    # Air is the zero of the simulation so that zero padding is air.
+    chi_air_ref = chi_fine - np.float32(TISSUES.chi_ppm[LABELS["air"]])
+    total_fine = dipole_field_ppm(chi_air_ref, fine_voxel, b0)
+    del chi_air_ref
+    chi_brain_fine = np.where(ic_fine, chi_fine, np.float32(0.0))
+    brain_mean_table = float(chi_brain_fine[ic_fine].mean(dtype=np.float64))
+    chi_brain_fine[ic_fine] -= brain_mean_table
+    local_fine = dipole_field_ppm(chi_brain_fine, fine_voxel, b0)
+    return total_fine, chi_brain_fine, brain_mean_table, local_fine
+
+
+def _brain_truth(ic_fine: np.ndarray, chi_brain_fine: np.ndarray, local_fine: np.ndarray,
+                 ss: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Brain mask, χ truth [ppm] (mean 0 over the mask) and local field [ppm] (0 outside)
+    on the output grid."""
+    brain_mask = _block_mean(ic_fine.astype(np.float32), ss) >= 0.5
+    chi = _block_mean(chi_brain_fine, ss).astype(np.float32)
+    chi[~brain_mask] = 0.0
+    chi[brain_mask] -= chi[brain_mask].mean(dtype=np.float64)
+    local = _block_mean(local_fine, ss).astype(np.float32)
+    local[~brain_mask] = 0.0
+    return brain_mask, chi, local
+
+
 def simulate_subject(
     *,
     matrix: int | tuple[int, int, int] = DEFAULT_MATRIX,
@@ -426,106 +569,41 @@ def simulate_subject(
     -------
     PhantomSession
     """
-    matrix3 = _as_triple(matrix, "matrix", int)
-    voxel3 = _as_triple(voxel_size, "voxel_size", float)
-    tes = np.asarray(echo_times, np.float64)
-    if tes.ndim != 1 or tes.size < 1 or np.any(~np.isfinite(tes)) or np.any(tes <= 0) \
-            or np.any(np.diff(tes) <= 0):
-        raise ValueError(f"echo_times must be positive, increasing seconds, got {echo_times!r}")
-    if not (np.isfinite(field_strength) and field_strength > 0):
-        raise InvalidInputError(f"field_strength must be positive tesla, got {field_strength!r}")
-    b0 = np.asarray(b0_direction, np.float64)
-    if b0.shape != (3,) or not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
-        raise InvalidInputError("b0_direction must be 3 finite numbers, not all 0: "
-                                f"{b0_direction!r}")
-    b0 = b0 / np.linalg.norm(b0)
-    if group not in ("control", "ALS"):
-        raise ValueError(f"group must be 'control' or 'ALS', got {group!r}")
-    if snr is not None and not (snr > 0):
-        raise InvalidInputError(f"snr must be positive (or None for noiseless), got {snr!r}")
+    matrix3, voxel3 = _as_matrix(matrix), _one_or_three(voxel_size, "voxel_size")
+    tes, b0 = _checked_acquisition(echo_times, field_strength, b0_direction, group, snr)
     gen = _coerce_rng(rng)
 
     ss = SUPERSAMPLING
-    fine_shape = tuple(n * ss for n in matrix3)
-    fine_voxel = tuple(v / ss for v in voxel3)
-    fov = np.array(matrix3) * np.array(voxel3)
-    scale = min(1.0, float(fov.min()) / REFERENCE_FOV_MM)
-    axes = tuple(((np.arange(n) + 0.5) * h - f / 2.0)
-                 for n, h, f in zip(fine_shape, fine_voxel, fov, strict=True))
-    labels_fine, ic_fine = head_labels(*(a / scale for a in axes))
+    fine_voxel, scale, unit, labels_fine, ic_fine = _fine_head(matrix3, voxel3, ss)
 
-    # Per-label properties of this subject.
-    chi_tab = TISSUES.chi_ppm.copy()
-    r2s_tab = TISSUES.r2star_per_s.copy()
-    deep_grey = np.array(DEEP_GREY_LABELS)
-    chi_tab[deep_grey] *= deep_grey_chi_scale
-    precentral = np.array(PRECENTRAL_LABELS)
-    chi_tab[precentral] += precentral_offset_ppm
-    deep_fraction = precentral_deep_fraction(labels_fine)
-    als_excess = 0.0
-    if group == "ALS":
-        als_excess = als_effect_ppm + als_progression_ppm_per_year * years_since_baseline
-        if deep_fraction > 0:
-            chi_tab[np.array(PRECENTRAL_DEEP_LABELS)] += als_excess / deep_fraction
-    changed = np.concatenate([deep_grey, precentral])
-    r2s_tab[changed] += r2star_per_chi * (chi_tab[changed] - TISSUES.chi_ppm[changed])
+    chi_tab, r2s_tab, subject = _subject_tables(
+        labels_fine, group, als_effect_ppm, als_progression_ppm_per_year,
+        years_since_baseline, precentral_offset_ppm, deep_grey_chi_scale, r2star_per_chi)
 
     chi_fine = chi_tab.astype(np.float32)[labels_fine]
-    # Air is the zero of the simulation so that zero padding is air.
-    chi_air_ref = chi_fine - np.float32(TISSUES.chi_ppm[LABELS["air"]])
-    total_fine = dipole_field_ppm(chi_air_ref, fine_voxel, b0)
-    del chi_air_ref
-    chi_brain_fine = np.where(ic_fine, chi_fine, np.float32(0.0))
-    brain_mean_table = float(chi_brain_fine[ic_fine].mean(dtype=np.float64))
-    chi_brain_fine[ic_fine] -= brain_mean_table
-    local_fine = dipole_field_ppm(chi_brain_fine, fine_voxel, b0)
+    total_fine, chi_brain_fine, brain_mean_table, local_fine = _fine_fields(
+        chi_fine, ic_fine, fine_voxel, b0)
 
     m0_fine = TISSUES.m0.astype(np.float32)[labels_fine]
     r2s_fine = r2s_tab.astype(np.float32)[labels_fine]
     r2_fine = TISSUES.r2_per_s.astype(np.float32)[labels_fine]
-    unit = tuple(a / (f / 2.0) for a, f in zip(axes, fov, strict=True))
     phi0_fine = _phase_offset(gen, (unit[0][:, None, None], unit[1][None, :, None],
                                     unit[2][None, None, :]))
 
-    rad_per_ppm_s = 2.0 * np.pi * GAMMA_BAR_HZ_PER_T * field_strength * 1e-6
-    signal = np.empty((tes.size, *matrix3), np.complex64)
-    for e, te in enumerate(tes):
-        mag = m0_fine * np.exp(np.float32(-te) * r2s_fine)
-        ph = phi0_fine + np.float32(rad_per_ppm_s * te) * total_fine
-        fine_echo = np.empty(fine_shape, np.complex64)
-        fine_echo.real = mag * np.cos(ph)
-        fine_echo.imag = mag * np.sin(ph)
-        signal[e] = _block_mean(fine_echo, ss)
+    signal = _gre_signal(tes, field_strength, m0_fine, r2s_fine, phi0_fine, total_fine,
+                         matrix3, ss)
 
     labels = _block_majority(labels_fine, ss)
-    brain_mask = _block_mean(ic_fine.astype(np.float32), ss) >= 0.5
-    chi = _block_mean(chi_brain_fine, ss).astype(np.float32)
-    chi[~brain_mask] = 0.0
-    chi[brain_mask] -= chi[brain_mask].mean(dtype=np.float64)
-    local = _block_mean(local_fine, ss).astype(np.float32)
-    local[~brain_mask] = 0.0
+    brain_mask, chi, local = _brain_truth(ic_fine, chi_brain_fine, local_fine, ss)
 
-    wm = labels == LABELS["white_matter"]
-    signal_wm = float(np.abs(signal[0][wm]).mean()) if wm.any() else float(
-        np.abs(signal[0]).max())
-    sigma = 0.0 if snr is None or not np.isfinite(snr) else signal_wm / float(snr)
-    if sigma > 0:
-        noise = gen.standard_normal((2, *signal.shape), dtype=np.float32) * np.float32(sigma)
-        signal += noise[0] + 1j * noise[1]
+    sigma = _add_noise(signal, labels, snr, gen)
     phase = np.angle(signal).astype(np.float32)
     phase[phase <= -np.pi] = np.float32(np.pi)
 
     params: dict[str, Any] = {
         "matrix": list(matrix3), "voxel_size_mm": list(voxel3),
         "field_strength_t": field_strength, "snr_echo1_wm": snr,
-        "b0_direction_voxel": b0.tolist(), "echo_times_s": tes.tolist(),
-        "group": group, "als_effect_ppm": als_effect_ppm,
-        "als_progression_ppm_per_year": als_progression_ppm_per_year,
-        "years_since_baseline": years_since_baseline,
-        "als_precentral_excess_ppm": als_excess,
-        "precentral_deep_fraction": deep_fraction,
-        "precentral_offset_ppm": precentral_offset_ppm,
-        "deep_grey_chi_scale": deep_grey_chi_scale, "r2star_per_chi": r2star_per_chi,
+        "b0_direction_voxel": b0.tolist(), "echo_times_s": tes.tolist(), **subject,
         "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": scale,
         "supersampling": ss, "pad_factor": PAD_FACTOR,
         "noise_sigma": sigma,
@@ -533,33 +611,17 @@ def simulate_subject(
     mese_fields: dict[str, Any] = {}
     if mese is not None:
         mese_fields = _simulate_mese(mese, labels_fine, unit, ss, sigma, gen)
-        params["mese"] = {"n_echoes": mese.n_echoes, "echo_spacing_s": mese.echo_spacing,
-                          "refocusing_angle_deg": mese.refocusing_angle, "t1_s": mese.t1,
-                          "b1": [mese.b1_centre, mese.b1_curvature, mese.b1_tilt]}
+        params["mese"] = mese.parameters()
     log.debug("phantom session simulated: %s", params)
+    coarse = {name: _block_mean(fine, ss).astype(np.float32) for name, fine in (
+        ("chi_full", chi_fine), ("r2star", r2s_fine), ("r2", r2_fine), ("s0", m0_fine),
+        ("total_field", total_fine), ("phase_offset", phi0_fine))}
     return PhantomSession(
-        **mese_fields,
-        magnitude=np.abs(signal).astype(np.float32),
-        phase=phase,
-        echo_times=tes,
-        field_strength=float(field_strength),
-        affine=phantom_affine(matrix3, voxel3, b0),
-        voxel_size=voxel3,
-        b0_direction=b0,
-        chi=chi,
-        chi_full=_block_mean(chi_fine, ss).astype(np.float32),
-        r2star=_block_mean(r2s_fine, ss).astype(np.float32),
-        r2=_block_mean(r2_fine, ss).astype(np.float32),
-        s0=_block_mean(m0_fine, ss).astype(np.float32),
-        brain_mask=brain_mask,
-        labels=labels,
-        total_field=_block_mean(total_fine, ss).astype(np.float32),
-        local_field=local,
-        phase_offset=_block_mean(phi0_fine, ss).astype(np.float32),
-        noise_sigma=sigma,
-        label_names=dict(enumerate(TISSUES.names)),
-        parameters=params,
-    )
+        **mese_fields, **coarse, magnitude=np.abs(signal).astype(np.float32), phase=phase,
+        echo_times=tes, field_strength=float(field_strength),
+        affine=phantom_affine(matrix3, voxel3, b0), voxel_size=voxel3, b0_direction=b0,
+        chi=chi, brain_mask=brain_mask, labels=labels, local_field=local, noise_sigma=sigma,
+        label_names=dict(enumerate(TISSUES.names)), parameters=params)
 
 
 def _simulate_mese(protocol: MeseProtocol, labels_fine: np.ndarray,
