@@ -20,7 +20,7 @@ does, and is scored against the phantom truth:
   (the intersection of all settings' masks, so that the numbers compare);
 - ``rim_nrmse``: χ NRMSE over the voxels a setting keeps beyond the common mask.
 
-Settings: ``e<d>`` = Euclidean erosion by d mm (:func:`alsiron.qsm.dipole.erode_mm`),
+Settings: ``e<d>`` = Euclidean erosion by d mm (:func:`alsiron.qsm.bfr.erode_mm`),
 ``v2`` = the former default (two 6-connected voxel erosions), ``r<k>`` = the
 reliability trim (:func:`alsiron.qsm.chain.bfr_input_mask` with
 ``bfr_trim_sd_factor=k``): no fixed erosion, but voxels within ``bfr_trim_band_mm`` of

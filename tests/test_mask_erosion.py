@@ -1,4 +1,4 @@
-"""Mask erosion in mm (alsiron.qsm.dipole.erode_mm) and its use before background removal.
+"""Mask erosion in mm (alsiron.qsm.bfr.erode_mm) and its use before background removal.
 
 Ground truth for the physical depth: the Euclidean distance transform in mm and, for a
 sphere, the analytic distance to its surface. The twin is a brute-force erosion by an
