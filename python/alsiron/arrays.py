@@ -13,7 +13,6 @@ from alsiron.errors import InvalidInputError
 logger = logging.getLogger("alsiron")
 
 
-
 def as_voxel_size(value: float | Sequence[float], name: str = "voxel_size", *,
                   one_for_all: bool = False, message: str | None = None
                   ) -> tuple[float, float, float]:
@@ -59,7 +58,6 @@ def as_vec3(value: Sequence[float], name: str, *, positive: bool) -> tuple[float
     return (float(arr[0]), float(arr[1]), float(arr[2]))
 
 
-
 def as_volume(x: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 3:
@@ -76,7 +74,6 @@ def as_volume(x: np.ndarray, name: str) -> np.ndarray:
             "from the mask first"
         )
     return out
-
 
 
 def as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:

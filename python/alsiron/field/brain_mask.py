@@ -332,7 +332,6 @@ _BACKGROUND_CONTRAST = 0.5
 _NO_BACKGROUND_FRACTION = 0.25
 
 
-
 def magnitude_threshold(values: np.ndarray) -> float:
     """Intensity separating head signal from background in a magnitude image.
 
@@ -349,7 +348,6 @@ def magnitude_threshold(values: np.ndarray) -> float:
     return level
 
 
-
 #: Brain-mask methods of :func:`brain_mask` → provenance description.
 BRAIN_MASK_METHODS: dict[str, str] = {
     "bet": "deformable surface model (BET-like, Smith 2002) on the echo-1 magnitude",
@@ -359,7 +357,6 @@ BRAIN_MASK_METHODS: dict[str, str] = {
 #: (:class:`alsiron.qsm.chain.QsmParameters`).  ``alsiron relax`` and ``alsiron roi``
 #: (without a mask from ``alsiron qsm``) name "otsu" at their call instead.
 DEFAULT_BRAIN_MASK_METHOD = "bet"
-
 
 
 def brain_mask(

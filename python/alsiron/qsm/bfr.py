@@ -44,11 +44,9 @@ LBV_TOL = 1e-4
 LBV_MAX_ITER = 2000
 
 
-
 def vsharp_default_radii(voxel_size: Sequence[float]) -> list[float]:
     """Default V-SHARP radii [mm]: 12 mm down to one (largest) voxel, one voxel apart."""
     return list(_core.vsharp_default_radii(as_voxel_size(voxel_size)))
-
 
 
 def vsharp(
@@ -107,12 +105,10 @@ def vsharp(
     return local, eroded.astype(bool)
 
 
-
 def _iterations(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
 
 
 def _tolerance(value: float, name: str) -> float:
@@ -120,7 +116,6 @@ def _tolerance(value: float, name: str) -> float:
     if not (np.isfinite(tol) and tol >= 0.0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return tol
-
 
 
 def pdf(
@@ -205,7 +200,6 @@ def pdf(
     return local, int(iterations)
 
 
-
 def ismv(
     total_field: np.ndarray,
     mask: np.ndarray,
@@ -265,7 +259,6 @@ def ismv(
     return local, eroded.astype(bool), int(iterations)
 
 
-
 def lbv(
     total_field: np.ndarray,
     mask: np.ndarray,
@@ -318,11 +311,9 @@ def lbv(
     return local, interior.astype(bool), int(iterations)
 
 
-
 #: Distances within this of the erosion depth count as equal to it [mm] (header rounding
 #: of voxel sizes must not decide whether a voxel layer is removed).
 _DEPTH_TOLERANCE_MM = 1e-3
-
 
 
 def edge_distance_mm(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
@@ -357,7 +348,6 @@ def edge_distance_mm(mask: np.ndarray, voxel_size: Sequence[float]) -> np.ndarra
     padded = np.pad(m[box], 1, constant_values=False)
     out[box] = ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
     return out
-
 
 
 def erode_mm(mask: np.ndarray, voxel_size: Sequence[float], depth_mm: float) -> np.ndarray:

@@ -18,7 +18,6 @@ from alsiron.arrays import as_vec3, as_volume, as_voxel_size
 logger = logging.getLogger("alsiron")
 
 
-
 def dipole_kernel(
     shape: Sequence[int], *, voxel_size: Sequence[float], b0_dir: Sequence[float]
 ) -> np.ndarray:
@@ -47,7 +46,6 @@ def dipole_kernel(
         shp, as_voxel_size(voxel_size),
         as_vec3(b0_dir, "b0_dir", positive=False)
     )
-
 
 
 def forward_field(

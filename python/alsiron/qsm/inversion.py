@@ -294,7 +294,6 @@ def tkd(
     )
 
 
-
 def tv_admm(
     local_field: np.ndarray,
     mask: np.ndarray,

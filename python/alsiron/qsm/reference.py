@@ -12,7 +12,6 @@ from alsiron.arrays import as_mask, as_volume
 logger = logging.getLogger("alsiron")
 
 
-
 def reference_to_mean(chi: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Reference χ to its mean over ``mask`` (the whole-brain default of DESIGN §3).
 

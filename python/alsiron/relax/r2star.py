@@ -39,7 +39,6 @@ R2STAR_STATUS: dict[int, str] = {
 }
 
 
-
 @dataclass(frozen=True)
 class R2starResult:
     """Maps of :func:`fit_r2star_loglinear`, each of the volume shape (X, Y, Z).
@@ -83,7 +82,6 @@ class R2starResult:
     noise_sigma: float | None = None
 
 
-
 def _echo_major(magnitude: np.ndarray, n_echoes: int
                 ) -> tuple[np.ndarray, tuple[int, ...], str]:
     """View ``magnitude`` as a C-contiguous float32 (E, N) array, copying only if needed.
@@ -114,7 +112,6 @@ def _echo_major(magnitude: np.ndarray, n_echoes: int
     return flat, vol_shape, voxel_order
 
 
-
 def _voxel_major(magnitude: np.ndarray, n_echoes: int) -> np.ndarray | None:
     """A C-ordered (..., E) array as a float32 (N, E) view (a copy only to convert the
     dtype, never a transpose), or None when the array is not laid out that way. The
@@ -124,7 +121,6 @@ def _voxel_major(magnitude: np.ndarray, n_echoes: int) -> np.ndarray | None:
             and not magnitude.flags.f_contiguous):
         return np.ascontiguousarray(magnitude.reshape(-1, n_echoes), dtype=np.float32)
     return None
-
 
 
 def _prepare(magnitude, echo_times, mask, n_min: int, allow_voxel_major: bool = False):
@@ -151,11 +147,9 @@ def _prepare(magnitude, echo_times, mask, n_min: int, allow_voxel_major: bool = 
     return flat, tes, vol_shape, voxel_order, mask_flat, voxel_major
 
 
-
 def _t2(r2: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(r2 > 0, 1.0 / r2, np.nan).astype(np.float32)
-
 
 
 def fit_r2star(
@@ -220,7 +214,6 @@ def fit_r2star(
                         r2star_sd=sd, gof=gof, noise_sigma=sigma)
 
 
-
 def fit_r2star_loglinear(
     magnitude: np.ndarray,
     echo_times: Sequence[float],
@@ -260,7 +253,6 @@ def fit_r2star_loglinear(
     return R2starResult(r2star=r2, t2star=_t2(r2), s0=s0, status=status,
                         weighted=bool(weighted), echo_times=tes,
                         method="weighted" if weighted else "loglinear")
-
 
 
 def gradient_dephasing_factor(omega: np.ndarray, echo_times: Sequence[float],

@@ -51,7 +51,6 @@ class T2Result:
     refocusing_angle: float | None = None
 
 
-
 def _check_sequence(echo_spacing: float, refocusing_angle: float, t1: float) -> None:
     if not (np.isfinite(echo_spacing) and echo_spacing > 0):
         raise InvalidInputError(f"echo_spacing must be a positive number of seconds, got "
@@ -64,7 +63,6 @@ def _check_sequence(echo_spacing: float, refocusing_angle: float, t1: float) -> 
                                 f"{refocusing_angle}")
     if not (np.isfinite(t1) and t1 > 0):
         raise ValueError(f"t1 must be a positive number of seconds, got {t1}")
-
 
 
 def simulate_mese(t2: np.ndarray, b1: np.ndarray | float, *, n_echoes: int,
@@ -99,7 +97,6 @@ def simulate_mese(t2: np.ndarray, b1: np.ndarray | float, *, n_echoes: int,
                                   np.ascontiguousarray(b1.ravel()), int(n_echoes),
                                   float(echo_spacing), float(refocusing_angle), float(t1))
     return flat.reshape((int(n_echoes),) + t2.shape)
-
 
 
 def fit_t2_epg(
@@ -164,7 +161,6 @@ def fit_t2_epg(
         r2 = np.where(t2 > 0, 1.0 / t2, np.nan).astype(np.float32)
     return T2Result(t2=t2, r2=r2, s0=s0, b1=b1, gof=gof, status=status, method="epg",
                     echo_times=tes, refocusing_angle=float(refocusing_angle))
-
 
 
 def fit_t2_monoexponential(
