@@ -192,14 +192,27 @@ def _is_url(location: str) -> bool:
     return "://" in location
 
 
-def _describe(location: str | Path) -> str:
-    """Location for messages, with any password hidden."""
-    if isinstance(location, str) and _is_url(location):
-        try:
-            return sa.engine.make_url(location).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
-            return "<invalid URL>"
-    return str(location)
+def display_location(location: str | os.PathLike[str] | None) -> str:
+    """A registry location as it may be shown to people and written to files.
+
+    The one rendering of a registry location for stdout, logs, JSON, HTML and exports:
+    a URL's password becomes ``***`` (``postgresql://user:***@host/db``); a file path is
+    returned as it is.  A URL that SQLAlchemy cannot parse still has anything between
+    ``//user:`` and ``@`` masked, so a malformed URL cannot leak its password either.
+    """
+    if location is None:
+        return ""
+    text = os.fspath(location)
+    if not _is_url(text):
+        return text
+    try:
+        return sa.engine.make_url(text).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+#: ``scheme://user:password@`` of a URL SQLAlchemy cannot parse (password group masked).
+_URL_PASSWORD = re.compile(r"(//[^/:@]*:)[^@]*@")
 
 
 def _now() -> str:
@@ -255,8 +268,8 @@ def _server_engine(url: str) -> Engine:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise RegistryError(None, f"--registry {url!r} is neither a file path nor an "
-                                  "SQLAlchemy URL (e.g. postgresql://user@host/db)") from None
+        raise RegistryError(None, f"--registry {display_location(url)!r} is neither a file path "
+                                  "nor an SQLAlchemy URL (e.g. postgresql://user@host/db)") from None
     if parsed.get_backend_name() not in ("postgresql", "sqlite"):
         raise RegistryError(None, f"registry backend {parsed.get_backend_name()!r} is not "
                                   "supported (use an SQLite file or postgresql://)")
@@ -267,7 +280,7 @@ def _server_engine(url: str) -> Engine:
     try:
         return sa.create_engine(parsed, pool_pre_ping=True)
     except ModuleNotFoundError as exc:
-        raise RegistryError(None, f"PostgreSQL registry {_describe(url)} needs the "
+        raise RegistryError(None, f"PostgreSQL registry {display_location(url)} needs the "
                                   f"{exc.name} driver: pip install 'psycopg[binary]' "
                                   "(postgresql://, postgresql+psycopg://) or psycopg2-binary "
                                   "(postgresql+psycopg2://)") from None
@@ -324,7 +337,7 @@ class Registry:
     def _error(self, problem: str) -> RegistryError:
         if isinstance(self.location, Path):
             return RegistryError(self.location, problem)
-        return RegistryError(None, f"{_describe(self.location)}: {problem}")
+        return RegistryError(None, f"{display_location(self.location)}: {problem}")
 
     @contextmanager
     def _translate_errors(self) -> Iterator[None]:
@@ -349,7 +362,7 @@ class Registry:
     def engine(self) -> Engine:
         """The SQLAlchemy engine (raises once closed)."""
         if self._engine is None:
-            raise AlsironError(f"registry {_describe(self.location)} is closed")
+            raise AlsironError(f"registry {display_location(self.location)} is closed")
         return self._engine
 
     @property
@@ -559,7 +572,7 @@ class Registry:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Registry({_describe(self.location)!r})"
+        return f"Registry({display_location(self.location)!r})"
 
 
 # ---------------------------------------------------------------------- row mapping

@@ -221,6 +221,7 @@ def run_qsm_subject(
             REGISTRY_ENV,
             Registry,
             default_registry_path,
+            display_location,
             resolve_location,
         )
 
@@ -299,7 +300,7 @@ def run_qsm_subject(
                         overwrite=opts.overwrite)
                 if registry is not None:
                     registry.record_session(record)
-                    outcome.registry = str(registry_location)
+                    outcome.registry = display_location(registry_location)
                 yield outcome
     finally:
         if registry is not None:
