@@ -120,3 +120,29 @@ def test_display_location_masks_parsed_and_unparsable_urls():
     assert display_location(URL) == "postgresql://alice:***@db.invalid:5432/alsiron"
     assert PASSWORD not in display_location("postgresql://alice:" + PASSWORD + "@h:x/d")
     assert display_location(Path("/data/registry.sqlite")) == "/data/registry.sqlite"
+
+
+# ------------------------------------------------------------------ finding 2: labels
+
+
+@pytest.mark.parametrize("case", ["subject", "session", "missing session"])
+def test_file_labels_must_agree_with_their_folders(tmp_path, capsys, case):
+    """Finding 2: ``sub-01/`` holding ``sub-02_*`` files (or ``ses-01/`` holding
+    ``ses-02_*``, or no ses- entity at all) is refused naming the file, before any output
+    is written (before the fix the run went ahead under the file's labels)."""
+    if case == "subject":
+        write_megre_session(tmp_path, sub="02", ses="01")
+        (tmp_path / "sub-02").rename(tmp_path / "sub-01")
+        needle = "sub-02"
+    else:
+        ses = "02" if case == "session" else None
+        anat = write_megre_session(tmp_path, sub="01", ses=ses)
+        (tmp_path / "sub-01" / "ses-01").mkdir()
+        anat.rename(tmp_path / "sub-01" / "ses-01" / "anat")
+        needle = "ses-02" if case == "session" else "no session"
+    code = main(["qsm", str(tmp_path / "sub-01"), "--no-registry"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT_ERROR
+    line = _one_line_error(err, needle, "_MEGRE.nii.gz", "folder")
+    assert "sub-01" in line
+    assert not (tmp_path / "derivatives").exists()

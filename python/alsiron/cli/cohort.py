@@ -53,8 +53,9 @@ def report_cmd(path: Path | None, cohort: bool, registry: str | None,
             subject = Path(path).resolve().name  # type: ignore[arg-type]
             records = reg.sessions(subject)
             if not records:
-                raise click.UsageError(f"the registry {display_location(location)} has no sessions of "
-                                       f"{subject}: process it first (alsiron qsm)")
+                raise click.UsageError(f"the registry {display_location(location)} has no "
+                                       f"sessions of {subject}: process it first "
+                                       "(alsiron qsm)")
             qc = list(qc_images) or report.find_qc_images(derivs / subject)
             page = report.render_subject_report(records, model=model, model_path=normative,
                                                 qc_images=qc)

@@ -268,8 +268,9 @@ def _server_engine(url: str) -> Engine:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise RegistryError(None, f"--registry {display_location(url)!r} is neither a file path "
-                                  "nor an SQLAlchemy URL (e.g. postgresql://user@host/db)") from None
+        raise RegistryError(None, f"--registry {display_location(url)!r} is neither a file "
+                                  "path nor an SQLAlchemy URL (e.g. postgresql://user@host/db)"
+                            ) from None
     if parsed.get_backend_name() not in ("postgresql", "sqlite"):
         raise RegistryError(None, f"registry backend {parsed.get_backend_name()!r} is not "
                                   "supported (use an SQLite file or postgresql://)")

@@ -218,6 +218,35 @@ def _parse_entities(stem: str) -> dict[str, str]:
     return entities
 
 
+def check_folder_labels(path: Path, entities: dict[str, str], session_dir: Path) -> None:
+    """Refuse a file whose ``sub-``/``ses-`` entities disagree with the folders holding it.
+
+    Outputs and the registry record are named from the file names, so ``sub-01/`` holding
+    ``sub-02_*`` files would write (and with ``--overwrite`` replace) sub-02's results.
+    ``session_dir`` is the ``sub-XX/`` or ``sub-XX/ses-YY/`` folder above ``anat/``.
+
+    Raises
+    ------
+    InputError
+        Naming the file, its label and the folder's.
+    """
+    folder = session_dir.resolve()
+    if folder.name.startswith("ses-") and folder.parent.name.startswith("sub-"):
+        subject, session = folder.parent.name[4:], folder.name[4:]
+    elif folder.name.startswith("sub-"):
+        subject, session = folder.name[4:], None
+    else:
+        return  # not a BIDS subject/session folder: nothing to compare with
+    if entities.get("sub") != subject:
+        raise InputError(path, f"file name says sub-{entities.get('sub')} but it lies in the "
+                         f"folder sub-{subject}/; rename the file or move it")
+    if entities.get("ses") != session:
+        where = f"the folder ses-{session}/" if session is not None else "no ses-* folder"
+        named = f"ses-{entities['ses']}" if "ses" in entities else "no session"
+        raise InputError(path, f"file name says {named} but it lies in {where}; rename the "
+                         "file or move it")
+
+
 #: Echo files of one series: echo number → part (None without ``parts``) → path.
 _EchoGroups = dict[tuple[tuple[str, str], ...], dict[int, dict[str | None, Path]]]
 
@@ -243,6 +272,7 @@ def _scan_echo_files(session_dir: Path, suffix: str,
         if m is None:
             continue
         ents = _parse_entities(m["stem"])
+        check_folder_labels(f, ents, session_dir)
         part = None
         if parts is not None:
             part = ents.pop("part", None)
