@@ -146,3 +146,25 @@ def test_file_labels_must_agree_with_their_folders(tmp_path, capsys, case):
     line = _one_line_error(err, needle, "_MEGRE.nii.gz", "folder")
     assert "sub-01" in line
     assert not (tmp_path / "derivatives").exists()
+
+
+# ------------------------------------------------------------------ finding 8: TSV
+
+
+def test_participants_tsv_is_bids_tsv_not_csv(tmp_path):
+    """Finding 8: a value starting with a double quote stays in its cell; before the fix
+    CSV quoting swallowed the next row and blanked sub-02's site, group and age."""
+    from alsiron.io.tables import read_tsv, visit_info
+
+    (tmp_path / "participants.tsv").write_text(
+        "participant_id\tage\tsex\tgroup\tsite\n"
+        'sub-01\t61\tF\tcontrol\t"Paris north\n'
+        "sub-02\t58\tM\tALS\tLyon\n"
+        "sub-03\tn/a\tF\tALS\tNice\r\n"
+        "\n"
+        "sub-04\t70\n")
+    rows = read_tsv(tmp_path / "participants.tsv")
+    assert [r["participant_id"] for r in rows] == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert rows[0]["site"] == '"Paris north' and rows[2]["age"] == "" and rows[3]["site"] == ""
+    info = visit_info(tmp_path, "sub-02", "")
+    assert (info.site, info.group, info.age, info.sex) == ("Lyon", "ALS", 58.0, "M")
