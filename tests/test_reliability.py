@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import stat
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -168,3 +169,89 @@ def test_participants_tsv_is_bids_tsv_not_csv(tmp_path):
     assert rows[0]["site"] == '"Paris north' and rows[2]["age"] == "" and rows[3]["site"] == ""
     info = visit_info(tmp_path, "sub-02", "")
     assert (info.site, info.group, info.age, info.sex) == ("Lyon", "ALS", 58.0, "M")
+
+
+# ------------------------------------------------------------------ finding 4: hostile files
+
+
+def _nifti_header(shape, dtype=np.uint8, affine=None) -> bytes:
+    """The 352 header bytes of a single-file NIfTI-1 image (no data)."""
+    img = nib.Nifti1Image(np.zeros((1, 1, 1), dtype), np.diag([1.0, 1, 1, 1])
+                          if affine is None else affine)
+    img.header.set_data_shape(shape)
+    img.header.set_data_offset(352)
+    return img.header.binaryblock + b"\x00" * 4
+
+
+def _hostile_series(tmp_path: Path, echo1_mag: bytes | None = None, *,
+                    name: str = "sub-01_echo-1_part-mag_MEGRE.nii.gz") -> Path:
+    """A valid 2-echo series whose echo-1 magnitude is replaced by ``echo1_mag`` bytes."""
+    anat = write_megre_session(tmp_path, sub="01", ses=None, echo_times=(0.004, 0.009))
+    target = anat / "sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    if echo1_mag is not None:
+        target.unlink()
+        (anat / name).write_bytes(echo1_mag)
+    return anat / name
+
+
+def test_small_gzip_inflating_to_1024_cubed_is_refused_from_its_header(tmp_path, capsys,
+                                                                         monkeypatch):
+    """Finding 4: a ~1 MB .nii.gz that inflates to 1024³ is refused from its header in
+    well under a second (before the fix: 5.3 GB of memory and 28 s).  The file really
+    inflates to 1 GiB: 1024 gzip members of 1 MiB of zeros each."""
+    import time
+
+    monkeypatch.delenv("ALSIRON_MAX_IMAGE_BYTES", raising=False)
+    zeros = gzip.compress(b"\x00" * (1 << 20), compresslevel=9)
+    bomb = gzip.compress(_nifti_header((1024, 1024, 1024))) + zeros * 1024
+    assert len(bomb) < 2_000_000
+    path = _hostile_series(tmp_path, bomb)
+    t0 = time.perf_counter()
+    code = main(["qsm", str(tmp_path / "sub-01"), "--no-registry"])
+    assert time.perf_counter() - t0 < 5.0
+    assert code == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(path), "(1024, 1024, 1024)", "memory",
+                    "ALSIRON_MAX_IMAGE_BYTES")
+
+
+def test_header_claiming_2_gib_with_100_bytes_of_data_is_refused(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Finding 4: the file holds 100 bytes where the header claims 2 GiB; refused by the
+    size check, which streams the .gz and stops at the end of its data (before the fix
+    2.1 GB were allocated).  The memory ceiling is raised so that the size check is what
+    refuses it; then the same for an uncompressed .nii."""
+    monkeypatch.setenv("ALSIRON_MAX_IMAGE_BYTES", str(16 << 30))
+    claim = _nifti_header((1024, 1024, 2048)) + b"\x01" * 100
+    path = _hostile_series(tmp_path, gzip.compress(claim))
+    tracemalloc.start()
+    try:
+        assert main(["qsm", str(tmp_path / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 << 20, peak
+    _one_line_error(capsys.readouterr().err, str(path), "header claims 2147483648 bytes",
+                    "holds 100")
+    path.unlink()
+    plain = path.with_name(path.name.removesuffix(".gz"))
+    plain.write_bytes(claim)
+    assert main(["qsm", str(tmp_path / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(plain), "holds 100")
+
+
+def test_8_gib_claim_and_the_ceiling_are_one_line_naming_the_file(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Finding 4: an 8 GiB claim was "cannot read image data ()"; now the ceiling refuses
+    it, and the ceiling is configurable (a lower one refuses even the valid phantom)."""
+    monkeypatch.delenv("ALSIRON_MAX_IMAGE_BYTES", raising=False)
+    path = _hostile_series(tmp_path, gzip.compress(_nifti_header((2048, 2048, 2048))))
+    assert main(["qsm", str(tmp_path / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(path), "32.00 GiB of memory")
+    path.unlink()
+    _hostile_series(tmp_path / "ok")
+    monkeypatch.setenv("ALSIRON_MAX_IMAGE_BYTES", "1000")
+    assert main(["qsm", str(tmp_path / "ok" / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, "over the limit of 0.0 MiB")
+    monkeypatch.setenv("ALSIRON_MAX_IMAGE_BYTES", "lots")
+    assert main(["qsm", str(tmp_path / "ok" / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, "ALSIRON_MAX_IMAGE_BYTES must be a positive")

@@ -221,10 +221,16 @@ class RoiOutcome:
 def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     import nibabel as nib
 
+    from alsiron.io.bids import check_image_header
+
     if not path.is_file():
         return None
     try:
         img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read image ({exc})") from None
+    check_image_header(path, img)
+    try:
         return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, float)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(path, f"cannot read image ({exc})") from None
