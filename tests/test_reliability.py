@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import json
 import os
 import sqlite3
@@ -255,3 +256,128 @@ def test_8_gib_claim_and_the_ceiling_are_one_line_naming_the_file(tmp_path, caps
     monkeypatch.setenv("ALSIRON_MAX_IMAGE_BYTES", "lots")
     assert main(["qsm", str(tmp_path / "ok" / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
     _one_line_error(capsys.readouterr().err, "ALSIRON_MAX_IMAGE_BYTES must be a positive")
+
+
+# ------------------------------------------------------------------ finding 5: one line
+
+
+def test_complex_magnitude_nan_affine_and_huge_voxels_are_refused(tmp_path, capsys):
+    """Finding 5: a complex magnitude was cut to its real part, a NaN affine reported as
+    "affine differs", 10⁶ mm voxels accepted; each is now one line naming the file."""
+    anat = write_megre_session(tmp_path, sub="01", ses=None, echo_times=(0.004, 0.009))
+    mag = anat / "sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    original = nib.load(str(mag))
+    data = np.asarray(original.dataobj)
+    cases = [
+        (nib.Nifti1Image(data.astype(np.complex64) * (1 + 1j), original.affine),
+         ("complex-valued",)),
+        ("nan", ("NaN or infinite",)),
+        (nib.Nifti1Image(data, np.diag([1e6, 1e6, 1e6, 1.0])),
+         ("voxel size 1e+06 x 1e+06 x 1e+06 mm", "outside (0, 20] mm")),
+    ]
+    for image, needles in cases:
+        if image == "nan":
+            # Written byte by byte: nibabel's own writer refuses (warns on) a NaN affine.
+            nib.save(nib.Nifti1Image(data, original.affine), str(mag))
+            raw = gzip.decompress(mag.read_bytes())
+            header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
+            header["sform_code"], header["qform_code"] = 1, 0
+            header["srow_x"] = [np.nan, 0, 0, 0]
+            mag.write_bytes(gzip.compress(header.binaryblock + raw[348:]))
+        else:
+            nib.save(image, str(mag))
+        assert main(["qsm", str(tmp_path / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+        _one_line_error(capsys.readouterr().err, str(mag), *needles)
+    assert not (tmp_path / "derivatives").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"EchoTime": 0.004, "Site": "Z\xfcrich"}', "not UTF-8"),
+    (b'{"a":' * 200_000 + b"1" + b"}" * 200_000, "nested too deeply"),
+])
+def test_hostile_sidecars_are_one_line_naming_the_file(tmp_path, capsys, content, needle):
+    """Finding 5: a sidecar nested 200 000 levels deep raised RecursionError (traceback);
+    a non-UTF-8 sidecar's message did not name the file."""
+    anat = write_megre_session(tmp_path, sub="01", ses=None, echo_times=(0.004, 0.009))
+    side = anat / "sub-01_echo-1_part-mag_MEGRE.json"
+    side.write_bytes(content)
+    assert main(["qsm", str(tmp_path / "sub-01"), "--no-registry"]) == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(side), needle)
+
+
+def _enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_while_writing_maps_is_one_line_naming_the_file(phantom, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Finding 5: ENOSPC while writing the maps was a traceback.  Simulated by a writer
+    that fails like a full disk (the real disk is not filled); the temporary file goes."""
+    monkeypatch.setattr(nib, "save", _enospc)
+    out = tmp_path / "out"
+    code = main(["qsm", str(phantom / "sub-01"), "--no-registry", "--no-indices",
+                 "--out", str(out)])
+    assert code == EXIT_INPUT_ERROR
+    line = _one_line_error(capsys.readouterr().err, "No space left on device",
+                           str(out / "sub-01"))
+    assert ".nii.gz: cannot write" in line
+    assert not [p for p in out.rglob("*.part*")]
+
+
+def test_read_only_destination_is_one_line(phantom, tmp_path, capsys, monkeypatch):
+    """Finding 5: a read-only derivatives folder (EROFS) was a traceback.  Tests run as
+    root, which ignores permission bits, so the file system's refusal is simulated where
+    the temporary file is created."""
+    import alsiron.io.atomic as atomic
+
+    def read_only(*_args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    out = tmp_path / "out"
+    code = main(["qsm", str(phantom / "sub-01"), "--no-registry", "--out", str(out)])
+    assert code == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(out / "dataset_description.json"),
+                    "Read-only file system")
+
+
+def test_read_only_or_full_registry_is_one_line(phantom, tmp_path, capsys, monkeypatch):
+    """Finding 5: a registry whose folder cannot be created (EROFS) was a traceback; a
+    full registry disk (SQLite's page limit standing in for the disk) is one line too."""
+    import alsiron.cohort.registry as regmod
+
+    real_mkdir = Path.mkdir
+    blocked = tmp_path / "ro"
+
+    def mkdir(self, *args, **kwargs):
+        if self == blocked or blocked in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code = main(["qsm", str(phantom / "sub-01"), "--registry",
+                 str(blocked / "registry.sqlite"), "--out", str(tmp_path / "a")])
+    assert code == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(blocked / "registry.sqlite"),
+                    "Read-only file system")
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+
+    full = tmp_path / "full.sqlite"
+    regmod.Registry.open(full).close()
+    real_engine = regmod._sqlite_engine
+
+    def capped(path, *, create):
+        engine = real_engine(path, create=create)
+
+        @regmod.sa.event.listens_for(engine, "connect")
+        def _cap(dbapi_conn, _record):
+            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        return engine
+
+    monkeypatch.setattr(regmod, "_sqlite_engine", capped)
+    code = main(["qsm", str(phantom / "sub-01"), "--registry", str(full), "--overwrite",
+                 "--out", str(tmp_path / "b")])
+    assert code == EXIT_INPUT_ERROR
+    _one_line_error(capsys.readouterr().err, str(full), "full")

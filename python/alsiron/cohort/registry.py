@@ -233,7 +233,11 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
         raise RegistryError(path, "no registry here (process a session first, or pass "
                                   "--registry PATH|URL)")
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(path, f"cannot create the registry's folder "
+                                      f"({exc.strerror or exc})") from None
     engine = sa.create_engine(f"sqlite:///{path}",
                               connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 

@@ -123,10 +123,7 @@ def load_fieldmap(path: str | Path, series: MegreSeries) -> np.ndarray:
     if not sidecar.is_file():
         raise InputError(path, f"no JSON sidecar {sidecar.name} giving its Units "
                          f"({', '.join(FIELDMAP_UNITS)})")
-    try:
-        units = json.loads(sidecar.read_text()).get("Units")
-    except (OSError, ValueError) as exc:
-        raise InputError(sidecar, f"unreadable sidecar: {exc}") from None
+    units = read_json_sidecar(sidecar).get("Units")
     if units not in FIELDMAP_UNITS:
         raise InputError(sidecar, f"Units is {units!r}; a field map needs one of "
                          f"{', '.join(FIELDMAP_UNITS)}")
@@ -318,10 +315,30 @@ def read_sidecar(image_path: Path) -> dict[str, Any]:
     side = image_path.with_name(stem + ".json")
     if not side.is_file():
         return {}
+    return read_json_sidecar(side)
+
+
+def read_json_sidecar(side: Path) -> dict[str, Any]:
+    """Parse a JSON sidecar file into a dict.
+
+    Raises
+    ------
+    InputError
+        Naming the file: unreadable, not UTF-8, not JSON, nested too deeply to parse
+        (``RecursionError``), or not a JSON object.
+    """
     try:
-        obj = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        text = side.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise InputError(side, f"cannot read JSON sidecar ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(side, f"JSON sidecar is not UTF-8 text (byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise InputError(side, f"cannot read JSON sidecar ({exc})") from None
+    except RecursionError:
+        raise InputError(side, "JSON sidecar is nested too deeply to be a sidecar") from None
     if not isinstance(obj, dict):
         raise InputError(side, "JSON sidecar is not an object")
     return obj
