@@ -381,3 +381,93 @@ def test_read_only_or_full_registry_is_one_line(phantom, tmp_path, capsys, monke
                  "--out", str(tmp_path / "b")])
     assert code == EXIT_INPUT_ERROR
     _one_line_error(capsys.readouterr().err, str(full), "full")
+
+
+# ------------------------------------------------------------------ finding 6: read-only
+
+
+@pytest.fixture
+def archived_registry(tmp_path) -> Path:
+    """A WAL-mode SQLite registry with a small cohort, in its own folder."""
+    from alsiron.cohort.registry import Registry
+    from alsiron.sim.cohort import simulate_index_cohort
+
+    records, _ = simulate_index_cohort(12, 3, seed=1, repeat_fraction=0.5)
+    path = tmp_path / "archive" / "registry.sqlite"
+    with Registry.open(path) as reg:
+        reg.record_sessions(records)
+    assert not path.with_name("registry.sqlite-wal").exists()
+    return path
+
+
+def _read_commands(path: Path, out: Path) -> list[list[str]]:
+    return [["registry", "export", str(out / "export.tsv"), "--registry", str(path)],
+            ["report", "--cohort", "--registry", str(path), "--out", str(out / "c.html")],
+            ["longitudinal", "--cohort", "--registry", str(path), "--retest-sd", "0.002"]]
+
+
+def test_read_only_registry_is_read_without_writing(archived_registry, tmp_path, capsys,
+                                                    monkeypatch):
+    """Finding 6: export, report and longitudinal read a registry in a read-only folder.
+
+    Tests run as root, for whom permission bits change nothing, so the folder is made
+    read-only (chmod, effective for other users) and the two things root cannot get are
+    simulated: the writability check says no, and SQLite's ordinary (read-write) open
+    fails as it does where WAL cannot create its ``-shm`` file; only read-only URIs
+    (``mode=ro``) open.  Before the fix every command failed with "unable to open
+    database file".  The file's bytes do not change and no ``-wal``/``-shm`` appears.
+    """
+    import sqlite3 as sqlite3_module
+
+    import alsiron.cohort.registry as regmod
+
+    folder = archived_registry.parent
+    before = archived_registry.read_bytes()
+    real_connect = sqlite3_module.connect
+
+    def connect(database, *args, **kwargs):
+        if str(folder) in str(database) and "mode=ro" not in str(database):
+            raise sqlite3_module.OperationalError("unable to open database file")
+        return real_connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3_module, "connect", connect)
+    monkeypatch.setattr(sqlite3_module.dbapi2, "connect", connect)  # SQLAlchemy's handle
+    monkeypatch.setattr(regmod, "_writable", lambda _path: False, raising=False)
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        codes = [main(cmd) for cmd in _read_commands(archived_registry, tmp_path)]
+    finally:
+        folder.chmod(stat.S_IRWXU)
+    printed = capsys.readouterr()
+    assert codes == [0, 0, 0], printed.err
+    assert "50 record(s)" in printed.out and "group x time" in printed.out
+    assert archived_registry.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["registry.sqlite"]
+
+
+def test_read_only_mount_is_read(archived_registry, tmp_path):
+    """Finding 6 on a real read-only file system: a private read-only bind mount of the
+    registry's folder (``unshare -m``, so nothing outlives the command); skipped where
+    mount namespaces are not allowed."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private read-only mount")
+    folder = archived_registry.parent
+    probe = subprocess.run(["unshare", "-m", "sh", "-c",
+                            f"mount --bind {folder} {folder} && "
+                            f"mount -o remount,bind,ro {folder} && touch {folder}/x"],
+                           capture_output=True, text=True)
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"no private read-only mount here ({probe.stderr.strip()[:80]})")
+    script = " && ".join(
+        [f"mount --bind {folder} {folder}", f"mount -o remount,bind,ro {folder}"]
+        + [" ".join([sys.executable, "-m", "alsiron.cli", *cmd])
+           for cmd in _read_commands(archived_registry, tmp_path)])
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "export.tsv").is_file() and (tmp_path / "c.html").is_file()

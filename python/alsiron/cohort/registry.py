@@ -238,8 +238,12 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
         except OSError as exc:
             raise RegistryError(path, f"cannot create the registry's folder "
                                       f"({exc.strerror or exc})") from None
-    engine = sa.create_engine(f"sqlite:///{path}",
-                              connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    read_only = not create and not _writable(path)
+    if read_only:
+        engine = sa.create_engine("sqlite://", creator=lambda: _read_only_connection(path))
+    else:
+        engine = sa.create_engine(f"sqlite:///{path}",
+                                  connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -249,6 +253,9 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            cur.close()
+            return
         # Outside any transaction (the mode cannot change inside one); persistent in the file.
         mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()
         cur.close()
@@ -289,6 +296,29 @@ def _server_engine(url: str) -> Engine:
                                   f"{exc.name} driver: pip install 'psycopg[binary]' "
                                   "(postgresql://, postgresql+psycopg://) or psycopg2-binary "
                                   "(postgresql+psycopg2://)") from None
+
+
+def _writable(path: Path) -> bool:
+    """True when this process may write the registry file and its folder (WAL mode writes
+    ``-wal`` and ``-shm`` files beside it, even to read)."""
+    return os.access(path.parent, os.W_OK) and os.access(path, os.W_OK)
+
+
+def _read_only_connection(path: Path) -> Any:
+    """An SQLite connection that never writes: for a registry in a read-only folder
+    (an archived dataset), where WAL mode cannot create its ``-shm`` file.
+
+    Without a ``-wal`` file left beside it the file is opened ``immutable`` (no locks, no
+    ``-shm``); with one, ``mode=ro`` so that the records it holds are read too.
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    wal = path.with_name(path.name + "-wal")
+    flags = "mode=ro" if wal.exists() and wal.stat().st_size > 0 else "mode=ro&immutable=1"
+    uri = f"file:{quote(str(path.resolve()))}?{flags}"
+    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
 
 
 class Registry:
