@@ -13,10 +13,8 @@ import gzip
 import io
 import json
 import os
-import sqlite3
 import stat
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -471,3 +469,37 @@ def test_read_only_mount_is_read(archived_registry, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert (tmp_path / "export.tsv").is_file() and (tmp_path / "c.html").is_file()
+
+
+# ------------------------------------------------------------------ finding 9: provenance
+
+
+def test_sidecars_carry_checksums_relative_sources_and_versions(phantom, tmp_path):
+    """Finding 9 (the cheap part): with --no-registry the map sidecars still record the
+    SHA-256 of every input, ``Sources`` are relative to the dataset, the ROI dseg.json
+    names the software version and the QC PNG has a JSON sidecar.  Before the fix:
+    no checksums, absolute Sources, no version in dseg.json, no QC sidecar."""
+    import hashlib
+
+    import alsiron
+
+    out = tmp_path / "out"
+    assert main(["qsm", str(phantom / "sub-01"), "--no-registry", "--out", str(out)]) == 0
+    assert main(["relax", str(phantom / "sub-01"), "--out", str(tmp_path / "relax")]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    relax_anat = tmp_path / "relax" / "sub-01" / "ses-01" / "anat"
+    for side_path in [anat / "sub-01_ses-01_Chimap.json",
+                      anat / "sub-01_ses-01_R2starmap.json",
+                      relax_anat / "sub-01_ses-01_desc-relax_R2starmap.json"]:
+        side = json.loads(side_path.read_text())
+        assert len(side["Sources"]) == 12
+        assert all(s.startswith("sub-01/ses-01/anat/") for s in side["Sources"]), side_path
+        assert sorted(side["InputChecksums"]) == sorted(side["Sources"])
+        for name, digest in side["InputChecksums"].items():
+            assert hashlib.sha256((phantom / name).read_bytes()).hexdigest() == digest
+    stem = "sub-01_ses-01_desc-motorcortex"
+    dseg = json.loads((anat / f"{stem}_dseg.json").read_text())
+    assert dseg["Software"] == {"Name": "alsiron", "Version": alsiron.__version__}
+    qc = json.loads((anat / f"{stem}_qc.json").read_text())
+    assert qc["Software"]["Version"] == alsiron.__version__ and qc["Title"]
+    assert (anat / f"{stem}_qc.png").is_file()

@@ -153,8 +153,8 @@ def input_checksums(paths: Iterable[str | os.PathLike[str]],
         A file cannot be read.
     """
     from alsiron.io.atomic import sha256_file
+    from alsiron.io.derivatives import dataset_relative
 
-    base = Path(root).resolve() if root is not None else None
     out = {}
     for p in paths:
         path = Path(p)
@@ -162,10 +162,7 @@ def input_checksums(paths: Iterable[str | os.PathLike[str]],
             digest = sha256_file(path)
         except OSError as exc:
             raise InputError(path, f"cannot read for its checksum: {exc.strerror}") from None
-        key = path.resolve()
-        if base is not None and key.is_relative_to(base):
-            key = key.relative_to(base)
-        out[key.as_posix()] = digest
+        out[dataset_relative(path, root)] = digest
     return dict(sorted(out.items()))
 
 
