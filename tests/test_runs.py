@@ -41,14 +41,15 @@ def test_qsm_plan_lists_every_file_in_checking_order(tmp_path):
     names = [p.relative_to(anat).as_posix() for p in plan.paths()]
     assert names[:4] == [f"{STEM}_Chimap.nii.gz", f"{STEM}_Chimap.json",
                          f"{STEM}_R2starmap.nii.gz", f"{STEM}_R2starmap.json"]
-    assert names[-7:] == [f"{STEM}_desc-motorcortex_zscores.json",
+    assert names[-8:] == [f"{STEM}_desc-motorcortex_zscores.json",
                           f"{STEM}_desc-motorcortex_indices.tsv",
                           f"{STEM}_desc-motorcortex_indices.json",
                           f"{STEM}_desc-motorcortex_dseg.nii.gz",
                           f"{STEM}_desc-motorcortex_dseg.json",
                           f"{STEM}_desc-motorcortex_dseg.tsv",
-                          f"{STEM}_desc-motorcortex_qc.png"]
-    assert len(names) == 2 * 10 + 7
+                          f"{STEM}_desc-motorcortex_qc.png",
+                          f"{STEM}_desc-motorcortex_qc.json"]
+    assert len(names) == 2 * 10 + 8
     assert plan.path("zscores", "motorcortex") == run_qsm.zscore_path(tmp_path, ENTITIES)
     bare = run_qsm.plan_outputs(tmp_path, ENTITIES, run_qsm.QsmRunOptions(roi=None))
     assert len(bare.paths()) == 2 * 10
@@ -115,7 +116,7 @@ def test_roi_subject_without_click(dataset, tmp_path, monkeypatch):
     run_roi.plan_outputs(plan)
     qc_png = plan.path("qc", "motorcortex")
     assert set(oc.written) <= set(plan.paths())
-    assert [p for p in plan.paths() if not p.is_file()] == [qc_png]
+    assert [p for p in plan.paths() if not p.is_file()] == [qc_png, qc_png.with_suffix(".json")]
     # Outputs exist: refused before the maps are read.
     monkeypatch.setattr(run_roi, "_load_session_maps", _no_work)
     with pytest.raises(OutputExistsError) as err:

@@ -40,6 +40,22 @@ class OutputExistsError(AlsironError):
     """An output already exists and overwriting was not requested."""
 
 
+class OutputWriteError(AlsironError, OSError):
+    """An output cannot be written (disk full, read-only or forbidden folder): the message
+    names the file and the system's reason.
+
+    Also an ``OSError`` (with the original ``errno``), so that library callers catching
+    ``OSError`` keep working; the command line reports it as one line.
+    """
+
+    def __init__(self, path: str | PathLike[str], problem: str,
+                 error_number: int | None = None) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+        self.errno = error_number
+
+
 class RegistryError(InputError):
     """The registry cannot be opened or used (corrupted, newer schema, locked, no driver)."""
 

@@ -12,6 +12,7 @@ its traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -90,7 +91,20 @@ def main(args: list[str] | None = None) -> int:
             raise
         click.echo(f"alsiron: error: {exc}", err=True)
         return EXIT_INPUT_ERROR
+    except OSError as exc:
+        # The machine, not alsiron, refused: a full disk or a read-only or forbidden place
+        # is the user's to fix, told in one line; any other OSError keeps its traceback.
+        if debug or exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"alsiron: error: {where}{exc.strerror or exc}", err=True)
+        return EXIT_INPUT_ERROR
     return 0
+
+
+#: OSError numbers that describe the machine (disk full, quota, read-only, permission).
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                 errno.EPERM})
 
 
 def entry_point() -> None:

@@ -31,7 +31,7 @@ def report_cmd(path: Path | None, cohort: bool, registry: str | None,
     """Self-contained HTML report of a subject (PATH = sub-XX folder) or of the cohort."""
     from alsiron.cohort import report
     from alsiron.cohort.normative import NO_MODEL_MESSAGE, load_model
-    from alsiron.cohort.registry import Registry, resolve_location
+    from alsiron.cohort.registry import Registry, display_location, resolve_location
     from alsiron.io import bids as ingest
 
     if path is None and not cohort:
@@ -46,15 +46,16 @@ def report_cmd(path: Path | None, cohort: bool, registry: str | None,
         if cohort:
             records = reg.sessions()
             if not records:
-                raise click.UsageError(f"the registry {location} has no sessions")
+                raise click.UsageError(f"the registry {display_location(location)} has no sessions")
             page = report.render_cohort_report(records, model=model, model_path=normative)
             target = out or derivs / "cohort_report.html"
         else:
             subject = Path(path).resolve().name  # type: ignore[arg-type]
             records = reg.sessions(subject)
             if not records:
-                raise click.UsageError(f"the registry {location} has no sessions of "
-                                       f"{subject}: process it first (alsiron qsm)")
+                raise click.UsageError(f"the registry {display_location(location)} has no "
+                                       f"sessions of {subject}: process it first "
+                                       "(alsiron qsm)")
             qc = list(qc_images) or report.find_qc_images(derivs / subject)
             page = report.render_subject_report(records, model=model, model_path=normative,
                                                 qc_images=qc)

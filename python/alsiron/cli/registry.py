@@ -59,7 +59,7 @@ def normative_build(group: str, registry: str | None, dataset: Path | None, out:
                     overwrite: bool) -> None:
     """Fit the normative model to the registry's GROUP sessions and save it as JSON."""
     from alsiron.cohort.normative import build_normative_model
-    from alsiron.cohort.registry import Registry, resolve_location
+    from alsiron.cohort.registry import Registry, display_location, resolve_location
     from alsiron.errors import OutputExistsError
 
     if out.exists() and not overwrite:
@@ -69,7 +69,7 @@ def normative_build(group: str, registry: str | None, dataset: Path | None, out:
         records = reg.sessions()
     model = build_normative_model(records, group=group, indices=list(indices) or None,
                                   age_df="auto" if age_df == "auto" else int(age_df),
-                                  visits=visits, source=str(location))  # type: ignore[arg-type]
+                                  visits=visits, source=display_location(location))  # type: ignore[arg-type]
     model.save(out, overwrite=overwrite)
     c = model.cohort
     click.echo(f"normative: {c['n_sessions']} {group} sessions (sites "

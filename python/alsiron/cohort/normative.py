@@ -812,6 +812,11 @@ def build_normative_model(
     """
     if visits not in ("baseline", "all"):
         raise InvalidInputError(f"visits must be 'baseline' or 'all', got {visits!r}")
+    if source is not None:
+        from alsiron.cohort.registry import display_location
+
+        # The source goes into messages and the model file: never a password.
+        source = display_location(source)
     records = list(records)
     rows, dropped = _select_rows(records, group, visits)
     groups_seen = sorted({str(r.group) for r in records})

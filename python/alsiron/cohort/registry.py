@@ -153,8 +153,8 @@ def input_checksums(paths: Iterable[str | os.PathLike[str]],
         A file cannot be read.
     """
     from alsiron.io.atomic import sha256_file
+    from alsiron.io.derivatives import dataset_relative
 
-    base = Path(root).resolve() if root is not None else None
     out = {}
     for p in paths:
         path = Path(p)
@@ -162,10 +162,7 @@ def input_checksums(paths: Iterable[str | os.PathLike[str]],
             digest = sha256_file(path)
         except OSError as exc:
             raise InputError(path, f"cannot read for its checksum: {exc.strerror}") from None
-        key = path.resolve()
-        if base is not None and key.is_relative_to(base):
-            key = key.relative_to(base)
-        out[key.as_posix()] = digest
+        out[dataset_relative(path, root)] = digest
     return dict(sorted(out.items()))
 
 
@@ -192,14 +189,27 @@ def _is_url(location: str) -> bool:
     return "://" in location
 
 
-def _describe(location: str | Path) -> str:
-    """Location for messages, with any password hidden."""
-    if isinstance(location, str) and _is_url(location):
-        try:
-            return sa.engine.make_url(location).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
-            return "<invalid URL>"
-    return str(location)
+def display_location(location: str | os.PathLike[str] | None) -> str:
+    """A registry location as it may be shown to people and written to files.
+
+    The one rendering of a registry location for stdout, logs, JSON, HTML and exports:
+    a URL's password becomes ``***`` (``postgresql://user:***@host/db``); a file path is
+    returned as it is.  A URL that SQLAlchemy cannot parse still has anything between
+    ``//user:`` and ``@`` masked, so a malformed URL cannot leak its password either.
+    """
+    if location is None:
+        return ""
+    text = os.fspath(location)
+    if not _is_url(text):
+        return text
+    try:
+        return sa.engine.make_url(text).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+#: ``scheme://user:password@`` of a URL SQLAlchemy cannot parse (password group masked).
+_URL_PASSWORD = re.compile(r"(//[^/:@]*:)[^@]*@")
 
 
 def _now() -> str:
@@ -220,9 +230,17 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
         raise RegistryError(path, "no registry here (process a session first, or pass "
                                   "--registry PATH|URL)")
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(f"sqlite:///{path}",
-                              connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(path, f"cannot create the registry's folder "
+                                      f"({exc.strerror or exc})") from None
+    read_only = not create and not _writable(path)
+    if read_only:
+        engine = sa.create_engine("sqlite://", creator=lambda: _read_only_connection(path))
+    else:
+        engine = sa.create_engine(f"sqlite:///{path}",
+                                  connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -232,6 +250,9 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            cur.close()
+            return
         # Outside any transaction (the mode cannot change inside one); persistent in the file.
         mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()
         cur.close()
@@ -255,8 +276,9 @@ def _server_engine(url: str) -> Engine:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise RegistryError(None, f"--registry {url!r} is neither a file path nor an "
-                                  "SQLAlchemy URL (e.g. postgresql://user@host/db)") from None
+        raise RegistryError(None, f"--registry {display_location(url)!r} is neither a file "
+                                  "path nor an SQLAlchemy URL (e.g. postgresql://user@host/db)"
+                            ) from None
     if parsed.get_backend_name() not in ("postgresql", "sqlite"):
         raise RegistryError(None, f"registry backend {parsed.get_backend_name()!r} is not "
                                   "supported (use an SQLite file or postgresql://)")
@@ -267,10 +289,33 @@ def _server_engine(url: str) -> Engine:
     try:
         return sa.create_engine(parsed, pool_pre_ping=True)
     except ModuleNotFoundError as exc:
-        raise RegistryError(None, f"PostgreSQL registry {_describe(url)} needs the "
+        raise RegistryError(None, f"PostgreSQL registry {display_location(url)} needs the "
                                   f"{exc.name} driver: pip install 'psycopg[binary]' "
                                   "(postgresql://, postgresql+psycopg://) or psycopg2-binary "
                                   "(postgresql+psycopg2://)") from None
+
+
+def _writable(path: Path) -> bool:
+    """True when this process may write the registry file and its folder (WAL mode writes
+    ``-wal`` and ``-shm`` files beside it, even to read)."""
+    return os.access(path.parent, os.W_OK) and os.access(path, os.W_OK)
+
+
+def _read_only_connection(path: Path) -> Any:
+    """An SQLite connection that never writes: for a registry in a read-only folder
+    (an archived dataset), where WAL mode cannot create its ``-shm`` file.
+
+    Without a ``-wal`` file left beside it the file is opened ``immutable`` (no locks, no
+    ``-shm``); with one, ``mode=ro`` so that the records it holds are read too.
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    wal = path.with_name(path.name + "-wal")
+    flags = "mode=ro" if wal.exists() and wal.stat().st_size > 0 else "mode=ro&immutable=1"
+    uri = f"file:{quote(str(path.resolve()))}?{flags}"
+    return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
 
 
 class Registry:
@@ -324,7 +369,7 @@ class Registry:
     def _error(self, problem: str) -> RegistryError:
         if isinstance(self.location, Path):
             return RegistryError(self.location, problem)
-        return RegistryError(None, f"{_describe(self.location)}: {problem}")
+        return RegistryError(None, f"{display_location(self.location)}: {problem}")
 
     @contextmanager
     def _translate_errors(self) -> Iterator[None]:
@@ -349,7 +394,7 @@ class Registry:
     def engine(self) -> Engine:
         """The SQLAlchemy engine (raises once closed)."""
         if self._engine is None:
-            raise AlsironError(f"registry {_describe(self.location)} is closed")
+            raise AlsironError(f"registry {display_location(self.location)} is closed")
         return self._engine
 
     @property
@@ -559,7 +604,7 @@ class Registry:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Registry({_describe(self.location)!r})"
+        return f"Registry({display_location(self.location)!r})"
 
 
 # ---------------------------------------------------------------------- row mapping

@@ -290,8 +290,14 @@ def _provenance_section(records: Sequence[SessionRecord], model: NormativeModel 
                    f"{esc(json.dumps(doc, indent=1, sort_keys=True, default=str))}</pre>"
                    "</details>")
     if model is not None:
+        from alsiron.cohort.registry import display_location
+
+        # A model file written before sources were masked may still hold a password.
+        provenance = dict(model.provenance)
+        if provenance.get("source"):
+            provenance["source"] = display_location(str(provenance["source"]))
         out.append("<details><summary>normative model provenance</summary><pre>"
-                   + esc(json.dumps({"provenance": model.provenance,
+                   + esc(json.dumps({"provenance": provenance,
                                      "selection": model.selection}, indent=1, default=str))
                    + "</pre></details>")
     return out

@@ -18,7 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from alsiron.errors import OutputExistsError
+from alsiron.errors import OutputExistsError, OutputWriteError
 
 
 def _current_umask() -> int:
@@ -32,27 +32,41 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
 
     On any exception the temporary file is removed and ``final`` is left untouched.
-    Raises :class:`OutputExistsError` when ``final`` exists and ``overwrite`` is false.
-    The temporary name keeps the final suffixes so writers that infer the format from
-    the extension (``.nii.gz``) behave as for the final file.
+    Raises :class:`OutputExistsError` when ``final`` exists and ``overwrite`` is false,
+    and :class:`OutputWriteError` naming ``final`` when the system refuses the write (disk
+    full, read-only file system, no permission).  The temporary name keeps the final
+    suffixes so writers that infer the format from the extension (``.nii.gz``) behave as
+    for the final file.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise OutputExistsError(f"{final}: already exists (use --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}",
-                                    dir=final.parent)
-    os.close(fd)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}",
+                                        dir=final.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(final, exc) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
         # mkstemp creates 0600; a finished output gets the mode any new file would get.
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(final, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(path: str | os.PathLike[str], exc: OSError) -> OutputWriteError:
+    """The one-line error for a failed write of ``path`` (disk full, read-only, ...)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return OutputWriteError(path, f"cannot write ({reason})", exc.errno)
 
 
 def _write_atomic(final: Path, writer: Callable[[Path], None], overwrite: bool) -> Path:

@@ -8,10 +8,13 @@ Every problem is reported as an :class:`~alsiron.errors.InputError` naming the f
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
+import os
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
-from alsiron.errors import InputError
+from alsiron.errors import InputError, InvalidInputError
 from alsiron.grid import voxel_size_from_affine
 from alsiron.volume import MegreSeries, MeseSeries
 
@@ -120,10 +123,7 @@ def load_fieldmap(path: str | Path, series: MegreSeries) -> np.ndarray:
     if not sidecar.is_file():
         raise InputError(path, f"no JSON sidecar {sidecar.name} giving its Units "
                          f"({', '.join(FIELDMAP_UNITS)})")
-    try:
-        units = json.loads(sidecar.read_text()).get("Units")
-    except (OSError, ValueError) as exc:
-        raise InputError(sidecar, f"unreadable sidecar: {exc}") from None
+    units = read_json_sidecar(sidecar).get("Units")
     if units not in FIELDMAP_UNITS:
         raise InputError(sidecar, f"Units is {units!r}; a field map needs one of "
                          f"{', '.join(FIELDMAP_UNITS)}")
@@ -218,6 +218,35 @@ def _parse_entities(stem: str) -> dict[str, str]:
     return entities
 
 
+def check_folder_labels(path: Path, entities: dict[str, str], session_dir: Path) -> None:
+    """Refuse a file whose ``sub-``/``ses-`` entities disagree with the folders holding it.
+
+    Outputs and the registry record are named from the file names, so ``sub-01/`` holding
+    ``sub-02_*`` files would write (and with ``--overwrite`` replace) sub-02's results.
+    ``session_dir`` is the ``sub-XX/`` or ``sub-XX/ses-YY/`` folder above ``anat/``.
+
+    Raises
+    ------
+    InputError
+        Naming the file, its label and the folder's.
+    """
+    folder = session_dir.resolve()
+    if folder.name.startswith("ses-") and folder.parent.name.startswith("sub-"):
+        subject, session = folder.parent.name[4:], folder.name[4:]
+    elif folder.name.startswith("sub-"):
+        subject, session = folder.name[4:], None
+    else:
+        return  # not a BIDS subject/session folder: nothing to compare with
+    if entities.get("sub") != subject:
+        raise InputError(path, f"file name says sub-{entities.get('sub')} but it lies in the "
+                         f"folder sub-{subject}/; rename the file or move it")
+    if entities.get("ses") != session:
+        where = f"the folder ses-{session}/" if session is not None else "no ses-* folder"
+        named = f"ses-{entities['ses']}" if "ses" in entities else "no session"
+        raise InputError(path, f"file name says {named} but it lies in {where}; rename the "
+                         "file or move it")
+
+
 #: Echo files of one series: echo number → part (None without ``parts``) → path.
 _EchoGroups = dict[tuple[tuple[str, str], ...], dict[int, dict[str | None, Path]]]
 
@@ -243,6 +272,7 @@ def _scan_echo_files(session_dir: Path, suffix: str,
         if m is None:
             continue
         ents = _parse_entities(m["stem"])
+        check_folder_labels(f, ents, session_dir)
         part = None
         if parts is not None:
             part = ents.pop("part", None)
@@ -285,10 +315,30 @@ def read_sidecar(image_path: Path) -> dict[str, Any]:
     side = image_path.with_name(stem + ".json")
     if not side.is_file():
         return {}
+    return read_json_sidecar(side)
+
+
+def read_json_sidecar(side: Path) -> dict[str, Any]:
+    """Parse a JSON sidecar file into a dict.
+
+    Raises
+    ------
+    InputError
+        Naming the file: unreadable, not UTF-8, not JSON, nested too deeply to parse
+        (``RecursionError``), or not a JSON object.
+    """
     try:
-        obj = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        text = side.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise InputError(side, f"cannot read JSON sidecar ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(side, f"JSON sidecar is not UTF-8 text (byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise InputError(side, f"cannot read JSON sidecar ({exc})") from None
+    except RecursionError:
+        raise InputError(side, "JSON sidecar is nested too deeply to be a sidecar") from None
     if not isinstance(obj, dict):
         raise InputError(side, "JSON sidecar is not an object")
     return obj
@@ -383,8 +433,134 @@ def _wrap(phase: np.ndarray) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
+#: Environment variable: the largest image alsiron reads, in bytes once loaded as float32.
+MAX_IMAGE_BYTES_ENV = "ALSIRON_MAX_IMAGE_BYTES"
+#: Default ceiling bounds [bytes]: an eighth of the available memory, within these.
+_DEFAULT_MAX_IMAGE_BYTES = (256 << 20, 2 << 30)
+#: Voxel edges above this [mm] are refused as implausible for MRI (a corrupt header).
+MAX_VOXEL_MM = 20.0
+_INFLATE_BLOCK = 1 << 20
+
+
+def _available_memory() -> int:
+    """Memory the system can give without swapping, bytes (MemAvailable; 8 GiB unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def max_image_bytes() -> int:
+    """The largest image [bytes, as float32 in memory] alsiron agrees to read.
+
+    ``$ALSIRON_MAX_IMAGE_BYTES`` when set; else an eighth of the available memory,
+    clipped to 256 MiB–2 GiB (a 2 GiB float32 image is 800³ voxels, beyond any MRI
+    volume this pipeline processes).
+
+    Raises
+    ------
+    InvalidInputError
+        The environment variable is not a positive number.
+    """
+    env = os.environ.get(MAX_IMAGE_BYTES_ENV)
+    if env:
+        try:
+            value = int(float(env))
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise InvalidInputError(f"{MAX_IMAGE_BYTES_ENV} must be a positive number of "
+                                    f"bytes, got {env!r}")
+        return value
+    low, high = _DEFAULT_MAX_IMAGE_BYTES
+    return min(high, max(low, _available_memory() // 8))
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 30) else f"{n / (1 << 20):.1f} MiB"
+
+
+def _stored_bytes(path: Path, needed: int) -> int:
+    """Bytes the file holds after decompression, counted up to ``needed`` at most.
+
+    A ``.gz`` file is inflated block by block and the blocks dropped, stopping as soon
+    as ``needed`` bytes have come out: memory stays at one block whatever the file claims.
+    """
+    if not path.name.endswith(".gz"):
+        return path.stat().st_size
+    total = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while total < needed:
+                block = fh.read(min(_INFLATE_BLOCK, needed - total))
+                if not block:
+                    break
+                total += len(block)
+    except EOFError:
+        pass  # a truncated stream: what came out before the cut is what the file holds
+    except (OSError, zlib.error) as exc:
+        raise InputError(path, f"cannot read NIfTI image (corrupt gzip data: {exc})") from None
+    return total
+
+
+def check_image_header(path: Path, img: Any) -> None:
+    """Cheap checks of a NIfTI header before any image data is read.
+
+    Refuses complex-valued data, a non-finite affine, voxel edges outside
+    (0, :data:`MAX_VOXEL_MM`] mm, an image larger in memory than :func:`max_image_bytes`,
+    and a file holding fewer data bytes than the header claims (streamed for ``.gz``,
+    so a small file claiming gigabytes costs neither the memory nor the time).
+
+    Raises
+    ------
+    InputError
+        One line naming the file and the problem.
+    """
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind == "c":
+        raise InputError(path, f"complex-valued image ({dtype}); give magnitude and phase as "
+                         "separate real-valued images")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine (sform/qform) holds NaN or infinite values: the "
+                         "image's position and voxel size are unknown")
+    voxel = voxel_size_from_affine(affine)
+    if not all(0.0 < v <= MAX_VOXEL_MM for v in voxel):
+        raise InputError(path, "voxel size " + " x ".join(f"{v:.4g}" for v in voxel)
+                         + f" mm is outside (0, {MAX_VOXEL_MM:g}] mm: a corrupt header?")
+    n_voxels = math.prod(int(n) for n in img.shape)
+    stored = n_voxels * dtype.itemsize
+    in_memory = max(stored, n_voxels * 4)
+    limit = max_image_bytes()
+    if in_memory > limit:
+        raise InputError(path, f"image of shape {tuple(img.shape)} ({dtype}) would take "
+                         f"{_gib(in_memory)} of memory, over the limit of {_gib(limit)} "
+                         f"(set {MAX_IMAGE_BYTES_ENV} to raise it)")
+    # The data proxy knows where the data start (the loaded header's copy says 0).
+    offset = getattr(img.dataobj, "offset", None)
+    if not isinstance(offset, int) or not path.name.endswith((".nii", ".nii.gz")):
+        return
+    needed = offset + stored
+    held = _stored_bytes(path, needed)
+    if held < needed:
+        raise InputError(path, f"header claims {stored} bytes of image data (shape "
+                         f"{tuple(img.shape)}, {dtype}) but the file holds "
+                         f"{max(held - offset, 0)}: truncated or not a real image")
+
+
 def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Load a 3-D image: (scaled float data, unscaled data if scaled else None, affine)."""
+    """Load a 3-D image: (scaled float data, unscaled data if scaled else None, affine).
+
+    The header is checked first (:func:`check_image_header`), so hostile or truncated
+    files are refused before their data are read.
+    """
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files
@@ -394,10 +570,12 @@ def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(path, f"expected a 3-D image per echo, got shape {img.shape}")
+    check_image_header(path, img)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:
-        raise InputError(path, f"cannot read image data ({exc})") from None
+        raise InputError(path, f"cannot read image data ({exc or type(exc).__name__})"
+                         ) from None
     raw = None
     slope = getattr(img.dataobj, "slope", 1.0)
     inter = getattr(img.dataobj, "inter", 0.0)

@@ -31,6 +31,29 @@ def derivatives_root(dataset_root: Path, out: str | os.PathLike[str] | None) -> 
     return Path(out) if out is not None else dataset_root / "derivatives" / PIPELINE_NAME
 
 
+def dataset_relative(path: str | os.PathLike[str], dataset_root: str | os.PathLike[str] | None
+                     ) -> str:
+    """``path`` relative to the dataset root, POSIX form (``sub-01/anat/x.nii.gz``), so
+    that provenance stays valid when the dataset moves; a file outside the dataset (or
+    without a root) keeps its absolute path."""
+    resolved = Path(path).resolve()
+    if dataset_root is not None:
+        base = Path(dataset_root).resolve()
+        if resolved.is_relative_to(base):
+            return resolved.relative_to(base).as_posix()
+    return resolved.as_posix()
+
+
+def input_provenance(sources: list[str], dataset_root: Path,
+                     checksums: dict[str, str]) -> dict[str, Any]:
+    """The input part of a map sidecar: ``Sources`` (the input files, relative to the
+    dataset, :func:`dataset_relative`) and ``InputChecksums`` (file → SHA-256 hex, as
+    :func:`alsiron.cohort.registry.input_checksums` gives them), so that a sidecar alone
+    says which bytes made the map, with or without a registry."""
+    return {"Sources": [dataset_relative(p, dataset_root) for p in sources],
+            "InputChecksums": dict(checksums)}
+
+
 def write_dataset_description(root: Path) -> None:
     """Create the derivative dataset's ``dataset_description.json`` once."""
     path = root / "dataset_description.json"

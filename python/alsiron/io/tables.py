@@ -9,7 +9,6 @@ the registry keeps what is known.  A table that exists but cannot be parsed is a
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,10 @@ class VisitInfo:
 def read_tsv(path: Path) -> list[dict[str, str]]:
     """Rows of a BIDS TSV file as dicts (``n/a`` and empty cells become ``""``).
 
+    BIDS TSV has no quoting: every line is one row and every tab separates two cells, so
+    a value starting with ``"`` is kept as it is (CSV quoting would swallow the next rows
+    into it).  Blank lines are skipped; missing trailing cells read as empty.
+
     Raises
     ------
     InputError
@@ -53,11 +56,21 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
     """
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(path, f"cannot read the table ({exc})") from None
-    return [{k.strip(): ("" if (v or "").strip().lower() in _MISSING else v.strip())
-             for k, v in row.items() if k is not None} for row in rows]
+    lines = [ln.removesuffix("\r") for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln != ""]
+    if not lines:
+        return []
+    header = [h.strip() for h in lines[0].split("\t")]
+    rows = []
+    for line in lines[1:]:
+        cells = line.split("\t")
+        cells += [""] * (len(header) - len(cells))
+        rows.append({k: ("" if v.strip().lower() in _MISSING else v.strip())
+                     for k, v in zip(header, cells, strict=False)})
+    return rows
 
 
 def _float(value: str | None, path: Path, column: str) -> float | None:

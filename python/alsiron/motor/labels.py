@@ -181,9 +181,16 @@ def load_label_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     InputError
         Unreadable, not 3-D, or with non-integer values.
     """
+    from alsiron.io.bids import check_image_header
+
     path = Path(path)
     try:
         img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for bad files
+        raise InputError(path, f"cannot read label image ({type(exc).__name__}: {exc})"
+                         ) from None
+    check_image_header(path, img)
+    try:
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for bad files
         raise InputError(path, f"cannot read label image ({type(exc).__name__}: {exc})"

@@ -137,12 +137,15 @@ def zscore_path(out_root: Path, entities: dict[str, str]) -> Path:
 
 
 def session_record(series: MegreSeries, entities: dict[str, str], dataset_root: Path,
-                   provenance: dict[str, Any]) -> SessionRecord:
+                   provenance: dict[str, Any], *,
+                   checksums: dict[str, str] | None = None) -> SessionRecord:
     """The registry record of one series, before indices: who, when, where, inputs.
 
     Visit metadata come from ``participants.tsv``/``sessions.tsv``
     (:func:`alsiron.io.tables.visit_info`); input checksums are SHA-256 of the
-    magnitude and phase files, keyed relative to the dataset.
+    magnitude and phase files, keyed relative to the dataset (``checksums`` when the
+    caller has them already).  The sidecars' ``InputChecksums`` are left out of the
+    record's parameters: the record holds them in ``input_checksums``.
     """
     from alsiron.cohort.registry import input_checksums
 
@@ -156,8 +159,10 @@ def session_record(series: MegreSeries, entities: dict[str, str], dataset_root: 
         subject=subject, session=session, run=run, acq_time=info.acq_time,
         years_since_baseline=info.years_since_baseline, site=info.site, group=info.group,
         sex=info.sex, age=info.age, field_strength_t=float(series.field_strength),
-        input_checksums=input_checksums(series.sources, dataset_root),
-        software_version=alsiron.__version__, parameters={"qsm": provenance})
+        input_checksums=(input_checksums(series.sources, dataset_root) if checksums is None
+                         else checksums),
+        software_version=alsiron.__version__,
+        parameters={"qsm": {k: v for k, v in provenance.items() if k != "InputChecksums"}})
 
 
 def plan_outputs(out_root: Path, entities: dict[str, str],
@@ -210,6 +215,8 @@ def run_qsm_subject(
         the maps stay, the outcome's ``roi_error`` says why and the record is marked
         ``qc_status="fail"``.
     """
+    from alsiron.cohort.registry import input_checksums
+
     opts = options or QsmRunOptions()
     say = announce or (lambda _msg: None)
     sessions = ingest.find_sessions(subj_dir)
@@ -221,6 +228,7 @@ def run_qsm_subject(
             REGISTRY_ENV,
             Registry,
             default_registry_path,
+            display_location,
             resolve_location,
         )
 
@@ -266,13 +274,19 @@ def run_qsm_subject(
                                                  input_sources=workflow.InputSources(**sources),
                                                  progress=progress,
                                                  iteration_progress=iteration_progress)
+                series_sums = input_checksums(series.sources, root)
+                given = [Path(p) for p in (opts.mask_path, opts.reference_mask,
+                                           opts.fieldmap_path) if p is not None]
+                result.provenance.update(derivatives.input_provenance(
+                    series.sources, root, {**series_sums, **input_checksums(given, root)}))
                 written = derivatives.write_maps(plan, result.derivative_maps(),
                                                  result.provenance, overwrite=opts.overwrite)
                 outcome = SessionOutcome(
                     label=label, out_root=out_root, series=series, result=result,
                     written=written, seconds=time.perf_counter() - t0, dataset_root=root,
                     entities=plan.entities)
-                record = session_record(series, plan.entities, root, result.provenance)
+                record = session_record(series, plan.entities, root, result.provenance,
+                                        checksums=series_sums)
                 if opts.roi is not None:
                     t0 = time.perf_counter()
                     try:
@@ -299,7 +313,7 @@ def run_qsm_subject(
                         overwrite=opts.overwrite)
                 if registry is not None:
                     registry.record_session(record)
-                    outcome.registry = str(registry_location)
+                    outcome.registry = display_location(registry_location)
                 yield outcome
     finally:
         if registry is not None:

@@ -82,6 +82,8 @@ def run_relax_subject(subj_dir: str | Path,
         Bad input, or outputs that exist without ``overwrite``: the output check comes
         before the MEGRE series is loaded, so a refused series costs no fit.
     """
+    from alsiron.cohort.registry import input_checksums
+
     p = params or relax_chain.RelaxParameters()
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
@@ -99,6 +101,9 @@ def run_relax_subject(subj_dir: str | Path,
                                        field_strength=field_strength)
             t0 = time.perf_counter()
             result = relax_chain.process_relax(series, mese, p)
+            sources = list(result.provenance["Sources"])
+            result.provenance.update(derivatives.input_provenance(
+                sources, root, input_checksums(sources, root)))
             written = derivatives.write_maps(plan, result.derivative_maps(), result.provenance,
                                              overwrite=overwrite)
             yield RelaxOutcome(label=files.prefix, out_root=out_root, result=result,

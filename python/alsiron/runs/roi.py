@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+import alsiron
 from alsiron.errors import InputError
 from alsiron.io import bids as ingest
-from alsiron.io.atomic import save_nifti, save_text
+from alsiron.io.atomic import save_json, save_nifti, save_text
 from alsiron.io.derivatives import (
     OutputPlan,
     derivatives_root,
@@ -68,14 +69,14 @@ class RoiOptions:
 
 def plan_outputs(plan: OutputPlan) -> None:
     """Add the stage's outputs to a visit's plan: indices TSV (+ JSON dictionary), the
-    sub-region label image (+ sidecar, + TSV table) and the QC PNG.
+    sub-region label image (+ sidecar, + TSV table) and the QC PNG (+ JSON sidecar).
 
     The QC PNG is planned (and so checked) even when ``RoiOptions.qc`` is off, as it
     always was.
     """
     plan.add_file("indices", DESC, ".tsv", extra=(".json",))
     plan.add_map("dseg", DESC, extra=(".tsv",))
-    plan.add_file("qc", DESC, ".png")
+    plan.add_file("qc", DESC, ".png", extra=(".json",))
 
 
 def _dseg_tsv(dseg: Path) -> Path:
@@ -147,6 +148,7 @@ def write_outputs(plan: OutputPlan, masks: mk.RegionMasks, result: MotorCortexIn
     written.append(save_nifti(dseg, image, masks.affine, sidecar={
         "Description": "precentral sub-regions (side x somatotopic segment x depth band), "
                        "underlying white matter and control cortex; names in the .tsv",
+        "Software": {"Name": "alsiron", "Version": alsiron.__version__},
         **masks.provenance}, overwrite=overwrite))
     written.append(save_text(_dseg_tsv(dseg), "index\tname\n" + "".join(
         f"{v}\t{n}\n" for v, n in table), overwrite=overwrite))
@@ -155,8 +157,17 @@ def write_outputs(plan: OutputPlan, masks: mk.RegionMasks, result: MotorCortexIn
         lost = result.qc_notes.get("precentral_lost_to_mask", float("nan"))
         title = (f"{stem}: precentral {result.qc_notes.get('precentral_voxels', 0)} voxels, "
                  f"{lost:.1%} lost to the mask, QC {result.qc_status}")
-        written.append(qc_mod.save_montage(plan.path("qc", DESC), masks, magnitude, chi,
+        png = plan.path("qc", DESC)
+        written.append(qc_mod.save_montage(png, masks, magnitude, chi,
                                            title=title, overwrite=overwrite))
+        written.append(save_json(png.with_suffix(".json"), {
+            "Description": "QC montage: echo-1 magnitude and chi (axial, coronal, sagittal) "
+                           "with the precentral sub-region masks drawn over them",
+            "Title": title, "QCStatus": result.qc_status,
+            "Software": {"Name": "alsiron", "Version": alsiron.__version__},
+            "Sources": [plan.path("dseg", DESC).name]
+                       + ([map_path(plan.root, plan.entities, "Chimap").name]
+                          if chi is not None else [])}, overwrite=overwrite))
     return written
 
 
@@ -221,10 +232,16 @@ class RoiOutcome:
 def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     import nibabel as nib
 
+    from alsiron.io.bids import check_image_header
+
     if not path.is_file():
         return None
     try:
         img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read image ({exc})") from None
+    check_image_header(path, img)
+    try:
         return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, float)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(path, f"cannot read image ({exc})") from None
