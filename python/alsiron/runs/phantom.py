@@ -29,7 +29,7 @@ class PhantomOutcome:
 def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: int | None,
                 voxel_size: float | None, field_strength: float, snr: float | None,
                 b0_direction: tuple[float, float, float] | None, seed: int, mese: bool,
-                overwrite: bool) -> PhantomOutcome:
+                overwrite: bool, anatomy: str = "geometric") -> PhantomOutcome:
     """Write the phantom dataset of :func:`alsiron.sim.phantom.write_dataset`.
 
     Parameters
@@ -50,6 +50,8 @@ def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: in
         Also write a 16-echo multi-echo spin echo with B1 inhomogeneity.
     overwrite : bool
         Replace an existing dataset's files.
+    anatomy : {"geometric", "template"}
+        Ellipsoid head, or the folded-cortex head of :mod:`alsiron.sim.anatomical`.
     """
     kwargs: dict[str, object] = {"subjects": subjects, "sessions": sessions,
                                  "field_strength": field_strength, "seed": seed,
@@ -64,6 +66,8 @@ def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: in
         kwargs["b0_direction"] = tuple(b0_direction)
     if mese:
         kwargs["mese"] = ph.MeseProtocol()
+    if anatomy != "geometric":
+        kwargs["anatomy"] = anatomy
     t0 = time.perf_counter()
     root = ph.write_dataset(out_dir, **kwargs)  # type: ignore[arg-type]
     return PhantomOutcome(root=Path(root), seconds=time.perf_counter() - t0)

@@ -185,6 +185,9 @@ class PhantomSession:
     mese_protocol : MeseProtocol or None
     b1 : ndarray, float32, or None
         Refocusing-angle scale (actual/nominal) of the MESE.
+    extra_truth : list of (suffix, array, sidecar)
+        More truth maps written beside the others (the anatomical phantom's precentral
+        masks and somatotopy).
     """
 
     magnitude: np.ndarray
@@ -211,6 +214,7 @@ class PhantomSession:
     mese_echo_times: np.ndarray | None = None
     mese_protocol: MeseProtocol | None = None
     b1: np.ndarray | None = None
+    extra_truth: list[tuple[str, np.ndarray, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def complex_echoes(self) -> np.ndarray:
@@ -579,7 +583,55 @@ def simulate_subject(
     chi_tab, r2s_tab, subject = _subject_tables(
         labels_fine, group, als_effect_ppm, als_progression_ppm_per_year,
         years_since_baseline, precentral_offset_ppm, deep_grey_chi_scale, r2star_per_chi)
+    return forward_session(labels_fine, ic_fine, fine_voxel, unit, chi_tab, r2s_tab,
+                           matrix3=matrix3, voxel3=voxel3, ss=ss, echo_times=tes, b0=b0,
+                           field_strength=field_strength, snr=snr, gen=gen,
+                           parameters=subject, head_scale=scale, mese=mese)
 
+
+def forward_session(labels_fine: np.ndarray, ic_fine: np.ndarray,
+                    fine_voxel: tuple[float, ...], unit: tuple[np.ndarray, ...],
+                    chi_tab: np.ndarray, r2s_tab: np.ndarray, *,
+                    matrix3: tuple[int, int, int], voxel3: tuple[float, float, float],
+                    ss: int, echo_times: np.ndarray, b0: np.ndarray, field_strength: float,
+                    snr: float | None, gen: np.random.Generator, parameters: dict[str, Any],
+                    head_scale: float, mese: MeseProtocol | None = None) -> PhantomSession:
+    """The forward model shared by every phantom: fields, echoes, noise and truth from
+    tissue labels drawn on a grid ``ss`` times finer than the output.
+
+    Parameters
+    ----------
+    labels_fine : ndarray, uint8, shape ``ss`` × ``matrix3``
+        Tissue labels of :data:`TISSUES` on the fine grid.
+    ic_fine : ndarray, bool
+        Intracranial volume (brain mask) on the fine grid.
+    fine_voxel : 3 floats
+        Fine voxel edges [mm].
+    unit : 3 arrays
+        Fine-grid axis coordinates in units of the half field of view (phase offset, B1).
+    chi_tab, r2s_tab : ndarray
+        Per-label χ [ppm] and R2* [s⁻¹] of this subject (:func:`_subject_tables`).
+    matrix3, voxel3 : output grid size and voxel edges [mm].
+    ss : int
+        Supersampling factor.
+    echo_times : ndarray
+        Echo times [s], checked.
+    b0 : ndarray
+        Unit B0 direction in voxel-index space.
+    field_strength : float
+        B0 [T].
+    snr : float or None
+        Echo-1 white-matter SNR (None: noiseless).
+    gen : numpy Generator
+        Phase offset, then noise (then MESE noise) are drawn from it in that order.
+    parameters : dict
+        The subject's entries of ``PhantomParameters`` (placed after the acquisition's).
+    head_scale : float
+        Recorded as ``head_scale``.
+    mese : MeseProtocol, optional
+        Also simulate a multi-echo spin echo.
+    """
+    tes = echo_times
     chi_fine = chi_tab.astype(np.float32)[labels_fine]
     total_fine, chi_brain_fine, brain_mean_table, local_fine = _fine_fields(
         chi_fine, ic_fine, fine_voxel, b0)
@@ -603,8 +655,8 @@ def simulate_subject(
     params: dict[str, Any] = {
         "matrix": list(matrix3), "voxel_size_mm": list(voxel3),
         "field_strength_t": field_strength, "snr_echo1_wm": snr,
-        "b0_direction_voxel": b0.tolist(), "echo_times_s": tes.tolist(), **subject,
-        "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": scale,
+        "b0_direction_voxel": b0.tolist(), "echo_times_s": tes.tolist(), **parameters,
+        "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": head_scale,
         "supersampling": ss, "pad_factor": PAD_FACTOR,
         "noise_sigma": sigma,
     }
@@ -824,6 +876,7 @@ def write_session(out_dir: str | Path, session: PhantomSession, subject: str,
         truths.append(("TB1map", session.b1, {
             "Units": "ratio", "Description": "refocusing flip angle of the MESE as a "
             "fraction of the nominal RefocusingFlipAngle (1 = nominal)"}))
+    truths.extend(session.extra_truth)
     for suffix, data, side in truths:
         sidecar = {**side, "GeneratedBy": _generated_by(), "PhantomParameters": params}
         path = truth / f"{stem}_{suffix}.nii.gz"
@@ -840,7 +893,7 @@ def write_dataset(
     *,
     subjects: int = 2,
     sessions: int = 1,
-    matrix: int | tuple[int, int, int] = DEFAULT_MATRIX,
+    matrix: int | tuple[int, int, int] | None = None,
     voxel_size: float | tuple[float, float, float] = DEFAULT_VOXEL_SIZE_MM,
     field_strength: float = 3.0,
     snr: float | None = DEFAULT_SNR,
@@ -852,6 +905,7 @@ def write_dataset(
     als_progression_ppm_per_year: float = DEFAULT_ALS_PROGRESSION_PPM_PER_YEAR,
     mese: MeseProtocol | None = None,
     overwrite: bool = False,
+    anatomy: Literal["geometric", "template"] = "geometric",
 ) -> Path:
     """Simulate a phantom cohort and write it as a BIDS dataset with ground truth.
 
@@ -863,7 +917,8 @@ def write_dataset(
     subjects, sessions : int
         Number of participants and of sessions (about 6 months apart) per participant.
     matrix, voxel_size, field_strength, snr, b0_direction, echo_times
-        As :func:`simulate_subject` (voxel size mm, B0 T, TE s).
+        As :func:`simulate_subject` (voxel size mm, B0 T, TE s); matrix None: the
+        phantom's default (:data:`DEFAULT_MATRIX`, or the anatomical field of view).
     seed : int
         Same seed, same files (byte for byte).
     als_fraction : float
@@ -876,12 +931,17 @@ def write_dataset(
         (``TB1map`` under derivatives/phantom).
     overwrite : bool
         Replace existing files instead of refusing.
+    anatomy : {"geometric", "template"}
+        The ellipsoid head of this module, or the folded-cortex head of
+        :mod:`alsiron.sim.anatomical` (one deformed MNI152 anatomy per participant).
 
     Returns
     -------
     Path
         The dataset root.
     """
+    if anatomy not in ("geometric", "template"):
+        raise InvalidInputError(f"anatomy must be 'geometric' or 'template', got {anatomy!r}")
     root = Path(out_dir)
     cohort = draw_cohort(subjects, sessions, seed=seed, als_fraction=als_fraction)
     save_json(root / "dataset_description.json", {
@@ -916,8 +976,17 @@ def write_dataset(
             ses = f"{k + 1:02d}"
             years = subj.session_years[k]
             log.info("phantom: simulating %s ses-%s", subj.participant_id, ses)
-            session = simulate_subject(
-                matrix=matrix, voxel_size=voxel_size, field_strength=field_strength,
+            simulate: Any = simulate_subject
+            extra: dict[str, Any] = {}
+            if anatomy == "template":
+                from alsiron.sim.anatomical import simulate_anatomical_subject as simulate
+                extra = {"anatomy_seed": (seed, i)}
+            elif matrix is None:
+                extra = {"matrix": DEFAULT_MATRIX}
+            if matrix is not None:
+                extra["matrix"] = matrix
+            session = simulate(
+                **extra, voxel_size=voxel_size, field_strength=field_strength,
                 snr=snr, b0_direction=b0_direction, echo_times=echo_times, group=subj.group,
                 als_effect_ppm=als_effect_ppm,
                 als_progression_ppm_per_year=als_progression_ppm_per_year,
