@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -283,6 +284,18 @@ def test_truth_is_looked_for_only_beside_phantom_data(dataset, tmp_path):
     assert not evaluate.has_truth(dataset, {"sub": "02", "ses": "01"})
     assert not evaluate.has_truth(tmp_path, {"sub": "01"})
     assert evaluate.load_truth(tmp_path, {"sub": "01"}) is None
+
+
+def test_truth_comparison_of_a_mask_that_missed_the_brain_says_so(dataset):
+    # A QSM mask outside the true brain (BET following the neck on the anatomical head)
+    # leaves nothing to score: the comparison says so instead of raising.
+    truth = evaluate.load_truth(dataset, {"sub": "01", "ses": "01"})
+    outside = ~truth.brain_mask
+    outside[:, :, 1:] = False  # one slab outside the brain
+    fake = SimpleNamespace(chi=SimpleNamespace(data=np.zeros(truth.chi.shape, np.float32)),
+                           qsm_mask=SimpleNamespace(data=outside))
+    out = evaluate.compare_with_truth(fake, dataset, {"sub": "01", "ses": "01"})
+    assert out == {"scored": "nothing (QSM mask outside the true brain)"}
 
 
 def test_interrupted_run_leaves_no_partial_files(dataset, tmp_path, monkeypatch, capsys):

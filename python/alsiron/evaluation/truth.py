@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def compare_with_truth(result, dataset_root: Path, entities: dict[str, str]
     truth = load_truth(dataset_root, entities)
     if truth is None or truth.chi.shape != result.chi.data.shape:
         return None
+    if not (result.qsm_mask.data.astype(bool) & truth.brain_mask).any():
+        # A brain mask that missed the brain (e.g. BET following the neck) leaves nothing
+        # to score; the run's maps are still written, so say so instead of failing.
+        logging.getLogger("alsiron").warning(
+            "phantom truth: the QSM mask does not overlap the true brain; nothing scored")
+        return {"scored": "nothing (QSM mask outside the true brain)"}
     s = score_chi(result.chi.data, result.qsm_mask.data, truth)
     out = {"chi NRMSE": f"{s['NRMSE_pct']:.1f} %", "HFEN": f"{s['HFEN_pct']:.1f} %",
            "XSIM": f"{s['XSIM']:.3f}"}
