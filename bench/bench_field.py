@@ -25,7 +25,8 @@ from bench_fit import TES, _data, _label  # noqa: E402
 from skimage.restoration import unwrap_phase as skimage_unwrap  # noqa: E402
 from timing import best_of, row  # noqa: E402
 
-from alsiron import _core, fieldmap  # noqa: E402
+from alsiron import _core  # noqa: E402
+from alsiron.field import echo_fit as fieldmap  # noqa: E402
 
 
 def run(quick: bool = False) -> list[dict]:

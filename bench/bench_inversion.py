@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from timing import main, paired_best, row  # noqa: E402
 
-from alsiron import inversion  # noqa: E402
+from alsiron.qsm import inversion  # noqa: E402
 
 import twins_qsm as tw  # noqa: E402
 
