@@ -19,6 +19,13 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def input_error(capsys, *args: str) -> str:
+    """stderr of a command that must exit with the input-error code."""
+    code, _, err = run(capsys, *args)
+    assert code == EXIT_INPUT_ERROR
+    return err
+
+
 def assert_one_line_error(err: str, *needles: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.startswith("alsiron: error:")]
     assert len(lines) == 1, err
@@ -35,15 +42,13 @@ def test_help_and_version(capsys):
 
 
 def test_missing_folder(capsys, tmp_path):
-    code, _, err = run(capsys, "qsm", str(tmp_path / "sub-404"))
-    assert code == EXIT_INPUT_ERROR
+    err = input_error(capsys, "qsm", str(tmp_path / "sub-404"))
     assert_one_line_error(err, "sub-404", "not a folder")
 
 
 def test_single_echo(capsys, tmp_path):
     write_megre_session(tmp_path, echo_times=(0.005,))
-    code, _, err = run(capsys, "qsm", str(tmp_path / "sub-01"))
-    assert code == EXIT_INPUT_ERROR
+    err = input_error(capsys, "qsm", str(tmp_path / "sub-01"))
     assert_one_line_error(err, "echo-1_part-mag_MEGRE.nii.gz", "only one echo")
 
 
@@ -53,8 +58,7 @@ def test_nan_voxels(capsys, tmp_path):
     d = np.ones((12, 10, 8), np.float32)
     d[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(d, np.diag([2, 2, 2.5, 1.0])), path)
-    code, _, err = run(capsys, "qsm", str(tmp_path / "sub-01"))
-    assert code == EXIT_INPUT_ERROR
+    err = input_error(capsys, "qsm", str(tmp_path / "sub-01"))
     assert_one_line_error(err, "echo-3_part-mag", "1 non-finite", "--fill-nonfinite")
 
 
@@ -64,8 +68,7 @@ def test_missing_echo_time(capsys, tmp_path):
         d = json.loads(side.read_text())
         d.pop("EchoTime")
         side.write_text(json.dumps(d))
-    code, _, err = run(capsys, "qsm", str(tmp_path / "sub-01"))
-    assert code == EXIT_INPUT_ERROR
+    err = input_error(capsys, "qsm", str(tmp_path / "sub-01"))
     assert_one_line_error(err, "echo-2_part-mag", "--echo-times")
 
 
@@ -73,8 +76,7 @@ def test_mismatched_shapes(capsys, tmp_path):
     anat = write_megre_session(tmp_path)
     path = anat / "sub-01_ses-01_echo-2_part-phase_MEGRE.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((12, 10, 7), np.float32), np.diag([2, 2, 2.5, 1.0])), path)
-    code, _, err = run(capsys, "qsm", str(tmp_path / "sub-01"))
-    assert code == EXIT_INPUT_ERROR
+    err = input_error(capsys, "qsm", str(tmp_path / "sub-01"))
     assert_one_line_error(err, "echo-2_part-phase", "differs")
 
 
@@ -85,8 +87,7 @@ def test_bad_options_are_usage_errors(capsys, bad):
 
 
 def test_invalid_option_value_is_one_line(capsys, tmp_path):
-    code, _, err = run(capsys, "phantom", str(tmp_path / "ph"), "--voxel-size", "-1")
-    assert code == EXIT_INPUT_ERROR
+    err = input_error(capsys, "phantom", str(tmp_path / "ph"), "--voxel-size", "-1")
     assert_one_line_error(err, "voxel_size", "positive")
 
 

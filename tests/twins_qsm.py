@@ -253,6 +253,26 @@ def simulate_phantom(
 # --------------------------------------------------------------------------- PDF, iSMV
 
 
+def conjugate_gradients(apply, x, r, tol, max_iter, *, rhs_norm=0.0):
+    """Textbook CG on ``apply`` (symmetric positive definite) from ``x`` with residual
+    ``r`` (both updated in place): stop after ``max_iter`` iterations or when ‖r‖ falls
+    below ``tol`` × max(``rhs_norm``, ‖r₀‖). Returns (x, iterations run)."""
+    p = r.copy()
+    rs = float(np.vdot(r, r))
+    stop = tol * max(rhs_norm, np.sqrt(rs))
+    it = 0
+    while it < max_iter and np.sqrt(rs) > stop and rs > 0:
+        ap = apply(p)
+        alpha = rs / float(np.vdot(p, ap))
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = float(np.vdot(r, r))
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+        it += 1
+    return x, it
+
+
 def _pad_corner(x, padded):
     out = np.zeros(padded)
     out[: x.shape[0], : x.shape[1], : x.shape[2]] = x
@@ -300,21 +320,7 @@ def pdf(field, mask, voxel_size, b0_dir, *, weight=None, pad_voxels=(0, 0, 0),
         return np.where(outside, conv(w2 * conv(np.where(outside, x, 0.0))), 0.0)
 
     b = np.where(outside, conv(w2 * f), 0.0)
-    x = np.zeros(padded)
-    r = b.copy()
-    p = r.copy()
-    rs = float(np.vdot(r, r))
-    stop = tol * np.sqrt(rs)
-    it = 0
-    while it < max_iter and np.sqrt(rs) > stop and rs > 0:
-        ap = normal(p)
-        alpha = rs / float(np.vdot(p, ap))
-        x += alpha * p
-        r -= alpha * ap
-        rs_new = float(np.vdot(r, r))
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-        it += 1
+    x, it = conjugate_gradients(normal, np.zeros(padded), b.copy(), tol, max_iter)
     local = np.where(inside, f - conv(np.where(outside, x, 0.0)), 0.0)
     return local[: shape[0], : shape[1], : shape[2]], it
 
@@ -382,20 +388,8 @@ def lbv(field, mask, voxel_size, *, tol=1e-4, max_iter=2000):
     boundary = np.where(inside & ~interior, f, 0.0)
     rhs = np.where(interior, sum(inv_h2[a] * shifted_sum(boundary, a) for a in range(3)), 0.0)
     x = np.where(interior, f, 0.0)
-    r = rhs - apply(x)
-    p = r.copy()
-    rs = float(np.vdot(r, r))
-    stop = tol * max(np.linalg.norm(rhs), np.sqrt(rs))
-    it = 0
-    while it < max_iter and np.sqrt(rs) > stop and rs > 0:
-        ap = apply(p)
-        alpha = rs / float(np.vdot(p, ap))
-        x += alpha * p
-        r -= alpha * ap
-        rs_new = float(np.vdot(r, r))
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-        it += 1
+    x, it = conjugate_gradients(apply, x, rhs - apply(x), tol, max_iter,
+                                rhs_norm=float(np.linalg.norm(rhs)))
     return np.where(interior, f - x, 0.0), interior.astype(np.uint8), it
 
 

@@ -1,5 +1,6 @@
 """Validation of the arrays and geometry every numerical stage takes: 3-D volumes,
-masks, voxel sizes [mm] and B0 directions (one check of each, shared by all stages)."""
+masks, weights, voxel sizes [mm], B0 directions and iterative solvers' caps and
+tolerances (one check of each, shared by all stages)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,61 @@ def as_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.
     if not out.any():
         raise InvalidInputError(f"{name} is empty: no voxel inside")
     return out
+
+
+def as_field_inputs(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
+                    name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """The inputs every field stage (background removal, dipole inversion) starts from.
+
+    Parameters
+    ----------
+    field : ndarray, shape (X, Y, Z)
+        A field [ppm] (:func:`as_volume`: finite, real), named ``name`` in errors.
+    mask : ndarray, shape (X, Y, Z)
+        Where the field is valid (:func:`as_mask`: same grid, not empty).
+    voxel_size : 3 floats
+        Voxel edges [mm] (:func:`as_voxel_size`).
+
+    Returns
+    -------
+    field : ndarray, float32, C-contiguous
+    mask : ndarray, uint8 (0/1)
+    voxel_size : (float, float, float)
+        Checked in this order, so the first bad argument is the one reported.
+    """
+    volume = as_volume(field, name)
+    return volume, as_mask(mask, volume.shape), as_voxel_size(voxel_size)
+
+
+def as_weight(weight: np.ndarray, shape: tuple[int, ...], name: str = "weight") -> np.ndarray:
+    """A per-voxel data weight (unitless, >= 0) on the field's grid, as float32.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a finite real 3-D array (:func:`as_volume`), another shape than ``shape``, or a
+        negative value.
+    """
+    w = as_volume(weight, name)
+    if w.shape != shape:
+        raise InvalidInputError(f"{name} has shape {w.shape}, expected {shape}")
+    if np.any(w < 0):
+        raise InvalidInputError(f"{name} must be non-negative (>= 0 everywhere)")
+    return w
+
+
+def as_iterations(value: int, name: str = "max_iter") -> int:
+    """An iterative solver's iteration cap: a whole number >= 1 (a bool, a float or 0 is
+    refused, so that 2.5 is not silently run as 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def as_tolerance(value: float, name: str = "tol") -> float:
+    """An iterative solver's stopping tolerance (relative, unitless): finite and >= 0
+    (0 runs to the iteration cap)."""
+    tol = float(value)
+    if not (np.isfinite(tol) and tol >= 0.0):
+        raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return tol

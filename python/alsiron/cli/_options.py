@@ -1,6 +1,7 @@
-"""Options and printers shared by several commands: ``--registry``, the motor-cortex
-(ROI) options, ``--mask-erode``'s parameter type, step/iteration progress, the ROI summary,
-and method choices taken from the method tables."""
+"""Options and printers shared by several commands: ``--registry``, ``--normative``,
+``--out FILE``, the motor-cortex (ROI) options, ``--mask-erode``'s parameter type,
+step/iteration progress, the ROI summary, and method choices taken from the method
+tables."""
 
 from __future__ import annotations
 
@@ -49,6 +50,22 @@ def registry_option(func):
         help="Results registry: an SQLite file or an SQLAlchemy URL (postgresql://...). "
              "Default: $ALSIRON_REGISTRY, else <dataset>/derivatives/alsiron/registry.sqlite.",
     )(func)
+
+
+def normative_option(help: str):
+    """The ``--normative FILE`` option: a normative model JSON
+    (:func:`alsiron.cohort.normative.load_model`); ``help`` says what the command uses it
+    for."""
+    return click.option("--normative", "normative",
+                        type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help=help)
+
+
+def out_file_option(help: str):
+    """The ``--out FILE`` option of a command that writes one file (default None: the
+    command's own location); ``help`` names the file and its default."""
+    return click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help=help)
 
 
 _ROI_OPTIONS = [

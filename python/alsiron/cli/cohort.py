@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from alsiron.cli._cohort_text import cohort_text, fmt, model_text, retest_line, trajectory_text
-from alsiron.cli._options import registry_option
+from alsiron.cli._options import normative_option, out_file_option, registry_option
 
 
 @click.command("report")
@@ -16,14 +16,12 @@ from alsiron.cli._options import registry_option
 @click.option("--cohort", is_flag=True,
               help="Write the cohort page (PATH, if given, is the dataset folder).")
 @registry_option
-@click.option("--normative", "normative", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Normative model JSON for z-scores and bands.")
+@normative_option("Normative model JSON for z-scores and bands.")
 @click.option("--qc", "qc_images", multiple=True, type=click.Path(path_type=Path),
               help="QC montage PNG to embed (repeat); default: every PNG under the subject's "
                    "derivatives folder.")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="HTML file (default: <derivatives>/alsiron/sub-X/sub-X_report.html or "
-                   "<derivatives>/alsiron/cohort_report.html).")
+@out_file_option("HTML file (default: <derivatives>/alsiron/sub-X/sub-X_report.html or "
+                 "<derivatives>/alsiron/cohort_report.html).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing page.")
 def report_cmd(path: Path | None, cohort: bool, registry: str | None,
                normative: Path | None, qc_images: tuple[Path, ...], out: Path | None,
@@ -100,12 +98,10 @@ def _retest_from_option(retest_sd: float | None, normative: Path | None, records
 @click.option("--retest-sd", type=float, default=None,
               help="Within-subject (test-retest) SD in index units (ppm for χ), e.g. a "
                    "published value; overrides the SD from same-day repeats in the registry.")
-@click.option("--normative", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Normative model JSON whose residual SD stands in for the test-retest SD "
-                   "when the registry has no same-day repeats (conservative).")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the per-visit table as TSV (+ JSON dictionary; with --cohort "
-                   "the mixed model as <stem>_model.json).")
+@normative_option("Normative model JSON whose residual SD stands in for the test-retest SD "
+                  "when the registry has no same-day repeats (conservative).")
+@out_file_option("Also write the per-visit table as TSV (+ JSON dictionary; with --cohort "
+                 "the mixed model as <stem>_model.json).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def longitudinal_cmd(subj_dir: Path | None, cohort: bool, index: str | None,
                      registry: str | None, retest_sd: float | None, normative: Path | None,

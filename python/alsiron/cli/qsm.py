@@ -14,6 +14,7 @@ from alsiron.cli._options import (
     echo_roi,
     iteration_progress,
     method_choice,
+    normative_option,
     progress,
     registry_option,
     roi_options,
@@ -94,8 +95,7 @@ from alsiron.volume import MegreSeries
 @registry_option
 @click.option("--no-registry", is_flag=True,
               help="Do not record the sessions in the results registry.")
-@click.option("--normative", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Normative model JSON (alsiron normative build): print and store z-scores.")
+@normative_option("Normative model JSON (alsiron normative build): print and store z-scores.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmonic: bool,
             bfr: str | None,
@@ -152,20 +152,16 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
     refusing combinations that contradict each other (``click.UsageError``)."""
     # Options → the sidecar's flat parameter keys (QsmParameters.from_flat).
     flat = qsm_chain.QsmParameters().to_flat()
-    if inversion is not None:
-        flat["inversion"] = inversion
+    given = {"inversion": inversion, "bfr": bfr, "unwrapping": unwrapping,
+             "brain_mask_method": brain_mask_method,
+             "residual_threshold": phase_quality_threshold}
+    flat.update({key: value for key, value in given.items() if value is not None})
     if weak_harmonic:
         if inversion is None:
             flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option
         if flat["inversion"] != "tvadmm":
             raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
         flat["tv_weak_harmonic"] = True
-    if bfr is not None:
-        flat["bfr"] = bfr
-    if unwrapping is not None:
-        flat["unwrapping"] = unwrapping
-    if brain_mask_method is not None:
-        flat["brain_mask_method"] = brain_mask_method
     if bet_f is not None:
         if flat["brain_mask_method"] != "bet":
             raise click.UsageError("--bet-f goes with --brain-mask bet")
@@ -178,8 +174,6 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
             flat["bfr_erode_voxels"] = int(amount)
         else:
             flat["bfr_erode_mm"] = float(amount)
-    if phase_quality_threshold is not None:
-        flat["residual_threshold"] = phase_quality_threshold
     return qsm_chain.QsmParameters.from_flat(flat)
 
 

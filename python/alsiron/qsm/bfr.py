@@ -14,7 +14,14 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron import _core
-from alsiron.arrays import as_mask, as_vec3, as_volume, as_voxel_size
+from alsiron.arrays import (
+    as_field_inputs,
+    as_iterations,
+    as_tolerance,
+    as_vec3,
+    as_voxel_size,
+    as_weight,
+)
 from alsiron.errors import InvalidInputError
 
 logger = logging.getLogger("alsiron")
@@ -87,9 +94,7 @@ def vsharp(
     ----------
     Li W. et al., NeuroImage 55:1645 (2011); Wu B. et al., MRM 67:137 (2012).
     """
-    field = as_volume(total_field, "total_field")
-    m = as_mask(mask, field.shape)
-    vs = as_voxel_size(voxel_size)
+    field, m, vs = as_field_inputs(total_field, mask, voxel_size, "total_field")
     radii = vsharp_default_radii(vs) if radii_mm is None else [float(r) for r in radii_mm]
     if not radii or not all(np.isfinite(r) and r > 0 for r in radii):
         raise ValueError(f"radii_mm must be positive mm values, got {radii_mm!r}")
@@ -103,19 +108,6 @@ def vsharp(
             f"the mask is too thin for the V-SHARP radii {radii} mm: nothing survives erosion"
         )
     return local, eroded.astype(bool)
-
-
-def _iterations(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _tolerance(value: float, name: str) -> float:
-    tol = float(value)
-    if not (np.isfinite(tol) and tol >= 0.0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return tol
 
 
 def pdf(
@@ -142,10 +134,8 @@ def pdf(
 
     Parameters
     ----------
-    total_field : ndarray, shape (X, Y, Z)
-        Unwrapped total field in ppm; values outside ``mask`` are ignored.
-    mask : ndarray of bool, shape (X, Y, Z)
-        Brain (tissue) mask.
+    total_field, mask
+        As in :func:`vsharp`.
     voxel_size : (float, float, float)
         Voxel size in mm along the array axes.
     b0_dir : (float, float, float)
@@ -175,26 +165,18 @@ def pdf(
     Liu T. et al., "A novel background field removal method for MRI using projection
     onto dipole fields", NMR Biomed 24:1129 (2011).
     """
-    field = as_volume(total_field, "total_field")
-    m = as_mask(mask, field.shape)
-    vs = as_voxel_size(voxel_size)
+    field, m, vs = as_field_inputs(total_field, mask, voxel_size, "total_field")
     b0 = as_vec3(b0_dir, "b0_dir", positive=False)
-    w = None
-    if weight is not None:
-        w = as_volume(weight, "weight")
-        if w.shape != field.shape:
-            raise ValueError(f"weight has shape {w.shape}, expected {field.shape}")
-        if np.any(w < 0):
-            raise ValueError("weight must be >= 0 everywhere")
-        if not np.any(w[m != 0] > 0):
-            raise InvalidInputError("weight is zero everywhere inside the mask")
+    w = None if weight is None else as_weight(weight, field.shape)
+    if w is not None and not np.any(w[m != 0] > 0):
+        raise InvalidInputError("weight is zero everywhere inside the mask")
     pads = np.broadcast_to(np.asarray(pad_voxels), (3,))
     if not np.issubdtype(pads.dtype, np.integer) or np.any(pads < 0) or np.any(pads > 4096):
         raise ValueError(f"pad_voxels must be integers in [0, 4096], got {pad_voxels!r}")
     if kernel not in ("kspace", "image"):
         raise ValueError(f"kernel must be 'kspace' or 'image', got {kernel!r}")
     local, iterations = _core.pdf(field, m, w, vs, b0, tuple(int(p) for p in pads),
-                                  _tolerance(tol, "tol"), _iterations(max_iter, "max_iter"),
+                                  as_tolerance(tol), as_iterations(max_iter),
                                   kernel)
     logger.debug("pdf: %d CG iterations", iterations)
     return local, int(iterations)
@@ -218,10 +200,8 @@ def ismv(
 
     Parameters
     ----------
-    total_field : ndarray, shape (X, Y, Z)
-        Unwrapped total field in ppm; values outside ``mask`` are ignored.
-    mask : ndarray of bool, shape (X, Y, Z)
-        Brain mask.
+    total_field, mask
+        As in :func:`vsharp`.
     voxel_size : (float, float, float)
         Voxel size in mm (the sphere is round in mm).
     radius_mm : float, optional
@@ -246,15 +226,13 @@ def ismv(
     Wen Y. et al., "An iterative spherical mean value method for background field
     removal in MRI", Magn Reson Med 72:1065 (2014).
     """
-    field = as_volume(total_field, "total_field")
-    m = as_mask(mask, field.shape)
-    vs = as_voxel_size(voxel_size)
+    field, m, vs = as_field_inputs(total_field, mask, voxel_size, "total_field")
     radius = 2.0 * max(vs) if radius_mm is None else float(radius_mm)
     if not (np.isfinite(radius) and radius >= max(vs)):
         raise InvalidInputError(f"radius_mm must be at least the largest voxel edge {max(vs)} mm, "
                                 f"got {radius_mm!r}")
-    local, eroded, iterations = _core.ismv(field, m, vs, radius, _tolerance(tol, "tol"),
-                                           _iterations(max_iter, "max_iter"))
+    local, eroded, iterations = _core.ismv(field, m, vs, radius, as_tolerance(tol),
+                                           as_iterations(max_iter))
     logger.debug("ismv: %d iterations", iterations)
     return local, eroded.astype(bool), int(iterations)
 
@@ -276,10 +254,8 @@ def lbv(
 
     Parameters
     ----------
-    total_field : ndarray, shape (X, Y, Z)
-        Unwrapped total field in ppm; values outside ``mask`` are ignored.
-    mask : ndarray of bool, shape (X, Y, Z)
-        Brain mask.
+    total_field, mask
+        As in :func:`vsharp`.
     voxel_size : (float, float, float)
         Voxel size in mm (the Laplacian's spacing).
     tol : float
@@ -302,11 +278,9 @@ def lbv(
     Zhou D. et al., "Background field removal by solving the Laplacian boundary value
     problem", NMR Biomed 27:312 (2014).
     """
-    field = as_volume(total_field, "total_field")
-    m = as_mask(mask, field.shape)
-    vs = as_voxel_size(voxel_size)
-    local, interior, iterations = _core.lbv(field, m, vs, _tolerance(tol, "tol"),
-                                            _iterations(max_iter, "max_iter"))
+    field, m, vs = as_field_inputs(total_field, mask, voxel_size, "total_field")
+    local, interior, iterations = _core.lbv(field, m, vs, as_tolerance(tol),
+                                            as_iterations(max_iter))
     logger.debug("lbv: %d CG iterations", iterations)
     return local, interior.astype(bool), int(iterations)
 

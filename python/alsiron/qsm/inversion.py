@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 
 from alsiron import _core
-from alsiron.arrays import as_mask, as_vec3, as_volume
+from alsiron.arrays import (
+    as_field_inputs,
+    as_iterations,
+    as_mask,
+    as_tolerance,
+    as_vec3,
+    as_volume,
+    as_weight,
+)
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.errors import InvalidInputError
 
@@ -227,26 +235,18 @@ def _positive(value: float, name: str, *, allow_zero: bool = False) -> float:
     return v
 
 
-def _iterations(max_iter: int, tol: float) -> tuple[int, float]:
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    return int(max_iter), _positive(tol, "tol", allow_zero=True)
-
-
-def _geometry(voxel_size: Sequence[float], b0_dir: Sequence[float]):
-    return (as_vec3(voxel_size, "voxel_size", positive=True),
-            as_vec3(b0_dir, "b0_dir", positive=False))
+def _inputs(local_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
+            b0_dir: Sequence[float]
+            ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float],
+                       tuple[float, float, float]]:
+    """The checked local field [ppm], mask, voxel size [mm] and B0 direction of a method."""
+    field, m, vs = as_field_inputs(local_field, mask, voxel_size, "local_field")
+    return field, m, vs, as_vec3(b0_dir, "b0_dir", positive=False)
 
 
 def _weight(weight: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if weight is None:
-        return np.ones(shape, dtype=np.float32)
-    w = as_volume(weight, name)
-    if w.shape != shape:
-        raise ValueError(f"{name} has shape {w.shape}, expected {shape}")
-    if np.any(w < 0):
-        raise ValueError(f"{name} must be non-negative")
-    return w
+    # No weight weighs every voxel equally.
+    return np.ones(shape, dtype=np.float32) if weight is None else as_weight(weight, shape, name)
 
 
 def tkd(
@@ -469,9 +469,7 @@ def tikhonov(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[
     ndarray, float32
         χ [ppm], 0 outside the mask.
     """
-    field = as_volume(local_field, "local_field")
-    m = as_mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
+    field, m, vs, b0 = _inputs(local_field, mask, voxel_size, b0_dir)
     return _core.tikhonov(field, m, vs, b0, _positive(lam, "lam"))
 
 
@@ -495,26 +493,23 @@ def ilsqr_fast_estimate(local_field: np.ndarray, mask: np.ndarray, *,
     ndarray, float32
         χ_fs [ppm], 0 outside the mask.
     """
-    field = as_volume(local_field, "local_field")
-    m = as_mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
+    field, m, vs, b0 = _inputs(local_field, mask, voxel_size, b0_dir)
     return _core.ilsqr_fast_estimate(field, m, vs, b0)
 
 
 def _ilsqr_run(local_field, mask, *, voxel_size, b0_dir, weight, tol, max_iter, streaking,
                ill_threshold, streak_tol, streak_max_iter, progress
                ) -> tuple[np.ndarray, int, int]:
-    field = as_volume(local_field, "local_field")
-    m = as_mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
-    n, t = _iterations(max_iter, tol)
+    field, m, vs, b0 = _inputs(local_field, mask, voxel_size, b0_dir)
+    n, t = as_iterations(max_iter), as_tolerance(tol)
     w = _weight(weight, field.shape, "weight")
     if not streaking:
         chi, it = _core.ilsqr(field, w, m, vs, b0, t, n, progress)
         return chi, int(it), 0
     if not 0 < float(ill_threshold) < 2.0 / 3.0:
         raise ValueError(f"ill_threshold must be in (0, 2/3), got {ill_threshold}")
-    ns, ts = _iterations(streak_max_iter, streak_tol)
+    ns, ts = (as_iterations(streak_max_iter, "streak_max_iter"),
+              as_tolerance(streak_tol, "streak_tol"))
     chi, it, it_streak = _core.ilsqr_streaking(field, w, m, vs, b0, t, n,
                                                float(ill_threshold), ts, ns, progress)
     return chi, int(it), int(it_streak)
@@ -607,12 +602,12 @@ def tv_admm_weighted(local_field: np.ndarray, mask: np.ndarray, *,
     Returns
     -------
     chi : ndarray, float32
+        χ [ppm], 0 outside the mask (not referenced).
     n_iter : int
+        ADMM iterations run.
     """
-    field = as_volume(local_field, "local_field")
-    m = as_mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
-    n, t = _iterations(max_iter, tol)
+    field, m, vs, b0 = _inputs(local_field, mask, voxel_size, b0_dir)
+    n, t = as_iterations(max_iter), as_tolerance(tol)
     w = _weight(weight, field.shape, "weight")
     g = None if tv_weight is None else _weight(tv_weight, field.shape, "tv_weight")
     s = None if phase_scale is None else _positive(phase_scale, "phase_scale")
@@ -725,16 +720,13 @@ def rts(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float
     n_iter : int
         TV iterations run.
     """
-    field = as_volume(local_field, "local_field")
-    m = as_mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
-    n, t = _iterations(max_iter, tol)
+    field, m, vs, b0 = _inputs(local_field, mask, voxel_size, b0_dir)
+    n, t = as_iterations(max_iter), as_tolerance(tol)
     if not 0 < float(delta) < 2.0 / 3.0:
         raise ValueError(f"delta must be in (0, 2/3), got {delta}")
-    if int(lsqr_iter) < 1:
-        raise ValueError(f"lsqr_iter must be >= 1, got {lsqr_iter}")
     chi, it = _core.rts(field, m, vs, b0, float(delta), _positive(mu, "mu"),
-                        _positive(rho, "rho"), n, t, int(lsqr_iter), progress)
+                        _positive(rho, "rho"), n, t, as_iterations(lsqr_iter, "lsqr_iter"),
+                        progress)
     return chi, int(it)
 
 
@@ -758,16 +750,17 @@ def ndi(local_field: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float
     lam, step : float
         Tikhonov weight λ and gradient step τ.
     max_iter, tol : int, float
+        Iteration cap; stop when ‖χₙ − χₙ₋₁‖/‖χₙ‖ < tol.
 
     Returns
     -------
     chi : ndarray, float32
+        χ [ppm], 0 outside the mask (not referenced).
     n_iter : int
+        Gradient-descent iterations run.
     """
-    field = as_volume(local_field, "local_field")
-    m = as_mask(mask, field.shape)
-    vs, b0 = _geometry(voxel_size, b0_dir)
-    n, t = _iterations(max_iter, tol)
+    field, m, vs, b0 = _inputs(local_field, mask, voxel_size, b0_dir)
+    n, t = as_iterations(max_iter), as_tolerance(tol)
     chi, it = _core.ndi(field, _weight(weight, field.shape, "weight"), m, vs, b0,
                         _positive(phase_scale, "phase_scale"),
                         _positive(lam, "lam", allow_zero=True), _positive(step, "step"), n, t,

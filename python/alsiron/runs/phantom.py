@@ -56,14 +56,10 @@ def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: in
     kwargs: dict[str, object] = {"subjects": subjects, "sessions": sessions,
                                  "field_strength": field_strength, "seed": seed,
                                  "overwrite": overwrite}
-    if matrix is not None:
-        kwargs["matrix"] = matrix
-    if voxel_size is not None:
-        kwargs["voxel_size"] = voxel_size
-    if snr is not None:
-        kwargs["snr"] = snr
-    if b0_direction is not None:
-        kwargs["b0_direction"] = tuple(b0_direction)
+    # None leaves the phantom's own default in place.
+    optional = {"matrix": matrix, "voxel_size": voxel_size, "snr": snr,
+                "b0_direction": None if b0_direction is None else tuple(b0_direction)}
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
     if mese:
         kwargs["mese"] = ph.MeseProtocol()
     if anatomy != "geometric":

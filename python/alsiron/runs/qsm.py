@@ -24,6 +24,7 @@ from alsiron.io import derivatives
 from alsiron.io.tables import visit_info
 from alsiron.qsm import chain as workflow
 from alsiron.runs import roi as roi_workflow
+from alsiron.runs.outcome import VisitOutcome
 from alsiron.volume import MegreSeries
 
 log = logging.getLogger("alsiron")
@@ -75,23 +76,17 @@ class QsmRunOptions:
     overwrite: bool = False
 
 
-@dataclass
-class SessionOutcome:
-    """What one MEGRE series of one visit produced.
+@dataclass(kw_only=True)
+class SessionOutcome(VisitOutcome):
+    """What one MEGRE series of one visit produced: the fields of
+    :class:`~alsiron.runs.outcome.VisitOutcome` (``written``: the map files; ``seconds``:
+    wall time of the map-making chain) and
 
     Attributes
     ----------
-    label : str
-        BIDS prefix of the series (``sub-01_ses-01``).
-    out_root : Path
-        Derivatives folder the outputs went to.
     series : MegreSeries
     result : SessionResult
         The maps.
-    written : list of Path
-        Map files written.
-    seconds : float
-        Wall time of the map-making chain.
     dataset_root : Path
         BIDS dataset the series came from.
     entities : dict
@@ -112,12 +107,8 @@ class SessionOutcome:
         Printable z-score table, or how to build a model.
     """
 
-    label: str
-    out_root: Path
     series: MegreSeries
     result: workflow.SessionResult
-    written: list[Path]
-    seconds: float
     dataset_root: Path
     entities: dict[str, str]
     indices: Any = None

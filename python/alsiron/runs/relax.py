@@ -10,39 +10,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from alsiron.io import bids as ingest
 from alsiron.io import derivatives
 from alsiron.relax import chain as relax_chain
+from alsiron.runs.outcome import VisitOutcome
 
 log = logging.getLogger("alsiron")
 
 
-@dataclass
-class RelaxOutcome:
-    """What one MEGRE series of one visit produced.
+@dataclass(kw_only=True)
+class RelaxOutcome(VisitOutcome):
+    """What one MEGRE series of one visit produced: the fields of
+    :class:`~alsiron.runs.outcome.VisitOutcome` (``written``: the map files; ``seconds``:
+    wall time of the fits and the writing) and
 
     Attributes
     ----------
-    label : str
-        BIDS prefix of the series (``sub-01_ses-01``).
-    out_root : Path
-        Derivatives folder the maps went to.
     result : RelaxResult
         The maps (``r2prime`` is None without a MESE series).
-    written : list of Path
-        Map files written.
-    seconds : float
-        Wall time of the fits and the writing.
     """
 
-    label: str
-    out_root: Path
     result: relax_chain.RelaxResult
-    written: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def plan_outputs(out_root: Path, entities: dict[str, str],

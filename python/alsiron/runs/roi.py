@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from alsiron.io.derivatives import (
 from alsiron.motor import atlas, labels
 from alsiron.motor import masks as mk
 from alsiron.motor.indices import MotorCortexIndices, motor_cortex_indices, write_indices
+from alsiron.runs.outcome import VisitOutcome
 
 log = logging.getLogger("alsiron")
 
@@ -205,28 +206,18 @@ def run_session(plan: OutputPlan, magnitude: np.ndarray, affine: np.ndarray,
     return masks, result, written
 
 
-@dataclass
-class RoiOutcome:
-    """What ``alsiron roi`` produced for one MEGRE series of one visit.
+@dataclass(kw_only=True)
+class RoiOutcome(VisitOutcome):
+    """What ``alsiron roi`` produced for one MEGRE series of one visit: the fields of
+    :class:`~alsiron.runs.outcome.VisitOutcome` (``out_root``: the derivatives folder
+    read from and written to; ``seconds``: wall time of masks, indices and writing) and
 
     Attributes
     ----------
-    label : str
-        BIDS prefix of the series (``sub-01_ses-01``).
-    out_root : Path
-        Derivatives folder read from and written to.
     indices : MotorCortexIndices
-    written : list of Path
-        Files written.
-    seconds : float
-        Wall time of masks, indices and writing.
     """
 
-    label: str
-    out_root: Path
     indices: MotorCortexIndices
-    written: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def _load_map(path: Path) -> tuple[np.ndarray, np.ndarray] | None:

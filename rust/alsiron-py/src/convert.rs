@@ -14,7 +14,7 @@ use alsiron_core::{CoreError, Geometry, Shape3};
 use numpy::ndarray::{Array3, Dimension};
 use numpy::{
     IntoPyArray, PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray, PyReadonlyArray3,
-    PyReadwriteArray1, PyUntypedArrayMethods,
+    PyReadonlyArray4, PyReadwriteArray1, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -91,8 +91,21 @@ pub(crate) fn field_and_mask<'a>(
     ))
 }
 
-/// Shape, field, weight and mask slices of a weighted solver's inputs.
-pub(crate) type WeightedInputs<'a> = (Shape3, &'a [f32], &'a [f32], &'a [u8]);
+/// [`field_and_mask`] and the [`geometry`] of their grid (checked after the arrays): the
+/// inputs of every unweighted dipole inversion.
+pub(crate) fn field_mask_geometry<'a>(
+    field: &'a PyReadonlyArray3<'_, f32>,
+    mask: &'a PyReadonlyArray3<'_, u8>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+) -> PyResult<(Geometry, &'a [f32], &'a [u8])> {
+    let (shape, f, m) = field_and_mask(field, mask)?;
+    Ok((geometry(shape, voxel_size, b0_dir)?, f, m))
+}
+
+/// A shape with two float32 volumes and a mask of that shape as slices (a weighted
+/// solver's field and weight, a phase and its magnitude, an echo series).
+pub(crate) type TwoVolumesAndMask<'a> = (Shape3, &'a [f32], &'a [f32], &'a [u8]);
 
 /// [`field_and_mask`] plus a data weight of the same shape (checked in the same order:
 /// shapes first, then contiguity); `weight_name` names it in errors.
@@ -101,7 +114,7 @@ pub(crate) fn field_weight_and_mask<'a>(
     weight: &'a PyReadonlyArray3<'_, f32>,
     mask: &'a PyReadonlyArray3<'_, u8>,
     weight_name: &str,
-) -> PyResult<WeightedInputs<'a>> {
+) -> PyResult<TwoVolumesAndMask<'a>> {
     let shape = shape_of(field);
     same_shape(shape, shape_of(mask), "mask")?;
     same_shape(shape, shape_of(weight), weight_name)?;
@@ -110,6 +123,45 @@ pub(crate) fn field_weight_and_mask<'a>(
         contiguous_volume(mask, "mask")?,
     );
     Ok((shape, f, contiguous_volume(weight, weight_name)?, m))
+}
+
+/// A 3-D phase with the magnitude and mask on its grid (field-mapping and fit bindings:
+/// shapes first, then contiguity) → the shape and the three as slices.
+pub(crate) fn phase_magnitude_mask<'a>(
+    phase: &'a PyReadonlyArray3<'_, f32>,
+    magnitude: &'a PyReadonlyArray3<'_, f32>,
+    mask: &'a PyReadonlyArray3<'_, u8>,
+) -> PyResult<TwoVolumesAndMask<'a>> {
+    let dims = phase.shape();
+    same_dims(dims, magnitude.shape(), "magnitude")?;
+    same_dims(dims, mask.shape(), "mask")?;
+    Ok((
+        shape3(dims),
+        contiguous(phase, "phase")?,
+        contiguous(magnitude, "magnitude")?,
+        contiguous(mask, "mask")?,
+    ))
+}
+
+/// Echo-major `(E, X, Y, Z)` magnitude and phase with one echo per echo time (`n_te`)
+/// and their 3-D mask (field-fit bindings: the phase's shape, the echo count and the
+/// mask's shape, then contiguity) → the spatial shape and the three as slices.
+pub(crate) fn echo_series<'a>(
+    magnitude: &'a PyReadonlyArray4<'_, f32>,
+    phase: &'a PyReadonlyArray4<'_, f32>,
+    n_te: usize,
+    mask: &'a PyReadonlyArray3<'_, u8>,
+) -> PyResult<TwoVolumesAndMask<'a>> {
+    let dims = magnitude.shape();
+    same_dims(dims, phase.shape(), "phase")?;
+    let shape = echoes_shape(dims, n_te)?;
+    same_dims(&dims[1..], mask.shape(), "mask")?;
+    Ok((
+        shape,
+        contiguous(magnitude, "magnitude")?,
+        contiguous(phase, "phase")?,
+        contiguous(mask, "mask")?,
+    ))
 }
 
 /// An optional volume of `shape` as a slice (QSM bindings: [`same_shape`], then

@@ -12,8 +12,10 @@ use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyReadonlyArray4}
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::convert::{contiguous, echoes_shape, same_dims, shape3, to_array};
-use crate::errors::to_py;
+use crate::convert::{
+    contiguous, echo_series, echoes_shape, phase_magnitude_mask, same_dims, shape3, to_array,
+};
+use crate::detach::{detached, detached_volume};
 
 type TwoVolumes<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<f32>>);
 
@@ -30,18 +32,10 @@ fn unwrap_romeo<'py>(
     second_phase: Option<PyReadonlyArray3<'py, f32>>,
     te_ratio: f32,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
-    let dims = phase.shape().to_vec();
-    same_dims(&dims, magnitude.shape(), "magnitude")?;
-    same_dims(&dims, mask.shape(), "mask")?;
-    let shape = shape3(&dims);
-    let (p, m, k) = (
-        contiguous(&phase, "phase")?,
-        contiguous(&magnitude, "magnitude")?,
-        contiguous(&mask, "mask")?,
-    );
+    let (shape, p, m, k) = phase_magnitude_mask(&phase, &magnitude, &mask)?;
     let second = match &second_phase {
         Some(s) => {
-            same_dims(&dims, s.shape(), "second-echo phase")?;
+            same_dims(&shape.0, s.shape(), "second-echo phase")?;
             Some(unwrap::SecondEcho {
                 phase: contiguous(s, "second-echo phase")?,
                 te_ratio,
@@ -49,10 +43,9 @@ fn unwrap_romeo<'py>(
         }
         None => None,
     };
-    let out = py
-        .detach(|| unwrap::unwrap_romeo_phase(p, Some(m), second, Some(k), shape))
-        .map_err(to_py)?;
-    to_array(py, shape, out)
+    detached_volume(py, shape, || {
+        unwrap::unwrap_romeo_phase(p, Some(m), second, Some(k), shape)
+    })
 }
 
 /// Laplacian unwrapping: returns (snapped phase = input + 2πk, raw smooth estimate) [rad].
@@ -66,9 +59,7 @@ fn unwrap_laplacian<'py>(
     same_dims(&dims, mask.shape(), "mask")?;
     let shape = shape3(&dims);
     let (p, k) = (contiguous(&phase, "phase")?, contiguous(&mask, "mask")?);
-    let out = py
-        .detach(|| laplacian::unwrap_laplacian(p, Some(k), shape))
-        .map_err(to_py)?;
+    let out = detached(py, || laplacian::unwrap_laplacian(p, Some(k), shape))?;
     Ok((
         to_array(py, shape, out.phase)?,
         to_array(py, shape, out.raw)?,
@@ -92,9 +83,9 @@ fn unwrap_echoes_temporal<'py>(
         contiguous(&phase, "phase")?,
         contiguous(&reference, "reference")?,
     );
-    let out = py
-        .detach(|| fieldfit::unwrap_echoes_temporal(p, &echo_times, r, reference_echo, shape))
-        .map_err(to_py)?;
+    let out = detached(py, || {
+        fieldfit::unwrap_echoes_temporal(p, &echo_times, r, reference_echo, shape)
+    })?;
     Array4::from_shape_vec((dims[0], dims[1], dims[2], dims[3]), out)
         .map(|a| a.into_pyarray(py))
         .map_err(|e| PyValueError::new_err(e.to_string()))
@@ -112,18 +103,10 @@ fn fit_field_linear<'py>(
     mask: PyReadonlyArray3<'py, u8>,
     through_origin: bool,
 ) -> PyResult<TwoVolumes<'py>> {
-    let dims = magnitude.shape().to_vec();
-    same_dims(&dims, unwrapped_phase.shape(), "phase")?;
-    let shape = echoes_shape(&dims, echo_times.len())?;
-    same_dims(&dims[1..], mask.shape(), "mask")?;
-    let (m, p, k) = (
-        contiguous(&magnitude, "magnitude")?,
-        contiguous(&unwrapped_phase, "phase")?,
-        contiguous(&mask, "mask")?,
-    );
-    let (omega, phi0) = py
-        .detach(|| fieldfit::fit_field_linear(m, p, &echo_times, shape, Some(k), through_origin))
-        .map_err(to_py)?;
+    let (shape, m, p, k) = echo_series(&magnitude, &unwrapped_phase, echo_times.len(), &mask)?;
+    let (omega, phi0) = detached(py, || {
+        fieldfit::fit_field_linear(m, p, &echo_times, shape, Some(k), through_origin)
+    })?;
     Ok((to_array(py, shape, omega)?, to_array(py, shape, phi0)?))
 }
 
@@ -153,40 +136,30 @@ fn fit_field_complex<'py>(
     tol: f64,
     fixed_offset: bool,
 ) -> PyResult<ComplexFitMaps<'py>> {
-    let dims = magnitude.shape().to_vec();
-    same_dims(&dims, phase.shape(), "phase")?;
-    let shape = echoes_shape(&dims, echo_times.len())?;
-    same_dims(&dims[1..], mask.shape(), "mask")?;
-    same_dims(&dims[1..], omega_init.shape(), "initial omega")?;
-    let (m, p, k, w) = (
-        contiguous(&magnitude, "magnitude")?,
-        contiguous(&phase, "phase")?,
-        contiguous(&mask, "mask")?,
-        contiguous(&omega_init, "initial omega")?,
-    );
+    let (shape, m, p, k) = echo_series(&magnitude, &phase, echo_times.len(), &mask)?;
+    same_dims(&shape.0, omega_init.shape(), "initial omega")?;
+    let w = contiguous(&omega_init, "initial omega")?;
     let phi0 = match &phase_offset_init {
         Some(a) => {
-            same_dims(&dims[1..], a.shape(), "initial phase offset")?;
+            same_dims(&shape.0, a.shape(), "initial phase offset")?;
             Some(contiguous(a, "initial phase offset")?)
         }
         None => None,
     };
-    let fit = py
-        .detach(|| {
-            fieldfit::fit_field_complex(
-                m,
-                p,
-                &echo_times,
-                shape,
-                Some(k),
-                w,
-                phi0,
-                fixed_offset,
-                max_iter,
-                tol,
-            )
-        })
-        .map_err(to_py)?;
+    let fit = detached(py, || {
+        fieldfit::fit_field_complex(
+            m,
+            p,
+            &echo_times,
+            shape,
+            Some(k),
+            w,
+            phi0,
+            fixed_offset,
+            max_iter,
+            tol,
+        )
+    })?;
     Ok((
         to_array(py, shape, fit.omega)?,
         to_array(py, shape, fit.phase_offset)?,

@@ -14,10 +14,21 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::convert::{
-    contiguous, echoes_and_voxels, layout, optional, output, same_dims, shape3, slice_mut,
-    to_array, writable,
+    contiguous, echoes_and_voxels, layout, optional, output, phase_magnitude_mask, same_dims,
+    shape3, slice_mut, to_array, writable,
 };
+use crate::detach::{detached, detached_volume};
 use crate::errors::to_py;
+
+/// The magnitude must have one echo per echo time (the fit bindings' message).
+fn check_echo_count(n_echo: usize, n_te: usize) -> PyResult<()> {
+    if n_echo != n_te {
+        return Err(PyValueError::new_err(format!(
+            "magnitude has {n_echo} echoes but {n_te} echo times were given"
+        )));
+    }
+    Ok(())
+}
 
 /// Unwrap a 3-D wrapped phase [rad] guided by the magnitude inside a mask.
 ///
@@ -29,19 +40,10 @@ fn unwrap_phase<'py>(
     magnitude: PyReadonlyArray3<'py, f32>,
     mask: PyReadonlyArray3<'py, u8>,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
-    let dims = phase.shape().to_vec();
-    same_dims(&dims, magnitude.shape(), "magnitude")?;
-    same_dims(&dims, mask.shape(), "mask")?;
-    let shape = shape3(&dims);
-    let (p, m, k) = (
-        contiguous(&phase, "phase")?,
-        contiguous(&magnitude, "magnitude")?,
-        contiguous(&mask, "mask")?,
-    );
-    let out = py
-        .detach(|| unwrap::unwrap_phase_3d(p, Some(m), Some(k), shape))
-        .map_err(to_py)?;
-    to_array(py, shape, out)
+    let (shape, p, m, k) = phase_magnitude_mask(&phase, &magnitude, &mask)?;
+    detached_volume(py, shape, || {
+        unwrap::unwrap_phase_3d(p, Some(m), Some(k), shape)
+    })
 }
 
 type FieldMaps<'py> = (
@@ -63,22 +65,16 @@ fn fit_multi_echo_field<'py>(
     let dims = magnitude.shape().to_vec();
     same_dims(&dims, phase.shape(), "phase")?;
     same_dims(&dims[1..], mask.shape(), "mask")?;
-    if dims[0] != echo_times.len() {
-        return Err(PyValueError::new_err(format!(
-            "magnitude has {} echoes but {} echo times were given",
-            dims[0],
-            echo_times.len()
-        )));
-    }
+    check_echo_count(dims[0], echo_times.len())?;
     let shape = shape3(&dims[1..]);
     let (m, p, k) = (
         contiguous(&magnitude, "magnitude")?,
         contiguous(&phase, "phase")?,
         contiguous(&mask, "mask")?,
     );
-    let fit = py
-        .detach(|| fieldmap::fit_multi_echo_field(m, p, &echo_times, shape, Some(k)))
-        .map_err(to_py)?;
+    let fit = detached(py, || {
+        fieldmap::fit_multi_echo_field(m, p, &echo_times, shape, Some(k))
+    })?;
     Ok((
         to_array(py, shape, fit.omega)?,
         to_array(py, shape, fit.phase_offset)?,
@@ -107,12 +103,7 @@ fn fit_r2star_loglinear<'py>(
     voxel_major: bool,
 ) -> PyResult<R2starMaps<'py>> {
     let [n_echo, n] = echoes_and_voxels(magnitude.shape(), voxel_major);
-    if n_echo != echo_times.len() {
-        return Err(PyValueError::new_err(format!(
-            "magnitude has {n_echo} echoes but {} echo times were given",
-            echo_times.len()
-        )));
-    }
+    check_echo_count(n_echo, echo_times.len())?;
     let m = contiguous(&magnitude, "magnitude")?;
     let k = optional(&mask, "mask")?;
     let (r2_arr, s0_arr, status_arr) = (output(py, n), output(py, n), output(py, n));
@@ -127,7 +118,7 @@ fn fit_r2star_loglinear<'py>(
             slice_mut(&mut s0w)?,
             slice_mut(&mut stw)?,
         );
-        py.detach(|| {
+        detached(py, || {
             r2star::fit_r2star_loglinear_layout_into(
                 m,
                 layout(voxel_major),
@@ -138,8 +129,7 @@ fn fit_r2star_loglinear<'py>(
                 s0,
                 status,
             )
-        })
-        .map_err(to_py)?;
+        })?;
     }
     Ok((r2_arr, s0_arr, status_arr))
 }
@@ -173,12 +163,7 @@ fn fit_r2star<'py>(
     voxel_major: bool,
 ) -> PyResult<R2starQualityMaps<'py>> {
     let [n_echo, n] = echoes_and_voxels(magnitude.shape(), voxel_major);
-    if n_echo != echo_times.len() {
-        return Err(PyValueError::new_err(format!(
-            "magnitude has {n_echo} echoes but {} echo times were given",
-            echo_times.len()
-        )));
-    }
+    check_echo_count(n_echo, echo_times.len())?;
     let options = R2starOptions {
         method: R2starMethod::from_name(method).map_err(to_py)?,
         noise_sigma,
@@ -204,8 +189,9 @@ fn fit_r2star<'py>(
             gof: slice_mut(&mut gofw)?,
             status: slice_mut(&mut stw)?,
         };
-        py.detach(|| r2star_fit::fit_r2star_into(m, &echo_times, k, &options, out))
-            .map_err(to_py)?;
+        detached(py, || {
+            r2star_fit::fit_r2star_into(m, &echo_times, k, &options, out)
+        })?;
     }
     Ok((r2_arr, s0_arr, sd_arr, gof_arr, status_arr))
 }
@@ -231,9 +217,7 @@ fn cpmg_echo_trains<'py>(
     };
     let (t, b) = (contiguous(&t2, "t2")?, contiguous(&b1, "b1")?);
     let n = t.len();
-    let flat = py
-        .detach(|| epg::cpmg_echo_trains(&seq, t, b))
-        .map_err(to_py)?;
+    let flat = detached(py, || epg::cpmg_echo_trains(&seq, t, b))?;
     Array2::from_shape_vec((n_echo, n), flat)
         .map(|a| a.into_pyarray(py))
         .map_err(|e| PyValueError::new_err(e.to_string()))
@@ -274,7 +258,7 @@ fn fit_t2_epg<'py>(
     let (mut t2, mut s0) = (vec![0.0f32; n], vec![0.0f32; n]);
     let (mut b1, mut gof) = (vec![0.0f32; n], vec![0.0f32; n]);
     let mut status = vec![0u8; n];
-    py.detach(|| {
+    detached(py, || {
         epg::fit_t2_epg_into(
             m,
             k,
@@ -287,8 +271,7 @@ fn fit_t2_epg<'py>(
                 status: &mut status,
             },
         )
-    })
-    .map_err(to_py)?;
+    })?;
     Ok((
         Array1::from_vec(t2).into_pyarray(py),
         Array1::from_vec(s0).into_pyarray(py),

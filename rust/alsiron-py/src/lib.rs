@@ -2,11 +2,12 @@
 //!
 //! Every function validates array layout and converts numpy arrays once (shared checks
 //! and conversions in [`convert`]), releases the GIL around the numerical work
-//! (`py.detach`) and maps `CoreError` to Python exceptions in [`errors::to_py`].
+//! ([`detach`]) and maps `CoreError` to Python exceptions in [`errors::to_py`].
 
 use pyo3::prelude::*;
 
 mod convert;
+mod detach;
 mod errors;
 mod field;
 mod fit;

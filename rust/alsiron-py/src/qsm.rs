@@ -5,20 +5,18 @@
 //! around every computation.
 
 use alsiron_core::qsm::{bfr, dipole, inversion};
-use alsiron_core::{fft, CoreResult, Shape3};
+use alsiron_core::{fft, Shape3};
 use numpy::{Complex32, PyArray3, PyReadonlyArray3};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use std::sync::Mutex;
 
 use crate::convert::{
-    contiguous_volume, field_and_mask, geometry, optional_volume, shape_of, to_array,
+    contiguous_volume, field_and_mask, field_mask_geometry, geometry, optional_volume, shape_of,
+    to_array,
 };
-use crate::errors::to_py;
-
-/// How often (in ADMM iterations) the solver polls Python for Ctrl-C: an iteration at
-/// 256³ takes ~0.1–0.3 s, so this keeps interrupts responsive without attaching every time.
-pub(crate) const SIGNAL_POLL_EVERY: usize = 2;
+use crate::detach::{
+    detached, detached_volume, poll_signals_every, solve_volume, SIGNAL_POLL_EVERY,
+};
 
 /// Forward 3-D real FFT (unnormalised, layout of numpy.fft.rfftn) → complex64 [nx, ny, nz//2+1].
 #[pyfunction]
@@ -28,8 +26,7 @@ fn fft3_forward<'py>(
 ) -> PyResult<Bound<'py, PyArray3<Complex32>>> {
     let shape = shape_of(&x);
     let data = contiguous_volume(&x, "x")?;
-    let spectrum = py.detach(|| fft::forward(data, shape)).map_err(to_py)?;
-    to_array(py, shape.half_spectrum(), spectrum)
+    detached_volume(py, shape.half_spectrum(), || fft::forward(data, shape))
 }
 
 /// Inverse of `fft3_forward` (normalised by 1/N) for a last-axis length `nz` → float32.
@@ -49,8 +46,7 @@ fn fft3_inverse<'py>(
     }
     let shape = Shape3([half.0[0], half.0[1], nz]);
     let data = contiguous_volume(&spectrum, "spectrum")?;
-    let out = py.detach(|| fft::inverse(data, shape)).map_err(to_py)?;
-    to_array(py, shape, out)
+    detached_volume(py, shape, || fft::inverse(data, shape))
 }
 
 /// Dipole kernel on the half spectrum [nx, ny, nz//2+1], float32.
@@ -63,10 +59,9 @@ fn dipole_kernel<'py>(
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let shape = Shape3(shape);
     let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let kernel = py
-        .detach(|| dipole::dipole_kernel(&geometry))
-        .map_err(to_py)?;
-    to_array(py, shape.half_spectrum(), kernel)
+    detached_volume(py, shape.half_spectrum(), || {
+        dipole::dipole_kernel(&geometry)
+    })
 }
 
 /// Field [ppm] of a susceptibility map χ [ppm] (periodic convolution with the dipole).
@@ -80,10 +75,7 @@ fn forward_field<'py>(
     let shape = shape_of(&chi);
     let data = contiguous_volume(&chi, "chi")?;
     let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let field = py
-        .detach(|| dipole::forward_field(data, &geometry))
-        .map_err(to_py)?;
-    to_array(py, shape, field)
+    detached_volume(py, shape, || dipole::forward_field(data, &geometry))
 }
 
 /// Truncated k-space division: local field [ppm] → χ [ppm] (0 outside the mask).
@@ -96,55 +88,10 @@ fn tkd<'py>(
     b0_dir: [f64; 3],
     threshold: f64,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
-    let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let chi = py
-        .detach(|| inversion::tkd(f, m, &geometry, threshold))
-        .map_err(to_py)?;
-    to_array(py, shape, chi)
-}
-
-/// A `should_stop` for detached iterative solvers: every `every` iterations it takes
-/// the GIL and runs Python's signal handlers, so Ctrl-C stops the solver.
-fn poll_signals_every(every: usize) -> impl Fn(usize) -> bool + Sync {
-    move |iter: usize| iter % every == 0 && Python::attach(|py| py.check_signals().is_err())
-}
-
-/// Run a detached iterative solver that polls `should_stop`: Ctrl-C or an exception from
-/// `progress` stops it and is re-raised.
-pub(crate) fn run_iterative<T: Send>(
-    py: Python<'_>,
-    progress: Option<Py<PyAny>>,
-    max_iter: usize,
-    solve: impl FnOnce(&(dyn Fn(usize) -> bool + Sync)) -> CoreResult<T> + Send,
-) -> PyResult<T> {
-    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
-    let should_stop = |iter: usize| {
-        if iter % SIGNAL_POLL_EVERY != 0 {
-            return false;
-        }
-        let outcome = Python::attach(|py| -> PyResult<()> {
-            py.check_signals()?;
-            if let Some(cb) = &progress {
-                cb.call1(py, (iter, max_iter))?;
-            }
-            Ok(())
-        });
-        match outcome {
-            Ok(()) => false,
-            Err(err) => {
-                if let Ok(mut slot) = pending.lock() {
-                    slot.get_or_insert(err);
-                }
-                true
-            }
-        }
-    };
-    let result = py.detach(|| solve(&should_stop));
-    if let Some(err) = pending.into_inner().ok().flatten() {
-        return Err(err);
-    }
-    result.map_err(to_py)
+    let (geometry, f, m) = field_mask_geometry(&field, &mask, voxel_size, b0_dir)?;
+    detached_volume(py, geometry.shape(), || {
+        inversion::tkd(f, m, &geometry, threshold)
+    })
 }
 
 /// TV-regularised dipole inversion (ADMM) → (χ [ppm], iterations run).
@@ -167,18 +114,16 @@ fn tv_admm<'py>(
     tol: f64,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
-    let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let geometry = geometry(shape, voxel_size, b0_dir)?;
+    let (geometry, f, m) = field_mask_geometry(&field, &mask, voxel_size, b0_dir)?;
     let params = inversion::TvAdmmParams {
         alpha,
         mu,
         max_iter,
         tol,
     };
-    let (chi, iterations) = run_iterative(py, progress, max_iter, |stop| {
+    solve_volume(py, geometry.shape(), progress, max_iter, |stop| {
         inversion::tv_admm(f, m, &geometry, params, stop)
-    })?;
-    Ok((to_array(py, shape, chi)?, iterations))
+    })
 }
 
 /// (local field float32, eroded mask uint8) returned by `vsharp`.
@@ -195,9 +140,9 @@ fn vsharp<'py>(
     threshold: f64,
 ) -> PyResult<LocalFieldAndMask<'py>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let (local, eroded) = py
-        .detach(|| bfr::vsharp(f, m, shape, voxel_size, &radii_mm, threshold))
-        .map_err(to_py)?;
+    let (local, eroded) = detached(py, || {
+        bfr::vsharp(f, m, shape, voxel_size, &radii_mm, threshold)
+    })?;
     Ok((to_array(py, shape, local)?, to_array(py, shape, eroded)?))
 }
 
@@ -239,15 +184,29 @@ fn pdf<'py>(
     };
     let geometry = geometry(shape, voxel_size, b0_dir)?;
     let should_stop = poll_signals_every(SIGNAL_POLL_EVERY);
-    let (local, iterations) = py
-        .detach(|| bfr::pdf(f, m, w, &geometry, params, &should_stop))
-        .map_err(to_py)?;
+    let (local, iterations) = detached(py, || bfr::pdf(f, m, w, &geometry, params, &should_stop))?;
     Ok((to_array(py, shape, local)?, iterations))
+}
+
+/// (local field float32, eroded mask uint8, iterations) returned by `ismv` and `lbv`.
+type LocalFieldMaskAndIterations<'py> =
+    (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize);
+
+/// The numpy arrays of a background removal's (local field, eroded mask, iterations).
+fn local_field_mask_and_iterations(
+    py: Python<'_>,
+    shape: Shape3,
+    (local, eroded, iterations): (Vec<f32>, Vec<u8>, usize),
+) -> PyResult<LocalFieldMaskAndIterations<'_>> {
+    Ok((
+        to_array(py, shape, local)?,
+        to_array(py, shape, eroded)?,
+        iterations,
+    ))
 }
 
 /// Iterative SMV background removal → (local field [ppm], eroded mask uint8, iterations).
 #[pyfunction]
-#[allow(clippy::type_complexity)]
 fn ismv<'py>(
     py: Python<'py>,
     field: PyReadonlyArray3<'py, f32>,
@@ -256,7 +215,7 @@ fn ismv<'py>(
     radius_mm: f64,
     tol: f64,
     max_iter: usize,
-) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
+) -> PyResult<LocalFieldMaskAndIterations<'py>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = bfr::IsmvParams {
         radius_mm,
@@ -265,20 +224,15 @@ fn ismv<'py>(
     };
     // One iSMV iteration is a single FFT pair, so poll less often than ADMM.
     let should_stop = poll_signals_every(4 * SIGNAL_POLL_EVERY);
-    let (local, eroded, iterations) = py
-        .detach(|| bfr::ismv(f, m, shape, voxel_size, params, &should_stop))
-        .map_err(to_py)?;
-    Ok((
-        to_array(py, shape, local)?,
-        to_array(py, shape, eroded)?,
-        iterations,
-    ))
+    let out = detached(py, || {
+        bfr::ismv(f, m, shape, voxel_size, params, &should_stop)
+    })?;
+    local_field_mask_and_iterations(py, shape, out)
 }
 
 /// Laplacian boundary value background removal → (local field [ppm], interior mask uint8,
 /// CG iterations).
 #[pyfunction]
-#[allow(clippy::type_complexity)]
 fn lbv<'py>(
     py: Python<'py>,
     field: PyReadonlyArray3<'py, f32>,
@@ -286,19 +240,15 @@ fn lbv<'py>(
     voxel_size: [f64; 3],
     tol: f64,
     max_iter: usize,
-) -> PyResult<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<u8>>, usize)> {
+) -> PyResult<LocalFieldMaskAndIterations<'py>> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
     let params = bfr::LbvParams { tol, max_iter };
     // An LBV iteration is one stencil pass (no FFT): poll every 32.
     let should_stop = poll_signals_every(32);
-    let (local, interior, iterations) = py
-        .detach(|| bfr::lbv(f, m, shape, voxel_size, params, &should_stop))
-        .map_err(to_py)?;
-    Ok((
-        to_array(py, shape, local)?,
-        to_array(py, shape, interior)?,
-        iterations,
-    ))
+    let out = detached(py, || {
+        bfr::lbv(f, m, shape, voxel_size, params, &should_stop)
+    })?;
+    local_field_mask_and_iterations(py, shape, out)
 }
 
 /// Default V-SHARP radii [mm] for a voxel size [mm].

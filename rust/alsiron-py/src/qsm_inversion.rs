@@ -3,7 +3,7 @@
 //!
 //! Same conventions as `qsm.rs`: float32 C-contiguous volumes, uint8 masks, GIL released;
 //! iterative solvers poll Ctrl-C and call `progress(iteration, max_iter)` every
-//! [`SIGNAL_POLL_EVERY`] iterations.
+//! [`SIGNAL_POLL_EVERY`](crate::detach::SIGNAL_POLL_EVERY) iterations.
 
 use alsiron_core::qsm::inversion::{
     self, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic, WeightedTvParams,
@@ -12,11 +12,10 @@ use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
 
 use crate::convert::{
-    contiguous_volume, field_and_mask, field_weight_and_mask, geometry, optional_volume,
+    contiguous_volume, field_mask_geometry, field_weight_and_mask, geometry, optional_volume,
     same_shape, shape_of, to_array,
 };
-use crate::errors::to_py;
-use crate::qsm::run_iterative;
+use crate::detach::{detached_volume, run_iterative, solve_volume};
 
 type Chi<'py> = Bound<'py, PyArray3<f32>>;
 
@@ -30,12 +29,10 @@ fn tikhonov<'py>(
     b0_dir: [f64; 3],
     lam: f64,
 ) -> PyResult<Chi<'py>> {
-    let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let chi = py
-        .detach(|| inversion::tikhonov(f, m, &geometry, lam))
-        .map_err(to_py)?;
-    to_array(py, shape, chi)
+    let (geometry, f, m) = field_mask_geometry(&field, &mask, voxel_size, b0_dir)?;
+    detached_volume(py, geometry.shape(), || {
+        inversion::tikhonov(f, m, &geometry, lam)
+    })
 }
 
 /// Weighted TV-ADMM (linear or nonlinear data term, optional weak-harmonic φ) →
@@ -85,10 +82,9 @@ fn weighted_tv_admm<'py>(
         weak_harmonic,
     };
     let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+    solve_volume(py, shape, progress, max_iter, |stop| {
         inversion::weighted_tv_admm(f, w, g, m, &geometry, params, stop)
-    })?;
-    Ok((to_array(py, shape, chi)?, it))
+    })
 }
 
 /// MEDI gradient weight from the magnitude: 0 on the `edge_fraction` of mask voxels with
@@ -107,10 +103,9 @@ fn edge_weight<'py>(
         contiguous_volume(&magnitude, "magnitude")?,
         contiguous_volume(&mask, "mask")?,
     );
-    let out = py
-        .detach(|| inversion::edge_weight(a, m, shape, voxel_size, edge_fraction))
-        .map_err(to_py)?;
-    to_array(py, shape, out)
+    detached_volume(py, shape, || {
+        inversion::edge_weight(a, m, shape, voxel_size, edge_fraction)
+    })
 }
 
 /// Rapid two-step inversion (step 1: `lsqr_iter` LSQR iterations on the masked model)
@@ -133,7 +128,7 @@ fn rts<'py>(
     lsqr_iter: usize,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(Chi<'py>, usize)> {
-    let (shape, f, m) = field_and_mask(&field, &mask)?;
+    let (geometry, f, m) = field_mask_geometry(&field, &mask, voxel_size, b0_dir)?;
     let params = RtsParams {
         delta,
         lsqr_iter,
@@ -142,11 +137,13 @@ fn rts<'py>(
         max_iter,
         tol,
     };
-    let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let (chi, it) = run_iterative(py, progress, lsqr_iter + max_iter, |stop| {
-        inversion::rts(f, m, &geometry, params, stop)
-    })?;
-    Ok((to_array(py, shape, chi)?, it))
+    solve_volume(
+        py,
+        geometry.shape(),
+        progress,
+        lsqr_iter + max_iter,
+        |stop| inversion::rts(f, m, &geometry, params, stop),
+    )
 }
 
 /// Nonlinear dipole inversion → (χ [ppm], iterations).
@@ -177,10 +174,9 @@ fn ndi<'py>(
         tol,
     };
     let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+    solve_volume(py, shape, progress, max_iter, |stop| {
         inversion::ndi(f, w, m, &geometry, params, stop)
-    })?;
-    Ok((to_array(py, shape, chi)?, it))
+    })
 }
 
 /// LSQR core of iLSQR on the weighted dipole model → (χ [ppm], iterations).
@@ -201,10 +197,9 @@ fn ilsqr<'py>(
     let (shape, f, w, m) = field_weight_and_mask(&field, &weight, &mask, "weight")?;
     let params = LsqrParams { tol, max_iter };
     let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let (chi, it) = run_iterative(py, progress, max_iter, |stop| {
+    solve_volume(py, shape, progress, max_iter, |stop| {
         inversion::ilsqr(f, w, m, &geometry, params, stop)
-    })?;
-    Ok((to_array(py, shape, chi)?, it))
+    })
 }
 
 /// Full iLSQR (LSQR, fast QSM estimate, streaking estimate, subtraction) →
@@ -250,12 +245,10 @@ fn ilsqr_fast_estimate<'py>(
     voxel_size: [f64; 3],
     b0_dir: [f64; 3],
 ) -> PyResult<Chi<'py>> {
-    let (shape, f, m) = field_and_mask(&field, &mask)?;
-    let geometry = geometry(shape, voxel_size, b0_dir)?;
-    let chi = py
-        .detach(|| inversion::ilsqr_fast_estimate(f, m, &geometry))
-        .map_err(to_py)?;
-    to_array(py, shape, chi)
+    let (geometry, f, m) = field_mask_geometry(&field, &mask, voxel_size, b0_dir)?;
+    detached_volume(py, geometry.shape(), || {
+        inversion::ilsqr_fast_estimate(f, m, &geometry)
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -6,7 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::convert::{contiguous_volume, shape_of};
-use crate::errors::to_py;
+use crate::detach::detached;
 
 /// Evolve a BET surface on a float32 image; returns the new vertices (float64 [V, 3],
 /// mm) and the number of iterations run.
@@ -54,9 +54,7 @@ fn bet_evolve_surface<'py>(
         tangential_step: settings[10],
         settle_mm: settings[11],
     };
-    let ran = py
-        .detach(|| bet_evolve(mag, shape, voxel_size, &mut pos, tri, &s))
-        .map_err(to_py)?;
+    let ran = detached(py, || bet_evolve(mag, shape, voxel_size, &mut pos, tri, &s))?;
     let out = numpy::ndarray::Array2::from_shape_vec((v_shape[0], 3), pos)
         .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
     Ok((numpy::IntoPyArray::into_pyarray(out, py), ran))

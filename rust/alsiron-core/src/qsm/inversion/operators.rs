@@ -215,3 +215,104 @@ pub(crate) fn weighted_divergence_into(
             }
         });
 }
+
+/// Soft-threshold level t of the TV split's z = soft(∇χ + u, t): one for the whole
+/// volume (TV-ADMM, RTS: α/μ) or one per voxel (weighted TV: α·G/μ).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ShrinkThreshold<'a> {
+    Uniform(f32),
+    PerVoxel(&'a [f32]),
+}
+
+/// The fused z/u update of the TV split, one row of the volume at a time: with
+/// v = ∇χ + u (periodic forward differences per mm), z = soft(v, t), u ← v − z and
+/// w = z − u. Returns (‖χ − χ_prev‖², ‖χ‖²) for the convergence test.
+pub(crate) fn shrink_update(
+    chi: &[f32],
+    chi_prev: &[f32],
+    shape: Shape3,
+    inv_h: [f32; 3],
+    threshold: ShrinkThreshold<'_>,
+    u: &mut [Vec3],
+    w: &mut [Vec3],
+) -> (f64, f64) {
+    let [nx, ny, nz] = shape.0;
+    u.par_chunks_mut(ny * nz)
+        .zip(w.par_chunks_mut(ny * nz))
+        .enumerate()
+        .map(|(i, (u_plane, w_plane))| {
+            let ip = if i + 1 == nx { 0 } else { i + 1 };
+            let (mut change, mut norm) = (0.0f64, 0.0f64);
+            let rows = u_plane
+                .chunks_exact_mut(nz)
+                .zip(w_plane.chunks_exact_mut(nz));
+            for (j, (u_row, w_row)) in rows.enumerate() {
+                let jp = if j + 1 == ny { 0 } else { j + 1 };
+                let base = shape.idx(i, j, 0);
+                let chi_rows = ChiRows {
+                    c: &chi[base..][..nz],
+                    cx: &chi[shape.idx(ip, j, 0)..][..nz],
+                    cy: &chi[shape.idx(i, jp, 0)..][..nz],
+                    prev: &chi_prev[base..][..nz],
+                };
+                // One monomorphised row loop per kind of threshold, so the uniform one
+                // keeps its constant in a register.
+                let (row_change, row_norm) = match threshold {
+                    ShrinkThreshold::Uniform(t) => shrink_row(chi_rows, inv_h, u_row, w_row, |_| t),
+                    ShrinkThreshold::PerVoxel(all) => {
+                        let thr = &all[base..][..nz];
+                        shrink_row(chi_rows, inv_h, u_row, w_row, |k| thr[k])
+                    }
+                };
+                change += row_change as f64;
+                norm += row_norm as f64;
+            }
+            (change, norm)
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// One row of χ (voxels (i, j, ·)), its +x and +y neighbour rows, and the row of the
+/// previous iterate.
+struct ChiRows<'a> {
+    c: &'a [f32],
+    cx: &'a [f32],
+    cy: &'a [f32],
+    prev: &'a [f32],
+}
+
+/// [`shrink_update`] on one row; returns the row's (Σ(χ − χ_prev)², Σχ²) in f32.
+#[inline(always)]
+fn shrink_row(
+    rows: ChiRows<'_>,
+    inv_h: [f32; 3],
+    u_row: &mut [Vec3],
+    w_row: &mut [Vec3],
+    threshold: impl Fn(usize) -> f32,
+) -> (f32, f32) {
+    let ChiRows { c, cx, cy, prev } = rows;
+    let nz = c.len();
+    let (mut row_change, mut row_norm) = (0.0f32, 0.0f32);
+    for k in 0..nz {
+        let ck = c[k];
+        let cz = if k + 1 == nz { c[0] } else { c[k + 1] };
+        let g = [
+            (cx[k] - ck) * inv_h[0],
+            (cy[k] - ck) * inv_h[1],
+            (cz - ck) * inv_h[2],
+        ];
+        // z = soft(v, t) = v − clamp(v, ±t), so u = v − z = clamp(v)
+        // and w = z − u = v − 2u: branch-free and vectorisable.
+        let t = threshold(k);
+        for a in 0..3 {
+            let v = g[a] + u_row[k][a];
+            let clamped = v.clamp(-t, t);
+            u_row[k][a] = clamped;
+            w_row[k][a] = v - 2.0 * clamped;
+        }
+        let d = ck - prev[k];
+        row_change += d * d;
+        row_norm += ck * ck;
+    }
+    (row_change, row_norm)
+}

@@ -170,8 +170,6 @@ pub(crate) fn tv_split_loop(
     tol: f64,
     should_stop: &(dyn Fn(usize) -> bool + Sync),
 ) -> CoreResult<(Vec<f32>, usize)> {
-    let [nx, ny, nz] = shape.0;
-    let plane = ny * nz;
     let inv_h = voxel_size.map(|h| (1.0 / h) as f32);
     let mut u: Vec<Vec3> = vec![[0.0; 3]; shape.len()];
     let mut w: Vec<Vec3> = vec![[0.0; 3]; shape.len()];
@@ -186,32 +184,8 @@ pub(crate) fn tv_split_loop(
             return Err(CoreError::Interrupted);
         }
         iterations = iter;
-        // μ·∇ᵀ(z − u): adjoint of the periodic forward difference is a backward
-        // difference with a sign flip, (w[i−1] − w[i]) / h, with w = z − u.
-        {
-            let w = &w;
-            divergence
-                .par_chunks_mut(plane)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let im = if i == 0 { nx - 1 } else { i - 1 };
-                    for (j, out_row) in out.chunks_exact_mut(nz).enumerate() {
-                        let jm = if j == 0 { ny - 1 } else { j - 1 };
-                        let here = &w[shape.idx(i, j, 0)..][..nz];
-                        let xm = &w[shape.idx(im, j, 0)..][..nz];
-                        let ym = &w[shape.idx(i, jm, 0)..][..nz];
-                        let mut zm = here[nz - 1][2];
-                        for k in 0..nz {
-                            let h = here[k];
-                            let d = (xm[k][0] - h[0]) * inv_h[0]
-                                + (ym[k][1] - h[1]) * inv_h[1]
-                                + (zm - h[2]) * inv_h[2];
-                            out_row[k] = mu * d;
-                            zm = h[2];
-                        }
-                    }
-                });
-        }
+        // μ·∇ᵀ(z − u), with w = z − u.
+        divergence_into(&w, shape, inv_h, mu, &mut divergence);
         plan.forward(&divergence, &mut spectrum)?;
         spectrum
             .par_iter_mut()
@@ -222,53 +196,16 @@ pub(crate) fn tv_split_loop(
         plan.inverse(&mut spectrum, &mut chi)?;
 
         // Fused z/u update (z = soft(∇χ + u), u ← ∇χ + u − z, w = z − u) with the
-        // convergence measure, one row of the volume at a time.
-        let (change, norm) = {
-            let chi = &chi;
-            let chi_prev = &chi_prev;
-            u.par_chunks_mut(plane)
-                .zip(w.par_chunks_mut(plane))
-                .enumerate()
-                .map(|(i, (u_plane, w_plane))| {
-                    let ip = if i + 1 == nx { 0 } else { i + 1 };
-                    let (mut change, mut norm) = (0.0f64, 0.0f64);
-                    let rows = u_plane
-                        .chunks_exact_mut(nz)
-                        .zip(w_plane.chunks_exact_mut(nz));
-                    for (j, (u_row, w_row)) in rows.enumerate() {
-                        let jp = if j + 1 == ny { 0 } else { j + 1 };
-                        let c = &chi[shape.idx(i, j, 0)..][..nz];
-                        let cx = &chi[shape.idx(ip, j, 0)..][..nz];
-                        let cy = &chi[shape.idx(i, jp, 0)..][..nz];
-                        let prev = &chi_prev[shape.idx(i, j, 0)..][..nz];
-                        let (mut row_change, mut row_norm) = (0.0f32, 0.0f32);
-                        for k in 0..nz {
-                            let ck = c[k];
-                            let cz = if k + 1 == nz { c[0] } else { c[k + 1] };
-                            let g = [
-                                (cx[k] - ck) * inv_h[0],
-                                (cy[k] - ck) * inv_h[1],
-                                (cz - ck) * inv_h[2],
-                            ];
-                            // z = soft(v, t) = v − clamp(v, ±t), so u = v − z = clamp(v)
-                            // and w = z − u = v − 2u: branch-free and vectorisable.
-                            for a in 0..3 {
-                                let v = g[a] + u_row[k][a];
-                                let clamped = v.clamp(-threshold, threshold);
-                                u_row[k][a] = clamped;
-                                w_row[k][a] = v - 2.0 * clamped;
-                            }
-                            let d = ck - prev[k];
-                            row_change += d * d;
-                            row_norm += ck * ck;
-                        }
-                        change += row_change as f64;
-                        norm += row_norm as f64;
-                    }
-                    (change, norm)
-                })
-                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
-        };
+        // convergence measure.
+        let (change, norm) = shrink_update(
+            &chi,
+            &chi_prev,
+            shape,
+            inv_h,
+            ShrinkThreshold::Uniform(threshold),
+            &mut u,
+            &mut w,
+        );
         if norm > 0.0 && (change / norm).sqrt() < tol {
             break;
         }

@@ -108,8 +108,6 @@ pub fn weighted_tv_admm(
     let e2 = gradient_energy(shape, voxel_size);
     let plan = Fft3Plan::get(shape)?;
     let n = shape.len();
-    let [_, ny, nz] = shape.0;
-    let plane = ny * nz;
     let (mu1, mu2) = (params.mu_gradient as f32, params.mu_data as f32);
     let wh = params.weak_harmonic;
     let (beta, mu3) = wh.map_or((0.0, 0.0), |w| (w.beta as f32, w.mu as f32));
@@ -125,9 +123,11 @@ pub fn weighted_tv_admm(
         .zip(mask.par_iter())
         .map(|(&w, &m)| if m != 0 { w * w } else { 0.0 })
         .collect();
-    let threshold: Vec<f32> = match tv_weight {
-        Some(g) => g.par_iter().map(|&g| alpha_over_mu * g).collect(),
-        None => vec![alpha_over_mu; n],
+    let per_voxel: Option<Vec<f32>> =
+        tv_weight.map(|g| g.par_iter().map(|&g| alpha_over_mu * g).collect());
+    let threshold = match &per_voxel {
+        Some(t) => ShrinkThreshold::PerVoxel(t),
+        None => ShrinkThreshold::Uniform(alpha_over_mu),
     };
     let zero3: Vec3 = [0.0; 3];
     let mut u1: Vec<Vec3> = vec![zero3; n];
@@ -239,53 +239,8 @@ pub fn weighted_tv_admm(
                 *t = z - *u;
             });
         // z₁ = soft(∇χ + u₁, α·G/μ₁): u₁ = clamp(v), w₁ = z₁ − u₁ = v − 2u₁.
-        let (change, norm) = {
-            let (chi, chi_prev, threshold) = (&chi, &chi_prev, &threshold);
-            let [nx, ny, nz] = shape.0;
-            u1.par_chunks_mut(plane)
-                .zip(w1.par_chunks_mut(plane))
-                .enumerate()
-                .map(|(i, (u_plane, w_plane))| {
-                    let ip = if i + 1 == nx { 0 } else { i + 1 };
-                    let (mut change, mut norm) = (0.0f64, 0.0f64);
-                    let rows = u_plane
-                        .chunks_exact_mut(nz)
-                        .zip(w_plane.chunks_exact_mut(nz));
-                    for (j, (u_row, w_row)) in rows.enumerate() {
-                        let jp = if j + 1 == ny { 0 } else { j + 1 };
-                        let base = shape.idx(i, j, 0);
-                        let c = &chi[base..][..nz];
-                        let cx = &chi[shape.idx(ip, j, 0)..][..nz];
-                        let cy = &chi[shape.idx(i, jp, 0)..][..nz];
-                        let prev = &chi_prev[base..][..nz];
-                        let thr = &threshold[base..][..nz];
-                        let (mut row_change, mut row_norm) = (0.0f32, 0.0f32);
-                        for k in 0..nz {
-                            let ck = c[k];
-                            let cz = if k + 1 == nz { c[0] } else { c[k + 1] };
-                            let g = [
-                                (cx[k] - ck) * inv_h[0],
-                                (cy[k] - ck) * inv_h[1],
-                                (cz - ck) * inv_h[2],
-                            ];
-                            let t = thr[k];
-                            for a in 0..3 {
-                                let v = g[a] + u_row[k][a];
-                                let clamped = v.clamp(-t, t);
-                                u_row[k][a] = clamped;
-                                w_row[k][a] = v - 2.0 * clamped;
-                            }
-                            let d = ck - prev[k];
-                            row_change += d * d;
-                            row_norm += ck * ck;
-                        }
-                        change += row_change as f64;
-                        norm += row_norm as f64;
-                    }
-                    (change, norm)
-                })
-                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
-        };
+        let (change, norm) =
+            shrink_update(&chi, &chi_prev, shape, inv_h, threshold, &mut u1, &mut w1);
         if norm > 0.0 && (change / norm).sqrt() < params.tol {
             break;
         }
