@@ -25,9 +25,9 @@ demo, every visit         2.47 (mean −0.19, 36 % beyond ±1.96)        0.99 (m
 "before" = the same cohorts and scoring against the code before this change (normal
 predictive distribution, Huber scale not counting the ComBat parameters, BIC spline up
 to 4 df, minima counted in scans, repeated visits as independent rows; the demo built
-from every visit): it fails both designs it could build. The unmapped t statistic (``ZScore.t``, i.e. a normal predictive
-distribution with the right variance) has SD ≈ 1.4 at the demo size, and the last test
-checks that the limits catch it.
+from every visit): it fails both designs it could build. The unmapped t statistic
+(``ZScore.t``, i.e. a normal predictive distribution with the right variance) has SD
+≈ 1.4 at the demo size, and the last test checks that the limits catch it.
 """
 
 import logging

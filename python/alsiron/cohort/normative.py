@@ -639,6 +639,13 @@ class NormativeModel:
                 "ComBat's scale step)" if len(self.sites) > 1 else "single site")
 
     @property
+    def harmonisation_label(self) -> str:
+        """Short name of the site harmonisation, for one-line summaries."""
+        if self.combat is None:
+            return f"site intercepts ({self.n_subjects} participants)"
+        return f"{'EB ' if self.combat.empirical_bayes else ''}ComBat"
+
+    @property
     def n_subjects(self) -> int:
         """Participants in the reference."""
         return int(self.reference.get("n_subjects", self.cohort.get("n_subjects", 0)))
