@@ -421,8 +421,9 @@ def _cohort_table(records: Sequence[SessionRecord], indices: Sequence[str],
     by_subject: dict[str, list[SessionRecord]] = {}
     for r in records:
         by_subject.setdefault(r.subject, []).append(r)
+    star = "*" if model is not None else ""
     lines = ["<table><tr><th class=\"l\">index</th><th class=\"l\">group</th><th>n</th>"
-             "<th>mean</th><th>SD</th><th>mean z*</th><th>SD z*</th></tr>"]
+             f"<th>mean</th><th>SD</th><th>mean z{star}</th><th>SD z{star}</th></tr>"]
     for index in indices:
         scale, unit = _display(index)
         for group in groups:
