@@ -642,7 +642,7 @@ class NormativeModel:
     def harmonisation_label(self) -> str:
         """Short name of the site harmonisation, for one-line summaries."""
         if self.combat is None:
-            return f"site intercepts ({self.n_subjects} participants)"
+            return "site intercepts"
         return f"{'EB ' if self.combat.empirical_bayes else ''}ComBat"
 
     @property
