@@ -27,7 +27,7 @@ predictive distribution, Huber scale not counting the ComBat parameters, BIC spl
 to 4 df, minima counted in scans, repeated visits as independent rows; the demo built
 from every visit): it fails both designs it could build. The unmapped t statistic
 (``ZScore.t``, i.e. a normal predictive distribution with the right variance) has SD
-≈ 1.4 at the demo size, and the last test checks that the limits catch it.
+1.31 (11 % beyond ±1.96) at the demo size, and the last test checks that the limits catch it.
 """
 
 import logging
