@@ -59,9 +59,9 @@ def test_demo_writes_registry_tables_and_reports_and_says_what_it_could_not_do(t
     assert result.n_sessions == 8
     with Registry.open(result.registry, create=False) as reg:
         assert len(reg.sessions()) == 8
-    # Two controls cannot make a normative model (20 visits needed): said, not hidden.
+    # Two controls cannot make a normative model (8 participants needed): said, not hidden.
     assert result.model is None
-    assert any("normative model not built" in n and "at least 20" in n for n in result.notes)
+    assert any("normative model not built" in n and "at least 8" in n for n in result.notes)
     assert result.visit_table.is_file()
     assert [p.name for p in result.reports] == [f"sub-0{i}_report.html" for i in range(1, 5)] \
         + ["cohort_report.html"]

@@ -13,11 +13,14 @@ import pytest
 from alsiron.cohort.normative import (
     NO_MODEL_MESSAGE,
     SCHEMA_VERSION,
+    age_df_cap,
     build_normative_model,
     combat_fit,
     load_model,
     score_session,
     session_zscores,
+    subject_hash,
+    t_to_z,
     write_zscores,
     zscore_table,
 )
@@ -91,8 +94,10 @@ def test_held_out_control_zscores_are_standard_normal(model):
     assert abs(z.mean()) < 0.15
     assert 0.85 < z.std(ddof=1) < 1.15
     fit = model.fits[HEADLINE_INDEX]
-    assert fit.residual_sd == pytest.approx(fit.classical_sd, rel=0.05)
+    # Huber's robust scale (kept as an outlier flag) agrees with the least-squares one
+    assert fit.robust_sd == pytest.approx(math.sqrt(fit.between_var), rel=0.05)
     assert model.selection["age_df"] in (1, 2)  # the simulated age effect is linear
+    assert model.combat is not None  # 1000 controls per site: ComBat's scale step is used
 
 
 @pytest.mark.parametrize("target_d", [0.9, 2.0])
@@ -228,6 +233,10 @@ def test_model_round_trips_through_json_and_rejects_bad_files(tmp_path):
     with pytest.raises(InputError, match="malformed normative model") as info:
         load_model(tmp_path / "broken.json")
     assert "\n" not in str(info.value)
+    (tmp_path / "v1.json").write_text(json.dumps(dict(doc, schema_version=1)))
+    with pytest.raises(InputError, match="schema version 1 .* rebuild it") as info:
+        load_model(tmp_path / "v1.json")
+    assert "\n" not in str(info.value)
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(InputError, match="not an alsiron normative model"):
         load_model(tmp_path / "other.json")
@@ -252,9 +261,10 @@ def test_without_a_model_the_message_says_how_to_build_one():
 
 
 def test_too_few_controls_is_a_clear_error():
-    records, _ = simulate_index_cohort(30, 1, seed=2, als_fraction=0.5)
-    with pytest.raises(InputError, match="at least 20"):
-        build_normative_model(records)
+    records, _ = simulate_index_cohort(14, 3, seed=2, als_fraction=0.5)
+    # 7 controls x 3 visits = 21 scans: the minimum counts participants, not scans
+    with pytest.raises(InputError, match="only 7 usable 'control' participants.*at least 8"):
+        build_normative_model(records, visits="all")
     with pytest.raises(InputError, match="no usable 'healthy'"):
         build_normative_model(records, group="healthy")
 
@@ -271,3 +281,71 @@ def test_visit_selection_baseline_or_all():
     assert every.selection["dropped"]["repeat_runs"] > 0
     # sub-01's baseline failed QC, so its earliest usable visit (ses-02) stands in
     assert base.selection["dropped"]["later_visits"] == 30 * 3 - 1 - 30
+
+
+def _small_cohort(seed=5, n=24, visits=3):
+    records, _ = simulate_index_cohort(n, visits, seed=seed, als_fraction=0.5)
+    return records
+
+
+@pytest.mark.parametrize("visits", ["baseline", "all"])
+def test_leave_one_subject_out_equals_a_refit_without_the_control(visits, monkeypatch):
+    records = _small_cohort()
+    m = build_normative_model(records, visits=visits)
+    assert m.combat is None and m.n_subjects == 12  # 6 or so per site: site intercepts
+    assert m.fits[HEADLINE_INDEX].df_between == 12 - len(m.design_columns)
+    monkeypatch.setattr("alsiron.cohort.normative.MIN_PARTICIPANTS", 2)
+    for c in [r for r in records if r.group == "control" and r.session == "ses-01"][:4]:
+        held = m.held_out_z_scores(c, records)[HEADLINE_INDEX]
+        refit = build_normative_model([r for r in records if r.subject != c.subject],
+                                      visits=visits, age_df=1).z_scores(c)[HEADLINE_INDEX]
+        assert "leave-one-subject-out" in " ".join(held.notes)
+        # exact for one scan per control (the externally studentised residual); with
+        # every visit the within-participant variance keeps the full fit's age slope
+        tol = 1e-9 if visits == "baseline" else 2e-3
+        assert held.z == pytest.approx(refit.z, abs=tol)
+        assert held.df == pytest.approx(refit.df, rel=1e-9 if visits == "baseline" else 2e-3)
+        insample = m.z_scores(c)[HEADLINE_INDEX]
+        assert any("in-sample" in n for n in insample.notes)
+    stranger = simulate_index_cohort(1, 1, seed=99, als_fraction=0.0)[0][0]
+    stranger = dataclasses.replace(stranger, subject="sub-new")
+    assert m.held_out_z_scores(stranger, [stranger]) == m.z_scores(stranger)
+
+
+def test_small_reference_uses_student_t_and_says_so():
+    records = [r for r in _small_cohort(seed=6, n=16) if r.session == "ses-01"]
+    m = build_normative_model(records)
+    assert m.n_subjects == 8 and m.selection["age_df"] == 1 == age_df_cap(8, 2, True)
+    record = simulate_index_cohort(1, 1, seed=3, als_fraction=0.0)[0][0]
+    zs = m.z_scores(record)[HEADLINE_INDEX]
+    assert "small reference: 8 controls" in zs.notes
+    # ν = 8 participants − (2 sites + 1 age + 1 sex) parameters
+    assert zs.df == 4.0 and zs.z == pytest.approx(t_to_z(zs.t, 4.0), rel=1e-12)
+    assert abs(zs.z) < abs(zs.t) and 0 < zs.centre_sd < 1
+    assert HEADLINE_INDEX in zscore_table({HEADLINE_INDEX: zs})
+    mean, lo, hi = m.band(HEADLINE_INDEX, record.age, record.sex, record.site)
+    # the band is t_4-wide: 2.776 predictive SDs either side
+    assert (hi - mean) / zs.sd == pytest.approx(2.7764451, rel=1e-6)
+    assert subject_hash(records[0].subject) in m.reference["subject_hashes"]
+
+
+def test_t_to_z_keeps_the_tail_probability():
+    from scipy import stats
+
+    for t, df in ((-2.0, 4.0), (3.0, 10.5), (8.0, 4.0), (-40.0, 3.0)):
+        z = t_to_z(t, df)
+        assert stats.norm.sf(abs(z)) == pytest.approx(stats.t.sf(abs(t), df), rel=1e-9)
+        assert math.copysign(1, z) == math.copysign(1, t)
+    assert t_to_z(1.5, math.inf) == 1.5 and math.isnan(t_to_z(math.nan, 4.0))
+
+
+def test_an_aberrant_control_is_flagged(caplog):
+    records = [r for r in _small_cohort(seed=7, n=60) if r.session == "ses-01"]
+    odd = next(r for r in records if r.group == "control")
+    records = [dataclasses.replace(r, indices={HEADLINE_INDEX: r.indices[HEADLINE_INDEX]
+                                               + 0.03}) if r is odd else r
+               for r in records]
+    with caplog.at_level(logging.WARNING, logger="alsiron"):
+        m = build_normative_model(records)
+    assert m.fits[HEADLINE_INDEX].outliers == [subject_hash(odd.subject)]
+    assert odd.subject in caplog.text and "robust SDs" in caplog.text

@@ -76,4 +76,4 @@ def normative_build(group: str, registry: str | None, dataset: Path | None, out:
                f"{', '.join(f'{k}: {v}' for k, v in c['n_by_site'].items())}; ages "
                f"{c['age_range_years'][0]:g}-{c['age_range_years'][1]:g}), "
                f"{len(model.indices)} indices, age df {model.age_basis.df}, "
-               f"{'EB ' if model.combat.empirical_bayes else ''}ComBat -> {out}")
+               f"{model.harmonisation_label} -> {out}")

@@ -1,27 +1,34 @@
 """Normative model of the iron indices in healthy controls, and z-scores of new sessions.
 
-Per index the model is
+Per index the model is, for participant i at site s(i) and scan j,
 
-    y* = b0 + f(age) + b_sex·[sex = M] + e,      e ~ (0, s²)
+    y_ij = a_s(i) + f(age_ij) + b_sex·[sex = M] + u_i + e_ij,   u ~ (0, σb²), e ~ (0, σw²)
 
-where ``y*`` is the index after ComBat site harmonisation (Johnson et al. 2007, parametric
-empirical Bayes, implemented here: :func:`combat_fit`), ``f`` a natural cubic spline of
-age whose degrees of freedom are chosen by BIC (1 = a straight line), the coefficients a
-Huber M-estimate and ``s`` Huber's proposal-2 robust scale (consistent for the SD at the
-normal model). A new session's z-score is
+with ``a_s`` a site intercept (or, when every site has at least
+:data:`COMBAT_MIN_PER_SITE` controls, one intercept after ComBat harmonisation of
+location and scale, Johnson et al. 2007: :func:`combat_fit`), ``f`` a natural cubic
+spline of age whose degrees of freedom are chosen by BIC under a cap of one parameter
+per :data:`PARTICIPANTS_PER_PARAMETER` participants (1 = a straight line), fitted by
+least squares to the participants' mean values (one row per participant, so repeated
+visits are not counted as independent controls). A new session's score is Student-t:
 
-    z = (y* − ŷ(age, sex)) / sqrt(s² + Var ŷ)
+    t = (y − x₀ᵀβ̂) / sqrt(τ̂²(1 + h₀) + σ̂w²(1 − 1/k̄)),   h₀ = x₀ᵀ(X̄ᵀX̄)⁻¹x₀,
+    z = Φ⁻¹(F_t,ν(t))
 
-with ``y*`` its value harmonised with the estimates of its site (known sites) or left as
-it is (a site the model has not seen: a note and a log warning say so).
+with τ̂² the residual variance of participant means (every fitted parameter counted),
+σ̂w² the scan-to-scan variance (0 with one scan per control), k̄ the harmonic mean of
+scans per control and ν from Satterthwaite (= participants − parameters with one scan
+each). Held-out controls then have z ~ N(0, 1) whatever the reference size; the model's
+own controls are scored leave-one-subject-out by :meth:`NormativeModel.held_out_z_scores`.
 
 The model is stored as a versioned JSON document (:data:`SCHEMA_VERSION`) with the cohort
-summary, the ComBat estimates per site and the provenance; see docs/normative.md.
+summary, the site estimates and the provenance; see docs/normative.md.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -41,23 +48,40 @@ from alsiron.io.atomic import save_json, sha256_file
 
 log = logging.getLogger("alsiron")
 
-#: Version of the JSON layout written by :meth:`NormativeModel.save`.
-SCHEMA_VERSION = 1
+#: Version of the JSON layout written by :meth:`NormativeModel.save` (2: participant-level
+#: least squares, Student-t z; version 1 files are refused with a message to rebuild).
+SCHEMA_VERSION = 2
 #: Value of the ``format`` key that identifies a normative-model file.
 MODEL_FORMAT = "alsiron-normative-model"
 #: Below this many indices the ComBat site estimates are not pooled across indices
 #: (empirical Bayes needs a distribution of site effects across features to shrink to).
 MIN_FEATURES_FOR_EB = 5
-#: Sites with fewer eligible controls are left out of the fit (their sessions are then
-#: scored as from an unknown site).
-MIN_CONTROLS_PER_SITE = 5
+#: Sites with fewer eligible control participants are left out of the fit (their
+#: sessions are then scored as from an unknown site). Two is the least that leaves a
+#: site intercept estimable after leaving one participant out; the intercept's own
+#: uncertainty is in every z of that site.
+MIN_CONTROLS_PER_SITE = 2
+#: Fewest control participants (not scans) a model is built from.
+MIN_PARTICIPANTS = 8
+#: Below this many control participants every z-score carries a "small reference" note:
+#: still calibrated over cohorts, but the centre of one cohort's z is uncertain.
+SMALL_REFERENCE = 20
+#: ComBat's per-site scale step (and empirical Bayes) is used only when every site has
+#: at least this many control participants; below, a site scale is too noisy to divide
+#: by, and the sites enter the regression as intercepts.
+COMBAT_MIN_PER_SITE = 20
+#: At least this many participants per estimated mean parameter (caps the age-spline df).
+PARTICIPANTS_PER_PARAMETER = 10
+#: Controls whose participant-level residual exceeds this many robust (Huber) SDs are
+#: flagged in the model and the log (kept in the fit).
+OUTLIER_CUT = 3.5
 #: Knot quantiles of the natural cubic spline by number of knots (Harrell, Regression
 #: Modeling Strategies, 2nd ed., table 2.3).
 KNOT_QUANTILES = {3: (0.10, 0.50, 0.90), 4: (0.05, 0.35, 0.65, 0.95),
                   5: (0.05, 0.275, 0.50, 0.725, 0.95)}
 #: Spline degrees of freedom tried by the BIC selection (1 = linear in age).
 AGE_DF_CHOICES = (1, 2, 3, 4)
-#: Two-sided 95 % normal quantile used for the normative band.
+#: Two-sided 95 % normal quantile (a band edge scores ±Z95).
 Z95 = 1.959963984540054
 
 #: What ``alsiron qsm --normative`` (and the report) say when there is no model.
@@ -409,6 +433,33 @@ def huber_regression(y: np.ndarray, x: np.ndarray, *, c: float = 1.345,
 # ------------------------------------------------------------------------ the model
 
 
+def subject_hash(subject: str) -> str:
+    """Short one-way digest of a participant label, as stored in a model (16 hex digits).
+
+    The model records which participants it was fitted to without listing their labels,
+    so that a report can score those controls leave-one-subject-out.
+    """
+    return hashlib.sha256(f"alsiron-normative:{subject}".encode()).hexdigest()[:16]
+
+
+def t_to_z(t: float, df: float) -> float:
+    """Normal quantile with the same tail probability as ``t`` under Student's t(``df``).
+
+    ``z = Φ⁻¹(F_t,df(t))``, computed from the smaller tail so that large ``|t|`` keeps its
+    precision; an infinite ``df`` returns ``t``.
+    """
+    from scipy.special import ndtri, stdtr
+
+    if not math.isfinite(t) or not df > 0:
+        return math.nan if not math.isinf(t) else t
+    if math.isinf(df):
+        return t
+    tail = float(stdtr(df, -abs(t)))
+    if tail <= 0.0:  # beyond double precision: the t and normal tails both vanish
+        return t
+    return math.copysign(-float(ndtri(tail)), t)
+
+
 @dataclass(frozen=True)
 class ZScore:
     """One index of one session against the normative model.
@@ -419,16 +470,25 @@ class ZScore:
     value : float
         As measured (index units).
     harmonised : float
-        After the site's ComBat adjustment (= value for an unknown site).
+        With the site's effect removed (= value for an unknown site).
     expected : float
         Normative mean for the session's age and sex (harmonised scale).
     sd : float
-        Predictive SD: sqrt(residual SD² + variance of the fitted mean).
+        Predictive SD of one new control scan at these covariates (index units): the
+        reference's residual variance plus the variance of its fitted mean.
     z : float
-        ``(harmonised − expected) / sd``; NaN when not computable (see ``notes``).
+        ``Φ⁻¹(F_t,df(t))``: the standard-normal score with the tail probability of ``t``
+        under the reference's t distribution; NaN when not computable (see ``notes``).
     site_harmonised : bool
     notes : tuple of str
         Why the z-score is missing or should be read with care.
+    t : float
+        ``(harmonised − expected) / sd``: the predictive t statistic.
+    df : float
+        Its degrees of freedom ν (Satterthwaite for a model fitted to every visit).
+    centre_sd : float
+        SD of the reference's fitted mean in z units (how far the centre of z could be
+        off because the reference is finite): ``sqrt(Var ŷ) / sd``.
     """
 
     index: str
@@ -439,51 +499,109 @@ class ZScore:
     z: float
     site_harmonised: bool
     notes: tuple[str, ...] = ()
+    t: float = math.nan
+    df: float = math.nan
+    centre_sd: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"index": self.index, "units": index_units(self.index), "value": self.value,
                 "harmonised": self.harmonised, "expected": self.expected, "sd": self.sd,
-                "z": self.z, "site_harmonised": self.site_harmonised,
-                "notes": list(self.notes)}
+                "z": self.z, "t": self.t, "df": self.df, "centre_sd": self.centre_sd,
+                "site_harmonised": self.site_harmonised, "notes": list(self.notes)}
 
 
 @dataclass
 class IndexFit:
-    """Normative fit of one index on the harmonised scale.
+    """Normative fit of one index: least squares on the participants' mean values.
 
     Attributes
     ----------
     coef : ndarray (p,)
-        Intercept, age basis, then sex (M) when the model has a sex term.
-    cov : ndarray (p, p)
-    residual_sd : float
-        Huber proposal-2 scale of the residuals.
-    classical_sd : float
-        Plain residual SD (for comparison; not used for z).
+        Coefficients of :attr:`NormativeModel.design_columns` (index units).
+    xtx_inv : ndarray (p, p)
+        ``(X̄ᵀX̄)⁻¹`` of the participant-level design.
+    between_var : float
+        ``τ̂²``: residual variance of a participant's mean value, index units².
+    df_between : float
+        Its degrees of freedom: participants − p (− 2S − 1 after ComBat).
+    within_var : float
+        ``σ̂w²``: scan-to-scan variance around a participant's mean (0 with one scan
+        each), index units².
+    df_within : float
+        Its degrees of freedom: scans − participants.
+    robust_sd : float
+        Huber proposal-2 scale of the participant-level residuals (outlier flag only).
     n : int
+        Scans used.
+    n_subjects : int
+    outliers : list of str
+        :func:`subject_hash` of the controls whose residual exceeds
+        :data:`OUTLIER_CUT` robust SDs.
     """
 
     coef: np.ndarray
-    cov: np.ndarray
-    residual_sd: float
-    classical_sd: float
+    xtx_inv: np.ndarray
+    between_var: float
+    df_between: float
+    within_var: float
+    df_within: float
+    robust_sd: float
     n: int
+    n_subjects: int
+    outliers: list[str] = field(default_factory=list)
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Covariance of ``coef``: ``τ̂² (X̄ᵀX̄)⁻¹``."""
+        return self.between_var * self.xtx_inv
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What a prediction needs from one index's fit (the full one or a leave-one-out)."""
+
+    coef: np.ndarray
+    xtx_inv: np.ndarray
+    between_var: float
+    df_between: float
+    within_var: float
+    df_within: float
+    visit_factor: float
+
+    def predict(self, x0: np.ndarray) -> tuple[float, float, float, float]:
+        """(mean, predictive SD, ν, centre SD in z units) of one new scan at ``x0``."""
+        h0 = float(x0 @ self.xtx_inv @ x0)
+        a = self.between_var * (1.0 + h0)
+        w = self.within_var * self.visit_factor
+        var = a + w
+        denom = a**2 / self.df_between + (w**2 / self.df_within if w > 0 else 0.0)
+        nu = var**2 / denom if denom > 0 else math.inf
+        return (float(x0 @ self.coef), math.sqrt(var), nu,
+                math.sqrt(self.between_var * h0 / var) if var > 0 else math.nan)
 
 
 @dataclass
 class NormativeModel:
     """Per-index normative model (see the module docstring); build with
-    :func:`build_normative_model`, persist with :meth:`save` / :func:`load_model`."""
+    :func:`build_normative_model`, persist with :meth:`save` / :func:`load_model`.
+
+    ``combat`` is None when the sites enter the regression as intercepts (the default
+    below :data:`COMBAT_MIN_PER_SITE` participants per site); ``sites`` and
+    ``site_weights`` (participant share per site) hold for both.
+    """
 
     indices: list[str]
     age_basis: AgeBasis
     sex_term: bool
-    combat: CombatEstimates
+    combat: CombatEstimates | None
     fits: dict[str, IndexFit]
     cohort: dict[str, Any]
     provenance: dict[str, Any]
     selection: dict[str, Any] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+    site_weights: list[float] = field(default_factory=list)
+    reference: dict[str, Any] = field(default_factory=dict)
 
     # -- design
     def covariates(self, ages: np.ndarray, sexes: Sequence[str | None]) -> np.ndarray:
@@ -495,17 +613,53 @@ class NormativeModel:
         return np.column_stack([basis, male])
 
     @property
+    def design_columns(self) -> list[str]:
+        """Names of the regression columns (site intercepts or one intercept, age, sex)."""
+        lead = (["intercept"] if self.combat is not None
+                else [f"site:{s}" for s in self.sites])
+        return (lead + [f"age{k + 1}" for k in range(self.age_basis.df)]
+                + (["sex=M"] if self.sex_term else []))
+
+    def design(self, sites: Sequence[str | None], ages: np.ndarray,
+               sexes: Sequence[str | None]) -> np.ndarray:
+        """Design rows (n, p); an unknown site gets the participant-weighted site mix."""
+        cov = self.covariates(ages, sexes)
+        if self.combat is not None:
+            return np.column_stack([np.ones(len(cov)), cov])
+        lead = np.array([[1.0 if s == site else 0.0 for s in self.sites] if site in self.sites
+                         else self.site_weights for site in sites]).reshape(len(cov), -1)
+        return np.column_stack([lead, cov])
+
+    @property
+    def harmonisation_method(self) -> str:
+        """How site effects are removed, in words."""
+        if self.combat is not None:
+            return self.combat.to_dict(self.indices)["method"]
+        return ("site intercepts in the regression (too few controls per site for "
+                "ComBat's scale step)" if len(self.sites) > 1 else "single site")
+
+    @property
+    def harmonisation_label(self) -> str:
+        """Short name of the site harmonisation, for one-line summaries."""
+        if self.combat is None:
+            return "site intercepts"
+        return f"{'EB ' if self.combat.empirical_bayes else ''}ComBat"
+
+    @property
+    def n_subjects(self) -> int:
+        """Participants in the reference."""
+        return int(self.reference.get("n_subjects", self.cohort.get("n_subjects", 0)))
+
+    @property
     def age_range(self) -> tuple[float, float]:
         """Youngest and oldest control age in the fit, years."""
         lo, hi = self.cohort["age_range_years"]
         return float(lo), float(hi)
 
-    def _mean_sd(self, index: str, cov_row: np.ndarray) -> tuple[float, float]:
-        fit = self.fits[index]
-        x = np.concatenate([[1.0], cov_row])
-        mean = float(x @ fit.coef)
-        sd = math.sqrt(fit.residual_sd**2 + float(x @ fit.cov @ x))
-        return mean, sd
+    def _full_reference(self, index: str) -> _Reference:
+        f = self.fits[index]
+        return _Reference(f.coef, f.xtx_inv, f.between_var, f.df_between, f.within_var,
+                          f.df_within, float(self.reference["visit_factor"]))
 
     def _scoring_problems(self, age: float | None, sex: str | None) -> list[str]:
         problems = []
@@ -515,22 +669,9 @@ class NormativeModel:
             problems.append("sex unknown")
         return problems
 
-    # -- scores
-    def z_scores(self, record: SessionRecord) -> dict[str, ZScore]:
-        """z-score of every model index present in ``record``.
-
-        Sites the model knows are harmonised with their ComBat estimates (using the
-        session's own age and sex). A site the model has not seen is not harmonised:
-        the z-score then includes that site's unknown offset; a note says so and a
-        warning is logged. Ages outside the control range are extrapolated linearly
-        (natural spline) and noted. Missing age (or sex, when the model has a sex
-        term) gives NaN with a note.
-        """
-        out: dict[str, ZScore] = {}
-        problems = self._scoring_problems(record.age, record.sex)
+    def _notes(self, record: SessionRecord, problems: list[str]) -> list[str]:
         notes: list[str] = list(problems)
-        known_site = record.site in self.combat.sites
-        if not known_site:
+        if record.site not in self.sites:
             notes.append(f"site {record.site!r} is not in the normative model: "
                          "not harmonised")
         if not problems:
@@ -540,6 +681,71 @@ class NormativeModel:
                              f"{lo:g}-{hi:g} years (extrapolated)")
         if record.qc_status == "fail":
             notes.append("session QC failed")
+        if self.n_subjects < SMALL_REFERENCE:
+            notes.append(f"small reference: {self.n_subjects} controls")
+        return notes
+
+    def _harmonise(self, k: int, value: float, record: SessionRecord, x0: np.ndarray,
+                   cov_row: np.ndarray) -> tuple[float, float]:
+        """(harmonised value, shift that takes the site's mean to the pooled mean)."""
+        if record.site not in self.sites:
+            return value, 0.0
+        if self.combat is not None:
+            row = np.full((1, len(self.indices)), np.nan)
+            row[0, k] = value
+            adj, _ = self.combat.harmonise(row, [record.site], cov_row)
+            return float(adj[0, k]), 0.0
+        coef = self.fits[self.indices[k]].coef
+        s = len(self.sites)
+        shift = float(np.dot(x0[:s] - np.asarray(self.site_weights), coef[:s]))
+        return value - shift, shift
+
+    # -- scores
+    def z_scores(self, record: SessionRecord) -> dict[str, ZScore]:
+        """z-score of every model index present in ``record``.
+
+        The prediction is Student-t: ``t = (y − ŷ) / sd`` with the predictive SD of one
+        new control scan, mapped to the normal scale as ``z = Φ⁻¹(F_t,ν(t))``. Sites the
+        model knows have their effect removed (site intercept, or ComBat); a site the
+        model has not seen is compared with the participant-weighted site mix: the z
+        then includes that site's unknown offset (a note and a warning say so). Ages
+        outside the control range are extrapolated linearly (natural spline) and noted;
+        a reference of fewer than :data:`SMALL_REFERENCE` controls is noted. Missing age
+        (or sex, when the model has a sex term) gives NaN with a note. A participant who
+        is one of the model's own controls is scored in-sample here (noted); see
+        :meth:`held_out_z_scores`.
+        """
+        return self._z_scores(record, None)
+
+    def held_out_z_scores(self, record: SessionRecord,
+                          subject_records: Sequence[SessionRecord]) -> dict[str, ZScore]:
+        """z-scores of ``record`` against the model refitted without its participant.
+
+        For the model's own controls (their :func:`subject_hash` is in the model) the
+        fit is updated in closed form (leave-one-subject-out: the participant's mean
+        row removed from the least squares; for a one-scan-per-control model this is the
+        externally studentised residual, ``t ~ t_ν−1``). ``subject_records`` are the
+        participant's sessions, from which the rows the model used are selected again.
+        ComBat estimates, when used, are held fixed. Anyone else is scored as by
+        :meth:`z_scores`.
+        """
+        if subject_hash(record.subject) not in set(self.reference.get("subject_hashes", ())):
+            return self._z_scores(record, None)
+        return self._z_scores(record, [r for r in subject_records
+                                       if r.subject == record.subject])
+
+    def _z_scores(self, record: SessionRecord, leave_out: Sequence[SessionRecord] | None
+                  ) -> dict[str, ZScore]:
+        out: dict[str, ZScore] = {}
+        problems = self._scoring_problems(record.age, record.sex)
+        notes = self._notes(record, problems)
+        refs: dict[str, _Reference] | None = None
+        if leave_out is not None:
+            refs, why = self._leave_one_out(leave_out)
+            notes.append(why)
+        elif subject_hash(record.subject) in set(self.reference.get("subject_hashes", ())):
+            notes.append("participant is one of the model's controls (in-sample z)")
+        known_site = record.site in self.sites
         if not known_site and any(k in record.indices for k in self.indices):
             log.warning("%s %s: site %r is not in the normative model; z-scores are not "
                         "site-harmonised", record.subject, record.session, record.site)
@@ -547,41 +753,91 @@ class NormativeModel:
             if index not in record.indices:
                 continue
             value = float(record.indices[index])
-            if problems or not math.isfinite(value):
-                why = tuple(notes) if problems else (*notes, "value not finite")
+            if problems or not math.isfinite(value) or (leave_out is not None and not refs):
+                extra = () if problems or math.isfinite(value) else ("value not finite",)
                 out[index] = ZScore(index, value, math.nan, math.nan, math.nan, math.nan,
-                                    known_site, why)
+                                    known_site, (*notes, *extra))
                 continue
             cov_row = self.covariates(np.array([record.age]), [record.sex])
-            harmonised = value
-            if known_site:
-                row = np.full((1, len(self.indices)), np.nan)
-                row[0, k] = value
-                adj, _ = self.combat.harmonise(row, [record.site], cov_row)
-                harmonised = float(adj[0, k])
-            mean, sd = self._mean_sd(index, cov_row[0])
-            out[index] = ZScore(index, value, harmonised, mean, sd, (harmonised - mean) / sd,
-                                known_site, tuple(notes))
+            x0 = self.design([record.site], np.array([record.age]), [record.sex])[0]
+            harmonised, shift = self._harmonise(k, value, record, x0, cov_row)
+            ref = refs[index] if refs else self._full_reference(index)
+            mean, sd, nu, centre = ref.predict(x0)
+            t = (value - mean) / sd if self.combat is None else (harmonised - mean) / sd
+            out[index] = ZScore(index, value, harmonised, mean - shift, sd, t_to_z(t, nu),
+                                known_site, tuple(notes), t, nu, centre)
         return out
+
+    def _leave_one_out(self, subject_records: Sequence[SessionRecord]
+                       ) -> tuple[dict[str, _Reference] | None, str]:
+        """Per-index references without one participant (closed-form update), and a note.
+
+        The participant's rows are selected as the build selected them; their mean row
+        ``x̄ᵢ`` and value ``ȳᵢ`` leave the least squares by the rank-one update
+        ``β̂₍ᵢ₎ = β̂ − A x̄ᵢ eᵢ/(1 − hᵢ)``, ``A₍ᵢ₎ = A + A x̄ᵢ x̄ᵢᵀ A/(1 − hᵢ)``,
+        ``τ̂²₍ᵢ₎ = (ν τ̂² − eᵢ²/(1 − hᵢ))/(ν − 1)``; their scans leave the within-participant
+        variance and the harmonic mean of visits.
+        """
+        rows, _ = _select_rows(subject_records, str(self.selection.get("group", "control")),
+                               str(self.selection.get("visits", "baseline")))
+        rows = [r for r in rows if r.site in self.sites
+                and all(math.isfinite(float(r.indices.get(k, math.nan))) for k in self.indices)]
+        if not rows:
+            return None, ("in the normative model, but its scans there were not found: "
+                          "not scored")
+        ages = np.array([float(r.age) for r in rows])  # type: ignore[arg-type]
+        x = self.design([r.site for r in rows], ages, [r.sex for r in rows])
+        y = np.array([[float(r.indices[k]) for k in self.indices] for r in rows])
+        if self.combat is not None:
+            y, _ = self.combat.harmonise(y, [r.site for r in rows],
+                                         self.covariates(ages, [r.sex for r in rows]))
+        xbar, ybar, k_i = x.mean(axis=0), y.mean(axis=0), len(rows)
+        m = self.n_subjects
+        sum_inv = float(self.reference["sum_inverse_visits"]) - 1.0 / k_i
+        visit_factor = 1.0 - sum_inv / (m - 1)
+        refs = {}
+        for j, name in enumerate(self.indices):
+            f = self.fits[name]
+            ax = f.xtx_inv @ xbar
+            h = float(xbar @ ax)
+            if h > 1.0 - 1e-9 or f.df_between < 2:
+                return None, ("cannot be left out of the normative model (the only control "
+                              "of its site, or too few controls): not scored")
+            e = float(ybar[j] - xbar @ f.coef)
+            between = (f.df_between * f.between_var - e**2 / (1.0 - h)) / (f.df_between - 1)
+            dev = (y[:, j] - ybar[j]) - (x - xbar) @ f.coef
+            df_w = f.df_within - (k_i - 1)
+            within = (max(f.df_within * f.within_var - float(dev @ dev), 0.0) / df_w
+                      if df_w > 0 else 0.0)
+            refs[name] = _Reference(f.coef - ax * e / (1.0 - h),
+                                    f.xtx_inv + np.outer(ax, ax) / (1.0 - h),
+                                    max(between, 1e-300), f.df_between - 1, within, df_w,
+                                    visit_factor)
+        return refs, "leave-one-subject-out (model refitted without this control)"
 
     def band(self, index: str, age: float, sex: str | None, site: str | None,
              level: float = 0.95) -> tuple[float, float, float]:
-        """Normative mean and central ``level`` band on the scale of ``site``.
+        """Normative mean and central ``level`` predictive band on the scale of ``site``.
 
-        For a known site the harmonised band is mapped back through that site's ComBat
-        adjustment, so it can be drawn with the site's raw values; otherwise the
-        harmonised band. Returns (mean, low, high), index units; NaN when age (or a
+        The band is ``ŷ ± t_ν,(1+level)/2 · sd`` (Student t with the reference's degrees of
+        freedom), so its edges score ``z = ±Φ⁻¹((1+level)/2)``. For a known site it is on
+        that site's scale (site intercept included, or mapped back through the site's
+        ComBat adjustment), so it can be drawn with the site's raw values; otherwise on
+        the pooled scale. Returns (mean, low, high), index units; NaN when age (or a
         needed sex) is unknown.
         """
         if self._scoring_problems(age, sex):
             return (math.nan, math.nan, math.nan)
         from scipy.stats import norm
+        from scipy.stats import t as student
 
-        q = float(norm.ppf(0.5 + level / 2))
-        cov_row = self.covariates(np.array([age]), [sex])
-        mean, sd = self._mean_sd(index, cov_row[0])
+        x0 = self.design([site], np.array([age]), [sex])[0]
+        mean, sd, nu, _ = self._full_reference(index).predict(x0)
+        p = 0.5 + level / 2
+        q = float(student.ppf(p, nu)) if math.isfinite(nu) else float(norm.ppf(p))
         triple = np.array([mean, mean - q * sd, mean + q * sd])
-        if site in self.combat.sites:
+        if self.combat is not None and site in self.combat.sites:
+            cov_row = self.covariates(np.array([age]), [sex])
             k = self.indices.index(index)
             full = np.tile(self.combat.covariate_mean(cov_row), (3, 1))
             full[:, k] = triple
@@ -591,6 +847,7 @@ class NormativeModel:
     # -- persistence
     def to_dict(self) -> dict[str, Any]:
         """The JSON document written by :meth:`save`."""
+        vf = float(self.reference["visit_factor"])
         return {
             "format": MODEL_FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -599,15 +856,27 @@ class NormativeModel:
             "selection": self.selection,
             "covariates": {"age": self.age_basis.to_dict(),
                            "sex": {"term": self.sex_term, "coded": "1 if M else 0"}},
+            "sites": {"method": self.harmonisation_method, "names": list(self.sites),
+                      "participant_weights": dict(zip(self.sites, self.site_weights,
+                                                      strict=True))},
+            "reference": self.reference,
+            "design_columns": self.design_columns,
             "indices": {
-                name: {"units": index_units(name), "n": fit.n,
+                name: {"units": index_units(name), "n": fit.n, "n_subjects": fit.n_subjects,
                        "coef": [float(v) for v in fit.coef],
+                       "xtx_inv": [[float(v) for v in row] for row in fit.xtx_inv],
                        "coef_cov": [[float(v) for v in row] for row in fit.cov],
-                       "residual_sd": fit.residual_sd,
-                       "residual_sd_method": "Huber proposal 2 (statsmodels HuberScale)",
-                       "classical_residual_sd": fit.classical_sd}
+                       "between_var": fit.between_var, "df_between": fit.df_between,
+                       "within_var": fit.within_var, "df_within": fit.df_within,
+                       "residual_sd": math.sqrt(fit.between_var + fit.within_var * vf),
+                       "residual_sd_method": "least squares on participant means: "
+                                             "sqrt(between_var + within_var (1 - 1/k))",
+                       "robust_residual_sd": fit.robust_sd,
+                       "robust_residual_sd_method": "Huber proposal 2 (statsmodels "
+                                                    "HuberScale), outlier flag only",
+                       "outliers": list(fit.outliers)}
                 for name, fit in self.fits.items()},
-            "combat": self.combat.to_dict(self.indices),
+            "combat": None if self.combat is None else self.combat.to_dict(self.indices),
         }
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -628,38 +897,54 @@ class NormativeModel:
             raise InputError(path, f"normative model schema version {version} is newer than "
                                    f"this alsiron ({alsiron.__version__}) reads (up to "
                                    f"{SCHEMA_VERSION}): upgrade alsiron")
+        if version == 1:
+            raise InputError(path, "normative model schema version 1 (alsiron before "
+                                   "calibrated z-scores) is no longer read: rebuild it with "
+                                   "`alsiron normative build`")
         if version < 1:
             raise InputError(path, f"unknown normative model schema version {version}")
         try:
-            indices = list(doc["indices"])
-            for name in indices:
-                index_units(name)
-            fits = {}
-            for name in indices:
-                d = doc["indices"][name]
-                fits[name] = IndexFit(np.array(d["coef"], dtype=float),
-                                      np.array(d["coef_cov"], dtype=float),
-                                      float(d["residual_sd"]),
-                                      float(d.get("classical_residual_sd", math.nan)),
-                                      int(d["n"]))
-            age_basis = AgeBasis.from_dict(doc["covariates"]["age"])
-            sex_term = bool(doc["covariates"]["sex"]["term"])
-            combat = CombatEstimates.from_dict(doc["combat"], indices)
-            model = cls(indices=indices, age_basis=age_basis, sex_term=sex_term,
-                        combat=combat, fits=fits, cohort=dict(doc["cohort"]),
-                        provenance=dict(doc["provenance"]),
-                        selection=dict(doc.get("selection", {})))
-            q = age_basis.df + int(sex_term)
-            for name, fit in fits.items():
-                if (fit.coef.shape != (q + 1,) or fit.cov.shape != (q + 1, q + 1)
-                        or not fit.residual_sd > 0 or not np.all(np.isfinite(fit.coef))):
-                    raise ValueError(f"index {name}: coefficients do not match the design")
-            if combat.beta.shape != (q, len(indices)):
-                raise ValueError("ComBat covariate coefficients do not match the design")
-            model.age_range  # noqa: B018 - checks the cohort summary has it
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            return cls._from_v2(doc)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise InputError(path, f"malformed normative model ({type(exc).__name__}: "
                                    f"{exc})") from None
+
+    @classmethod
+    def _from_v2(cls, doc: Mapping[str, Any]) -> NormativeModel:
+        indices = list(doc["indices"])
+        for name in indices:
+            index_units(name)
+        fits = {}
+        for name in indices:
+            d = doc["indices"][name]
+            fits[name] = IndexFit(
+                np.array(d["coef"], dtype=float), np.array(d["xtx_inv"], dtype=float),
+                float(d["between_var"]), float(d["df_between"]), float(d["within_var"]),
+                float(d["df_within"]), float(d.get("robust_residual_sd", math.nan)),
+                int(d["n"]), int(d["n_subjects"]), [str(h) for h in d.get("outliers", [])])
+        sites = [str(s) for s in doc["sites"]["names"]]
+        weights = doc["sites"]["participant_weights"]
+        combat = (None if doc.get("combat") is None
+                  else CombatEstimates.from_dict(doc["combat"], indices))
+        model = cls(indices=indices, age_basis=AgeBasis.from_dict(doc["covariates"]["age"]),
+                    sex_term=bool(doc["covariates"]["sex"]["term"]), combat=combat,
+                    fits=fits, cohort=dict(doc["cohort"]),
+                    provenance=dict(doc["provenance"]),
+                    selection=dict(doc.get("selection", {})), sites=sites,
+                    site_weights=[float(weights[s]) for s in sites],
+                    reference=dict(doc["reference"]))
+        p = len(model.design_columns)
+        for name, fit in fits.items():
+            if (fit.coef.shape != (p,) or fit.xtx_inv.shape != (p, p)
+                    or not fit.between_var > 0 or not fit.df_between > 0
+                    or not fit.within_var >= 0 or not np.all(np.isfinite(fit.coef))):
+                raise ValueError(f"index {name}: coefficients do not match the design")
+        q = p - 1 if combat is not None else p - len(sites)
+        if combat is not None and combat.beta.shape != (q, len(indices)):
+            raise ValueError("ComBat covariate coefficients do not match the design")
+        float(model.reference["visit_factor"])
+        float(model.reference["sum_inverse_visits"])
+        model.age_range  # noqa: B018 - checks the cohort summary has it
         return model
 
 
@@ -747,12 +1032,18 @@ def _choose_indices(rows: Sequence[SessionRecord], indices: Sequence[str] | None
     return chosen
 
 
-def _bic_by_df(y: np.ndarray, ages: np.ndarray, sites: Sequence[str], male: np.ndarray | None
-               ) -> dict[int, float]:
-    """Summed (over indices) Gaussian BIC of OLS fits with site intercepts, per age df."""
-    n = y.shape[0]
+def _bic_by_df(y: np.ndarray, ages: np.ndarray, sites: Sequence[str], male: np.ndarray | None,
+               subjects: Sequence[str] | None = None) -> dict[int, float]:
+    """Summed (over indices) Gaussian BIC of OLS fits with site intercepts, per age df.
+
+    With ``subjects`` the fits are to participant means (one row per participant, as the
+    model is fitted), so BIC counts participants, not scans.
+    """
     site_list = sorted(set(sites))
     onehot = np.eye(len(site_list))[[site_list.index(s) for s in sites]]
+    groups = None
+    if subjects is not None:
+        _, groups = np.unique(np.asarray(subjects), return_inverse=True)
     out = {}
     for df in AGE_DF_CHOICES:
         if len(np.unique(ages)) < df + 3:
@@ -762,11 +1053,72 @@ def _bic_by_df(y: np.ndarray, ages: np.ndarray, sites: Sequence[str], male: np.n
         except ValueError:
             continue
         x = np.hstack([onehot, basis] + ([male[:, None]] if male is not None else []))
-        coef = np.linalg.lstsq(x, y, rcond=None)[0]
-        rss = ((y - x @ coef) ** 2).sum(axis=0)
+        yy = y
+        if groups is not None:
+            x, yy = _subject_means(x, groups), _subject_means(y, groups)
+        n = yy.shape[0]
+        if n <= x.shape[1] + 1:
+            continue
+        coef = np.linalg.lstsq(x, yy, rcond=None)[0]
+        rss = ((yy - x @ coef) ** 2).sum(axis=0)
         k = x.shape[1] + 1
         out[df] = float(np.sum(n * np.log(rss / n) + k * math.log(n)))
     return out
+
+
+def _subject_means(a: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Row means of ``a`` per group label 0..m-1 (participant means)."""
+    counts = np.bincount(groups).astype(float)
+    out = np.zeros((counts.size, *a.shape[1:]))
+    np.add.at(out, groups, a)
+    return out / counts.reshape(-1, *([1] * (a.ndim - 1)))
+
+
+def age_df_cap(n_subjects: int, n_sites: int, sex_term: bool) -> int:
+    """Largest age-spline df allowed: ≥ :data:`PARTICIPANTS_PER_PARAMETER` participants
+    per estimated mean parameter, ``max(1, ⌊m/10⌋ − S − [sex])``."""
+    return max(1, n_subjects // PARTICIPANTS_PER_PARAMETER - n_sites - int(sex_term))
+
+
+def _usable_rows(records: list[SessionRecord], group: str, visits: str,
+                 indices: Sequence[str] | None, min_per_site: int, source: str | None
+                 ) -> tuple[list[SessionRecord], list[str], np.ndarray, dict[str, int]]:
+    """Selected control rows (complete on the chosen indices, at sites with enough
+    participants), the index names, the values (n, g) and the drop counts."""
+    rows, dropped = _select_rows(records, group, visits)
+    groups_seen = sorted({str(r.group) for r in records})
+    if not rows:
+        raise InputError(source, f"no usable {group!r} sessions (groups present: "
+                                 f"{', '.join(groups_seen) or 'none'})")
+    names = _choose_indices(rows, indices)
+    if not names:
+        raise InputError(source, "no index is finite in enough control sessions")
+    y_all = np.array([[float(r.indices.get(k, math.nan)) for k in names] for r in rows])
+    complete = np.all(np.isfinite(y_all), axis=1)
+    dropped["missing_values"] = int((~complete).sum())
+    rows = [r for r, ok in zip(rows, complete, strict=True) if ok]
+    y = y_all[complete]
+    per_site: dict[str, set[str]] = {}
+    for r in rows:
+        per_site.setdefault(str(r.site), set()).add(r.subject)
+    small = sorted(s for s, subs in per_site.items() if len(subs) < min_per_site)
+    if small:
+        log.warning("normative: sites with fewer than %d control participants left out: %s",
+                    min_per_site, ", ".join(small))
+        keep = np.array([str(r.site) not in small for r in rows])
+        rows = [r for r, k in zip(rows, keep, strict=True) if k]
+        y = y[keep]
+        dropped["small_sites"] = int((~keep).sum())
+    m = len({r.subject for r in rows})
+    if m < MIN_PARTICIPANTS:
+        raise InputError(source, f"only {m} usable {group!r} participants ({len(rows)} "
+                                 f"scans); a normative model needs at least "
+                                 f"{MIN_PARTICIPANTS}")
+    if m < SMALL_REFERENCE:
+        log.warning("normative: small reference of %d %s participants (z-scores are "
+                    "calibrated, but their centre is uncertain; %d or more recommended)",
+                    m, group, SMALL_REFERENCE)
+    return rows, names, y, dropped
 
 
 def build_normative_model(
@@ -794,21 +1146,24 @@ def build_normative_model(
         except voxel counts (``*_n``).
     age_df : int or "auto"
         Degrees of freedom of the age spline (1 = linear, up to 4); "auto" picks the one
-        with the lowest BIC summed over indices.
+        with the lowest BIC summed over indices, up to :func:`age_df_cap`.
     visits : {"baseline", "all"}
-        One scan per control (earliest visit; default, keeps the samples independent as
-        ComBat and the scale estimate assume) or every visit.
+        One scan per control (earliest visit; default) or every visit (fitted at the
+        participant level: participant means, plus the scan-to-scan variance).
     empirical_bayes : bool or None
-        ComBat EB pooling across indices; None: when ≥ :data:`MIN_FEATURES_FOR_EB`.
+        ComBat EB pooling across indices when ComBat is used (every site has at least
+        :data:`COMBAT_MIN_PER_SITE` participants); None: when ≥
+        :data:`MIN_FEATURES_FOR_EB` indices.
     min_per_site : int
-        Sites with fewer eligible controls are left out (logged).
+        Sites with fewer eligible control participants are left out (logged).
     source : str or None
         Where the records came from (registry location), for the provenance.
 
     Raises
     ------
     InputError
-        Too few usable controls, no index, or a design that cannot be fitted.
+        Fewer than :data:`MIN_PARTICIPANTS` usable control participants, no index, or a
+        design that cannot be fitted.
     """
     if visits not in ("baseline", "all"):
         raise InvalidInputError(f"visits must be 'baseline' or 'all', got {visits!r}")
@@ -818,83 +1173,122 @@ def build_normative_model(
         # The source goes into messages and the model file: never a password.
         source = display_location(source)
     records = list(records)
-    rows, dropped = _select_rows(records, group, visits)
-    groups_seen = sorted({str(r.group) for r in records})
-    if not rows:
-        raise InputError(source, f"no usable {group!r} sessions (groups present: "
-                                 f"{', '.join(groups_seen) or 'none'})")
-    names = _choose_indices(rows, indices)
-    if not names:
-        raise InputError(source, "no index is finite in enough control sessions")
-    y_all = np.array([[float(r.indices.get(k, math.nan)) for k in names] for r in rows])
-    complete = np.all(np.isfinite(y_all), axis=1)
-    dropped["missing_values"] = int((~complete).sum())
-    rows = [r for r, ok in zip(rows, complete, strict=True) if ok]
-    y = y_all[complete]
-    site_counts: dict[str, int] = {}
-    for r in rows:
-        site_counts[str(r.site)] = site_counts.get(str(r.site), 0) + 1
-    small = sorted(s for s, c in site_counts.items() if c < min_per_site)
-    if small:
-        log.warning("normative: sites with fewer than %d controls left out: %s",
-                    min_per_site, ", ".join(small))
-        keep = np.array([str(r.site) not in small for r in rows])
-        rows = [r for r, k in zip(rows, keep, strict=True) if k]
-        y = y[keep]
-        dropped["small_sites"] = int((~keep).sum())
-    if len(rows) < 20:
-        raise InputError(source, f"only {len(rows)} usable {group!r} sessions; a normative "
-                                 "model needs at least 20")
+    rows, names, y, dropped = _usable_rows(records, group, visits, indices, min_per_site,
+                                           source)
     ages = np.array([float(r.age) for r in rows])  # type: ignore[arg-type]
     sexes = [normalise_sex(r.sex) for r in rows]
     sites = [str(r.site) for r in rows]
+    subjects = [r.subject for r in rows]
+    site_list = sorted(set(sites))
+    participants = {s: len({r.subject for r in rows if r.site == s}) for s in site_list}
+    m = len(set(subjects))
     sex_known = all(s is not None for s in sexes)
     sex_term = sex_known and len(set(sexes)) == 2
     if not sex_known:
         log.warning("normative: sex missing for some controls; model has no sex term")
     male = np.array([1.0 if s == "M" else 0.0 for s in sexes]) if sex_term else None
-    bic = _bic_by_df(y, ages, sites, male)
+    bic = _bic_by_df(y, ages, sites, male, subjects)
+    cap = age_df_cap(m, len(site_list), sex_term)
     if age_df == "auto":
-        if not bic:
-            raise InputError(source, "too few distinct control ages to fit an age model")
-        df = min(bic, key=lambda k: bic[k])
+        allowed = {k: v for k, v in bic.items() if k <= cap}
+        df = min(allowed, key=lambda k: allowed[k]) if allowed else 1
     else:
         df = int(age_df)
+        if df > cap:
+            log.warning("normative: age df %d asked for; %d participants support at most %d "
+                        "(%d per parameter)", df, m, cap, PARTICIPANTS_PER_PARAMETER)
     try:
         basis = AgeBasis.from_ages(ages, df)
     except ValueError as exc:
         raise InputError(source, str(exc)) from None
-    model = NormativeModel(indices=names, age_basis=basis, sex_term=sex_term,
-                           combat=None, fits={}, cohort={}, provenance={})  # type: ignore
-    cov = model.covariates(ages, sexes)
-    try:
-        harmonised, combat = combat_fit(y, sites, cov, empirical_bayes=empirical_bayes)
-    except ValueError as exc:
-        raise InputError(source, f"ComBat: {exc}") from None
-    model.combat = combat
-    x = np.column_stack([np.ones(len(rows)), cov])
-    for j, name in enumerate(names):
-        coef, scale, coef_cov = huber_regression(harmonised[:, j], x)
-        resid = harmonised[:, j] - x @ coef
-        classical = float(np.sqrt((resid**2).sum() / (len(rows) - x.shape[1])))
-        model.fits[name] = IndexFit(coef, coef_cov, scale, classical, len(rows))
+    use_combat = len(site_list) > 1 and min(participants.values()) >= COMBAT_MIN_PER_SITE
+    model = NormativeModel(indices=names, age_basis=basis, sex_term=sex_term, combat=None,
+                           fits={}, cohort={}, provenance={}, sites=site_list,
+                           site_weights=[participants[s] / m for s in site_list])
+    if use_combat:
+        try:
+            y, model.combat = combat_fit(y, sites, model.covariates(ages, sexes),
+                                         empirical_bayes=empirical_bayes)
+        except ValueError as exc:
+            raise InputError(source, f"ComBat: {exc}") from None
+    _fit_indices(model, y, model.design(sites, ages, sexes), subjects, source)
     model.cohort = _cohort_summary(rows, group)
     model.selection = {"group": group, "visits": visits, "dropped": dropped,
                        "age_df": df, "age_df_selection": "BIC" if age_df == "auto" else "fixed",
-                       "bic_by_df": {str(k): v for k, v in bic.items()},
+                       "age_df_cap": cap, "bic_by_df": {str(k): v for k, v in bic.items()},
                        "min_per_site": min_per_site}
     model.provenance = {
         "software": "alsiron", "software_version": alsiron.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "python": platform.python_version(), "numpy": np.__version__,
         "source": source, "indices": list(names),
-        "method": ("per index: ComBat (Johnson 2007) over sites preserving age spline and "
-                   "sex; Huber M-regression of the harmonised values on age spline and "
-                   "sex; Huber proposal-2 residual SD"),
+        "method": ("per index: least squares of the participants' mean values on "
+                   + ("an intercept after ComBat (Johnson 2007)" if use_combat
+                      else "site intercepts")
+                   + ", age spline and sex; residual variance with every fitted parameter "
+                     "counted; scan-to-scan variance from deviations around participant "
+                     "means; z from the Student-t predictive distribution"),
         "input_software_versions": sorted({r.software_version for r in rows
                                            if r.software_version}),
     }
     return model
+
+
+def _fit_indices(model: NormativeModel, y: np.ndarray, x: np.ndarray,
+                 subjects: Sequence[str], source: str | None) -> None:
+    """Participant-level least squares of every index; fills ``model.fits`` and
+    ``model.reference`` (see docs/normative.md for the equations)."""
+    labels, groups = np.unique(np.asarray(subjects), return_inverse=True)
+    counts = np.bincount(groups).astype(float)
+    m, n, p = labels.size, len(subjects), x.shape[1]
+    xbar, ybar = _subject_means(x, groups), _subject_means(y, groups)
+    if np.linalg.matrix_rank(xbar) < p:
+        raise InputError(source, "the design (sites, age, sex) is not of full rank: a "
+                                 "covariate is constant or confounded with site")
+    n_site_par = 2 * len(model.sites) - 1 if model.combat is not None else 0
+    df_between = m - p - n_site_par
+    if df_between < 2:
+        raise InputError(source, f"{m} control participants leave {df_between} degrees of "
+                                 f"freedom for {p + n_site_par} fitted parameters; at least "
+                                 "2 are needed")
+    xtx_inv = np.linalg.inv(xbar.T @ xbar)
+    coef = xtx_inv @ xbar.T @ ybar
+    resid = ybar - xbar @ coef
+    between = (resid**2).sum(axis=0) / df_between
+    dev = (y - ybar[groups]) - (x - xbar[groups]) @ coef
+    df_within = n - m
+    within = (dev**2).sum(axis=0) / df_within if df_within > 0 else np.zeros(y.shape[1])
+    sum_inv = float((1.0 / counts).sum())
+    model.reference = {"n_subjects": m, "n_scans": n, "sum_inverse_visits": sum_inv,
+                       "harmonic_mean_visits": m / sum_inv, "visit_factor": 1.0 - sum_inv / m,
+                       "small": m < SMALL_REFERENCE,
+                       "subject_hash": "sha256('alsiron-normative:' + label), first 16 hex",
+                       "subject_hashes": sorted(subject_hash(str(s)) for s in labels)}
+    for j, name in enumerate(model.indices):
+        robust, outliers = _outlier_flag(resid[:, j], ybar[:, j], xbar, labels, name)
+        model.fits[name] = IndexFit(coef[:, j], xtx_inv, float(between[j]), float(df_between),
+                                    float(within[j]), float(df_within), robust, n, m,
+                                    outliers)
+        if not between[j] > 0:
+            raise InputError(source, f"index {name}: the control values fit the design "
+                                     "exactly (no residual variance)")
+
+
+def _outlier_flag(resid: np.ndarray, y: np.ndarray, x: np.ndarray, labels: np.ndarray,
+                  name: str) -> tuple[float, list[str]]:
+    """Huber's robust residual SD and the controls beyond :data:`OUTLIER_CUT` of it."""
+    try:
+        _, robust, _ = huber_regression(y, x)
+    except (ValueError, np.linalg.LinAlgError, ZeroDivisionError):
+        return math.nan, []
+    if not robust > 0:
+        return float(robust), []
+    far = np.abs(resid) > OUTLIER_CUT * robust
+    if far.any():
+        log.warning("normative: %s: control(s) %s lie beyond %.1f robust SDs of the "
+                    "reference (kept; check their QC)", name,
+                    ", ".join(map(str, labels[far])), OUTLIER_CUT)
+    return float(robust), sorted(subject_hash(str(s)) for s in labels[far])
 
 
 def _cohort_summary(rows: Sequence[SessionRecord], group: str) -> dict[str, Any]:
@@ -926,14 +1320,19 @@ def _cohort_summary(rows: Sequence[SessionRecord], group: str) -> dict[str, Any]
 
 
 def zscore_table(zscores: Mapping[str, ZScore]) -> str:
-    """Plain-text table of z-scores for the terminal (one index a line)."""
-    lines = [f"{'index':<36} {'value':>10} {'expected':>10} {'SD':>9} {'z':>7}  notes"]
+    """Plain-text table of z-scores for the terminal (one index a line).
+
+    Beside z: ν (the reference's degrees of freedom) and ``±centre``, the SD of the
+    reference's fitted mean in z units (how uncertain the centre of z is).
+    """
+    lines = [f"{'index':<36} {'value':>10} {'expected':>10} {'SD':>9} {'z':>7} {'nu':>6} "
+             f"{'+-centre':>8}  notes"]
     for zs in zscores.values():
         scale = 1000.0 if index_units(zs.index) == "ppm" else 1.0
         unit = "ppb" if scale == 1000.0 else index_units(zs.index)
         lines.append(f"{zs.index:<36} {zs.value * scale:>10.2f} {zs.expected * scale:>10.2f} "
-                     f"{zs.sd * scale:>9.2f} {zs.z:>7.2f}  {unit}"
-                     + (f"; {'; '.join(zs.notes)}" if zs.notes else ""))
+                     f"{zs.sd * scale:>9.2f} {zs.z:>7.2f} {zs.df:>6.1f} {zs.centre_sd:>8.2f}"
+                     f"  {unit}" + (f"; {'; '.join(zs.notes)}" if zs.notes else ""))
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@ mail attachment or an archive. Every text that comes from the data (subject IDs,
 names, notes, parameters) is HTML-escaped.
 
 A subject page has: the participant, the normative model used (or how to build one),
-trajectory plots of the indices against the normative band (mean ± 1.96 SD for the
-subject's age, sex and site), the index table per visit with z-scores, the QC montages
+trajectory plots of the indices against the normative band (central 95 % of the
+predictive distribution for the subject's age, sex and site), the index table per visit
+with z-scores, the QC montages
 that exist, and the provenance of every number (software version, parameters and input
 checksums per session, the model's file digest and provenance).
 """
@@ -29,7 +30,12 @@ from typing import Any
 import numpy as np
 
 import alsiron
-from alsiron.cohort.normative import NO_MODEL_MESSAGE, NormativeModel, ZScore
+from alsiron.cohort.normative import (
+    NO_MODEL_MESSAGE,
+    SMALL_REFERENCE,
+    NormativeModel,
+    ZScore,
+)
 from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord, index_units
 from alsiron.io.atomic import save_text, sha256_file
 
@@ -208,13 +214,21 @@ def _model_section(model: NormativeModel | None, model_path: Path | None) -> lis
         f"(by site: {esc(json.dumps(c.get('n_by_site', {})))}; by sex: "
         f"{esc(json.dumps(c.get('n_by_sex', {})))}), ages {lo:g}–{hi:g} years; age model "
         f"{esc(model.age_basis.to_dict()['basis'])} (df {model.age_basis.df}); site "
-        f"harmonisation: {esc(model.combat.to_dict(model.indices)['method'])}. "
+        f"harmonisation: {esc(model.harmonisation_method)}. "
+        f"Reference: {model.n_subjects} control participants"
+        + (" (a small reference: z-scores are calibrated, but the centre of each is "
+           "uncertain by the ± shown beside it)" if model.n_subjects < SMALL_REFERENCE else "")
+        + ". "
         f"Built {esc(model.provenance.get('created'))} by alsiron "
         f"{esc(model.provenance.get('software_version'))}"
         + (f"; file {esc(model_path)} (SHA-256 {esc(digest)})" if model_path else "")
         + ".</p>",
-        "<p class=\"note\">z = (site-harmonised value − normative mean for age and sex) / "
-        "predictive SD. The band is mean ± 1.96 SD on the subject's site scale.</p>",
+        "<p class=\"note\">t = (site-harmonised value − normative mean for age and sex) / "
+        "predictive SD of one new control scan; z is the standard-normal score with the "
+        "same tail probability under Student's t with the reference's degrees of freedom, "
+        "so |z| ≥ 1.96 in 5 % of controls whatever the reference size. Beside each z, "
+        "± the SD of the reference's fitted mean in z units. The band is the central 95 % "
+        "of the predictive distribution on the subject's site scale.</p>",
     ]
 
 
@@ -241,8 +255,10 @@ def _visit_table(records: Sequence[SessionRecord], indices: Sequence[str],
             z = zs.get(index)
             zval = z.z if z is not None else None
             zcls = " class=\"zhi\"" if zval is not None and abs(zval) >= 1.96 else ""
+            centre = (f"<span class=\"note\"> ±{_fmt(z.centre_sd)}</span>"
+                      if z is not None and math.isfinite(z.centre_sd) else "")
             cells.append(f"<td>{_fmt(None if v is None else v * scale)}</td>"
-                         f"<td{zcls}>{_fmt(zval)}</td>")
+                         f"<td{zcls}>{_fmt(zval)}{centre}</td>")
             if z is not None:
                 notes += [n for n in z.notes if n not in notes]
         if r.qc_notes:
@@ -408,15 +424,22 @@ def _cohort_table(records: Sequence[SessionRecord], indices: Sequence[str],
         if r.run == 1 and r.qc_status != "fail":
             baseline.setdefault(r.subject, r)
     groups = sorted({str(r.group) for r in baseline.values()})
+    by_subject: dict[str, list[SessionRecord]] = {}
+    for r in records:
+        by_subject.setdefault(r.subject, []).append(r)
+    star = "*" if model is not None else ""
     lines = ["<table><tr><th class=\"l\">index</th><th class=\"l\">group</th><th>n</th>"
-             "<th>mean</th><th>SD</th><th>mean z</th><th>SD z</th></tr>"]
+             f"<th>mean</th><th>SD</th><th>mean z{star}</th><th>SD z{star}</th></tr>"]
     for index in indices:
         scale, unit = _display(index)
         for group in groups:
             rows = [r for r in baseline.values()
                     if str(r.group) == group and math.isfinite(r.indices.get(index, math.nan))]
             v = np.array([r.indices[index] * scale for r in rows])
-            z = np.array([model.z_scores(r)[index].z for r in rows]) if (
+            # The model's own controls are scored leave-one-subject-out: in-sample z of
+            # the controls a model was fitted to is too narrow to show its calibration.
+            z = np.array([model.held_out_z_scores(r, by_subject[r.subject])[index].z
+                          for r in rows]) if (
                 model is not None and index in model.indices) else np.array([])
             z = z[np.isfinite(z)]
             lines.append(
@@ -427,6 +450,12 @@ def _cohort_table(records: Sequence[SessionRecord], indices: Sequence[str],
                 f"<td>{_fmt(z.mean() if z.size else None)}</td>"
                 f"<td>{_fmt(z.std(ddof=1) if z.size > 1 else None)}</td></tr>")
     lines.append("</table>")
+    if model is not None:
+        lines.append("<p class=\"note\">* Baseline scan of each participant. Controls that "
+                     "are in the normative model are scored leave-one-subject-out (against "
+                     "the model refitted without them), so their z-scores are held-out like "
+                     "everyone else's; a calibrated model gives controls mean z ≈ 0 and "
+                     "SD z ≈ 1.</p>")
     return lines
 
 
