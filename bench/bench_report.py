@@ -71,8 +71,8 @@ def run(quick: bool = False) -> list[dict]:
     t_cold = time.perf_counter() - t_cold
     rows.append(_row("first normative build (imports statsmodels)", "100 controls", t_cold))
     t, model = best_of(lambda: build_normative_model(train), repeats)
-    eb = "EB " if model.combat.empirical_bayes else "L/S "
-    rows.append(_row(f"normative build ({len(model.indices)} indices, {eb}ComBat)",
+    rows.append(_row(f"normative build ({len(model.indices)} indices, "
+                     f"{model.harmonisation_label})",
                      f"{len(train)} controls", t))
     scored = _records(n_scored, 1, seed=2)
     t, _ = best_of(lambda: [model.z_scores(r) for r in scored], repeats)
