@@ -59,7 +59,7 @@ FACE_COLUMN_MM = ((0.0, -8.0), (72.0, 96.0))
 NECK_TOP_MM = -55.0
 NECK_COLUMN_MM = ((0.0, -35.0), (55.0, 60.0))
 #: Inside the face/neck column: subcutaneous fat within FAT_MM of the skin, muscle
-#: elsewhere; below AIRWAY_TOP_MM a pharynx (air) and a vertebral body (marrow in a
+#: elsewhere; below AIRWAY_TOP_MM a pharynx (air, label sinus_air) and a vertebral body (marrow in a
 #: VERTEBRA_SHELL_MM bone shell) as vertical elliptic cylinders (centre, semi-axes, mm).
 FAT_MM = 6.0
 AIRWAY_TOP_MM = -45.0
