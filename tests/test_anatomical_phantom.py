@@ -1,6 +1,6 @@
 """The anatomical head phantom (alsiron.sim.anatomical) at 4 mm: tissues, precentral
-bands, head around the brain, sinuses, per-participant anatomy, ALS excess, and a
-written dataset that ``alsiron qsm`` accepts."""
+bands, head around the brain, sinuses, BET on its neck, per-participant anatomy, ALS
+excess, and a written dataset that ``alsiron qsm`` accepts with default settings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from alsiron.field.brain_mask import bet
 from alsiron.sim import anatomical as an
 from alsiron.sim.tissues import LABELS, PRECENTRAL_DEEP_LABELS, PRECENTRAL_LABELS, TISSUES
 
@@ -66,7 +67,10 @@ def test_head_surrounds_the_brain(control) -> None:
     brain = control.brain_mask
     shell = ndimage.binary_dilation(brain, iterations=3) & ~brain
     labels = control.labels[shell]
-    assert np.mean(np.isin(labels, [LABELS["bone"], LABELS["scalp"]])) > 0.9
+    # Extracranial tissue: bone, scalp and (below the skull base) the neck's fat, muscle
+    # and marrow.
+    extracranial = [LABELS[n] for n in ("bone", "scalp", "fat", "muscle", "marrow")]
+    assert np.mean(np.isin(labels, extracranial)) > 0.9
     far = ~ndimage.binary_dilation(brain, iterations=5)
     assert np.any(control.labels[far] == LABELS["air"])
     # Above the brain: bone, then scalp, then air along the vertical.
@@ -121,6 +125,15 @@ def test_als_deep_band_carries_the_drawn_excess(control, als, fine_labels) -> No
     assert gain.mean() > 0.5 * excess
 
 
+def test_default_bet_finds_the_brain_not_the_neck(control) -> None:
+    # The face/neck (fat, muscle, pharynx, vertebra, a neck narrower than the head) must
+    # not draw BET's surface below the skull base, as the uniform column once did.
+    mask = bet(control.magnitude[0], control.voxel_size).mask
+    brain = control.brain_mask
+    assert 2 * np.count_nonzero(mask & brain) / (mask.sum() + brain.sum()) > 0.95
+    assert np.count_nonzero(mask & ~brain) < 0.03 * brain.sum()
+
+
 def test_written_dataset_runs_through_qsm(tmp_path) -> None:
     from alsiron.cli import cli
 
@@ -132,10 +145,8 @@ def test_written_dataset_runs_through_qsm(tmp_path) -> None:
     truth = out / "derivatives" / "phantom" / "sub-01" / "ses-01" / "anat"
     assert (truth / "sub-01_ses-01_dseg.tsv").is_file()
     assert (truth / "sub-01_ses-01_desc-precentraldeep_mask.nii.gz").is_file()
-    # The default BET mask leaks into the face column at 4 mm (phantoms/README.md): the
-    # dataset is run with the magnitude-threshold mask.
-    res = runner.invoke(cli, ["qsm", str(out / "sub-01"), "--no-registry",
-                              "--brain-mask", "otsu"])
+    # Default settings, the default (BET) brain mask included.
+    res = runner.invoke(cli, ["qsm", str(out / "sub-01"), "--no-registry"])
     assert res.exit_code == 0, res.output
     assert "labels route" in res.output
     chi = out / "derivatives" / "alsiron" / "sub-01" / "ses-01" / "anat" / \

@@ -74,7 +74,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def test_table_is_packaged_and_linked():
-    assert TISSUES.names[0] == "air" and len(TISSUES.names) == 24
+    assert TISSUES.names[0] == "air" and len(TISSUES.names) == 27
     assert np.isclose(TISSUES.chi_ppm[LABELS["air"]] - TISSUES.chi_ppm[LABELS["csf"]], 9.4)
     linked = Path(__file__).resolve().parents[1] / "phantoms" / "head_tissues.tsv"
     assert linked.read_text(encoding="utf-8") == table_text()

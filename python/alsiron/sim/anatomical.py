@@ -54,6 +54,18 @@ HEAD_MM = 12.0
 #: cylinder, centre and semi-axes in mm, x and y) instead of following the brain.
 FACE_TOP_MM = 0.0
 FACE_COLUMN_MM = ((0.0, -8.0), (72.0, 96.0))
+#: Below NECK_TOP_MM the column narrows to a neck (centre, semi-axes, mm, x and y:
+#: 110 x 120 mm, an adult neck) around the spinal cord (the brainstem continued, y ≈ −45).
+NECK_TOP_MM = -55.0
+NECK_COLUMN_MM = ((0.0, -35.0), (55.0, 60.0))
+#: Inside the face/neck column: subcutaneous fat within FAT_MM of the skin, muscle
+#: elsewhere; below AIRWAY_TOP_MM a pharynx (air, label sinus_air) and a vertebral body (marrow in a
+#: VERTEBRA_SHELL_MM bone shell) as vertical elliptic cylinders (centre, semi-axes, mm).
+FAT_MM = 6.0
+AIRWAY_TOP_MM = -45.0
+PHARYNX_MM = ((0.0, 0.0), (14.0, 8.0))
+VERTEBRA_MM = ((0.0, -24.0), (12.0, 9.0))
+VERTEBRA_SHELL_MM = 2.0
 #: Paranasal sinuses: air ellipsoids (template centre, semi-axes, mm) in a 3 mm bone
 #: shell, kept >= SINUS_CLEARANCE_MM from the brain and from the head's surface.
 SINUSES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -327,19 +339,39 @@ def _brain_tissues(tpl: HeadTemplate, anatomy: Anatomy, axes: tuple[np.ndarray, 
     return _FineHead(labels=labels, intracranial=ic, side=side)
 
 
+def _in_ellipse(t: np.ndarray, ellipse: tuple[tuple[float, float], tuple[float, float]],
+                grow_mm: float = 0.0) -> np.ndarray:
+    (cx, cy), (ax, ay) = ellipse
+    return ((t[0] - cx) / (ax + grow_mm)) ** 2 + ((t[1] - cy) / (ay + grow_mm)) ** 2 <= 1.0
+
+
+def _column(t: np.ndarray) -> np.ndarray:
+    """The face (FACE_TOP_MM > z > NECK_TOP_MM) and neck (below) column, template mm."""
+    face = (t[2] < FACE_TOP_MM) & (t[2] > NECK_TOP_MM) & _in_ellipse(t, FACE_COLUMN_MM)
+    return face | ((t[2] <= NECK_TOP_MM) & _in_ellipse(t, NECK_COLUMN_MM))
+
+
+def _neck_tissues(t: np.ndarray, lab: np.ndarray, *, column: np.ndarray, d_skin: np.ndarray,
+                  clear: np.ndarray) -> None:
+    """Fat, muscle, pharynx and vertebral body in the face/neck column, in place on ``lab``
+    (``column``: soft-tissue voxels of the column; ``clear``: far enough from the cord)."""
+    lab[column] = np.where(d_skin[column] < FAT_MM, LABELS["fat"], LABELS["muscle"])
+    deep = column & clear & (d_skin >= FAT_MM + SINUS_CLEARANCE_MM) & (t[2] < AIRWAY_TOP_MM)
+    lab[deep & _in_ellipse(t, VERTEBRA_MM, VERTEBRA_SHELL_MM)] = LABELS["bone"]
+    lab[deep & _in_ellipse(t, VERTEBRA_MM)] = LABELS["marrow"]
+    lab[deep & _in_ellipse(t, PHARYNX_MM)] = LABELS["sinus_air"]
+
+
 def _head_and_sinuses(head: _FineHead, anatomy: Anatomy, axes: tuple[np.ndarray, ...],
                       fine_voxel: tuple[float, ...]) -> None:
     """Scalp, skull, face column, sinuses and veins, in place on ``head.labels``."""
     ic = head.intracranial
     d_out = ndimage.distance_transform_edt(~ic, sampling=fine_voxel).astype(np.float32)
     d_in = ndimage.distance_transform_edt(ic, sampling=fine_voxel).astype(np.float32)
-    (cx, cy), (ax, ay) = FACE_COLUMN_MM
     headmask = d_out <= HEAD_MM
     for sl in _slabs(ic.shape[0]):
         t = anatomy.template_coords(axes[0][sl], axes[1], axes[2])
-        column = (t[2] < FACE_TOP_MM) & (((t[0] - cx) / ax) ** 2 + ((t[1] - cy) / ay) ** 2
-                                         <= 1.0)
-        headmask[sl] |= column
+        headmask[sl] |= _column(t)
     d_skin = ndimage.distance_transform_edt(headmask, sampling=fine_voxel).astype(np.float32)
     labels = head.labels
     outside = ~ic
@@ -358,6 +390,8 @@ def _head_and_sinuses(head: _FineHead, anatomy: Anatomy, axes: tuple[np.ndarray,
             air = (_ellipsoid(t, centre, semi) & (d_out[sl] >= SINUS_CLEARANCE_MM + SINUS_SHELL_MM)
                    & (d_skin[sl] >= SINUS_CLEARANCE_MM + SINUS_SHELL_MM) & ok)
             lab[air] = LABELS["sinus_air"]
+        _neck_tissues(t, lab, column=_column(t) & outside[sl] & (lab == LABELS["scalp"]),
+                      d_skin=d_skin[sl], clear=(d_out[sl] >= SKULL_MM + SINUS_CLEARANCE_MM))
         inner = ic[sl]
         sss = inner & (np.abs(t[0]) < SSS_HALF_WIDTH_MM) & (d_in[sl] < SSS_DEPTH_MM) & (t[2] > 0)
         veins = np.zeros_like(sss)
