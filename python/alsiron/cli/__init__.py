@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -27,6 +29,24 @@ log = logging.getLogger("alsiron")
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the interrupt path (temporary files removed,
+    one line, a non-zero status) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def _was_terminated(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, Terminated):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _configure_threads(threads: int | None) -> None:
@@ -73,17 +93,38 @@ for _command in (sim.phantom, sim.demo_cmd, qsm.qsm_cmd, relax.relax_cmd, roi.ro
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (also used by tests in-process)."""
+    """Entry point; returns the exit status (also used by tests in-process).
+
+    In the main thread SIGTERM is handled as Ctrl-C (exit status 143 instead of 130) while
+    the command runs; the previous handler is restored on return.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: list[str] | None) -> int:
     debug = "--debug" in (args if args is not None else sys.argv[1:])
     try:
         cli.main(args=args, prog_name="alsiron", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt (and so SIGTERM) into Abort, keeping it as the cause.
+        if _was_terminated(exc):
+            click.echo("alsiron: terminated; no partial outputs were left", err=True)
+            return EXIT_TERMINATED
         click.echo("alsiron: aborted", err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            click.echo("alsiron: terminated; no partial outputs were left", err=True)
+            return EXIT_TERMINATED
         click.echo("alsiron: interrupted; no partial outputs were left", err=True)
         return EXIT_INTERRUPTED
     except AlsironError as exc:

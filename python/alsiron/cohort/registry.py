@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,9 @@ REGISTRY_FILE_NAME = "registry.sqlite"
 REGISTRY_ENV = "ALSIRON_REGISTRY"
 #: How long a writer waits for another writer's lock before giving up, ms.
 BUSY_TIMEOUT_MS = 60_000
+#: One SQLite wait for the write lock inside :data:`BUSY_TIMEOUT_MS`; an interrupt lands
+#: within about this long.
+LOCK_POLL_MS = 200
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Advisory-lock key that serialises schema migrations on PostgreSQL.
@@ -265,11 +269,33 @@ def _sqlite_engine(path: Path, *, create: bool) -> Engine:
         # Writers take the write lock up front: a deferred transaction that reads and then
         # writes can fail at once with "database is locked" instead of waiting.
         if conn.get_execution_options().get("alsiron_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            _begin_immediate(conn)
         else:
             conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _begin_immediate(conn: Connection) -> None:
+    """Take SQLite's write lock, waiting up to :data:`BUSY_TIMEOUT_MS` for another writer.
+
+    The wait is a Python loop of short SQLite waits (:data:`LOCK_POLL_MS`) rather than one
+    long wait inside SQLite, where Ctrl-C (or SIGTERM) is not seen until it ends.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    conn.exec_driver_sql(f"PRAGMA busy_timeout = {LOCK_POLL_MS}")
+    try:
+        while True:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except sa.exc.OperationalError as exc:
+                text = str(exc.orig) if exc.orig is not None else str(exc)
+                if ("locked" not in text and "busy" not in text) \
+                        or time.monotonic() >= deadline:
+                    raise
+    finally:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _server_engine(url: str) -> Engine:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,9 @@ import nibabel as nib
 import numpy as np
 
 from alsiron.errors import OutputExistsError, OutputWriteError
+
+#: About when this process started (this module is imported before any output is written).
+_PROCESS_START = time.time()
 
 
 def _current_umask() -> int:
@@ -44,6 +49,7 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     suffix = "".join(final.suffixes)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}",
                                         dir=final.parent)
         os.close(fd)
@@ -61,6 +67,38 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = False) -> It
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _temporary_pattern(final: Path) -> re.Pattern[str]:
+    # Exactly the names ``mkstemp(prefix=".NAME.", suffix=".partSUFFIX")`` creates above.
+    suffix = "".join(final.suffixes)
+    return re.compile(re.escape(f".{final.name}.") + r"[a-z0-9_]{8}"
+                      + re.escape(f".part{suffix}"))
+
+
+def remove_stale_temporaries(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files of ``final`` left by a killed alsiron (SIGKILL, power loss).
+
+    Only files beside ``final`` whose name is exactly the temporary-name pattern of
+    :func:`atomic_path` for ``final`` and that were last modified before this process
+    started are removed; returns the removed paths.
+    """
+    final = Path(final)
+    pattern = _temporary_pattern(final)
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in final.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if path.is_file() and not path.is_symlink() \
+                    and path.stat().st_mtime < _PROCESS_START:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def write_error(path: str | os.PathLike[str], exc: OSError) -> OutputWriteError:
