@@ -25,6 +25,7 @@ from alsiron.field.echo_fit import UNWRAPPING_METHODS
 from alsiron.qsm import chain as qsm_chain
 from alsiron.qsm.inversion import INVERSION_METHODS
 from alsiron.runs import qsm as pipeline
+from alsiron.runs.importer import run_qsm_folder
 from alsiron.volume import MegreSeries
 
 
@@ -130,9 +131,10 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         reference_label=reference_label, fieldmap_path=fieldmap_path,
         roi=None if no_indices else roi_options(labels, lut, atlas, True, t1w),
         registry=registry, record=not no_registry, normative=normative, overwrite=overwrite)
-    outcomes = pipeline.run_qsm_subject(subj_dir, options, out=out, progress=progress,
-                                        iteration_progress=iteration_progress,
-                                        announce=lambda msg: click.echo(msg, err=True))
+    # Any folder: BIDS as before, or plain NIfTI + JSON / DICOM through a temporary layout.
+    outcomes = run_qsm_folder(subj_dir, options, out=out, progress=progress,
+                              iteration_progress=iteration_progress,
+                              announce=lambda msg: click.echo(msg, err=True))
     any_scored = False
     for oc in outcomes:
         any_scored |= _echo_outcome(oc)
