@@ -433,6 +433,7 @@ def stage_folder(folder: Path, work: Path, *, announce: Announce | None = None
     """
     kind = folder_kind(folder)
     root = work / "bids"
+    root.mkdir(parents=True, exist_ok=True)
     if kind == "nifti":
         label = folder_label(folder, [p.name for p in folder.iterdir()])
         classified = classify_folder(folder)
