@@ -113,10 +113,13 @@ def write_classic_megre(folder: Path, *, vendor: str = "siemens", study_uid: str
                         echo_times=(0.004, 0.008, 0.012), shape=(16, 16, 8),
                         voxel=(2.0, 2.0, 2.5), parts=("mag", "phase"),
                         skip_echo: int | None = None, separate_series: bool | None = None,
-                        volumes: tuple | None = None) -> dict:
+                        volumes: tuple | None = None, ras_origin: tuple | None = None
+                        ) -> dict:
     """One file per slice, echo and part; Siemens puts magnitude and phase in separate
     series, GE and Philips in one.  ``volumes``: (magnitudes, phases [rad]) per echo
-    instead of the built-in phantom.  Returns the truth (phases, echo times, study UID)."""
+    instead of the built-in phantom; with ``ras_origin`` (world RAS [mm] of voxel 0) the
+    array axes run along R, A, S as in a NIfTI with a positive diagonal affine.  Returns
+    the truth (phases, echo times, study UID)."""
     folder.mkdir(parents=True, exist_ok=True)
     identity = IDENTITY if identity is None else identity
     study_uid = study_uid or generate_uid()
@@ -160,9 +163,14 @@ def write_classic_megre(folder: Path, *, vendor: str = "siemens", study_uid: str
                 ds.SliceThickness = f"{voxel[2]}"
                 ds.SpacingBetweenSlices = f"{voxel[2]}"
                 ds.PixelSpacing = [f"{voxel[0]}", f"{voxel[1]}"]
-                ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-                ds.ImagePositionPatient = [-16.0, -16.0, -10.0 + k * voxel[2]]
-                ds.SliceLocation = -10.0 + k * voxel[2]
+                if ras_origin is None:
+                    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+                    ds.ImagePositionPatient = [-16.0, -16.0, -10.0 + k * voxel[2]]
+                else:  # DICOM is LPS: rows toward R and columns toward A are -x and -y
+                    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+                    ds.ImagePositionPatient = [-ras_origin[0], -ras_origin[1],
+                                               ras_origin[2] + k * voxel[2]]
+                ds.SliceLocation = ds.ImagePositionPatient[2]
                 ds.InstanceNumber = (e - 1) * shape[2] + k + 1
                 ds.AcquisitionNumber = 1
                 ds.Rows, ds.Columns = shape[1], shape[0]

@@ -263,3 +263,111 @@ def test_qsm_on_a_folder_of_two_patients_is_refused(tmp_path, capsys):
     assert main(["qsm", str(folder), "--no-indices", "--no-registry"]) == 2
     assert "holds DICOMs of 2 different patients" in capsys.readouterr().err
     shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------------ defacing
+def test_deface_zeroes_the_face_and_leaves_brain_and_skull(tmp_path):
+    """A 6 mm anatomical head phantom through DICOM and ``alsiron import --deface``: the
+    face goes, the brain and the skull over it (bone within 10 mm) keep every value, the
+    phase is untouched, and BET on the defaced magnitude finds nearly the same brain."""
+    from scipy import ndimage
+
+    from alsiron.field.brain_mask import bet
+    from alsiron.sim.anatomical import simulate_anatomical_subject
+
+    s = simulate_anatomical_subject(voxel_size=6.0, anatomy_seed=1, rng=0)
+    scale = 1000.0 / float(np.percentile(s.magnitude[0], 99))
+    mags = [np.round(m * scale) for m in s.magnitude]
+    factory.write_classic_megre(tmp_path / "dicom", vendor="siemens",
+                                echo_times=tuple(s.echo_times), voxel=(6.0, 6.0, 6.0),
+                                volumes=(mags, list(s.phase)),
+                                ras_origin=tuple(s.affine[:3, 3]))
+    ids = _map(tmp_path / "ids.tsv", [(factory.IDENTITY["PatientID"], "01", "01")])
+    import_dicom(tmp_path / "dicom", tmp_path / "bids", ids, deface=True)
+    series = _load(tmp_path / "bids", "01")
+    np.testing.assert_allclose(series.affine, s.affine, atol=1e-3)  # same orientation
+    removed = np.zeros(mags[0].shape, bool)
+    for e, m in enumerate(mags):
+        removed |= (series.magnitude[e] == 0) & (m != 0)
+    assert removed.sum() > 0.03 * removed.size
+    assert not (removed & s.brain_mask).any()
+    vsz = (6.0, 6.0, 6.0)
+    near = ndimage.distance_transform_edt(~s.brain_mask, sampling=vsz) <= 10.0
+    skull = (s.labels == 2) & near
+    assert skull.sum() > 100 and not (removed & skull).any()
+    # Removed voxels lie in front of (y) and below (z) the brain's centre.
+    centre = np.argwhere(s.brain_mask).mean(axis=0)
+    assert (np.argwhere(removed)[:, 1:] > [centre[1], -1]).all()
+    assert np.argwhere(removed)[:, 2].mean() < centre[2]
+    kept = ~removed
+    for e in range(len(mags)):
+        np.testing.assert_array_equal(series.magnitude[e][kept], mags[e][kept])
+        assert _angle_error(series.phase[e], s.phase[e]) < PHASE_TOL
+    before = bet(mags[0].astype(np.float32), vsz).mask
+    after = bet(series.magnitude[0], vsz).mask
+    dice = 2 * (before & after).sum() / (before.sum() + after.sum())
+    assert dice > 0.97, dice
+    side = json.loads(next((tmp_path / "bids").rglob("*echo-1_part-mag_MEGRE.json"))
+                      .read_text())
+    assert side["Defaced"] is True
+
+
+# ------------------------------------------------------------------------ classification
+def _nifti(folder: Path, name: str, side: dict, shape=(8, 8, 4), value=100.0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.full(shape, value, np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), folder / f"{name}.nii.gz")
+    (folder / f"{name}.json").write_text(json.dumps(side))
+
+
+def test_sidecars_classify_megre_mese_t1w_and_skip_the_rest(tmp_path):
+    from alsiron.runs.importer import stage_folder
+
+    folder = tmp_path / "scan 7"
+    gre = {"ScanningSequence": "GR", "MagneticFieldStrength": 3.0, "Manufacturer": "Siemens"}
+    for e, te in enumerate((0.005, 0.01), start=1):
+        _nifti(folder, f"a{e}", {**gre, "SeriesNumber": 3, "EchoNumber": e, "EchoTime": te,
+                                 "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]})
+        _nifti(folder, f"b{e}", {**gre, "SeriesNumber": 4, "EchoNumber": e, "EchoTime": te,
+                                 "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]}, value=1.0)
+    for e in (1, 2, 3):
+        _nifti(folder, f"se{e}", {"ScanningSequence": "SE", "SeriesNumber": 6, "EchoNumber": e,
+                                  "EchoTime": 0.01 * e, "RefocusingFlipAngle": 180,
+                                  "ImageType": ["ORIGINAL", "PRIMARY", "M"]})
+    _nifti(folder, "mp", {"ScanningSequence": "GR\\IR", "SeriesNumber": 2, "EchoTime": 0.003,
+                          "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
+                          "SeriesDescription": "MPRAGE"})
+    _nifti(folder, "loc", {"ScanningSequence": "GR", "SeriesNumber": 1, "EchoTime": 0.004,
+                           "ImageType": ["ORIGINAL", "PRIMARY", "M"],
+                           "SeriesDescription": "localizer"})
+    _nifti(folder, "bold", {"ScanningSequence": "EP", "SeriesNumber": 9, "EchoTime": 0.03,
+                            "ImageType": ["ORIGINAL", "PRIMARY", "M"]})
+    notes: list[str] = []
+    subject_dir, kind = stage_folder(folder, tmp_path / "work", announce=notes.append)
+    assert kind == "nifti" and subject_dir.name == "sub-scan7"
+    names = sorted(p.name for p in (subject_dir / "anat").glob("*.nii.gz"))
+    assert names == ["sub-scan7_T1w.nii.gz", "sub-scan7_echo-1_MESE.nii.gz",
+                     "sub-scan7_echo-1_part-mag_MEGRE.nii.gz",
+                     "sub-scan7_echo-1_part-phase_MEGRE.nii.gz",
+                     "sub-scan7_echo-2_MESE.nii.gz", "sub-scan7_echo-2_part-mag_MEGRE.nii.gz",
+                     "sub-scan7_echo-2_part-phase_MEGRE.nii.gz", "sub-scan7_echo-3_MESE.nii.gz"]
+    skipped = [n for n in notes if "skipped" in n]
+    assert len(skipped) == 2 and any("series 1 'localizer'" in n for n in skipped)
+    assert bids.find_mese_series(subject_dir) and bids.find_sessions(subject_dir)
+
+
+def test_unclassifiable_and_mislabelled_folders_are_refused_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "odd"
+    for e in (1, 2):
+        _nifti(folder, f"x{e}", {"ScanningSequence": "GR", "SeriesNumber": 3, "EchoNumber": e,
+                                 "EchoTime": 0.005 * e, "SeriesDescription": "gre_me",
+                                 "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"]})
+    assert main(["qsm", str(folder), "--no-indices", "--no-registry"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "series 3 'gre_me': multi-echo GRE image whose sidecar " \
+        "ImageType says neither magnitude (M) nor phase (P)" in err
+    named = tmp_path / "sub-02"
+    _nifti(named, "sub-03_echo-1_part-mag_MEGRE", {"EchoTime": 0.005})
+    assert main(["qsm", str(named), "--no-indices", "--no-registry"]) == 2
+    assert "file names say sub-03 but the folder is sub-02" in capsys.readouterr().err
+    assert not (tmp_path / "derivatives").exists()

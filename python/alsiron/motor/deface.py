@@ -29,6 +29,13 @@ FACE_Z_MM = -20.0
 #: Distance [mm] from the subject's brain mask within which nothing is removed (skull
 #: and scalp over the frontal lobes are 10-15 mm thick).
 PROTECT_MM = 15.0
+#: Tissue-index correlation an affine-only registration must reach (below the atlas
+#: route's 0.5, which assumes a nonlinear stage: the face needs gross alignment only,
+#: and the brain is protected by the subject's own mask whatever the registration says).
+MIN_SIMILARITY = 0.2
+#: Working voxel edge of the registration [mm]: coarser than the atlas route's 3 mm, the
+#: face needs no finer alignment.
+WORK_MM = 4.0
 
 
 def face_mask(image: np.ndarray, affine: np.ndarray, *, contrast: str = "gre",
@@ -74,8 +81,10 @@ def face_mask(image: np.ndarray, affine: np.ndarray, *, contrast: str = "gre",
     tpl_image = np.asarray(tpl.dataobj, np.float32)
     _, tissue = tissue_classes(image, brain, contrast=contrast)
     _, tpl_tissue = tissue_classes(tpl_image, tpl_image > 0, contrast="t1w")
-    reg = register_template(tpl_tissue, tpl.affine, tissue, affine,
-                            params=RegistrationParameters(syn_iters=()), subject_name=name)
+    params = RegistrationParameters(syn_iters=(), min_similarity=MIN_SIMILARITY,
+                                    work_mm=WORK_MM)
+    reg = register_template(tpl_tissue, tpl.affine, tissue, affine, params=params,
+                            subject_name=name)
     # Subject voxel → subject world → template world (the affine stage maps static
     # world points into the moving image's world).
     to_tpl = np.asarray(reg.affine_map.affine, float) @ np.asarray(affine, float)
