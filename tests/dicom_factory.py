@@ -103,9 +103,11 @@ def _image_type(vendor: str, part: str) -> list[str]:
                                                                      "P", "ND"]
 
 
-def _philips_private(ds: Dataset, slope: float) -> None:
+def _philips_private(ds: Dataset) -> None:
     block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
-    block.add_new(0x0E, "FL", float(1000.0 / slope) if slope != 1.0 else 1.0)
+    # The private scale slope SS of a real Philips phase export (RS·SS = 1000.1, not 1000:
+    # dcm2niix's precise value DV/(RS·SS) is then only nearly radians).
+    block.add_new(0x0E, "FL", 651.74)
 
 
 def write_classic_megre(folder: Path, *, vendor: str = "siemens", study_uid: str | None = None,
@@ -184,7 +186,7 @@ def write_classic_megre(folder: Path, *, vendor: str = "siemens", study_uid: str
                 ds.RescaleIntercept = f"{inter:g}"
                 if vendor == "philips" and part == "phase":
                     ds.RescaleType = "mrad"
-                    _philips_private(ds, slope)
+                    _philips_private(ds)
                 if vendor == "ge" and part == "phase":
                     ds.add_new(0x0043102F, "SS", 1)  # GE private image type: phase
                 # DICOM rows run along y, columns along x.

@@ -371,3 +371,23 @@ def test_unclassifiable_and_mislabelled_folders_are_refused_in_one_line(tmp_path
     assert main(["qsm", str(named), "--no-indices", "--no-registry"]) == 2
     assert "file names say sub-03 but the folder is sub-02" in capsys.readouterr().err
     assert not (tmp_path / "derivatives").exists()
+
+
+def test_sidecar_allow_list_and_the_final_identifier_scan(tmp_path):
+    from alsiron.io.deidentify import check_no_identifiers, scrub_sidecar
+
+    secrets = {"Zorglub^Quentin", "Zorglub", "SN77123499", "1234"}
+    meta = {"Manufacturer": "Siemens", "PatientName": "Zorglub^Quentin", "EchoTime": 0.01,
+            "SoftwareVersions": "syngo for dr Zorglub", "DeviceSerialNumber": "SN77123499",
+            "PixelBandwidth": 1234, "AcquisitionDateTime": "2023-06-11T13:47:33",
+            "NewKeyOfAFutureDcm2niix": "anything"}
+    # A 4-digit number is too short to search for: a bandwidth of 1234 Hz stays.
+    assert scrub_sidecar(meta, secrets) == {"Manufacturer": "Siemens", "EchoTime": 0.01,
+                                            "PixelBandwidth": 1234}
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header["descrip"] = b"seen by Zorglub"
+    nib.save(img, tmp_path / "x.nii.gz")
+    (tmp_path / "x.json").write_text(json.dumps({"PixelBandwidth": 1234}))
+    with pytest.raises(InputError, match=r"^x\.nii\.gz: an identifier") as info:
+        check_no_identifiers(tmp_path, secrets)
+    assert "zorglub" not in str(info.value).lower()

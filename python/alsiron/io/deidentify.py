@@ -45,6 +45,9 @@ SIDECAR_ALLOW = frozenset({
 })
 #: Identifier strings shorter than this are not searched for (they occur by chance).
 MIN_IDENTIFIER_LENGTH = 4
+#: Purely numeric identifiers shorter than this are not searched for either: a 4-digit
+#: serial would match sidecar numbers (a bandwidth of 1234 Hz) and abort every import.
+MIN_NUMERIC_IDENTIFIER_LENGTH = 6
 
 
 def scrub_sidecar(meta: dict[str, Any], identifiers: Iterable[str] = ()) -> dict[str, Any]:
@@ -70,7 +73,8 @@ def scrub_sidecar(meta: dict[str, Any], identifiers: Iterable[str] = ()) -> dict
 def identifier_pattern(identifiers: Iterable[str]) -> re.Pattern[str] | None:
     """One lower-case regex matching any identifier as a whole token (not inside a longer
     run of letters and digits, so a serial ``1660`` does not match ``16600``)."""
-    ids = sorted({s.lower() for s in identifiers if len(s) >= MIN_IDENTIFIER_LENGTH},
+    ids = sorted({s.lower() for s in identifiers if len(s) >= MIN_IDENTIFIER_LENGTH
+                  and not (s.isdigit() and len(s) < MIN_NUMERIC_IDENTIFIER_LENGTH)},
                  key=len, reverse=True)
     if not ids:
         return None

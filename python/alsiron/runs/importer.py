@@ -89,7 +89,8 @@ def _write_image(img: nib.Nifti1Image, data: np.ndarray, path: Path, *,
 
 
 def _magnitude(im: Image, face: np.ndarray | None) -> tuple[nib.Nifti1Image, np.ndarray, bool]:
-    """The stored values of a magnitude/T1w image (face zeroed with ``face``)."""
+    """The stored values of a magnitude/T1w image (face zeroed with ``face``) and True:
+    their scaling is kept."""
     img = nib.load(str(im.path))
     raw = np.asanyarray(img.dataobj.get_unscaled())
     if raw.ndim == 4:
@@ -466,7 +467,7 @@ def run_qsm_folder(folder: str | Path, options: Any = None, *, out: str | Path |
     from alsiron.runs.qsm import run_qsm_subject
 
     folder = Path(folder)
-    if folder.is_dir() and folder_kind(folder) == "bids" or not folder.is_dir():
+    if not folder.is_dir() or folder_kind(folder) == "bids":
         yield from run_qsm_subject(folder, options, out=out, announce=announce, **kwargs)
         return
     say = announce or (lambda _m: None)
