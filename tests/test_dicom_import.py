@@ -162,12 +162,13 @@ def test_mixed_subjects_missing_echo_phase_only_each_refused_in_one_line(tmp_pat
     assert _nothing_written(out)
 
     factory.write_classic_megre(tmp_path / "gap", vendor="ge", skip_echo=2)
-    with pytest.raises(InputError, match=r"echo 2 missing \(echoes 1, 3 found\)"):
+    with pytest.raises(InputError, match=r"gap: series 2 .QSM_GRE.: echo 2 missing "
+                                         r"\(echoes 1, 3 found\)$"):
         import_dicom(tmp_path / "gap", out, ids)
     assert _nothing_written(out)
 
     factory.write_classic_megre(tmp_path / "ph", vendor="siemens", parts=("phase",))
-    with pytest.raises(InputError, match="phase without a magnitude series"):
+    with pytest.raises(InputError, match=r"ph: series 2 .QSM_GRE_ph.: phase without a magnitude"):
         import_dicom(tmp_path / "ph", out, ids)
     assert _nothing_written(out)
 

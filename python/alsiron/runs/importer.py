@@ -304,10 +304,14 @@ def _convert_studies(labelled: list[tuple[dicom.DicomStudy, dicom.VisitLabel]], 
     for study, label in labelled:
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=stage) as work:
             nifti = dicom.convert_study(study, Path(work))
-            classified = classify_folder(nifti)
-            files = write_visit(classified, stage, label.subject, label.session,
-                                identifiers=study.identifiers, deface=deface,
-                                announce=announce)
+            try:
+                classified = classify_folder(nifti)
+                files = write_visit(classified, stage, label.subject, label.session,
+                                    identifiers=study.identifiers, deface=deface,
+                                    announce=announce)
+            except InputError as exc:
+                # The converted files are temporary: name the DICOM folder instead.
+                raise InputError(study.files[0].parent, exc.problem) from None
         visits.append(ImportedVisit(subject=label.subject, session=label.session,
                                     folder=_visit_dir(stage, label.subject, label.session),
                                     files=files, skipped=list(classified.skipped),
