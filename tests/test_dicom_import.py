@@ -55,6 +55,11 @@ def test_real_siemens_dicoms_import_with_right_echo_times_and_phase(tmp_path):
     pid = str(pydicom.dcmread(next((REAL_DICOM / "mag").iterdir()),
                               stop_before_pixels=True).PatientID)
     ids = _map(tmp_path / "ids.tsv", [(pid, "sub-07", "ses-01")])
+    # One slice cannot be defaced: de-identification fails closed, nothing is written.
+    with pytest.raises(InputError, match=r"mag: series 2 'GRE_QSM': cannot deface \(field "
+                                         "of view too small"):
+        import_dicom(REAL_DICOM, tmp_path / "bids", ids, deface=True)
+    assert not (tmp_path / "bids").exists()
     visits = import_dicom(REAL_DICOM, tmp_path / "bids", ids)
     assert [(v.subject, v.session, len(v.files)) for v in visits] == [("07", "01", 6)]
     series = _load(tmp_path / "bids", "07")

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from alsiron.errors import InputError
+from alsiron.errors import InputError, RegistrationError
 from alsiron.grid import voxel_size_from_affine
 
 log = logging.getLogger("alsiron")
@@ -68,10 +68,20 @@ def face_mask(image: np.ndarray, affine: np.ndarray, *, contrast: str = "gre",
     """
     from alsiron.field.brain_mask import bet
     from alsiron.motor.atlas import TEMPLATE_FILE, atlas_data_dir, tissue_classes
-    from alsiron.motor.registration import RegistrationParameters, register_template
+    from alsiron.motor.registration import (
+        MIN_WORK_VOXELS,
+        RegistrationParameters,
+        register_template,
+        work_grid,
+    )
 
     image = np.nan_to_num(np.asarray(image, np.float32))
     vsz = voxel_size_from_affine(affine)
+    work_shape, _ = work_grid(image.shape, affine, WORK_MM)
+    if min(work_shape) < MIN_WORK_VOXELS:
+        raise RegistrationError(name, f"field of view too small to register the template "
+                                f"({min(work_shape)} voxels of {WORK_MM:g} mm along one "
+                                f"axis, need {MIN_WORK_VOXELS})")
     if brain is None:
         brain = bet(image, vsz).mask
     brain = np.asarray(brain, bool)

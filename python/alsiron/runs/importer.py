@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 import alsiron
-from alsiron.errors import InputError, OutputExistsError
+from alsiron.errors import AlsironError, InputError, OutputExistsError
 from alsiron.io import deidentify, dicom, vendor_phase
 from alsiron.io.atomic import save_json, save_text
 from alsiron.io.plain_folder import ClassifiedFolder, Image, classify_folder
@@ -89,15 +89,20 @@ def _write_image(img: nib.Nifti1Image, data: np.ndarray, path: Path, *,
 
 
 def _magnitude(im: Image, face: np.ndarray | None) -> tuple[nib.Nifti1Image, np.ndarray, bool]:
-    """The stored values of a magnitude/T1w image (face zeroed with ``face``) and True:
-    their scaling is kept."""
+    """The stored values of a magnitude/T1w image and True (their scaling is kept); with
+    ``face``, the face is zeroed (in scaled float32 values, False, when the header has an
+    intercept, so that zero means zero)."""
     img = nib.load(str(im.path))
     raw = np.asanyarray(img.dataobj.get_unscaled())
     if raw.ndim == 4:
         raw = raw[..., 0]
-    if face is not None:
-        raw = np.where(face, np.zeros((), raw.dtype), raw)
-    return img, raw, True
+    if face is None:
+        return img, raw, True
+    if getattr(img.dataobj, "inter", 0.0) not in (None, 0.0):
+        scaled = np.asarray(img.get_fdata(dtype=np.float32))
+        scaled = scaled[..., 0] if scaled.ndim == 4 else scaled
+        return img, np.where(face, np.float32(0), scaled), False
+    return img, np.where(face, np.zeros((), raw.dtype), raw), True
 
 
 def _write_pair(im: Image, path: Path, data: np.ndarray, img: nib.Nifti1Image,
@@ -109,13 +114,20 @@ def _write_pair(im: Image, path: Path, data: np.ndarray, img: nib.Nifti1Image,
 
 
 def _face_mask(image: Image, *, contrast: str) -> np.ndarray:
+    """The face of one image; a failure refuses the import (de-identification fails
+    closed: an image that cannot be defaced is not kept)."""
     from alsiron.motor.deface import face_mask
 
     img = nib.load(str(image.path))
     data = np.asarray(img.get_fdata(dtype=np.float32))
     if data.ndim == 4:
         data = data[..., 0]
-    return face_mask(data, img.affine, contrast=contrast, name=str(image.path.name))
+    try:
+        return face_mask(data, img.affine, contrast=contrast, name=str(image.path.name))
+    except (AlsironError, ValueError) as exc:
+        problem = exc.problem if isinstance(exc, InputError) else str(exc)
+        raise InputError(image.path, f"{image.name}: cannot deface ({problem}); import "
+                         "without --deface or leave the series out") from None
 
 
 def write_visit(classified: ClassifiedFolder, root: Path, subject: str, session: str, *,
