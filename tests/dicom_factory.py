@@ -295,3 +295,11 @@ def write_enhanced_megre(folder: Path, *, vendor: str = "philips", study_uid: st
         pydicom.dcmwrite(folder / f"ENH{p_idx}", ds, enforce_file_format=True)
     return {"phases": phases, "echo_times": echo_times, "study_uid": study_uid,
             "mags": mags}
+
+
+def write_dicomdir(path: Path) -> None:
+    """A bare DICOM index object (no StudyInstanceUID), as found on exported CDs."""
+    ds = Dataset()
+    ds.file_meta = _meta("1.2.840.10008.1.3.10", generate_uid())
+    ds.FileSetID = "EXPORT"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)

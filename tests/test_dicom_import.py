@@ -134,6 +134,7 @@ def _all_text(folder: Path) -> str:
 
 def test_planted_identifiers_are_absent_from_every_output_byte(tmp_path):
     factory.write_classic_megre(tmp_path / "dicom", vendor="siemens")
+    factory.write_dicomdir(tmp_path / "dicom" / "DICOMDIR")  # an index, no image: skipped
     ids = _map(tmp_path / "ids.tsv", [(factory.IDENTITY["PatientID"], "sub-ab12", "")])
     import_dicom(tmp_path / "dicom", tmp_path / "bids", ids)
     kept = _all_text(tmp_path / "bids")

@@ -177,10 +177,12 @@ def _identifiers(ds: object) -> set[str]:
 def scan_studies(files: Sequence[Path]) -> list[DicomStudy]:
     """Group DICOM files by study and read each study's age at scan and sex.
 
+    Files without a StudyInstanceUID (a ``DICOMDIR`` index) are skipped.
+
     Raises
     ------
     InputError
-        A file pydicom cannot read, or one without a StudyInstanceUID.
+        A file pydicom cannot read.
     """
     import pydicom
 
@@ -192,7 +194,9 @@ def scan_studies(files: Sequence[Path]) -> list[DicomStudy]:
             raise InputError(path, f"cannot read DICOM header ({exc})") from None
         uid = str(ds.get("StudyInstanceUID") or "").strip()
         if not uid:
-            raise InputError(path, "DICOM file without a StudyInstanceUID")
+            # A DICOMDIR index or another non-image object: nothing to convert.
+            log.info("%s: no StudyInstanceUID (a DICOMDIR?); skipped", path)
+            continue
         study = studies.get(uid)
         if study is None:
             when = _parse_da(ds.get("StudyDate")) or _parse_da(ds.get("AcquisitionDate"))

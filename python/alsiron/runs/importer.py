@@ -373,7 +373,10 @@ def import_dicom(dicom_dir: str | Path, bids_dir: str | Path, map_path: str | Pa
         raise InputError(dicom_dir, "no DICOM files found (files with 'DICM' after the "
                          "128-byte preamble)")
     id_map = dicom.read_id_map(map_path)
-    labelled = dicom.label_studies(dicom.scan_studies(files), id_map, map_path)
+    studies = dicom.scan_studies(files)
+    if not studies:
+        raise InputError(dicom_dir, "no DICOM images with a StudyInstanceUID found")
+    labelled = dicom.label_studies(studies, id_map, map_path)
     _check_free(bids_dir, [label for _, label in labelled], overwrite)
     with _staging(bids_dir) as stage:
         visits = _convert_studies(labelled, stage, deface=deface, announce=announce)
@@ -459,6 +462,8 @@ def stage_folder(folder: Path, work: Path, *, announce: Announce | None = None
     elif kind == "dicom":
         label = dicom.sanitise_label(folder.resolve().name)
         studies = dicom.scan_studies(dicom.find_dicom_files(folder))
+        if not studies:
+            raise InputError(folder, "no DICOM images with a StudyInstanceUID found")
         labelled = dicom.single_study_label(studies, folder, label)
         visits = _convert_studies(labelled, root, deface=False, announce=announce)
         write_tables(root, visits)
