@@ -1,9 +1,9 @@
-"""Command line: ``alsiron phantom``, ``demo``, ``qsm``, ``relax``, ``roi``, ``registry
-export``, ``normative build``, ``report``, ``longitudinal`` and ``power``.
+"""Command line: ``alsiron phantom``, ``demo``, ``import``, ``qsm``, ``relax``, ``roi``,
+``registry export``, ``normative build``, ``report``, ``longitudinal`` and ``power``.
 
 This module holds the command group (logging, ``--threads``) and the error handling; each
 command group lives in its own module (:mod:`.sim`, :mod:`.qsm`, :mod:`.relax`,
-:mod:`.roi`, :mod:`.registry`, :mod:`.cohort`), which only parses options, calls
+:mod:`.roi`, :mod:`.registry`, :mod:`.cohort`, :mod:`.importer`), which only parses options, calls
 :mod:`alsiron.runs` or the stage functions and prints.  Every
 :class:`~alsiron.errors.AlsironError` (bad input, existing outputs, a damaged registry) is
 printed as one line with a non-zero exit status; any other exception is a bug and keeps
@@ -22,7 +22,7 @@ import threading
 import click
 
 from alsiron import __version__
-from alsiron.cli import cohort, qsm, registry, relax, roi, sim
+from alsiron.cli import cohort, importer, qsm, registry, relax, roi, sim
 from alsiron.errors import AlsironError
 
 log = logging.getLogger("alsiron")
@@ -88,7 +88,7 @@ def cli(ctx: click.Context, verbose: bool, debug: bool, threads: int | None) -> 
 
 for _command in (sim.phantom, sim.demo_cmd, qsm.qsm_cmd, relax.relax_cmd, roi.roi_cmd,
                  registry.registry_group, registry.normative_group, cohort.report_cmd,
-                 cohort.longitudinal_cmd, cohort.power_cmd):
+                 cohort.longitudinal_cmd, cohort.power_cmd, importer.import_cmd):
     cli.add_command(_command)
 
 

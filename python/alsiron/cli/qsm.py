@@ -25,13 +25,15 @@ from alsiron.field.echo_fit import UNWRAPPING_METHODS
 from alsiron.qsm import chain as qsm_chain
 from alsiron.qsm.inversion import INVERSION_METHODS
 from alsiron.runs import qsm as pipeline
+from alsiron.runs.importer import run_qsm_folder
 from alsiron.volume import MegreSeries
 
 
 @click.command("qsm")
 @click.argument("subj_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Derivatives folder (default: <dataset>/derivatives/alsiron).")
+              help="Derivatives folder (default: <dataset>/derivatives/alsiron, or "
+                   "derivatives/alsiron beside a plain NIfTI or DICOM folder).")
 @click.option("--inversion", type=method_choice(INVERSION_METHODS), default=None,
               help="Dipole inversion (default: the workflow's, see QsmParameters.inversion; "
                    "--list-methods shows it).")
@@ -109,7 +111,10 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
             no_indices: bool, registry: str | None, no_registry: bool, normative: Path | None,
             overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject,
-    then the motor-cortex indices, the registry record and (with --normative) z-scores."""
+    then the motor-cortex indices, the registry record and (with --normative) z-scores.
+
+    SUBJ_DIR: a BIDS sub-XX/ or ses-YY/ folder, or a folder of dcm2niix-style NIfTI + JSON
+    (any names) or of DICOM files (one patient, one study), converted on the fly."""
     if reference_label is not None and reference_mask is None:
         raise click.UsageError("--reference-label needs --reference-mask")
     params = qsm_parameters(inversion=inversion, weak_harmonic=weak_harmonic, bfr=bfr,
@@ -130,9 +135,10 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         reference_label=reference_label, fieldmap_path=fieldmap_path,
         roi=None if no_indices else roi_options(labels, lut, atlas, True, t1w),
         registry=registry, record=not no_registry, normative=normative, overwrite=overwrite)
-    outcomes = pipeline.run_qsm_subject(subj_dir, options, out=out, progress=progress,
-                                        iteration_progress=iteration_progress,
-                                        announce=lambda msg: click.echo(msg, err=True))
+    # Any folder: BIDS as before, or plain NIfTI + JSON / DICOM through a temporary layout.
+    outcomes = run_qsm_folder(subj_dir, options, out=out, progress=progress,
+                              iteration_progress=iteration_progress,
+                              announce=lambda msg: click.echo(msg, err=True))
     any_scored = False
     for oc in outcomes:
         any_scored |= _echo_outcome(oc)
