@@ -109,3 +109,27 @@ def test_sections_are_frozen():
         p.inversion.method = "tkd"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.background = BackgroundSettings()  # type: ignore[misc]
+
+
+def test_tv_alpha_option_sets_the_chosen_inversions_weight():
+    import click
+
+    from alsiron.cli.qsm import qsm_parameters
+
+    def params(**given):
+        base = {"inversion": None, "weak_harmonic": False, "bfr": None, "unwrapping": None,
+                "brain_mask_method": None, "bet_f": None, "mask_path": None,
+                "mask_erode": None, "phase_quality_threshold": None}
+        return qsm_parameters(**{**base, **given})
+
+    default = params()
+    p = params(tv_alpha=1.5e-4)
+    assert p.inversion.masked_tv_alpha == 1.5e-4
+    assert p.inversion.tv_alpha == default.inversion.tv_alpha  # the others untouched
+    assert params(inversion="tvadmm", tv_alpha=2e-4).inversion.tv_alpha == 2e-4
+    assert params(weak_harmonic=True, tv_alpha=3e-5).inversion.wh_alpha == 3e-5
+    medi = params(inversion="medi", tv_alpha=5e-4).inversion
+    # A given α is used as given: MEDI's noise rule would otherwise raise it.
+    assert medi.medi_alpha == 5e-4 and medi.medi_alpha_rule == "fixed"
+    with pytest.raises(click.UsageError, match="--tv-alpha goes with a TV inversion"):
+        params(inversion="tkd", tv_alpha=1e-4)

@@ -41,6 +41,10 @@ from alsiron.volume import MegreSeries
               help="TV-ADMM (--inversion tvadmm, implied) estimating a residual harmonic "
                    "background jointly "
                    "(FANSI-style weak-harmonic term).")
+@click.option("--tv-alpha", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="TV weight α of the TV inversions (tvmasked, tvadmm, medi; default: "
+                   "each method's own, e.g. 7e-4 for tvmasked). Smaller keeps more "
+                   "cortical contrast and more noise; docs/qsm_anatomy.md measures it.")
 @click.option("--bfr", type=method_choice(qsm_chain.BFR_METHODS,
                                           first=qsm_chain.QsmParameters().background.method),
               default=None,
@@ -100,7 +104,7 @@ from alsiron.volume import MegreSeries
 @normative_option("Normative model JSON (alsiron normative build): print and store z-scores.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmonic: bool,
-            bfr: str | None,
+            tv_alpha: float | None, bfr: str | None,
             unwrapping: str | None, phase_unwrapped: bool, fieldmap_path: Path | None,
             mask_erode: tuple[str, float] | None, phase_quality_threshold: float | None,
             echo_times: tuple[float, ...], field_strength: float | None,
@@ -117,7 +121,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
     (any names) or of DICOM files (one patient, one study), converted on the fly."""
     if reference_label is not None and reference_mask is None:
         raise click.UsageError("--reference-label needs --reference-mask")
-    params = qsm_parameters(inversion=inversion, weak_harmonic=weak_harmonic, bfr=bfr,
+    params = qsm_parameters(inversion=inversion, weak_harmonic=weak_harmonic,
+                            tv_alpha=tv_alpha, bfr=bfr,
                             unwrapping=unwrapping, brain_mask_method=brain_mask_method,
                             bet_f=bet_f, mask_path=mask_path, mask_erode=mask_erode,
                             phase_quality_threshold=phase_quality_threshold)
@@ -148,8 +153,24 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         click.echo(NO_MODEL_MESSAGE, err=True)
 
 
+def _tv_alpha_key(flat: dict) -> str:
+    """The flat parameter that --tv-alpha sets for the chosen inversion (MEDI's α then
+    holds as given: its noise rule is switched off)."""
+    method = flat["inversion"]
+    if method == "tvmasked":
+        return "masked_tv_alpha"
+    if method == "tvadmm":
+        return "wh_alpha" if flat.get("tv_weak_harmonic") else "tv_alpha"
+    if method == "medi":
+        flat["medi_alpha_rule"] = "fixed"
+        return "medi_alpha"
+    raise click.UsageError(f"--tv-alpha goes with a TV inversion (tvmasked, tvadmm, medi), "
+                           f"not {method}")
+
+
 # The option → QsmParameters block: every algorithm option of `alsiron qsm` lands here.
 def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | None,
+                   tv_alpha: float | None = None,
                    unwrapping: str | None, brain_mask_method: str | None,
                    bet_f: float | None, mask_path: Path | None,
                    mask_erode: tuple[str, float] | None,
@@ -168,6 +189,8 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
         if flat["inversion"] != "tvadmm":
             raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
         flat["tv_weak_harmonic"] = True
+    if tv_alpha is not None:
+        flat[_tv_alpha_key(flat)] = tv_alpha
     if bet_f is not None:
         if flat["brain_mask_method"] != "bet":
             raise click.UsageError("--bet-f goes with --brain-mask bet")

@@ -1,0 +1,163 @@
+"""Which QSM chain keeps the motor cortex on the anatomical head (issue 13, item 2).
+
+One control and one ALS session of the same anatomy (same deformation, phase offset and
+noise seed; ``alsiron.sim.anatomical``, built from the MNI152 maps, not from anything
+the chain was tuned on) are run through every candidate chain in process (the same
+:func:`alsiron.qsm.chain.process_series` that ``alsiron qsm`` runs), and scored with the
+issue's measures (see ``bench/anatomical_phantom.py``): χ NRMSE over the brain less
+3 mm, deep-grey slope, precentral cortex − local WM contrast recovered / true, the
+fraction of the precentral ribbon without a valid χ, and the ALS deep-layer excess
+recovered / true. Two ceiling rows invert the TRUE local field inside the TRUE brain
+mask, so the loss of each stage can be read off: total field → background removal →
+inversion.
+
+Run: ``python bench/anatomy_candidates.py [--voxel-size 2] [--snr 100] [--b0-tilt 0]
+[--only NAME ...]``; prints one JSON row per candidate and a Markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from anatomical_phantom import als_excess, scores
+
+from alsiron import qsm
+from alsiron.evaluation.stages import series_of, truth_of
+from alsiron.qsm import inversion as inv
+from alsiron.qsm.chain import process_series
+from alsiron.qsm.settings import BackgroundSettings, QsmParameters
+from alsiron.sim import anatomical as an
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A chain variant: background-removal and inversion settings that differ from the
+    defaults (empty = default), or ``ceiling`` for the true-local-field rows."""
+
+    name: str
+    background: dict[str, Any] = field(default_factory=dict)
+    inversion: dict[str, Any] = field(default_factory=dict)
+    ceiling: bool = False
+
+
+CANDIDATES: list[Candidate] = [
+    Candidate("default (PDF + tvmasked a=7e-4)"),
+    Candidate("PDF tol 1e-4", {"pdf_tol": 1e-4, "pdf_max_iter": 300}),
+    Candidate("PDF + tvmasked a=3e-4", inversion={"masked_tv_alpha": 3e-4}),
+    Candidate("PDF + tvmasked a=1.5e-4", inversion={"masked_tv_alpha": 1.5e-4}),
+    Candidate("PDF + weak-harmonic TV", inversion={"method": "tvadmm",
+                                                  "tv_weak_harmonic": True}),
+    Candidate("PDF + MEDI", inversion={"method": "medi"}),
+    Candidate("LBV + tvmasked", {"method": "lbv"}),
+    Candidate("LBV + tvmasked a=3e-4", {"method": "lbv"}, {"masked_tv_alpha": 3e-4}),
+    Candidate("LBV + tvmasked a=1.5e-4", {"method": "lbv"}, {"masked_tv_alpha": 1.5e-4}),
+    Candidate("LBV 4 mm + tvmasked a=1.5e-4", {"method": "lbv", "erode_mm": 4.0},
+              {"masked_tv_alpha": 1.5e-4}),
+    Candidate("LBV + MEDI", {"method": "lbv"}, {"method": "medi"}),
+    Candidate("LBV + iLSQR", {"method": "lbv"}, {"method": "ilsqr"}),
+    Candidate("V-SHARP + tvmasked a=1.5e-4", {"method": "vsharp"},
+              {"masked_tv_alpha": 1.5e-4}),
+    Candidate("iSMV + tvmasked a=1.5e-4", {"method": "ismv"}, {"masked_tv_alpha": 1.5e-4}),
+    Candidate("ceiling: true local field, tvmasked a=7e-4", ceiling=True),
+    Candidate("ceiling: true local field, tvmasked a=1.5e-4", inversion={
+        "masked_tv_alpha": 1.5e-4}, ceiling=True),
+]
+
+#: (JSON key, table header) of the columns of the Markdown table.
+COLUMNS = [("nrmse_pct_brain_less_3mm", "NRMSE % (brain − 3 mm)"),
+           ("deep_grey_slope", "deep-grey slope"),
+           ("precentral_minus_local_wm_ratio", "precentral − WM, rec./true"),
+           ("precentral_ribbon_without_chi_pct", "ribbon without χ %"),
+           ("als_deep_excess_ratio", "ALS excess rec./true"),
+           ("seconds", "s (2 sessions)")]
+
+
+def simulate_pair(voxel: float, snr: float, b0: tuple[float, float, float]) -> list:
+    """Control and ALS session of one anatomy (seed (0, 7), noise seed 11)."""
+    return [an.simulate_anatomical_subject(voxel_size=voxel, anatomy_seed=(0, 7), rng=11,
+                                           snr=snr, group=group, b0_direction=b0)
+            for group in ("control", "ALS")]
+
+
+def chain_runner(c: Candidate) -> Callable[[Any], tuple[np.ndarray, np.ndarray]]:
+    """χ [ppm] and its valid mask of one session, for candidate ``c``."""
+    settings = inv.InversionSettings(**c.inversion)
+    if c.ceiling:
+        def run_ceiling(s) -> tuple[np.ndarray, np.ndarray]:
+            mask = s.brain_mask.astype(bool)
+            chi, _ = inv.invert(settings.method, s.local_field, mask,
+                                voxel_size=s.voxel_size,
+                                b0_dir=tuple(float(v) for v in s.b0_direction),
+                                settings=settings)
+            return qsm.reference_to_mean(chi, mask), mask
+        return run_ceiling
+    params = QsmParameters(background=BackgroundSettings(**c.background), inversion=settings)
+
+    def run_chain(s) -> tuple[np.ndarray, np.ndarray]:
+        result = process_series(series_of(s), params)
+        return result.chi.data, result.qsm_mask.data > 0
+    return run_chain
+
+
+def evaluate(c: Candidate, sessions: list, voxel: float) -> dict[str, Any]:
+    """Scores of candidate ``c`` on the pair (means of the two sessions, ALS excess of
+    the pair) and its run time [s]."""
+    run = chain_runner(c)
+    t0 = time.perf_counter()
+    chis, masks = [], []
+    for s in sessions:
+        chi, mask = run(s)
+        chis.append(np.where(mask, chi, np.nan).astype(np.float64))
+        masks.append(mask)
+    seconds = time.perf_counter() - t0
+    truths = [truth_of(s) for s in sessions]
+    rows = [scores(chi, mask, t, voxel) for chi, mask, t in zip(chis, masks, truths,
+                                                              strict=True)]
+    out: dict[str, Any] = {k: round(float(np.mean([r[k] for r in rows])), 3)
+                           for k in rows[0]}
+    out.update(als_excess(chis, masks, truths))
+    out["seconds"] = round(seconds, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxel-size", type=float, default=2.0)
+    parser.add_argument("--snr", type=float, default=100.0)
+    parser.add_argument("--b0-tilt", type=float, default=0.0,
+                        help="B0 tilted from z towards x [degrees]")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="names (or name prefixes) of the candidates to run")
+    args = parser.parse_args()
+    tilt = math.radians(args.b0_tilt)
+    b0 = (math.sin(tilt), 0.0, math.cos(tilt))
+    t0 = time.perf_counter()
+    sessions = simulate_pair(args.voxel_size, args.snr, b0)
+    setup = {"voxel_mm": args.voxel_size, "snr": args.snr, "b0_tilt_deg": args.b0_tilt,
+             "matrix": list(sessions[0].chi.shape),
+             "simulation_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({"row": "setup", **setup}), flush=True)
+    chosen = [c for c in CANDIDATES
+              if args.only is None or any(c.name.startswith(o) for o in args.only)]
+    table = []
+    for c in chosen:
+        row = {"row": "candidate", "name": c.name, **setup,
+               **evaluate(c, sessions, args.voxel_size)}
+        print(json.dumps(row), flush=True)
+        table.append(row)
+    print(f"\n{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°\n")
+    print("| candidate | " + " | ".join(h for _, h in COLUMNS) + " |")
+    print("| --- |" + " ---: |" * len(COLUMNS))
+    for row in table:
+        print(f"| {row['name']} | " + " | ".join(f"{row[k]:g}" for k, _ in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main()
