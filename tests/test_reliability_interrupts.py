@@ -12,33 +12,28 @@ with "already exists", and leaves no staging folder behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from visit_sets import anat as _anat
+from visit_sets import check_complete_set, run_alsiron
+from visit_sets import hidden as _hidden
+from visit_sets import visible as _visible
 
 from alsiron.cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from alsiron.cohort.registry import Registry
 from alsiron.io import transaction
-from alsiron.io.transaction import INTERRUPT_ENV, STAGING_PREFIX
+from alsiron.io.transaction import STAGING_PREFIX
 
 STAGES = ["load", "field fit", "inversion", "writing", "indices", "publish", "registry",
           "committed"]
 #: A SIGKILL at these stages leaves a half-published folder until the next run into it.
 KILLED_WHILE_PUBLISHING = ("publish", "registry", "committed")
 EXIT = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGKILL": -signal.SIGKILL}
-# Python ignores SIGINT in a child started with SIGINT ignored (a background job):
-# restore Ctrl-C's handler so the test does not depend on how pytest was started.
-_ALSIRON = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from alsiron.cli import entry_point; sys.argv[0] = 'alsiron'; entry_point()")
-
-
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom")
@@ -52,59 +47,10 @@ def _dataset(phantom: Path, where: Path) -> Path:
     return where
 
 
-def _anat(root: Path) -> Path:
-    return root / "derivatives" / "alsiron" / "sub-01" / "ses-01" / "anat"
-
-
-def _visible(anat: Path) -> dict[str, str]:
-    if not anat.is_dir():
-        return {}
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(anat.iterdir()) if p.is_file() and not p.name.startswith(".")}
-
-
-def _hidden(root: Path) -> list[Path]:
-    """Staging folders and temporary files left anywhere under ``root``."""
-    return [p for p in root.rglob(".*")
-            if p.name.startswith(STAGING_PREFIX) or ".part" in p.name]
-
-
 def _child(subject: Path, *args: str, stage: str | None = None, sig: str | None = None
            ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    env.pop(INTERRUPT_ENV, None)
-    if stage is not None:
-        env[INTERRUPT_ENV] = f"{stage}:{sig}"
-    return subprocess.run([sys.executable, "-c", _ALSIRON, "qsm", str(subject), *args],
-                          capture_output=True, text=True, env=env, timeout=120)
-
-
-def check_complete_set(root: Path, inversions: set[str]) -> tuple[dict[str, str], str | None]:
-    """The visit's folder holds nothing, or one complete set that the registry's current
-    record names file by file (same names, same SHA-256), whose map sidecars all name the
-    record's inversion, one of ``inversions``.  Returns (files, inversion)."""
-    files = _visible(_anat(root))
-    registry = root / "derivatives" / "alsiron" / "registry.sqlite"
-    records = []
-    if registry.exists():
-        with Registry.open(registry, create=False) as reg:
-            records = reg.sessions()
-    if not files:
-        assert records == [], "a record without its outputs"
-        return files, None
-    assert len(records) == 1, f"{len(files)} files but {len(records)} current records"
-    record = records[0]
-    assert record.parameters["outputs"]["files"] == files, "record and files disagree"
-    inversion = record.parameters["qsm"]["Parameters"]["inversion"]
-    assert inversion in inversions
-    for name in files:
-        if name.endswith(".json") and "motorcortex" not in name:
-            side = json.loads((_anat(root) / name).read_text())
-            assert side["Parameters"]["inversion"] == inversion, name
-    assert any(n.endswith("_Chimap.nii.gz") for n in files)
-    assert any(n.endswith("_desc-motorcortex_indices.tsv") for n in files)
-    return files, inversion
+    return run_alsiron(["qsm", str(subject), *args],
+                       interrupt=None if stage is None else f"{stage}:{sig}")
 
 
 def _rerun_without_overwrite(root: Path, capsys) -> int:
