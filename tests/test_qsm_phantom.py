@@ -319,7 +319,10 @@ def test_interrupted_run_leaves_no_partial_files(dataset, tmp_path, monkeypatch,
         if p.name.endswith(".nii.gz"):
             real_img = nib.load(str(p))
             assert np.asarray(real_img.dataobj).shape == (64, 64, 64)
-    assert len([p for p in files if p.name.endswith(".nii.gz")]) == 3
+    # A visit is one transaction (issue 14): the three maps written before the interrupt
+    # were staged, never published, and went with the staging folder.
+    assert [p for p in files if p.name.endswith(".nii.gz")] == []
+    assert not [p for p in out.rglob(".alsiron-staging*")]
 
 
 def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
