@@ -319,7 +319,10 @@ def test_interrupted_run_leaves_no_partial_files(dataset, tmp_path, monkeypatch,
         if p.name.endswith(".nii.gz"):
             real_img = nib.load(str(p))
             assert np.asarray(real_img.dataobj).shape == (64, 64, 64)
-    assert len([p for p in files if p.name.endswith(".nii.gz")]) == 3
+    # A visit is one transaction (issue 14): the three maps written before the interrupt
+    # were staged, never published, and went with the staging folder.
+    assert [p for p in files if p.name.endswith(".nii.gz")] == []
+    assert not [p for p in out.rglob(".alsiron-staging*")]
 
 
 def test_oblique_anisotropic_phantom_needs_the_affine_b0(tmp_path):
@@ -408,7 +411,7 @@ def test_user_mask(dataset, tmp_path, capsys):
     np.testing.assert_array_equal(used, given)
     side = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
     assert side["Steps"]["BrainMask"] == {"Method": "given by the user",
-                                          "Source": str(truth_mask)}
+                                          "Source": truth_mask.relative_to(dataset).as_posix()}
     # A mask on another grid is refused, naming the file; nothing is written.
     bad = tmp_path / "bad_mask.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), bad)
@@ -467,5 +470,6 @@ def test_reference_region_from_a_label_image(dataset, tmp_path):
     # mean of the region-referenced map is minus that offset.
     np.testing.assert_allclose(chi[mask].mean(), -ref["RegionMeanVsWholeBrain_ppm"], atol=1e-5)
     assert ref["RegionVoxels"] == int(region.sum()) and ref["RegionSDVsWholeBrain_ppm"] > 0
-    assert ref["Source"] == f"{dseg} label {csf}"
+    # Relative to the dataset (issue 14, finding 9).
+    assert ref["Source"] == f"{dseg.relative_to(dataset).as_posix()} label {csf}"
     assert main(["qsm", str(dataset / "sub-01"), "--reference-label", "4"]) != 0

@@ -503,3 +503,35 @@ def test_sidecars_carry_checksums_relative_sources_and_versions(phantom, tmp_pat
     qc = json.loads((anat / f"{stem}_qc.json").read_text())
     assert qc["Software"]["Version"] == alsiron.__version__ and qc["Title"]
     assert (anat / f"{stem}_qc.png").is_file()
+
+
+def test_indices_zscores_and_user_inputs_carry_checksums_and_relative_sources(phantom,
+                                                                             tmp_path):
+    """Finding 9 (the rest): the indices' JSON dictionary and the z-score JSON carry the
+    inputs' SHA-256 and dataset-relative ``Sources``; a brain mask given with ``--mask``
+    from inside the dataset is named relative to it in ``Steps``."""
+    import hashlib
+
+    from alsiron.cohort.normative import write_zscores
+    from alsiron.cohort.records import SessionRecord
+
+    truth = phantom / "derivatives" / "phantom" / "sub-01" / "ses-01" / "anat"
+    mask = truth / "sub-01_ses-01_desc-brain_mask.nii.gz"
+    out = tmp_path / "out"
+    assert main(["qsm", str(phantom / "sub-01"), "--no-registry", "--out", str(out),
+                 "--mask", str(mask)]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    chi = json.loads((anat / "sub-01_ses-01_Chimap.json").read_text())
+    relative = "derivatives/phantom/sub-01/ses-01/anat/sub-01_ses-01_desc-brain_mask.nii.gz"
+    assert chi["Steps"]["BrainMask"]["Source"] == relative
+    indices = json.loads((anat / "sub-01_ses-01_desc-motorcortex_indices.json").read_text())
+    assert indices["Sources"] == chi["Sources"]
+    assert indices["InputChecksums"] == chi["InputChecksums"]
+    assert indices["InputChecksums"][relative] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    record = SessionRecord(subject="sub-01", session="ses-01",
+                           input_checksums={"sub-01/x.nii.gz": "ab" * 32},
+                           parameters={"qsm": {"Sources": ["sub-01/x.nii.gz"]}})
+    doc = json.loads(write_zscores(tmp_path / "z.json", record, {},
+                                   tmp_path / "model.json").read_text())
+    assert doc["input_checksums"] == {"sub-01/x.nii.gz": "ab" * 32}
+    assert doc["sources"] == ["sub-01/x.nii.gz"]

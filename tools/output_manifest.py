@@ -85,10 +85,15 @@ _VOLATILE_KEYS = {"software_version", "SoftwareVersion", "Version", "created", "
                   "written_at", "Date", "date"}
 _TIMING = re.compile(r"\b\d+(\.\d+)?\s?(s|ms|min)\b")
 _ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)?")
+#: A registry record's ``parameters.outputs`` (random transaction id, checksums of
+#: sidecars that hold timings), in compact JSON or in the report's escaped, indented JSON.
+_OUTPUTS = re.compile(r'(&quot;|")outputs\1: \{.*?\1transaction\1: \1[0-9a-f]{32}\1\s*\}',
+                      re.S)
 
 
 def _scrub_text(text: str, work: Path) -> str:
     text = text.replace(str(work), "{W}")
+    text = _OUTPUTS.sub(r"\1outputs\1: {VOLATILE}", text)
     text = _ISO_TIME.sub("{TIME}", text)
     text = _TIMING.sub("{DURATION}", text)
     return re.sub(r"alsiron \d+\.\d+\.\d+\S*", "alsiron {VERSION}", text)

@@ -1369,13 +1369,18 @@ def score_session(record: SessionRecord, model_path: str | os.PathLike[str] | No
 def write_zscores(path: str | os.PathLike[str], record: SessionRecord,
                   zscores: Mapping[str, ZScore], model_path: str | os.PathLike[str], *,
                   overwrite: bool = False) -> Path:
-    """Store one session's z-scores as JSON (atomic) with the model they came from."""
+    """Store one session's z-scores as JSON (atomic) with the model they came from and
+    the session's inputs (``sources`` relative to the dataset, ``input_checksums``:
+    file → SHA-256, as in the record)."""
     p = Path(model_path)
     digest = sha256_file(p) if p.is_file() else None
+    qsm = record.parameters.get("qsm") if isinstance(record.parameters, dict) else None
     doc = {"subject": record.subject, "session": record.session, "run": record.run,
            "site": record.site, "age": record.age, "sex": record.sex,
            "normative_model": {"path": str(p), "sha256": digest},
            "software_version": alsiron.__version__,
+           "sources": list(qsm.get("Sources", [])) if isinstance(qsm, dict) else [],
+           "input_checksums": dict(record.input_checksums),
            "zscores": [z.to_dict() for z in zscores.values()]}
     return save_json(path, doc, overwrite=overwrite)
 

@@ -504,6 +504,52 @@ class Registry:
         """
         self.record_sessions([record])
 
+    def check_record(self, record: SessionRecord) -> None:
+        """Refuse, before any work, a record this registry cannot store: malformed labels,
+        text longer than its column (PostgreSQL enforces ``VARCHAR(n)``; SQLite would
+        accept it, so both are checked here alike), or a registry that cannot be reached
+        or written (a trial insert, rolled back).
+
+        Raises
+        ------
+        InvalidInputError
+            A value the registry cannot hold, naming the field.
+        RegistryError
+            The registry cannot be reached or written.
+        """
+        row, _ = _record_row(record)
+        for column in records_table.columns:
+            limit = getattr(column.type, "length", None)
+            value = row.get(column.name)
+            if limit is not None and isinstance(value, str) and len(value) > limit:
+                name = "group" if column.name == "group_label" else column.name
+                raise InvalidInputError(
+                    f"{record.subject} {record.session}: {name} {value[:20]!r}... is "
+                    f"{len(value)} characters; the registry "
+                    f"{display_location(self.location)} holds at most {limit}")
+        with self._translate_errors(), self._write() as conn:
+            trans = conn.begin()
+            try:
+                conn.execute(records_table.insert(), {
+                    **row, "recorded_at": _now(), "superseded_at": None, "is_current": False})
+            finally:
+                trans.rollback()
+
+    def has_transaction(self, subject: str, session: str, run: int, transaction: str) -> bool:
+        """True when a record of (subject, session, run), current or superseded, was
+        stored by the output transaction ``transaction``
+        (``parameters["outputs"]["transaction"]``, :mod:`alsiron.io.transaction`)."""
+        t = records_table
+        where = ((t.c.subject == subject) & (t.c.session == session) & (t.c.run == run)
+                 & t.c.parameters.contains(transaction))
+        with self._translate_errors(), self.engine.connect() as conn:
+            texts = conn.execute(sa.select(t.c.parameters).where(where)).scalars().all()
+        for text in texts:
+            outputs = json.loads(text).get("outputs")
+            if isinstance(outputs, dict) and outputs.get("transaction") == transaction:
+                return True
+        return False
+
     def record_sessions(self, records: Iterable[SessionRecord]) -> None:
         """Store several records in one transaction (all or none), as :meth:`record_session`."""
         rows = [_record_row(r) for r in records]

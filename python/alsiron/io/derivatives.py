@@ -59,12 +59,15 @@ def write_dataset_description(root: Path) -> None:
     path = root / "dataset_description.json"
     if path.exists():
         return
-    save_json(path, {
-        "Name": "alsiron outputs",
-        "BIDSVersion": "1.10.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": PIPELINE_NAME, "Version": __version__}],
-    })
+    try:
+        save_json(path, {
+            "Name": "alsiron outputs",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": PIPELINE_NAME, "Version": __version__}],
+        })
+    except OutputExistsError:
+        pass  # a parallel run wrote it between the check and the write
 
 
 def map_path(root: Path, entities: dict[str, str], suffix: str, desc: str | None = None,
@@ -143,6 +146,16 @@ class OutputPlan:
             if f.suffix == suffix and f.desc == desc:
                 return f.path
         raise KeyError(f"{suffix} (desc {desc!r}) is not in the output plan")
+
+    def relocated(self, folder: Path) -> OutputPlan:
+        """The same plan with every file (companions included) moved into ``folder``
+        under its own name: where a staged run writes (:mod:`alsiron.io.transaction`)."""
+        def move(p: Path) -> Path:
+            return Path(folder) / p.name
+
+        return OutputPlan(self.root, dict(self.entities), [
+            PlannedFile(f.suffix, f.desc, move(f.path), tuple(move(c) for c in f.companions))
+            for f in self.files])
 
     def paths(self) -> list[Path]:
         """Every planned path, companions included, in checking order."""

@@ -314,17 +314,19 @@ def indices_table(result: MotorCortexIndices) -> str:
 
 
 def write_indices(path_tsv: str | Path, result: MotorCortexIndices, *,
-                  overwrite: bool = False) -> list[Path]:
+                  overwrite: bool = False,
+                  provenance: dict[str, Any] | None = None) -> list[Path]:
     """Write the indices TSV and its JSON data dictionary (same stem, ``.json``).
 
     The dictionary describes the columns and regions and records the QC verdict, the QC
-    notes and every parameter of masks and indices.
+    notes, every parameter of masks and indices and ``provenance`` (the input files'
+    ``Sources`` and ``InputChecksums``, SHA-256) when given.
     """
     path_tsv = Path(path_tsv)
     dictionary = dict(_COLUMNS)
     dictionary.update({"Regions": REGION_DESCRIPTIONS, "HeadlineIndex": HEADLINE_INDEX,
                        "QcStatus": result.qc_status, "QcNotes": result.qc_notes,
-                       "Parameters": result.parameters})
+                       "Parameters": result.parameters, **(provenance or {})})
     return [save_text(path_tsv, indices_table(result), overwrite=overwrite),
             save_json(path_tsv.with_suffix(".json"), dictionary, overwrite=overwrite)]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alsiron.io import bids as ingest
 from alsiron.io import derivatives
+from alsiron.io.transaction import VisitTransaction, check_disk_space
 from alsiron.relax import chain as relax_chain
 from alsiron.runs.outcome import VisitOutcome
 
@@ -65,13 +66,15 @@ def run_relax_subject(subj_dir: str | Path,
     Yields
     ------
     RelaxOutcome
-        As each series finishes (its maps are on disk).
+        As each series finishes (its maps were published together,
+        :class:`alsiron.io.transaction.VisitTransaction`).
 
     Raises
     ------
-    InputError, OutputExistsError
-        Bad input, or outputs that exist without ``overwrite``: the output check comes
-        before the MEGRE series is loaded, so a refused series costs no fit.
+    InputError, OutputExistsError, OutputWriteError
+        Bad input, outputs that exist without ``overwrite`` or too little disk space:
+        the output check comes before the MEGRE series is loaded, so a refused series
+        costs no fit.  An error or interrupt later leaves the previous maps as they were.
     """
     from alsiron.cohort.registry import input_checksums
 
@@ -87,15 +90,19 @@ def run_relax_subject(subj_dir: str | Path,
                 if mese_sets else None)
         for files in ses.series:
             plan = plan_outputs(out_root, dict(files.entities), with_mese=mese is not None)
-            plan.check_free(overwrite)
-            series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
-                                       field_strength=field_strength)
-            t0 = time.perf_counter()
-            result = relax_chain.process_relax(series, mese, p)
-            sources = list(result.provenance["Sources"])
-            result.provenance.update(derivatives.input_provenance(
-                sources, root, input_checksums(sources, root)))
-            written = derivatives.write_maps(plan, result.derivative_maps(), result.provenance,
-                                             overwrite=overwrite)
+            every = plan_outputs(out_root, dict(files.entities), with_mese=True)
+            with VisitTransaction.begin(plan, replaces=every, overwrite=overwrite) as txn:
+                series = ingest.load_megre(files, subject=ses.subject, session=ses.session,
+                                           field_strength=field_strength)
+                check_disk_space(plan, int(series.magnitude[0].size))
+                t0 = time.perf_counter()
+                result = relax_chain.process_relax(series, mese, p)
+                sources = list(result.provenance["Sources"])
+                result.provenance.update(derivatives.input_provenance(
+                    sources, root, input_checksums(sources, root)))
+                written = derivatives.write_maps(txn.staged, result.derivative_maps(),
+                                                 result.provenance, overwrite=True)
+                txn.commit()
             yield RelaxOutcome(label=files.prefix, out_root=out_root, result=result,
-                               written=written, seconds=time.perf_counter() - t0)
+                               written=txn.final_paths(written),
+                               seconds=time.perf_counter() - t0)

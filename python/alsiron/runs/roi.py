@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -137,13 +138,16 @@ def mask_label_image(masks: mk.RegionMasks) -> tuple[np.ndarray, list[tuple[int,
 
 def write_outputs(plan: OutputPlan, masks: mk.RegionMasks, result: MotorCortexIndices,
                   magnitude: np.ndarray, chi: np.ndarray | None, *, qc: bool = True,
-                  overwrite: bool = False) -> list[Path]:
-    """Write the indices (TSV + JSON dictionary), the sub-region label image and the QC
-    montage to their paths in ``plan`` (see :func:`plan_outputs`); returns the paths."""
+                  overwrite: bool = False,
+                  provenance: dict[str, Any] | None = None) -> list[Path]:
+    """Write the indices (TSV + JSON dictionary, with ``provenance``: input ``Sources``
+    and ``InputChecksums``), the sub-region label image and the QC montage to their paths
+    in ``plan`` (see :func:`plan_outputs`); returns the paths."""
     from alsiron.motor import qc as qc_mod
 
     write_dataset_description(plan.root)
-    written = write_indices(plan.path("indices", DESC), result, overwrite=overwrite)
+    written = write_indices(plan.path("indices", DESC), result, overwrite=overwrite,
+                            provenance=provenance)
     image, table = mask_label_image(masks)
     dseg = plan.path("dseg", DESC)
     written.append(save_nifti(dseg, image, masks.affine, sidecar={
@@ -175,12 +179,13 @@ def write_outputs(plan: OutputPlan, masks: mk.RegionMasks, result: MotorCortexIn
 def run_session(plan: OutputPlan, magnitude: np.ndarray, affine: np.ndarray,
                 brain: np.ndarray, *, chi: np.ndarray | None, r2star: np.ndarray | None,
                 options: RoiOptions | None = None, dataset_root: Path | None = None,
-                magnitude_name: str | None = None,
-                overwrite: bool = False) -> tuple[mk.RegionMasks, MotorCortexIndices,
-                                                  list[Path]]:
+                magnitude_name: str | None = None, overwrite: bool = False,
+                provenance: dict[str, Any] | None = None
+                ) -> tuple[mk.RegionMasks, MotorCortexIndices, list[Path]]:
     """Masks, indices and outputs of one session (nothing is written on an error).
 
-    The caller has checked ``plan`` (:meth:`OutputPlan.check_free`) before any work.
+    The caller has checked ``plan`` before any work (in a run, ``plan`` is the staged
+    plan of a :class:`~alsiron.io.transaction.VisitTransaction`).
 
     Parameters
     ----------
@@ -196,13 +201,15 @@ def run_session(plan: OutputPlan, magnitude: np.ndarray, affine: np.ndarray,
     options : RoiOptions, optional
     dataset_root : Path, optional
         Where to look for label images in the derivatives.
+    provenance : dict, optional
+        ``Sources`` and ``InputChecksums`` of the inputs, for the indices' dictionary.
     """
     opts = options or RoiOptions()
     masks = region_masks(magnitude, affine, brain, opts, dataset_root=dataset_root,
                          entities=plan.entities, magnitude_name=magnitude_name)
     result = motor_cortex_indices(masks, chi=chi, r2star=r2star)
     written = write_outputs(plan, masks, result, magnitude, chi, qc=opts.qc,
-                            overwrite=overwrite)
+                            overwrite=overwrite, provenance=provenance)
     return masks, result, written
 
 
@@ -309,6 +316,10 @@ def run_roi_subject(subj_dir: str | Path, options: RoiOptions | None = None, *,
         Missing or unreadable maps, maps off the magnitude's grid, or outputs that exist
         without ``overwrite``: raised before any file of that series is written.
     """
+    from alsiron.cohort.registry import input_checksums
+    from alsiron.io.derivatives import input_provenance
+    from alsiron.io.transaction import VisitTransaction, check_disk_space
+
     opts = options or RoiOptions()
     sessions = ingest.find_sessions(subj_dir)
     root = ingest.dataset_root(subj_dir)
@@ -317,13 +328,26 @@ def run_roi_subject(subj_dir: str | Path, options: RoiOptions | None = None, *,
         for files in ses.series:
             plan = OutputPlan(out_root, dict(files.entities))
             plan_outputs(plan)
-            plan.check_free(overwrite)
-            mag_path = files.echoes[0].magnitude
-            maps = _load_session_maps(out_root, plan.entities, mag_path)
-            t0 = time.perf_counter()
-            _, indices, written = run_session(
-                plan, maps.magnitude, maps.affine, maps.brain, chi=maps.chi,
-                r2star=maps.r2star, options=opts, dataset_root=root,
-                magnitude_name=str(mag_path), overwrite=overwrite)
+            # Indices replaced: z-scores computed from the old ones go with them.
+            every = OutputPlan(out_root, dict(files.entities))
+            plan_outputs(every)
+            every.add_file("zscores", DESC, ".json")
+            with VisitTransaction.begin(plan, replaces=every, overwrite=overwrite) as txn:
+                mag_path = files.echoes[0].magnitude
+                maps = _load_session_maps(out_root, plan.entities, mag_path)
+                check_disk_space(plan, int(maps.magnitude.size))
+                inputs = [mag_path] + [p for p in (
+                    map_path(out_root, plan.entities, "Chimap"),
+                    map_path(out_root, plan.entities, "R2starmap"),
+                    map_path(out_root, plan.entities, "mask", "brain")) if p.is_file()]
+                t0 = time.perf_counter()
+                _, indices, written = run_session(
+                    txn.staged, maps.magnitude, maps.affine, maps.brain, chi=maps.chi,
+                    r2star=maps.r2star, options=opts, dataset_root=root,
+                    magnitude_name=str(mag_path), overwrite=True,
+                    provenance=input_provenance([str(p) for p in inputs], root,
+                                                input_checksums(inputs, root)))
+                txn.commit()
             yield RoiOutcome(label=files.prefix, out_root=out_root, indices=indices,
-                             written=written, seconds=time.perf_counter() - t0)
+                             written=txn.final_paths(written),
+                             seconds=time.perf_counter() - t0)
