@@ -86,7 +86,7 @@ class BatchOptions:
     queue, account, walltime : str or None
         SLURM partition / PBS queue, account (project) and job wall time (``HH:MM:SS``).
     job_cores : int
-        Cores requested per SLURM/PBS job (one worker process each, that many threads).
+        Cores requested per SLURM/PBS job (one single-threaded worker process per core).
     """
 
     backend: Backend = "local"
@@ -196,8 +196,8 @@ def make_jobqueue_cluster(options: BatchOptions, **extra: Any) -> Any:
     """A dask-jobqueue ``SLURMCluster`` or ``PBSCluster`` from ``options`` (not scaled:
     :func:`run_tasks` asks for ``options.workers`` jobs).
 
-    Each job runs one worker process with ``job_cores`` threads of the numerical core and
-    ``memory_per_worker`` (default :data:`VISIT_MEMORY_BYTES`) of memory.
+    Each job asks for ``job_cores`` cores and runs that many single-threaded worker
+    processes, each with ``memory_per_worker`` (default :data:`VISIT_MEMORY_BYTES`).
     """
     if options.backend == "slurm":
         from dask_jobqueue import SLURMCluster as Cluster
@@ -207,10 +207,13 @@ def make_jobqueue_cluster(options: BatchOptions, **extra: Any) -> Any:
         raise ValueError(f"not a job-queue backend: {options.backend}")
     memory = options.memory_per_worker or VISIT_MEMORY_BYTES
     kwargs: dict[str, Any] = {
-        "cores": options.job_cores, "processes": 1, "memory": f"{memory // 2**20}MiB",
+        # One single-threaded worker process per core, one visit each at a time: the
+        # Python parts of a visit are serial, so processes use the cores best
+        # (bench/RESULTS.md), and memory is asked per process.
+        "cores": options.job_cores, "processes": options.job_cores,
+        "memory": f"{options.job_cores * memory // 2**20}MiB",
         "walltime": options.walltime or "04:00:00",
-        # The numerical core takes its thread count from here (alsiron --threads).
-        "job_script_prologue": [f"export ALSIRON_NUM_THREADS={options.job_cores}"],
+        "job_script_prologue": ["export ALSIRON_NUM_THREADS=1"],
     }
     if options.queue:
         kwargs["queue"] = options.queue
@@ -236,7 +239,8 @@ def _connect(options: BatchOptions) -> tuple[Any, Any, str]:
     if options.backend in ("slurm", "pbs"):
         cluster = make_jobqueue_cluster(options)
         cluster.scale(jobs=options.workers or 1)
-        return Client(cluster), cluster, f"{options.backend.upper()} jobs ({options.workers or 1})"
+        return Client(cluster), cluster, (f"{options.backend.upper()} jobs: {options.workers or 1}"
+                                          f" x {options.job_cores} workers")
     cores, memory = machine_resources()
     n, threads, mem = local_cluster_size(cores, memory, workers=options.workers)
     if options.memory_per_worker:
