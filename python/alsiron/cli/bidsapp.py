@@ -57,24 +57,24 @@ class BidsAppGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
-def _progress_printer(total_hint: list[int]):
+def _progress_printer():
     """A progress callback: tqdm's bar (with ETA) when tqdm is installed and stderr is a
-    terminal, else one line per visit with the ETA from the mean time so far."""
+    terminal, else one line per visit with the elapsed time and the ETA from the mean
+    time per visit so far."""
     import sys
 
     t0 = time.perf_counter()
-    bar = None
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        if tqdm is not None:
-            bar = tqdm(total=total_hint[0] or None, unit="visit", file=sys.stderr)
+    state: dict = {}
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    use_bar = tqdm is not None and sys.stderr.isatty()
 
     def report(res, done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
+        if use_bar:
+            bar = state.get("bar") or state.setdefault(
+                "bar", tqdm(total=total, unit="visit", file=sys.stderr))
             bar.set_postfix_str(f"{res.label} {res.status}")
             bar.update(1)
             if done == total:
@@ -174,7 +174,7 @@ def bidsapp_cmd(bids_dir: Path, output_dir: Path, level: str,
     summary = bidsapp.run_participant_level(bids_dir, output_dir, options, batch,
                                             participant_labels=participant_labels,
                                             session_labels=session_labels,
-                                            progress=_progress_printer([0]))
+                                            progress=_progress_printer())
     echo_table(summary)
     failed = summary.count("failed")
     if failed:

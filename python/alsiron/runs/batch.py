@@ -108,11 +108,13 @@ class BatchOptions:
 
 @dataclass
 class BatchSummary:
-    """Results of a batch, in the items' order, and its wall time [s]."""
+    """Results of a batch, in the items' order; its wall time [s], of which
+    ``start_seconds`` went to starting or reaching the cluster; where it ran."""
 
     results: list[TaskResult] = field(default_factory=list)
     seconds: float = 0.0
     where: str = ""
+    start_seconds: float = 0.0
 
     def count(self, status: Status) -> int:
         """How many tasks ended with ``status``."""
@@ -320,6 +322,7 @@ def run_tasks(func: Callable[..., TaskResult], items: Sequence[Any], labels: Seq
     from distributed import as_completed
 
     client, cluster, where = _connect(options)
+    started = time.perf_counter() - t0
     try:
         if on_client is not None:
             on_client(client)
@@ -341,7 +344,8 @@ def run_tasks(func: Callable[..., TaskResult], items: Sequence[Any], labels: Seq
         client.close()
         if cluster is not None:
             cluster.close()
-    return BatchSummary([results[i] for i in range(total)], time.perf_counter() - t0, where)
+    return BatchSummary([results[i] for i in range(total)], time.perf_counter() - t0, where,
+                        started)
 
 
 def noop_task(item: Any, *, threads: int | None = None) -> TaskResult:
