@@ -14,9 +14,7 @@ from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord
 from alsiron.errors import AlsironError
 from alsiron.io.atomic import save_json
 from alsiron.io.derivatives import OutputPlan
-
-#: ``desc`` entity of the per-visit z-score files (as :mod:`alsiron.runs.roi` names them).
-_ZSCORE_DESC = "motorcortex"
+from alsiron.runs.roi import DESC as _ZSCORE_DESC
 
 
 @dataclass
