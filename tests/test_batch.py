@@ -168,6 +168,7 @@ def test_unreachable_scheduler_and_sqlite_with_scheduler_are_one_line_errors(dat
 
 
 def test_slurm_and_pbs_options_build_the_job_scripts():
+    before = signal.getsignal(signal.SIGINT)
     slurm = make_jobqueue_cluster(BatchOptions(backend="slurm", queue="cpu", account="als",
                                                walltime="02:00:00", job_cores=8,
                                                memory_per_worker=16 * 2**30))
@@ -186,6 +187,8 @@ def test_slurm_and_pbs_options_build_the_job_scripts():
     finally:
         pbs.close()
     assert "#PBS -q workq" in script and "ncpus=4:mem=16GB" in script
+    # dask_jobqueue's import-time SIGINT handler (sys.exit) is not left in place.
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_local_cluster_is_sized_from_cores_and_memory():

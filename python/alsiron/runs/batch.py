@@ -194,6 +194,25 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
+def _import_jobqueue() -> Any:
+    """``dask_jobqueue``, imported without letting it keep the SIGINT handler it installs
+    at import (``sys.exit`` on Ctrl-C), which would turn an interrupt into a plain exit
+    and bypass alsiron's interrupt path (no partial outputs, exit status 130)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        import dask_jobqueue
+
+        return dask_jobqueue
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        import dask_jobqueue
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
+
+
 def make_jobqueue_cluster(options: BatchOptions, **extra: Any) -> Any:
     """A dask-jobqueue ``SLURMCluster`` or ``PBSCluster`` from ``options`` (not scaled:
     :func:`run_tasks` asks for ``options.workers`` jobs).
@@ -201,12 +220,10 @@ def make_jobqueue_cluster(options: BatchOptions, **extra: Any) -> Any:
     Each job asks for ``job_cores`` cores and runs that many single-threaded worker
     processes, each with ``memory_per_worker`` (default :data:`VISIT_MEMORY_BYTES`).
     """
-    if options.backend == "slurm":
-        from dask_jobqueue import SLURMCluster as Cluster
-    elif options.backend == "pbs":
-        from dask_jobqueue import PBSCluster as Cluster
-    else:
+    if options.backend not in ("slurm", "pbs"):
         raise ValueError(f"not a job-queue backend: {options.backend}")
+    jobqueue = _import_jobqueue()
+    Cluster = jobqueue.SLURMCluster if options.backend == "slurm" else jobqueue.PBSCluster
     memory = options.memory_per_worker or VISIT_MEMORY_BYTES
     kwargs: dict[str, Any] = {
         # One single-threaded worker process per core, one visit each at a time: the
