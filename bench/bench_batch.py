@@ -50,6 +50,7 @@ def main() -> None:
     matrix = args.matrix or (32 if args.quick else 96)
     voxel = args.voxel_size or (6.0 if args.quick else 2.0)
     opts = ParticipantOptions(relax=None)
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = write_dataset(Path(tmp) / "bids", subjects=visits // 2, sessions=2,
                              matrix=matrix, voxel_size=voxel, seed=0)
@@ -62,9 +63,10 @@ def main() -> None:
             summary = run_participant_level(root, out, opts, batch)
             assert summary.count("done") == visits, summary.results
             per_visit = sum(r.seconds for r in summary.results) / visits
+            cpu = sum(r.cpu_seconds for r in summary.results) / visits
             steady = summary.seconds - summary.start_seconds
             rows.append((name, summary.seconds, summary.start_seconds,
-                         _visits_per_hour(visits, steady), per_visit))
+                         _visits_per_hour(visits, steady), per_visit, cpu))
         t0 = time.perf_counter()
         again = run_participant_level(root, Path(tmp) / "out1", opts,
                                       BatchOptions(workers=2, threads=1))
@@ -86,12 +88,14 @@ def main() -> None:
             noop_gathered = time.perf_counter() - t0
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}; {visits} visits of {matrix}^3 x {voxel:g} mm")
+          f"load {load0:.2f} -> {os.getloadavg()[0]:.2f}; {visits} visits of {matrix}^3 x "
+          f"{voxel:g} mm")
     print("| configuration | wall [s] | of which cluster start [s] | visits/hour after start "
-          "| mean visit in its worker [s] |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, wall, start_s, vph, per_visit in rows:
-        print(f"| {name} | {wall:.1f} | {start_s:.1f} | {vph:.0f} | {per_visit:.2f} |")
+          "| mean visit in its worker [s] | mean CPU per visit [s] |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, wall, start_s, vph, per_visit, cpu in rows:
+        print(f"| {name} | {wall:.1f} | {start_s:.1f} | {vph:.0f} | {per_visit:.2f} "
+              f"| {cpu:.2f} |")
     print(f"\nrerun, every visit skipped (resume check, 2 workers): {resume_s:.1f} s "
           f"({1000 * again.seconds / visits:.0f} ms per visit inside the run)")
     print(f"no-op tasks: {n_noop} through run_tasks in {noop.seconds:.1f} s incl. cluster "

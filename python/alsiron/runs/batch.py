@@ -52,6 +52,9 @@ class TaskResult:
         Wall time of the task on its worker [s].
     worker : str
         Host and process id that ran it.
+    cpu_seconds : float
+        CPU time of the task's process over the task, all its threads [s] (less
+        sensitive to other load on the machine than ``seconds``).
     """
 
     label: str
@@ -59,6 +62,7 @@ class TaskResult:
     reason: str = ""
     seconds: float = 0.0
     worker: str = ""
+    cpu_seconds: float = 0.0
 
 
 @dataclass

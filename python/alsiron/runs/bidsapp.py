@@ -301,7 +301,7 @@ def run_visit_task(visit: Visit, bids_dir: Path, output_dir: Path,
     threads : int, optional
         Threads of the numerical core in this worker.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     _set_threads(threads)
     out = Path(output_dir)
@@ -322,7 +322,7 @@ def run_visit_task(visit: Visit, bids_dir: Path, output_dir: Path,
                "Outputs": _visit_outputs(visit, out), "Notes": notes}
         save_json(mpath, doc, overwrite=True)
         return TaskResult(visit.label, "done", "; ".join(notes), time.perf_counter() - t0,
-                          worker)
+                          worker, time.process_time() - cpu0)
     except (AlsironError, ValueError, OSError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         try:
