@@ -1,5 +1,6 @@
 """Command line: ``alsiron phantom``, ``demo``, ``import``, ``qsm``, ``relax``, ``roi``,
-``registry export``, ``normative build``, ``report``, ``longitudinal`` and ``power``.
+``registry export``, ``normative build``, ``report``, ``longitudinal``, ``power`` and the
+BIDS App (``alsiron BIDS_DIR OUTPUT_DIR participant|group``, :mod:`.bidsapp`).
 
 This module holds the command group (logging, ``--threads``) and the error handling; each
 command group lives in its own module (:mod:`.sim`, :mod:`.qsm`, :mod:`.relax`,
@@ -22,7 +23,7 @@ import threading
 import click
 
 from alsiron import __version__
-from alsiron.cli import cohort, importer, qsm, registry, relax, roi, sim
+from alsiron.cli import bidsapp, cohort, importer, qsm, registry, relax, roi, sim
 from alsiron.errors import AlsironError
 
 log = logging.getLogger("alsiron")
@@ -66,7 +67,8 @@ def _configure_threads(threads: int | None) -> None:
                         _core.num_threads(), n)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=bidsapp.BidsAppGroup,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="alsiron")
 @click.option("-v", "--verbose", is_flag=True, help="Log details of every step.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
@@ -75,7 +77,13 @@ def _configure_threads(threads: int | None) -> None:
                    "ALSIRON_NUM_THREADS).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, debug: bool, threads: int | None) -> None:
-    """alsiron: QSM and R2* iron maps of the motor cortex from multi-echo MRI."""
+    """alsiron: QSM and R2* iron maps of the motor cortex from multi-echo MRI.
+
+    \b
+    As a BIDS App: alsiron BIDS_DIR OUTPUT_DIR participant [--participant-label ...]
+                   alsiron BIDS_DIR OUTPUT_DIR group
+    (alsiron bids-app --help lists its options.)
+    """
     ctx.obj = {"debug": debug}
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("alsiron: %(levelname)s: %(message)s"))
@@ -88,7 +96,8 @@ def cli(ctx: click.Context, verbose: bool, debug: bool, threads: int | None) -> 
 
 for _command in (sim.phantom, sim.demo_cmd, qsm.qsm_cmd, relax.relax_cmd, roi.roi_cmd,
                  registry.registry_group, registry.normative_group, cohort.report_cmd,
-                 cohort.longitudinal_cmd, cohort.power_cmd, importer.import_cmd):
+                 cohort.longitudinal_cmd, cohort.power_cmd, importer.import_cmd,
+                 bidsapp.bidsapp_cmd):
     cli.add_command(_command)
 
 

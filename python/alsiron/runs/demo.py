@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alsiron.cohort import longitudinal, normative, report
 from alsiron.cohort.records import HEADLINE_INDEX
 from alsiron.cohort.registry import Registry, default_registry_path
-from alsiron.errors import AlsironError, InputError
-from alsiron.io.atomic import save_json
+from alsiron.errors import InputError
 from alsiron.runs import qsm as pipeline
+from alsiron.runs.group import run_group_stage
 from alsiron.sim import phantom
 
 log = logging.getLogger("alsiron")
@@ -121,59 +120,11 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
         gap = 1000.0 * (statistics.fmean(baseline["ALS"]) - statistics.fmean(baseline["control"]))
         tell(f"demo: baseline {HEADLINE_INDEX}, ALS - control = {gap:+.1f} ppb "
              f"({len(baseline['ALS'])} vs {len(baseline['control'])} participants)")
-    model = None
-    model_path = derivs / "normative_model.json"
-    try:
-        # One scan per control, as `alsiron normative build` does by default: the
-        # minimum counts participants, not visits, and with one scan each the z-scores
-        # of new controls are calibrated (tests/test_normative_calibration.py).
-        model = normative.build_normative_model(records, group="control",
-                                                source=str(reg_path))
-    except (AlsironError, ValueError) as exc:
-        result.notes.append(f"normative model not built: {exc}")
-    else:
-        model.save(model_path, overwrite=overwrite)
-        result.model = model_path
-        tell(f"demo: normative model from {model.n_subjects} control participants "
-             f"({model.harmonisation_label}) -> {model_path}")
-        for rec in records:
-            if not rec.indices:
-                continue
-            ents = {"sub": rec.subject.removeprefix("sub-"),
-                    "ses": rec.session.removeprefix("ses-")}
-            normative.score_session(rec, model_path,
-                                    out=pipeline.zscore_path(derivs, ents),
-                                    overwrite=overwrite)
-
-    retest = (longitudinal.retest_from_normative(model_path, HEADLINE_INDEX)
-              if result.model is not None else None)
-    trajectories = longitudinal.cohort_trajectories(records, HEADLINE_INDEX, retest=retest)
-    result.visit_table = derivs / f"longitudinal_{HEADLINE_INDEX}.tsv"
-    longitudinal.write_visit_table(result.visit_table, trajectories, overwrite=overwrite)
-    try:
-        cohort_model = longitudinal.fit_cohort_model(records, HEADLINE_INDEX)
-    except (AlsironError, ValueError) as exc:
-        result.notes.append(f"cohort mixed model not fitted: {exc}")
-    else:
-        result.cohort_model = result.visit_table.with_name(
-            result.visit_table.stem + "_model.json")
-        save_json(result.cohort_model, longitudinal.model_summary(cohort_model),
-                  overwrite=overwrite)
-        tell(f"demo: cohort mixed model -> {result.cohort_model}")
-
-    by_subject: dict[str, list] = {}
-    for rec in records:
-        by_subject.setdefault(rec.subject, []).append(rec)
-    for subject, recs in sorted(by_subject.items()):
-        page = report.render_subject_report(
-            recs, model=model, model_path=result.model,
-            qc_images=report.find_qc_images(derivs / subject))
-        result.reports.append(report.write_report(derivs / subject / f"{subject}_report.html",
-                                                  page, overwrite=overwrite))
-    page = report.render_cohort_report(records, model=model, model_path=result.model)
-    result.reports.append(report.write_report(derivs / "cohort_report.html", page,
-                                              overwrite=overwrite))
-    tell(f"demo: {len(result.reports)} report pages; open {result.reports[-1]}")
+    group = run_group_stage(records, derivs, source=str(reg_path), overwrite=overwrite,
+                            say=lambda line: tell(f"demo: {line}"))
+    result.model, result.visit_table = group.model, group.visit_table
+    result.cohort_model, result.reports = group.cohort_model, group.reports
+    result.notes += group.notes
     if not records:
         raise InputError(reg_path, "the demo recorded no sessions")
     return result
