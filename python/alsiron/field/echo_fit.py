@@ -227,8 +227,10 @@ PHASE_OFFSET_METHODS: dict[str, str] = {
 #: Default of :func:`estimate_field`'s ``phase_offset``.
 DEFAULT_PHASE_OFFSET = "smoothed"
 
-#: Gaussian σ [mm] of the local-linear smoothing of the fitted φ0 ("smoothed").
-OFFSET_SIGMA_MM = 3.0
+#: Gaussian σ [mm] and passes (3 = thriced) of the local-linear smoothing of the fitted
+#: φ0 ("smoothed"); chosen with bench/field_offset.py (docs/field.md).
+OFFSET_SIGMA_MM = 2.0
+OFFSET_PASSES = 3
 
 #: Phase residual [rad] at which a voxel's weight in the φ0 smoothing is halved.
 OFFSET_RESIDUAL_SCALE = 0.1
@@ -518,9 +520,11 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
         method["PhaseOffsetRemoval"] = {"Method": "MCPC-3D-S (Eckstein et al. MRM 2018)",
                                         "SmoothingSigma_mm": MCPC_SIGMA_MM}
     wrapped = _wrap32(ph) if phase_unwrapped else ph
+    # With "smoothed", the φ0 to be smoothed comes from the linear fit: its noise is
+    # averaged away, and one complex fit (the final one, φ0 fixed) is spared.
     omega, phi0, residual, sd_unit, sigma_v = _fit(
-        mag, wrapped, tes, m, omega, phi0, complex_fit=complex_fit, max_iter=max_iter,
-        fixed_offset=fixed_offset)
+        mag, wrapped, tes, m, omega, phi0, complex_fit=complex_fit and not smoothed,
+        max_iter=max_iter, fixed_offset=fixed_offset)
     if smoothed:
         phi0 = _smoothed_offset(phi0, reference, residual, mag, m != 0, voxel_size)
         if not complex_fit:
@@ -531,7 +535,7 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
     offset_name = "fixed" if fixed_offset else ("smoothed" if smoothed else "fitted")
     offset_text = PHASE_OFFSET_METHODS[offset_name]
     if smoothed:
-        offset_text += f" (σ {OFFSET_SIGMA_MM:g} mm)"
+        offset_text += f" (σ {OFFSET_SIGMA_MM:g} mm, {OFFSET_PASSES} passes)"
     method["PhaseOffset"] = offset_name
     method["EchoCombination"] = (
         ("nonlinear complex fit S = m·exp(i(φ0 + ω·TE)), magnitude-weighted, Gauss-Newton"
@@ -579,7 +583,7 @@ def _smoothed_offset(phi0: np.ndarray, reference: np.ndarray, residual: np.ndarr
     res = np.where(np.isfinite(residual), residual, np.float32(np.inf))
     weight = energy / (1.0 + (res / np.float32(OFFSET_RESIDUAL_SCALE)) ** 2)
     corr = smooth_local_linear(diff, weight, mask, voxel_size=voxel_size,
-                               sigma_mm=OFFSET_SIGMA_MM)
+                               sigma_mm=OFFSET_SIGMA_MM, passes=OFFSET_PASSES)
     return np.ascontiguousarray(_wrap32(reference + corr), np.float32)
 
 
