@@ -227,9 +227,12 @@ PHASE_OFFSET_METHODS: dict[str, str] = {
 #: Default of :func:`estimate_field`'s ``phase_offset``.
 DEFAULT_PHASE_OFFSET = "smoothed"
 
-#: Gaussian σ [mm] and passes (3 = thriced) of the local-linear smoothing of the fitted
-#: φ0 ("smoothed"); chosen with bench/field_offset.py (docs/field.md).
+#: Gaussian σ of the local-linear smoothing of the fitted φ0 ("smoothed"): the larger
+#: of OFFSET_SIGMA_MM [mm] (small, for little bias where φ0 curves) and
+#: OFFSET_SIGMA_VOXELS voxel edges (enough voxels to average the intercepts' noise);
+#: OFFSET_PASSES = 3 (thriced). Chosen with bench/field_offset.py (docs/field.md).
 OFFSET_SIGMA_MM = 2.0
+OFFSET_SIGMA_VOXELS = 2.0
 OFFSET_PASSES = 3
 
 #: Phase residual [rad] at which a voxel's weight in the φ0 smoothing is halved.
@@ -473,7 +476,7 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
         How the fit treats φ0 (see :data:`PHASE_OFFSET_METHODS`). ``"fitted"``: a free
         intercept per voxel; ``"smoothed"`` (default): that φ0, smoothed with
         :func:`alsiron.field.phase_offset.smooth_local_linear` (σ
-        :data:`OFFSET_SIGMA_MM`), then held fixed while ω is fitted again; ``"fixed"``:
+        :func:`offset_sigma_mm`), then held fixed while ω is fitted again; ``"fixed"``:
         φ0 held at the MCPC-3D-S estimate (or the echo pair's for "echodiff").
     voxel_size : 3 floats
         Voxel edges [mm] (MCPC-3D-S and φ0 smoothing).
@@ -535,7 +538,8 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
     offset_name = "fixed" if fixed_offset else ("smoothed" if smoothed else "fitted")
     offset_text = PHASE_OFFSET_METHODS[offset_name]
     if smoothed:
-        offset_text += f" (σ {OFFSET_SIGMA_MM:g} mm, {OFFSET_PASSES} passes)"
+        offset_text += (f" (σ {offset_sigma_mm(voxel_size):g} mm, {OFFSET_PASSES} "
+                        "passes)")
     method["PhaseOffset"] = offset_name
     method["EchoCombination"] = (
         ("nonlinear complex fit S = m·exp(i(φ0 + ω·TE)), magnitude-weighted, Gauss-Newton"
@@ -583,8 +587,13 @@ def _smoothed_offset(phi0: np.ndarray, reference: np.ndarray, residual: np.ndarr
     res = np.where(np.isfinite(residual), residual, np.float32(np.inf))
     weight = energy / (1.0 + (res / np.float32(OFFSET_RESIDUAL_SCALE)) ** 2)
     corr = smooth_local_linear(diff, weight, mask, voxel_size=voxel_size,
-                               sigma_mm=OFFSET_SIGMA_MM, passes=OFFSET_PASSES)
+                               sigma_mm=offset_sigma_mm(voxel_size), passes=OFFSET_PASSES)
     return np.ascontiguousarray(_wrap32(reference + corr), np.float32)
+
+
+def offset_sigma_mm(voxel_size: Sequence[float]) -> float:
+    """σ [mm] of the φ0 smoothing ("smoothed") for voxels of ``voxel_size`` [mm]."""
+    return max(OFFSET_SIGMA_MM, OFFSET_SIGMA_VOXELS * max(float(v) for v in voxel_size))
 
 
 def _line_fit(mag: np.ndarray, ph: np.ndarray, tes: tuple[float, ...], m: np.ndarray,
