@@ -196,8 +196,8 @@ def _summary(results: dict, markdown: bool) -> None:
         print("| --- | --- | --- | ---: | ---: | ---: |")
     for (source, offset, name), rows in results.items():
         a = np.asarray(rows)
-        full = f"{a[:, 0].mean():.1f} [{a[:, 0].min():.1f}-{a[:, 0].max():.1f}]"
-        ero = f"{a[:, 1].mean():.1f} [{a[:, 1].min():.1f}-{a[:, 1].max():.1f}]"
+        full = f"{a[:, 0].mean():.2f} [{a[:, 0].min():.2f}-{a[:, 0].max():.2f}]"
+        ero = f"{a[:, 1].mean():.2f} [{a[:, 1].min():.2f}-{a[:, 1].max():.2f}]"
         sec = f"{a[:, 2].mean():.2f}"
         if markdown:
             print(f"| {source} | {offset} | {name} | {full} | {ero} | {sec} |")

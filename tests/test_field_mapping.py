@@ -172,11 +172,11 @@ def test_field_on_phantom(ses, mask, core, unwrapping):
 def test_noise_map_is_calibrated(ses, mask, core):
     fe = fieldmap.estimate_field(ses.magnitude, ses.phase, ses.echo_times, mask,
                                  field_strength=ses.field_strength, voxel_size=ses.voxel_size)
-    assert abs(fe.noise_sigma / ses.noise_sigma - 1) < 0.12  # measured +5 %
+    assert abs(fe.noise_sigma / ses.noise_sigma - 1) < 0.12  # measured +11 % (+10 % fixed φ0)
     d = (fe.field_ppm - ses.total_field)[core]
     z = (d - np.median(d)) / fe.field_sd_ppm[core]
     robust_sd = 1.4826 * np.median(np.abs(z))
-    assert 0.85 < robust_sd < 1.3  # measured 1.08 (model error adds a little)
+    assert 0.85 < robust_sd < 1.3  # measured 1.13 (model error adds a little)
     # The noise map follows the signal: lower where R2* is high (globus pallidus).
     assert np.all(fe.field_sd_ppm[mask] > 0)
 
