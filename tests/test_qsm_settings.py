@@ -20,7 +20,8 @@ from alsiron.qsm.settings import (
 )
 
 #: ``Parameters`` of a default run's Chimap sidecar, written by the flat QsmParameters
-#: (commit 9d6faf6, ``alsiron qsm`` on the output-manifest phantom).
+#: (commit 9d6faf6, ``alsiron qsm`` on the output-manifest phantom), plus the field
+#: fit's ``phase_offset`` (issue 13).
 SIDECAR_PARAMETERS = {
     "brain_mask_method": "bet", "bet_f": 0.5, "mask_opening_voxels": 2,
     "residual_threshold": 0.5, "bfr_erode_mm": None, "bfr_erode_voxels": None,
@@ -40,6 +41,7 @@ SIDECAR_PARAMETERS = {
     "rts_mu": 100000.0, "rts_rho": 10.0, "rts_max_iter": 20, "rts_tol": 0.01,
     "rts_lsqr_iter": 16, "ndi_lambda": 0.001, "ndi_step": 2.0, "ndi_max_iter": 200,
     "ndi_tol": 0.001, "r2star_weighted": True, "unwrapping": "romeo", "complex_fit": True,
+    "phase_offset": "smoothed",
 }
 
 
@@ -47,7 +49,8 @@ def _varied() -> QsmParameters:
     """Parameters that differ from the defaults in every section."""
     return QsmParameters(
         mask=MaskSettings(method="otsu", bet_f=0.3, opening_voxels=3),
-        field=FieldSettings(unwrapping="laplacian", complex_fit=False, residual_threshold=0.7),
+        field=FieldSettings(unwrapping="laplacian", complex_fit=False, residual_threshold=0.7,
+                            phase_offset="fixed"),
         background=BackgroundSettings(method="vsharp", erode_voxels=2, trim_sd_factor=3.0,
                                       vsharp_radii_mm=(12.0, 6.0, 3.0), lbv_max_iter=10),
         inversion=InversionSettings(method="medi", medi_alpha=2e-4, tv_weak_harmonic=True),
@@ -89,6 +92,7 @@ def test_from_flat_of_some_keys_keeps_the_other_defaults():
 @pytest.mark.parametrize("make, message", [
     (lambda: MaskSettings(method="fsl"), "unknown brain-mask method 'fsl'"),
     (lambda: FieldSettings(unwrapping="prelude"), "unknown phase unwrapping 'prelude'"),
+    (lambda: FieldSettings(phase_offset="mcpc"), "unknown phase offset 'mcpc'"),
     (lambda: BackgroundSettings(method="sharp"), "unknown background-field removal 'sharp'"),
     (lambda: BackgroundSettings(erode_voxels=-1), "bfr_erode_voxels must be >= 0"),
     (lambda: BackgroundSettings(trim_sd_factor=2.0, trim_band_mm=-1.0),

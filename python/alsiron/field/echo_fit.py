@@ -216,6 +216,28 @@ UNWRAPPING_METHODS: dict[str, str] = {
                 "difference, then temporal unwrapping of every echo",
 }
 
+#: How the multi-echo fit treats the phase offset φ0 → provenance description.
+PHASE_OFFSET_METHODS: dict[str, str] = {
+    "smoothed": "φ0 fitted per voxel (free intercept), smoothed by a residual-weighted "
+                "local-linear Gaussian fit (twiced) and held fixed in the final fit",
+    "fitted": "φ0 fitted per voxel (free intercept)",
+    "fixed": "φ0 fixed to the offset estimate (MCPC-3D-S, or the echo pair's for echodiff)",
+}
+
+#: Default of :func:`estimate_field`'s ``phase_offset``.
+DEFAULT_PHASE_OFFSET = "smoothed"
+
+#: Gaussian σ of the local-linear smoothing of the fitted φ0 ("smoothed"): the larger
+#: of OFFSET_SIGMA_MM [mm] (small, for little bias where φ0 curves) and
+#: OFFSET_SIGMA_VOXELS voxel edges (enough voxels to average the intercepts' noise);
+#: OFFSET_PASSES = 3 (thriced). Chosen with bench/field_offset.py (docs/field.md).
+OFFSET_SIGMA_MM = 2.0
+OFFSET_SIGMA_VOXELS = 2.0
+OFFSET_PASSES = 3
+
+#: Phase residual [rad] at which a voxel's weight in the φ0 smoothing is halved.
+OFFSET_RESIDUAL_SCALE = 0.1
+
 #: Default Gaussian σ [mm] of the MCPC-3D-S phase-offset smoothing.
 MCPC_SIGMA_MM = 4.0
 
@@ -427,7 +449,8 @@ def unwrap_echoes(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequence
 def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequence[float],
                    mask: np.ndarray | None = None, *, field_strength: float,
                    unwrapping: str = "romeo", phase_unwrapped: bool = False,
-                   complex_fit: bool = True, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                   complex_fit: bool = True, phase_offset: str = DEFAULT_PHASE_OFFSET,
+                   voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
                    max_iter: int = 20) -> FieldEstimate:
     """Total field, its noise SD and the phase quality from multi-echo GRE data.
 
@@ -445,11 +468,18 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
         Spatial unwrapping (see :data:`UNWRAPPING_METHODS`); ignored with
         ``phase_unwrapped``.
     phase_unwrapped : bool
-        The phase is already unwrapped (e.g. by another tool): only fit it.
+        The phase is already unwrapped (e.g. by another tool): only fit it (always
+        with a free intercept).
     complex_fit : bool
         Refine the linear fit by the nonlinear magnitude-weighted complex fit.
+    phase_offset : {"smoothed", "fitted", "fixed"}
+        How the fit treats φ0 (see :data:`PHASE_OFFSET_METHODS`). ``"fitted"``: a free
+        intercept per voxel; ``"smoothed"`` (default): that φ0, smoothed with
+        :func:`alsiron.field.phase_offset.smooth_local_linear` (σ
+        :func:`offset_sigma_mm`), then held fixed while ω is fitted again; ``"fixed"``:
+        φ0 held at the MCPC-3D-S estimate (or the echo pair's for "echodiff").
     voxel_size : 3 floats
-        Voxel edges [mm] (MCPC-3D-S smoothing).
+        Voxel edges [mm] (MCPC-3D-S and φ0 smoothing).
     max_iter : int
         Gauss–Newton iterations of the complex fit (1-255).
 
@@ -459,46 +489,65 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
     """
     mag, ph, tes = _echoes(magnitude, phase, echo_times)
     omega_to_ppm(np.zeros(1), field_strength)
+    if phase_offset not in PHASE_OFFSET_METHODS:
+        raise InvalidInputError(f"unknown phase_offset {phase_offset!r} (choose "
+                                f"{', '.join(PHASE_OFFSET_METHODS)})")
     m = _mask_u8(mask, mag.shape[1:])
     method: dict = {}
-    # With a known offset (MCPC-3D-S, or the echo pair's for "echodiff") the line is
-    # pinned at TE = 0 and only ω is fitted: at the brain's edge, where intravoxel
-    # dephasing bends the phase of later echoes, this keeps ω at the mean field that
-    # the early echoes carry (χ NRMSE 51.6-55 % vs 54.5-56.5 % with a free intercept on
-    # the oblique phantom).
-    fixed_offset = not phase_unwrapped
+    # A φ0 held at the MCPC-3D-S estimate carries that estimate's error into ω
+    # (δω = δφ0·Σw·TE/Σw·TE²), and a Gaussian-smoothed φ0 is biased where the mask cuts
+    # the kernel: 15-23 % field NRMSE on qsm-forward's phantom. A free intercept has no
+    # such bias but absorbs the TE-nonlinear phase of mixed voxels (partial volume,
+    # vessels); its smoothed φ0, held fixed, keeps both right (docs/field.md).
+    fixed_offset = phase_offset == "fixed" and not phase_unwrapped
+    smoothed = phase_offset == "smoothed" and not phase_unwrapped
+    tes_list = list(tes)
+    reference = None
     if phase_unwrapped:
-        omega, phi0 = _core.fit_field_linear(mag, ph, list(tes), m)
+        omega, phi0 = _core.fit_field_linear(mag, ph, tes_list, m)
         method["PhaseUnwrapping"] = "input phase already unwrapped"
     elif unwrapping == "echodiff":
-        omega, phi0, _ = _core.fit_multi_echo_field(mag, ph, list(tes), m)
+        omega, phi0, _ = _core.fit_multi_echo_field(mag, ph, tes_list, m)
         method["PhaseUnwrapping"] = UNWRAPPING_METHODS["echodiff"]
+        if not fixed_offset:
+            omega, phi0 = _line_fit(mag, ph, tes, m, omega, phi0, free=True)
+        if smoothed:
+            reference = mcpc3ds_phase_offset(mag, ph, tes, m, voxel_size=voxel_size)
     else:
-        unwrapped, phi0 = unwrap_echoes(mag, ph, tes, m, method=unwrapping,
-                                        voxel_size=voxel_size)
-        omega, _ = _core.fit_field_linear(mag, unwrapped, list(tes), m, True)
+        unwrapped, reference = unwrap_echoes(mag, ph, tes, m, method=unwrapping,
+                                             voxel_size=voxel_size)
+        omega, intercept = _core.fit_field_linear(mag, unwrapped, tes_list, m, fixed_offset)
+        del unwrapped
+        phi0 = reference if fixed_offset else _wrap32(reference + np.nan_to_num(intercept))
         method["PhaseUnwrapping"] = UNWRAPPING_METHODS[unwrapping]
         method["PhaseOffsetRemoval"] = {"Method": "MCPC-3D-S (Eckstein et al. MRM 2018)",
                                         "SmoothingSigma_mm": MCPC_SIGMA_MM}
-    phi0 = np.ascontiguousarray(np.nan_to_num(phi0), np.float32)
-    omega = np.ascontiguousarray(omega, np.float32)
     wrapped = _wrap32(ph) if phase_unwrapped else ph
-    offset_text = ("φ0 fixed to the offset estimate" if fixed_offset
-                   else "φ0 fitted")
-    if complex_fit:
-        omega, phi0, residual, sd_unit, sigma_v, _ = _core.fit_field_complex(
-            mag, wrapped, list(tes), m, omega, phi0, max_iter, 1e-4, fixed_offset)
-        method["EchoCombination"] = ("nonlinear complex fit S = m·exp(i(φ0 + ω·TE)), "
-                                     f"magnitude-weighted, Gauss-Newton; {offset_text}")
-    else:
-        # One Gauss-Newton evaluation at the linear estimate gives the residual and
-        # noise maps; its updated ω is discarded.
-        _, _, residual, sd_unit, sigma_v, _ = _core.fit_field_complex(
-            mag, wrapped, list(tes), m, omega, phi0, 1, 1e-4, fixed_offset)
-        method["EchoCombination"] = ("magnitude²-weighted linear fit of unwrapped phase "
-                                     f"over TE; {offset_text}")
+    # With "smoothed", the φ0 to be smoothed comes from the linear fit: its noise is
+    # averaged away, and one complex fit (the final one, φ0 fixed) is spared.
+    omega, phi0, residual, sd_unit, sigma_v = _fit(
+        mag, wrapped, tes, m, omega, phi0, complex_fit=complex_fit and not smoothed,
+        max_iter=max_iter, fixed_offset=fixed_offset)
+    if smoothed:
+        phi0 = _smoothed_offset(phi0, reference, residual, mag, m != 0, voxel_size)
+        if not complex_fit:
+            omega, _ = _line_fit(mag, wrapped, tes, m, omega, phi0, free=False)
+        omega, phi0, residual, sd_unit, sigma_v = _fit(
+            mag, wrapped, tes, m, omega, phi0, complex_fit=complex_fit, max_iter=max_iter,
+            fixed_offset=True)
+    offset_name = "fixed" if fixed_offset else ("smoothed" if smoothed else "fitted")
+    offset_text = PHASE_OFFSET_METHODS[offset_name]
+    if smoothed:
+        offset_text += (f" (σ {offset_sigma_mm(voxel_size):g} mm, {OFFSET_PASSES} "
+                        "passes)")
+    method["PhaseOffset"] = offset_name
+    method["EchoCombination"] = (
+        ("nonlinear complex fit S = m·exp(i(φ0 + ω·TE)), magnitude-weighted, Gauss-Newton"
+         if complex_fit else "magnitude²-weighted linear fit of unwrapped phase over TE")
+        + f"; {offset_text}")
     omega = np.where(m != 0, omega, np.float32(np.nan)).astype(np.float32)
-    n_params = 1 if fixed_offset else 2
+    # The smoothed φ0 is fitted from many voxels: one parameter per voxel, as if fixed.
+    n_params = 2 if offset_name == "fitted" else 1
     noise_sigma = _global_noise_sigma(sigma_v, m != 0, len(tes) - n_params)
     ppm = omega_to_ppm(omega, field_strength)
     sd_ppm = omega_to_ppm(sd_unit * np.float32(noise_sigma), field_strength)
@@ -506,6 +555,63 @@ def estimate_field(magnitude: np.ndarray, phase: np.ndarray, echo_times: Sequenc
     return FieldEstimate(field_ppm=ppm, field_sd_ppm=sd_ppm, omega=omega,
                          phase_offset=np.asarray(phi0, np.float32), residual=residual,
                          noise_sigma=noise_sigma, method=method)
+
+
+def _fit(mag: np.ndarray, wrapped: np.ndarray, tes: tuple[float, ...], m: np.ndarray,
+         omega: np.ndarray, phi0: np.ndarray, *, complex_fit: bool, max_iter: int,
+         fixed_offset: bool) -> tuple[np.ndarray, ...]:
+    """The complex fit from (ω [rad/s], φ0 [rad]), or only its residual and noise maps
+    at the linear estimate (its updated ω discarded); returns (ω, φ0, residual [rad],
+    sd(ω)/σ, σ̂ per voxel)."""
+    phi0 = np.ascontiguousarray(np.nan_to_num(phi0), np.float32)
+    omega = np.ascontiguousarray(omega, np.float32)
+    if complex_fit:
+        omega, phi0, residual, sd_unit, sigma_v, _ = _core.fit_field_complex(
+            mag, wrapped, list(tes), m, omega, phi0, max_iter, 1e-4, fixed_offset)
+    else:
+        _, _, residual, sd_unit, sigma_v, _ = _core.fit_field_complex(
+            mag, wrapped, list(tes), m, omega, phi0, 1, 1e-4, fixed_offset)
+    return omega, phi0, residual, sd_unit, sigma_v
+
+
+def _smoothed_offset(phi0: np.ndarray, reference: np.ndarray, residual: np.ndarray,
+                     mag: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float]
+                     ) -> np.ndarray:
+    """The fitted φ0 [rad] smoothed around the smooth ``reference`` [rad] (its
+    difference has no wraps), each voxel weighted by its signal energy Σm² and down by
+    its phase residual [rad] (mixed voxels bend the phase and bias their intercept)."""
+    from alsiron.field.phase_offset import smooth_local_linear
+
+    diff = _wrap32(np.nan_to_num(phi0) - reference)
+    energy = np.einsum("e...,e...->...", mag, mag, dtype=np.float32)
+    res = np.where(np.isfinite(residual), residual, np.float32(np.inf))
+    weight = energy / (1.0 + (res / np.float32(OFFSET_RESIDUAL_SCALE)) ** 2)
+    corr = smooth_local_linear(diff, weight, mask, voxel_size=voxel_size,
+                               sigma_mm=offset_sigma_mm(voxel_size), passes=OFFSET_PASSES)
+    return np.ascontiguousarray(_wrap32(reference + corr), np.float32)
+
+
+def offset_sigma_mm(voxel_size: Sequence[float]) -> float:
+    """σ [mm] of the φ0 smoothing ("smoothed") for voxels of ``voxel_size`` [mm]."""
+    return max(OFFSET_SIGMA_MM, OFFSET_SIGMA_VOXELS * max(float(v) for v in voxel_size))
+
+
+def _line_fit(mag: np.ndarray, ph: np.ndarray, tes: tuple[float, ...], m: np.ndarray,
+              omega: np.ndarray, phi0: np.ndarray, *, free: bool
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude²-weighted linear fit of the echoes unwrapped in time against the line
+    ``φ0 + ω·TE`` (ω [rad/s], φ0 [rad]): with a free intercept, or through φ0.
+    Returns the new (ω, φ0)."""
+    omega = np.nan_to_num(omega).astype(np.float32)
+    phi0 = np.nan_to_num(phi0).astype(np.float32)
+    unwrapped = np.empty_like(ph)
+    for k, te in enumerate(tes):
+        model = omega * np.float32(te)
+        unwrapped[k] = model + _wrap32(ph[k] - phi0 - model)
+    omega, intercept = _core.fit_field_linear(mag, unwrapped, list(tes), m, not free)
+    if not free:
+        return omega, phi0
+    return omega, _wrap32(phi0 + np.nan_to_num(intercept))
 
 
 def _global_noise_sigma(sigma_voxel: np.ndarray, mask: np.ndarray, dof: int) -> float:

@@ -268,7 +268,8 @@ def _field_step(series: MegreSeries, s: FieldSettings, brain: np.ndarray,
     fm = fieldmap.estimate_field(series.magnitude, series.phase, series.echo_times,
                                  brain, field_strength=series.field_strength,
                                  unwrapping=s.unwrapping, phase_unwrapped=phase_unwrapped,
-                                 complex_fit=s.complex_fit, voxel_size=series.voxel_size)
+                                 complex_fit=s.complex_fit, phase_offset=s.phase_offset,
+                                 voxel_size=series.voxel_size)
     quality = brain & np.isfinite(fm.residual) & (fm.residual <= s.residual_threshold)
     return _FieldFit(fm.field_ppm, fm.field_sd_ppm, quality, dict(fm.method))
 

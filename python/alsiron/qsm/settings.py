@@ -99,6 +99,13 @@ class FieldSettings:
     complex_fit : bool
         Refine the field by the nonlinear magnitude-weighted complex fit over echoes
         (otherwise the magnitude²-weighted linear fit of the unwrapped phase).
+    phase_offset : {"smoothed", "fitted", "fixed"}
+        How the fit treats the phase offset φ0 (see
+        :data:`alsiron.field.echo_fit.PHASE_OFFSET_METHODS`). Default "smoothed": φ0
+        fitted per voxel, smoothed by a local-linear Gaussian fit and held fixed, so the
+        field's error does not depend on φ0; "fixed" = the former default (φ0 held at
+        the MCPC-3D-S estimate), whose error grows with φ0's gradient at the mask edge
+        (field NRMSE 14.7 % vs 1.0 % on qsm-forward's phantom; table in docs/field.md).
     residual_threshold : float
         Voxels whose magnitude-weighted RMS phase residual of the field fit exceeds this
         [rad] are excluded from the QSM mask (phase-quality masking).
@@ -107,9 +114,11 @@ class FieldSettings:
     unwrapping: str = "romeo"
     complex_fit: bool = True
     residual_threshold: float = 0.5
+    phase_offset: str = fieldmap.DEFAULT_PHASE_OFFSET
 
     def __post_init__(self) -> None:
         _check_choice(self.unwrapping, fieldmap.UNWRAPPING_METHODS, "phase unwrapping")
+        _check_choice(self.phase_offset, fieldmap.PHASE_OFFSET_METHODS, "phase offset")
 
 
 @dataclass(frozen=True)
@@ -310,6 +319,7 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "medi_nonlinear", "medi_alpha_rule", "medi_noise_factor", "rts_delta", "rts_mu",
     "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter", "ndi_lambda", "ndi_step",
     "ndi_max_iter", "ndi_tol", "r2star_weighted", "unwrapping", "complex_fit",
+    "phase_offset",
 )
 
 
