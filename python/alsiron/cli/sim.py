@@ -30,17 +30,20 @@ import click
               show_default=True,
               help="Head: the ellipsoid phantom, or folded cortex from the MNI152 template "
                    "deformed per subject (default matrix covers 192 x 240 x 224 mm).")
+@click.option("--shim/--no-shim", default=True, show_default=True,
+              help="Template head: shim B0 over the brain (0th- to 2nd-order spherical "
+                   "harmonics) before the phase is formed, as a scanner does.")
 def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
             voxel_size: float | None, field_strength: float, snr: float | None,
             b0_direction: tuple[float, float, float] | None, seed: int, mese: bool,
-            overwrite: bool, anatomy: str) -> None:
+            overwrite: bool, anatomy: str, shim: bool) -> None:
     """Write a simulated BIDS dataset (MEGRE) with ground truth in derivatives/phantom."""
     from alsiron.runs.phantom import run_phantom
 
     done = run_phantom(out_dir, subjects=subjects, sessions=sessions, matrix=matrix,
                        voxel_size=voxel_size, field_strength=field_strength, snr=snr,
                        b0_direction=b0_direction, seed=seed, mese=mese, overwrite=overwrite,
-                       anatomy=anatomy)
+                       anatomy=anatomy, shim=shim)
     click.echo(f"phantom: {subjects} subject(s) x {sessions} session(s) written to {done.root} "
                f"in {done.seconds:.1f} s")
 

@@ -504,6 +504,7 @@ def simulate_anatomical_subject(
     deep_grey_chi_scale: float = 1.0,
     r2star_per_chi: float = ph.R2STAR_PER_CHI,
     mese: ph.MeseProtocol | None = None,
+    shim: bool = True,
     rng: np.random.Generator | int | None = None,
 ) -> ph.PhantomSession:
     """Simulate one session of the anatomical head (same signal model as
@@ -525,6 +526,11 @@ def simulate_anatomical_subject(
     deep_grey_chi_scale, r2star_per_chi, mese, rng
         As :func:`alsiron.sim.phantom.simulate_subject` (T, ratio, voxel-index vector,
         s, ppm, ppm/year, years, ppm, ratio, s⁻¹/ppm).
+    shim : bool
+        Shim B0 over the intracranial volume as a scanner does (0th- to 2nd-order
+        spherical harmonics, :func:`alsiron.sim.phantom.apply_shim`) before the echoes are
+        formed, so the phase carries the shimmed field; recorded as ``b0_shim``.  The
+        local-field and χ truth do not depend on it (the shim field is harmonic).
 
     Returns
     -------
@@ -550,7 +556,8 @@ def simulate_anatomical_subject(
     session = ph.forward_session(
         labels_fine, ic_fine, fine_voxel, unit, chi_tab, r2s_tab, matrix3=matrix3,
         voxel3=voxel3, ss=ss, echo_times=tes, b0=b0, field_strength=field_strength, snr=snr,
-        gen=ph._coerce_rng(rng), parameters=subject, head_scale=anatomy.scale, mese=mese)
+        gen=ph._coerce_rng(rng), parameters=subject, head_scale=anatomy.scale, mese=mese,
+        shim=shim)
     session.extra_truth = _output_truth(session, anatomy)
     return session
 
