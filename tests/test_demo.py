@@ -132,3 +132,28 @@ def test_anatomical_demo_reports_the_simulated_effect_it_recovers(tmp_path):
     assert "Simulated ALS effect, recovered" in page and "±20 %" in page
     assert f"<td>{baseline['ratio']:.2f}</td>" in page
     assert f"<td>{growth['ratio']:.2f}</td>" in page
+
+
+def test_effect_recovery_compares_like_with_like():
+    from alsiron.cohort.records import SessionRecord
+    from alsiron.sim.recovery import SimulatedSession, effect_recovery
+
+    sims, recs = [], []
+    # Two participants a group, two visits a year apart; recovered = half the truth.
+    for pid, group, base, slope in (("sub-01", "control", 0.001, 0.0),
+                                    ("sub-02", "ALS", 0.007, 0.004),
+                                    ("sub-03", "control", 0.003, 0.0),
+                                    ("sub-04", "ALS", 0.009, 0.004)):
+        for k, years in enumerate((0.0, 1.0)):
+            truth = base + slope * years
+            sims.append(SimulatedSession(pid, f"ses-0{k + 1}", group, years, truth, truth))
+            recs.append(SessionRecord(subject=pid, session=f"ses-0{k + 1}", run=1,
+                                      group=group, years_since_baseline=years,
+                                      indices={HEADLINE_INDEX: 0.5 * truth}))
+    found = effect_recovery(recs, sims)
+    baseline, growth = found.effects
+    assert baseline.simulated == pytest.approx(0.006) and baseline.ratio == pytest.approx(0.5)
+    assert growth.simulated == pytest.approx(0.004) and growth.ratio == pytest.approx(0.5)
+    assert baseline.truth_map_ratio == pytest.approx(1.0)
+    assert not baseline.passed and found.n_als == 2 and found.n_control == 2
+    assert "= 0.50 (pass mark 0.80-1.20: FAIL" in found.lines()[0]

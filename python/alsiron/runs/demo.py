@@ -26,7 +26,8 @@ from alsiron.cohort.registry import Registry, default_registry_path
 from alsiron.errors import AlsironError, InputError
 from alsiron.io.atomic import save_json
 from alsiron.runs import qsm as pipeline
-from alsiron.sim import phantom, recovery
+from alsiron.sim import phantom
+from alsiron.sim import recovery as sim_recovery
 
 log = logging.getLogger("alsiron")
 
@@ -83,7 +84,7 @@ class DemoResult:
     reports: list[Path] = field(default_factory=list)
     n_sessions: int = 0
     notes: list[str] = field(default_factory=list)
-    recovery: recovery.EffectRecovery | None = None
+    recovery: sim_recovery.EffectRecovery | None = None
     recovery_path: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -227,8 +228,8 @@ def _recovery(result: DemoResult, records: list, *, overwrite: bool,
     """Simulated against recovered ALS effect: on ``result``, in
     ``effect_recovery.json`` and one console line per effect."""
     try:
-        simulated = recovery.read_simulated_sessions(result.dataset)
-        found = recovery.effect_recovery(
+        simulated = sim_recovery.read_simulated_sessions(result.dataset)
+        found = sim_recovery.effect_recovery(
             records, simulated, index=HEADLINE_INDEX,
             source=str(result.dataset / "derivatives" / "phantom"))
     except AlsironError as exc:
