@@ -4,6 +4,8 @@ excess, and a written dataset that ``alsiron qsm`` accepts with default settings
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -125,6 +127,39 @@ def test_als_deep_band_carries_the_drawn_excess(control, als, fine_labels) -> No
     assert gain.mean() > 0.5 * excess
 
 
+def test_shim_is_harmonic_and_flattens_the_field_over_the_brain(control) -> None:
+    from scipy import ndimage
+
+    from alsiron.sim.phantom import SHIM_TERMS, SHIM_UNIT_MM, shim_basis
+
+    unshimmed = an.simulate_anatomical_subject(voxel_size=VOXEL, anatomy_seed=(0, 1), rng=0,
+                                               snr=None, shim=False)
+    shim = control.parameters["b0_shim"]
+    assert "b0_shim" not in unshimmed.parameters
+    assert shim["terms"] == list(SHIM_TERMS) and len(shim["coefficients_ppm"]) == 9
+    # The brain's own field and χ truth do not see the shim; the phase does.
+    assert np.array_equal(control.local_field, unshimmed.local_field)
+    assert np.array_equal(control.chi, unshimmed.chi)
+    assert np.abs(control.phase - unshimmed.phase).max() > 1.0
+    # What was removed is the recorded polynomial (at voxel centres: the block mean of a
+    # harmonic quadratic on an isotropic grid is its centre value) and it is harmonic.
+    removed = unshimmed.total_field.astype(np.float64) - control.total_field
+    axes = [((np.arange(n) + 0.5) * VOXEL - n * VOXEL / 2.0) / SHIM_UNIT_MM
+            for n in removed.shape]
+    model = sum(c * t for c, t in zip(shim["coefficients_ppm"],
+                                      shim_basis(*np.ix_(*axes)), strict=True))
+    scale = np.abs(removed).max()
+    assert scale > 0.1
+    assert np.abs(removed - model).max() < 1e-4 * scale
+    assert np.abs(ndimage.laplace(removed)[1:-1, 1:-1, 1:-1]).max() < 1e-4 * scale
+    # It lowers the spread of the field over the brain, as recorded.
+    brain = control.brain_mask
+    before, after = unshimmed.total_field[brain].std(), control.total_field[brain].std()
+    assert after < 0.75 * before
+    assert shim["field_sd_in_region_after_ppm"] < 0.75 * shim["field_sd_in_region_before_ppm"]
+    assert after == pytest.approx(shim["field_sd_in_region_after_ppm"], rel=0.1)
+
+
 def test_default_bet_finds_the_brain_not_the_neck(control) -> None:
     # The face/neck (fat, muscle, pharynx, vertebra, a neck narrower than the head) must
     # not draw BET's surface below the skull base, as the uniform column once did.
@@ -145,6 +180,9 @@ def test_written_dataset_runs_through_qsm(tmp_path) -> None:
     truth = out / "derivatives" / "phantom" / "sub-01" / "ses-01" / "anat"
     assert (truth / "sub-01_ses-01_dseg.tsv").is_file()
     assert (truth / "sub-01_ses-01_desc-precentraldeep_mask.nii.gz").is_file()
+    sidecar = json.loads((truth / "sub-01_ses-01_desc-total_fieldmap.json").read_text())
+    assert sidecar["PhantomParameters"]["b0_shim"]["order"] == 2
+    assert "shim" in sidecar["Description"]
     # Default settings, the default (BET) brain mask included.
     res = runner.invoke(cli, ["qsm", str(out / "sub-01"), "--no-registry"])
     assert res.exit_code == 0, res.output

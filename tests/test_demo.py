@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 
 from alsiron.cli import cli
@@ -68,3 +69,91 @@ def test_demo_writes_registry_tables_and_reports_and_says_what_it_could_not_do(t
     page = result.reports[0].read_text()
     assert "sub-01" in page and "data:image/png;base64," in page
     assert any(line.startswith("demo: sub-04_ses-02") for line in lines)
+
+
+def test_anatomical_demo_reports_the_simulated_effect_it_recovers(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "anat"
+    run = CliRunner().invoke(cli, ["demo", str(out), "--anatomy", "template", "--subjects",
+                                   "4", "--sessions", "2", "--voxel-size", "4"])
+    assert run.exit_code == 0, run.output
+    derivs = out / "derivatives" / "alsiron"
+    with Registry.open(default_registry_path(out / "derivatives"), create=False) as reg:
+        records = {(r.subject, r.session): r for r in reg.sessions()}
+    assert len(records) == 8
+    # Participants differ in anatomy; the anatomy is the same at every visit.
+    params = {}
+    for side in sorted((out / "derivatives" / "phantom").glob("sub-*/ses-*/anat/*_Chimap.json")):
+        p = json.loads(side.read_text())["PhantomParameters"]
+        params[(p["participant_id"], p["session_id"])] = p
+    assert len(params) == 8
+    scales = {pid: p["anatomy_scale"] for (pid, _), p in params.items()}
+    assert len(set(scales.values())) == 4
+    assert all(p["anatomy_scale"] == scales[pid] for (pid, _), p in params.items())
+    assert all(p["b0_shim"]["order"] == 2 for p in params.values())
+
+    # The simulated baseline difference, recomputed here from the truth sidecars alone:
+    # χ put in the deep layer = participant offset + (ALS) excess / deep fraction.
+    def deep(p):
+        return p["precentral_offset_ppm"] + p["als_precentral_excess_ppm"] / p[
+            "precentral_deep_fraction"]
+
+    base = {g: [deep(p) for (_, ses), p in params.items() if ses == "ses-01"
+                and p["group"] == g] for g in ("ALS", "control")}
+    simulated = np.mean(base["ALS"]) - np.mean(base["control"])
+    got = {g: [r.indices[HEADLINE_INDEX] for (_, ses), r in records.items()
+               if ses == "ses-01" and r.group == g] for g in ("ALS", "control")}
+    recovered = np.mean(got["ALS"]) - np.mean(got["control"])
+
+    def slope(pid):
+        rows = sorted((p["years_since_baseline"], deep(p)) for (q, _), p in params.items()
+                      if q == pid)
+        return (rows[1][1] - rows[0][1]) / (rows[1][0] - rows[0][0])
+
+    slopes = {g: [slope(pid) for pid in sorted(scales) if params[(pid, "ses-01")]["group"]
+                  == g] for g in ("ALS", "control")}
+    progression = np.mean(slopes["ALS"]) - np.mean(slopes["control"])
+    # ALS excess and its growth are the simulation's defaults, spread over the deep layer.
+    assert simulated > 0 and progression > 0
+
+    doc = json.loads((derivs / "effect_recovery.json").read_text())
+    assert doc["index"] == HEADLINE_INDEX and doc["tolerance"] == 0.2
+    baseline, growth = doc["effects"]
+    assert baseline["simulated"] == pytest.approx(simulated, rel=1e-9)
+    assert baseline["recovered"] == pytest.approx(recovered, rel=1e-9)
+    assert baseline["ratio"] == pytest.approx(recovered / simulated, rel=1e-9)
+    assert growth["simulated"] == pytest.approx(progression, rel=1e-9)
+    assert 0.0 < baseline["truth_map_ratio"] < 1.2
+    # Console and cohort page state the ratios and the pass mark.
+    for effect in (baseline, growth):
+        assert f"= {effect['ratio']:.2f} (pass mark 0.80-1.20" in run.output
+    page = (derivs / "cohort_report.html").read_text()
+    assert "Simulated ALS effect, recovered" in page and "±20 %" in page
+    assert f"<td>{baseline['ratio']:.2f}</td>" in page
+    assert f"<td>{growth['ratio']:.2f}</td>" in page
+
+
+def test_effect_recovery_compares_like_with_like():
+    from alsiron.cohort.records import SessionRecord
+    from alsiron.sim.recovery import SimulatedSession, effect_recovery
+
+    sims, recs = [], []
+    # Two participants a group, two visits a year apart; recovered = half the truth.
+    for pid, group, base, slope in (("sub-01", "control", 0.001, 0.0),
+                                    ("sub-02", "ALS", 0.007, 0.004),
+                                    ("sub-03", "control", 0.003, 0.0),
+                                    ("sub-04", "ALS", 0.009, 0.004)):
+        for k, years in enumerate((0.0, 1.0)):
+            truth = base + slope * years
+            sims.append(SimulatedSession(pid, f"ses-0{k + 1}", group, years, truth, truth))
+            recs.append(SessionRecord(subject=pid, session=f"ses-0{k + 1}", run=1,
+                                      group=group, years_since_baseline=years,
+                                      indices={HEADLINE_INDEX: 0.5 * truth}))
+    found = effect_recovery(recs, sims)
+    baseline, growth = found.effects
+    assert baseline.simulated == pytest.approx(0.006) and baseline.ratio == pytest.approx(0.5)
+    assert growth.simulated == pytest.approx(0.004) and growth.ratio == pytest.approx(0.5)
+    assert baseline.truth_map_ratio == pytest.approx(1.0)
+    assert not baseline.passed and found.n_als == 2 and found.n_control == 2
+    assert "= 0.50 (pass mark 0.80-1.20: FAIL" in found.lines()[0]

@@ -30,17 +30,20 @@ import click
               show_default=True,
               help="Head: the ellipsoid phantom, or folded cortex from the MNI152 template "
                    "deformed per subject (default matrix covers 192 x 240 x 224 mm).")
+@click.option("--shim/--no-shim", default=True, show_default=True,
+              help="Template head: shim B0 over the brain (0th- to 2nd-order spherical "
+                   "harmonics) before the phase is formed, as a scanner does.")
 def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
             voxel_size: float | None, field_strength: float, snr: float | None,
             b0_direction: tuple[float, float, float] | None, seed: int, mese: bool,
-            overwrite: bool, anatomy: str) -> None:
+            overwrite: bool, anatomy: str, shim: bool) -> None:
     """Write a simulated BIDS dataset (MEGRE) with ground truth in derivatives/phantom."""
     from alsiron.runs.phantom import run_phantom
 
     done = run_phantom(out_dir, subjects=subjects, sessions=sessions, matrix=matrix,
                        voxel_size=voxel_size, field_strength=field_strength, snr=snr,
                        b0_direction=b0_direction, seed=seed, mese=mese, overwrite=overwrite,
-                       anatomy=anatomy)
+                       anatomy=anatomy, shim=shim)
     click.echo(f"phantom: {subjects} subject(s) x {sessions} session(s) written to {done.root} "
                f"in {done.seconds:.1f} s")
 
@@ -52,19 +55,26 @@ def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
 @click.option("--sessions", type=click.IntRange(1, 20), default=None,
               help="Visits per participant, about 6 months apart (default 3).")
 @click.option("--matrix", type=click.IntRange(32, 256), default=None,
-              help="Phantom voxels per axis (default 64).")
-@click.option("--voxel-size", type=float, default=None, help="Voxel size in mm (default 3).")
+              help="Phantom voxels per axis (default 64; with --anatomy template, the "
+                   "anatomical field of view).")
+@click.option("--voxel-size", type=float, default=None,
+              help="Voxel size in mm (default 3; 2.5 with --anatomy template).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier demo.")
+@click.option("--anatomy", type=click.Choice(["geometric", "template"]), default="geometric",
+              show_default=True,
+              help="Participants' heads: the ellipsoid phantom, or folded cortex from the "
+                   "MNI152 template deformed per participant (B0 shimmed; slower).")
 def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: int | None,
-             voxel_size: float | None, seed: int, overwrite: bool) -> None:
+             voxel_size: float | None, seed: int, overwrite: bool, anatomy: str) -> None:
     """Simulate a small trial (controls and ALS, visits, two sites) and run everything:
     maps, indices, registry, normative model, z-scores, longitudinal models, reports."""
     from alsiron.runs import demo
 
     kwargs = {k: v for k, v in {"subjects": subjects, "sessions": sessions, "matrix": matrix,
                                 "voxel_size": voxel_size}.items() if v is not None}
-    result = demo.run_demo(out_dir, seed=seed, overwrite=overwrite, say=click.echo, **kwargs)
+    result = demo.run_demo(out_dir, seed=seed, overwrite=overwrite, anatomy=anatomy,
+                           say=click.echo, **kwargs)
     for note in result.notes:
         click.echo(f"alsiron: warning: {note}", err=True)
     click.echo(f"demo: {result.n_sessions} sessions; registry {result.registry}; "

@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from alsiron.cohort.normative import (
 )
 from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord, index_units
 from alsiron.io.atomic import save_text, sha256_file
+
+if TYPE_CHECKING:
+    from alsiron.sim.recovery import EffectRecovery
 
 #: Indices plotted when none are named: the headline first, then the other means.
 MAX_PLOTTED_INDICES = 4
@@ -382,8 +385,10 @@ def render_subject_report(records: Sequence[SessionRecord], *,
 def render_cohort_report(records: Sequence[SessionRecord], *,
                          model: NormativeModel | None = None,
                          model_path: str | os.PathLike[str] | None = None,
-                         indices: Sequence[str] | None = None) -> str:
-    """HTML page for the whole cohort: group trajectories and a per-group table."""
+                         indices: Sequence[str] | None = None,
+                         recovery: EffectRecovery | None = None) -> str:
+    """HTML page for the whole cohort: group trajectories and a per-group table, and for
+    a simulated cohort (``recovery``) how well the simulated ALS effect came back."""
     records = list(records)
     if not records:
         raise ValueError("a cohort report needs at least one record")
@@ -392,6 +397,8 @@ def render_cohort_report(records: Sequence[SessionRecord], *,
             f"participants, {len(records)} scans; sites "
             f"{esc(', '.join(sorted({str(r.site) for r in records})))}.</p>"]
     body += _model_section(model, None if model_path is None else Path(model_path))
+    if recovery is not None:
+        body += _recovery_section(recovery)
     body.append("<h2>Group trajectories</h2>")
     for index in names:
         body.append(_img(cohort_trajectory_png(records, index),
@@ -415,6 +422,40 @@ def render_cohort_report(records: Sequence[SessionRecord], *,
                 f"{esc(alsiron.__version__)}; per-session provenance is on each subject's "
                 "page and in the registry export.</p>")
     return _page("alsiron cohort", body)
+
+
+def _recovery_section(recovery: EffectRecovery) -> list[str]:
+    """Simulated against recovered ALS effect (:mod:`alsiron.sim.recovery`)."""
+    lo, hi = 1.0 - recovery.tolerance, 1.0 + recovery.tolerance
+    out = ["<h2>Simulated ALS effect, recovered</h2>",
+           f"<p>Simulated cohort: the ALS − control difference of <b>{esc(recovery.index)}"
+           f"</b> at baseline and its yearly progression, as recovered by this run, over "
+           f"the values the simulation put in (read from its truth sidecars, "
+           f"{esc(recovery.source or 'derivatives/phantom')}). Pass mark: recovered / "
+           f"simulated within {lo:.2f}–{hi:.2f} (±{100 * recovery.tolerance:.0f} %). "
+           f"{recovery.n_als} ALS and {recovery.n_control} control participants, "
+           f"{recovery.n_sessions} sessions.</p>",
+           "<table><tr><th class=\"l\">effect</th><th>simulated</th><th>recovered</th>"
+           "<th>recovered / simulated</th><th class=\"l\">verdict</th>"
+           "<th>perfect χ map at this grid / simulated</th></tr>"]
+    for e in recovery.effects:
+        unit = "ppb/year" if "year" in e.units else "ppb"
+        cls = "" if e.passed else " class=\"fail\""
+        out.append(f"<tr{cls}><td class=\"l\">{esc(e.name)}</td>"
+                   f"<td>{_fmt(1e3 * e.simulated)} {unit}</td>"
+                   f"<td>{_fmt(1e3 * e.recovered)} {unit}</td><td>{_fmt(e.ratio)}</td>"
+                   f"<td class=\"l\">{'pass' if e.passed else 'fail'}</td>"
+                   f"<td>{_fmt(e.truth_map_ratio)}</td></tr>")
+    out.append("</table>")
+    out.append("<p class=\"note\">Simulated: χ added to the deep precentral layer "
+               "(participant offset + ALS excess / deep fraction, from PhantomParameters). "
+               "Both columns use the same estimators on the same sessions: mean first "
+               "visit of ALS minus controls; mean per-participant least-squares slope of "
+               "ALS minus controls. The last column averages the truth χ map over the true "
+               "deep labels of the output grid: the partial-volume ceiling of this voxel "
+               "size.</p>")
+    out += [f"<p class=\"warn\">{esc(n)}</p>" for n in recovery.notes]
+    return out
 
 
 def _cohort_table(records: Sequence[SessionRecord], indices: Sequence[str],

@@ -15,6 +15,7 @@ from alsiron.errors import AlsironError
 from alsiron.io.atomic import save_json
 from alsiron.io.derivatives import OutputPlan
 from alsiron.runs.roi import DESC as _ZSCORE_DESC
+from alsiron.sim.recovery import EffectRecovery
 
 
 @dataclass
@@ -47,7 +48,8 @@ class GroupOutputs:
 
 def run_group_stage(records: list[SessionRecord], derivs: Path, *, source: str,
                     overwrite: bool = False,
-                    say: Callable[[str], None] | None = None) -> GroupOutputs:
+                    say: Callable[[str], None] | None = None,
+                    recovery: EffectRecovery | None = None) -> GroupOutputs:
     """Normative model, z-scores, longitudinal models and reports from visit records.
 
     Parameters
@@ -64,6 +66,8 @@ def run_group_stage(records: list[SessionRecord], derivs: Path, *, source: str,
         Replace these files from an earlier run.
     say : callable, optional
         Receives one progress line per step.
+    recovery : EffectRecovery, optional
+        Simulated against recovered ALS effect (phantom cohorts), shown on the cohort page.
 
     Returns
     -------
@@ -121,7 +125,8 @@ def run_group_stage(records: list[SessionRecord], derivs: Path, *, source: str,
             qc_images=report.find_qc_images(derivs / subject))
         out.reports.append(report.write_report(derivs / subject / f"{subject}_report.html",
                                                page, overwrite=overwrite))
-    page = report.render_cohort_report(records, model=model, model_path=out.model)
+    page = report.render_cohort_report(records, model=model, model_path=out.model,
+                                       recovery=recovery)
     out.reports.append(report.write_report(derivs / "cohort_report.html", page,
                                            overwrite=overwrite))
     tell(f"{len(out.reports)} report pages; open {out.reports[-1]}")

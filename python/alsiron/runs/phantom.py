@@ -29,7 +29,8 @@ class PhantomOutcome:
 def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: int | None,
                 voxel_size: float | None, field_strength: float, snr: float | None,
                 b0_direction: tuple[float, float, float] | None, seed: int, mese: bool,
-                overwrite: bool, anatomy: str = "geometric") -> PhantomOutcome:
+                overwrite: bool, anatomy: str = "geometric", shim: bool = True
+                ) -> PhantomOutcome:
     """Write the phantom dataset of :func:`alsiron.sim.phantom.write_dataset`.
 
     Parameters
@@ -52,6 +53,8 @@ def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: in
         Replace an existing dataset's files.
     anatomy : {"geometric", "template"}
         Ellipsoid head, or the folded-cortex head of :mod:`alsiron.sim.anatomical`.
+    shim : bool
+        Anatomical head: 2nd-order B0 shim over the brain (the geometric head has none).
     """
     kwargs: dict[str, object] = {"subjects": subjects, "sessions": sessions,
                                  "field_strength": field_strength, "seed": seed,
@@ -64,6 +67,7 @@ def run_phantom(out_dir: str | Path, *, subjects: int, sessions: int, matrix: in
         kwargs["mese"] = ph.MeseProtocol()
     if anatomy != "geometric":
         kwargs["anatomy"] = anatomy
+        kwargs["shim"] = shim
     t0 = time.perf_counter()
     root = ph.write_dataset(out_dir, **kwargs)  # type: ignore[arg-type]
     return PhantomOutcome(root=Path(root), seconds=time.perf_counter() - t0)

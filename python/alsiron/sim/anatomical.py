@@ -453,6 +453,23 @@ def build_fine_head(anatomy: Anatomy, matrix3: tuple[int, int, int],
     return fine_voxel, unit, head.labels, head.intracranial
 
 
+@functools.lru_cache(maxsize=1)
+def _participant_head(seed: tuple[int, ...] | None, matrix3: tuple[int, int, int],
+                      voxel3: tuple[float, float, float], ss: int
+                      ) -> tuple[Anatomy, tuple[float, ...], tuple[np.ndarray, ...],
+                                 np.ndarray, np.ndarray]:
+    """Anatomy and fine head of one participant, kept for the next call: a participant's
+    sessions share the anatomy, and drawing the head is most of a session's time.  The
+    arrays are read-only (shared between sessions)."""
+    fov = [n * v for n, v in zip(matrix3, voxel3, strict=True)]
+    anatomy = (Anatomy.identity() if seed is None
+               else Anatomy.draw(np.random.default_rng(seed), fov))
+    fine_voxel, unit, labels, ic = build_fine_head(anatomy, matrix3, voxel3, ss)
+    for arr in (labels, ic, *unit):
+        arr.setflags(write=False)
+    return anatomy, fine_voxel, unit, labels, ic
+
+
 def _output_truth(session: ph.PhantomSession, anatomy: Anatomy) -> list[
         tuple[str, np.ndarray, dict[str, Any]]]:
     """Precentral masks and somatotopic segments on the output grid."""
@@ -504,6 +521,7 @@ def simulate_anatomical_subject(
     deep_grey_chi_scale: float = 1.0,
     r2star_per_chi: float = ph.R2STAR_PER_CHI,
     mese: ph.MeseProtocol | None = None,
+    shim: bool = True,
     rng: np.random.Generator | int | None = None,
 ) -> ph.PhantomSession:
     """Simulate one session of the anatomical head (same signal model as
@@ -525,6 +543,11 @@ def simulate_anatomical_subject(
     deep_grey_chi_scale, r2star_per_chi, mese, rng
         As :func:`alsiron.sim.phantom.simulate_subject` (T, ratio, voxel-index vector,
         s, ppm, ppm/year, years, ppm, ratio, s⁻¹/ppm).
+    shim : bool
+        Shim B0 over the intracranial volume as a scanner does (0th- to 2nd-order
+        spherical harmonics, :func:`alsiron.sim.phantom.apply_shim`) before the echoes are
+        formed, so the phase carries the shimmed field; recorded as ``b0_shim``.  The
+        local-field and χ truth do not depend on it (the shim field is harmonic).
 
     Returns
     -------
@@ -537,10 +560,10 @@ def simulate_anatomical_subject(
     ss = default_supersampling(voxel3) if supersampling is None else int(supersampling)
     if ss < 1:
         raise InvalidInputError(f"supersampling must be >= 1, got {supersampling!r}")
-    fov = [n * v for n, v in zip(matrix3, voxel3, strict=True)]
-    anatomy = (Anatomy.identity() if anatomy_seed is None
-               else Anatomy.draw(np.random.default_rng(anatomy_seed), fov))
-    fine_voxel, unit, labels_fine, ic_fine = build_fine_head(anatomy, matrix3, voxel3, ss)
+    seed = None if anatomy_seed is None else tuple(
+        int(v) for v in np.atleast_1d(anatomy_seed))
+    anatomy, fine_voxel, unit, labels_fine, ic_fine = _participant_head(
+        seed, tuple(matrix3), tuple(float(v) for v in voxel3), ss)
     chi_tab, r2s_tab, subject = ph._subject_tables(
         labels_fine, group, als_effect_ppm, als_progression_ppm_per_year,
         years_since_baseline, precentral_offset_ppm, deep_grey_chi_scale, r2star_per_chi)
@@ -550,7 +573,8 @@ def simulate_anatomical_subject(
     session = ph.forward_session(
         labels_fine, ic_fine, fine_voxel, unit, chi_tab, r2s_tab, matrix3=matrix3,
         voxel3=voxel3, ss=ss, echo_times=tes, b0=b0, field_strength=field_strength, snr=snr,
-        gen=ph._coerce_rng(rng), parameters=subject, head_scale=anatomy.scale, mese=mese)
+        gen=ph._coerce_rng(rng), parameters=subject, head_scale=anatomy.scale, mese=mese,
+        shim=shim)
     session.extra_truth = _output_truth(session, anatomy)
     return session
 

@@ -497,6 +497,70 @@ def _fine_fields(chi_fine: np.ndarray, ic_fine: np.ndarray, fine_voxel: tuple[fl
     return total_fine, chi_brain_fine, brain_mean_table, local_fine
 
 
+#: Terms of a 2nd-order spherical-harmonic B0 shim (0th, 1st and 2nd order: 9 terms),
+#: as polynomials in head-frame coordinates; every one is harmonic (zero Laplacian).
+SHIM_TERMS = ("1", "x", "y", "z", "xy", "xz", "yz", "x2-y2", "2z2-x2-y2")
+#: Length unit of the shim polynomials (coefficients are ppm per SHIM_UNIT_MM^order).
+SHIM_UNIT_MM = 100.0
+#: One sample per SHIM_STRIDE fine voxels along each axis enters the shim fit (the
+#: scanner fits a coarse field map too).
+SHIM_STRIDE = 4
+
+
+def shim_basis(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> list[np.ndarray]:
+    """The :data:`SHIM_TERMS` at head-frame coordinates x, y, z [SHIM_UNIT_MM], in that
+    order (arrays of one shape, or open grids that broadcast together)."""
+    return [np.ones_like(x), x, y, z, x * y, x * z, y * z, x * x - y * y,
+            2 * z * z - x * x - y * y]
+
+
+def apply_shim(total_fine: np.ndarray, region_fine: np.ndarray,
+               axes_mm: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    """Shim the field as a scanner does: subtract, in place, the least-squares fit of
+    the 2nd-order spherical harmonics (:data:`SHIM_TERMS`) to ``total_fine`` [ppm] over
+    ``region_fine`` (the brain).
+
+    The fit is done in head-frame coordinates: the span of the harmonic polynomials of
+    degree <= 2 is invariant under rotations and translations, so the shim equals the one
+    fitted in the scanner frame for any B0 direction.  The shim field is harmonic, so it
+    is a background field: the local field of the brain's own sources is unchanged.
+
+    Parameters
+    ----------
+    total_fine : ndarray, float32
+        Total field [ppm] on the fine grid; shimmed in place.
+    region_fine : ndarray, bool
+        Where the shim is fitted (the intracranial volume).
+    axes_mm : 3 arrays
+        Fine-grid axis coordinates [mm], origin at the field-of-view centre.
+
+    Returns
+    -------
+    dict
+        The shim as recorded in ``PhantomParameters["b0_shim"]``: terms, coefficients
+        (ppm per SHIM_UNIT_MM^order, origin at the field-of-view centre) and the field SD
+        over the region before and after [ppm].
+    """
+    u = [a / np.float32(SHIM_UNIT_MM) for a in axes_mm]
+    pick = tuple(slice(SHIM_STRIDE // 2, None, SHIM_STRIDE) for _ in range(3))
+    sample = region_fine[pick]
+    pts = np.nonzero(sample)
+    if pts[0].size < len(SHIM_TERMS):
+        raise InvalidInputError("the shim region has too few voxels to fit a 2nd-order shim")
+    coords = [a[pick[0]][idx].astype(np.float64) for a, idx in zip(u, pts, strict=True)]
+    design = np.stack([b.astype(np.float64) for b in shim_basis(*coords)], axis=1)
+    target = total_fine[pick][pts].astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    before = float(np.std(target))
+    after = float(np.std(target - design @ coef))
+    grid = np.ix_(*[np.asarray(a, np.float32) for a in u])
+    for c, term in zip(coef, shim_basis(*grid), strict=True):
+        total_fine -= np.float32(c) * term
+    return {"order": 2, "region": "intracranial volume", "terms": list(SHIM_TERMS),
+            "coordinate_unit_mm": SHIM_UNIT_MM, "coefficients_ppm": coef.tolist(),
+            "field_sd_in_region_before_ppm": before, "field_sd_in_region_after_ppm": after}
+
+
 def _brain_truth(ic_fine: np.ndarray, chi_brain_fine: np.ndarray, local_fine: np.ndarray,
                  ss: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Brain mask, χ truth [ppm] (mean 0 over the mask) and local field [ppm] (0 outside)
@@ -595,7 +659,8 @@ def forward_session(labels_fine: np.ndarray, ic_fine: np.ndarray,
                     matrix3: tuple[int, int, int], voxel3: tuple[float, float, float],
                     ss: int, echo_times: np.ndarray, b0: np.ndarray, field_strength: float,
                     snr: float | None, gen: np.random.Generator, parameters: dict[str, Any],
-                    head_scale: float, mese: MeseProtocol | None = None) -> PhantomSession:
+                    head_scale: float, mese: MeseProtocol | None = None,
+                    shim: bool = False) -> PhantomSession:
     """The forward model shared by every phantom: fields, echoes, noise and truth from
     tissue labels drawn on a grid ``ss`` times finer than the output.
 
@@ -630,11 +695,19 @@ def forward_session(labels_fine: np.ndarray, ic_fine: np.ndarray,
         Recorded as ``head_scale``.
     mese : MeseProtocol, optional
         Also simulate a multi-echo spin echo.
+    shim : bool
+        Shim the total field over the intracranial volume (:func:`apply_shim`) before
+        the echoes are formed; the shim is recorded as ``b0_shim``.
     """
     tes = echo_times
     chi_fine = chi_tab.astype(np.float32)[labels_fine]
     total_fine, chi_brain_fine, brain_mean_table, local_fine = _fine_fields(
         chi_fine, ic_fine, fine_voxel, b0)
+    shim_record: dict[str, Any] = {}
+    if shim:
+        half = tuple(n * v / 2.0 for n, v in zip(matrix3, voxel3, strict=True))
+        axes_mm = tuple(np.asarray(a, np.float64) * h for a, h in zip(unit, half, strict=True))
+        shim_record = {"b0_shim": apply_shim(total_fine, ic_fine, axes_mm)}
 
     m0_fine = TISSUES.m0.astype(np.float32)[labels_fine]
     r2s_fine = r2s_tab.astype(np.float32)[labels_fine]
@@ -658,7 +731,7 @@ def forward_session(labels_fine: np.ndarray, ic_fine: np.ndarray,
         "b0_direction_voxel": b0.tolist(), "echo_times_s": tes.tolist(), **parameters,
         "brain_mean_chi_table_ppm": brain_mean_table, "head_scale": head_scale,
         "supersampling": ss, "pad_factor": PAD_FACTOR,
-        "noise_sigma": sigma,
+        "noise_sigma": sigma, **shim_record,
     }
     mese_fields: dict[str, Any] = {}
     if mese is not None:
@@ -865,7 +938,10 @@ def write_session(out_dir: str | Path, session: PhantomSession, subject: str,
         ("dseg", session.labels, {"Description": "majority tissue label; names in dseg.tsv"}),
         ("desc-total_fieldmap", session.total_field, {
             "Units": "ppm", "Description": "field of all sources (air, bone, tissue), "
-            "relative to B0, over the whole field of view (arbitrary constant)"}),
+            "relative to B0, over the whole field of view (arbitrary constant)"
+            + ("; after the 2nd-order B0 shim over the intracranial volume "
+               "(PhantomParameters.b0_shim): the field the phase was made from"
+               if "b0_shim" in params else "")}),
         ("desc-local_fieldmap", session.local_field, {
             "Units": "ppm", "Description": "field of the Chimap sources alone, "
             "0 outside the brain mask"}),
@@ -906,6 +982,7 @@ def write_dataset(
     mese: MeseProtocol | None = None,
     overwrite: bool = False,
     anatomy: Literal["geometric", "template"] = "geometric",
+    shim: bool = True,
 ) -> Path:
     """Simulate a phantom cohort and write it as a BIDS dataset with ground truth.
 
@@ -934,6 +1011,9 @@ def write_dataset(
     anatomy : {"geometric", "template"}
         The ellipsoid head of this module, or the folded-cortex head of
         :mod:`alsiron.sim.anatomical` (one deformed MNI152 anatomy per participant).
+    shim : bool
+        Anatomical head only: shim B0 over the brain (2nd order) before the echoes are
+        formed (the geometric head is not shimmed).
 
     Returns
     -------
@@ -980,7 +1060,7 @@ def write_dataset(
             extra: dict[str, Any] = {}
             if anatomy == "template":
                 from alsiron.sim.anatomical import simulate_anatomical_subject as simulate
-                extra = {"anatomy_seed": (seed, i)}
+                extra = {"anatomy_seed": (seed, i), "shim": shim}
             elif matrix is None:
                 extra = {"matrix": DEFAULT_MATRIX}
             if matrix is not None:
