@@ -8,17 +8,13 @@ the ``postgres`` user (PostgreSQL refuses to run as root).
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-import uuid
-from pathlib import Path
 
 import pytest
+from postgres_server import new_database_url, postgres_server
 
 from alsiron.cohort.records import HEADLINE_INDEX, SessionRecord
 from alsiron.cohort.registry import Registry
@@ -29,51 +25,15 @@ pytest.importorskip("psycopg", reason="psycopg not installed (pip install '.[tes
 PORT = 55000 + os.getpid() % 400
 
 
-def _as_server_user() -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root and no 'postgres' user to run the server")
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        pytest.skip("running as root without runuser")
-    return [runuser, "-u", "postgres", "--"]
-
-
 @pytest.fixture(scope="module")
 def server():
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not on PATH")
-    prefix = _as_server_user()
-    root = Path(tempfile.mkdtemp(prefix="alsiron-pg-"))
-    if prefix:
-        shutil.chown(root, user="postgres")
-    data = root / "data"
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "alsiron",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {PORT} -k {root} -c listen_addresses='' -c fsync=off", "start"],
-                   check=True, capture_output=True)
-    try:
+    with postgres_server(PORT) as root:
         yield root
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 def url(server):
-    import psycopg
-
-    name = f"reg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"host={server} port={PORT} user=alsiron dbname=postgres",
-                         autocommit=True) as con:
-        con.execute(f"CREATE DATABASE {name}")
-    return f"postgresql+psycopg://alsiron@/{name}?host={server}&port={PORT}"
+    return new_database_url(server, PORT)
 
 
 def _record(subject="sub-01", session="ses-01", value=0.03, **kw):

@@ -11,14 +11,11 @@ installs them best effort).
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
-import subprocess
-import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
+from postgres_server import new_database_url, postgres_server
 from visit_sets import check_complete_set, hidden, popen_alsiron
 
 from alsiron.cli import main
@@ -37,46 +34,12 @@ def phantom(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pg_server():
-    """A throw-away PostgreSQL server on a Unix socket (as ``tests/test_registry_postgres``
-    starts one; as root it runs as the ``postgres`` user)."""
-    pytest.importorskip("psycopg", reason="psycopg not installed (pip install '.[test]')")
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not on PATH")
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and no 'postgres' user to run the server")
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser")
-        prefix = [shutil.which("runuser"), "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="alsiron-pgc-"))
-    if prefix:
-        shutil.chown(root, user="postgres")
-    data = root / "data"
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "alsiron",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {PORT} -k {root} -c listen_addresses='' -c fsync=off", "start"],
-                   check=True, capture_output=True)
-    try:
+    with postgres_server(PORT) as root:
         yield root
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _postgres_url(server: Path) -> str:
-    import psycopg
-
-    name = f"reg_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"host={server} port={PORT} user=alsiron dbname=postgres",
-                         autocommit=True) as con:
-        con.execute(f"CREATE DATABASE {name}")
-    return f"postgresql+psycopg://alsiron@/{name}?host={server}&port={PORT}"
+    return new_database_url(server, PORT)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
