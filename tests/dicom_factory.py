@@ -103,6 +103,16 @@ def _image_type(vendor: str, part: str) -> list[str]:
                                                                      "P", "ND"]
 
 
+def _grey16(ds: Dataset, shape) -> None:
+    """16-bit greyscale pixel format of an (X, Y) image: DICOM rows run along y."""
+    ds.Rows, ds.Columns = shape[1], shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+
+
 def _philips_private(ds: Dataset) -> None:
     block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
     # The private scale slope SS of a real Philips phase export (RS·SS = 1000.1, not 1000:
@@ -175,12 +185,7 @@ def write_classic_megre(folder: Path, *, vendor: str = "siemens", study_uid: str
                 ds.SliceLocation = ds.ImagePositionPatient[2]
                 ds.InstanceNumber = (e - 1) * shape[2] + k + 1
                 ds.AcquisitionNumber = 1
-                ds.Rows, ds.Columns = shape[1], shape[0]
-                ds.SamplesPerPixel = 1
-                ds.PhotometricInterpretation = "MONOCHROME2"
-                ds.BitsAllocated = 16
-                ds.BitsStored = 16
-                ds.HighBit = 15
+                _grey16(ds, shape)
                 ds.PixelRepresentation = rep
                 ds.RescaleSlope = f"{slope:.8g}"
                 ds.RescaleIntercept = f"{inter:g}"
@@ -223,12 +228,7 @@ def write_enhanced_megre(folder: Path, *, vendor: str = "philips", study_uid: st
         ds.EchoTrainLength = len(echo_times)
         ds.InstanceNumber = 1
         ds.AcquisitionNumber = 1
-        ds.Rows, ds.Columns = shape[1], shape[0]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
+        _grey16(ds, shape)
         frames = []
         per_frame = []
         dim_org = generate_uid()
