@@ -153,17 +153,16 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         click.echo(NO_MODEL_MESSAGE, err=True)
 
 
-def _tv_alpha_key(flat: dict) -> str:
-    """The flat parameter that --tv-alpha sets for the chosen inversion (MEDI's α then
-    holds as given: its noise rule is switched off)."""
+def _tv_alpha_settings(flat: dict, alpha: float) -> dict:
+    """The flat parameters --tv-alpha sets for the chosen inversion (for MEDI its noise
+    rule is switched off, so that α holds as given)."""
     method = flat["inversion"]
     if method == "tvmasked":
-        return "masked_tv_alpha"
+        return {"masked_tv_alpha": alpha}
     if method == "tvadmm":
-        return "wh_alpha" if flat.get("tv_weak_harmonic") else "tv_alpha"
+        return {"wh_alpha" if flat.get("tv_weak_harmonic") else "tv_alpha": alpha}
     if method == "medi":
-        flat["medi_alpha_rule"] = "fixed"
-        return "medi_alpha"
+        return {"medi_alpha": alpha, "medi_alpha_rule": "fixed"}
     raise click.UsageError(f"--tv-alpha goes with a TV inversion (tvmasked, tvadmm, medi), "
                            f"not {method}")
 
@@ -190,7 +189,7 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
             raise click.UsageError("--weak-harmonic goes with --inversion tvadmm")
         flat["tv_weak_harmonic"] = True
     if tv_alpha is not None:
-        flat[_tv_alpha_key(flat)] = tv_alpha
+        flat.update(_tv_alpha_settings(flat, tv_alpha))
     if bet_f is not None:
         if flat["brain_mask_method"] != "bet":
             raise click.UsageError("--bet-f goes with --brain-mask bet")
