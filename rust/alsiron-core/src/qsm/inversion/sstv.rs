@@ -15,7 +15,7 @@ use super::*;
 use crate::error::{CoreError, CoreResult};
 use crate::fft::Fft3Plan;
 use crate::grid::{Geometry, Shape3};
-use crate::qsm::dipole::{dipole_kernel, forward_field};
+use crate::qsm::dipole::{dipole_kernel, forward_field, half_spectrum_frequencies};
 
 /// Parameters of [`sstv_admm`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,7 +191,7 @@ pub fn sstv_admm(
     data.check(shape)?;
     params.check()?;
     let plan = Fft3Plan::get(shape)?;
-    let kernel = dipole_kernel(geometry)?;
+    let kernel = symmetric_dipole_kernel(geometry)?;
     let inv_denominator = inverse_denominator(&kernel, shape, voxel_size, params);
     let (mu1, mu2, mu3) = (params.mu1 as f32, params.mu2 as f32, params.mu3 as f32);
     let inv_h = voxel_size.map(|h| (1.0 / h) as f32);
@@ -258,6 +258,61 @@ pub fn sstv_admm(
         }
     }
     Ok((s.chi, iterations))
+}
+
+/// [`dipole_kernel`] made even on the Nyquist bins: a Nyquist index of an even axis
+/// stands for +½ and −½ cycle/voxel at once, and with an oblique B0 the kernel differs
+/// between the two (the crate's kernel takes −½ along x and y, +½ along z), so
+/// F⁻¹(D·F χ) is not the symmetric operator the χ-update's D² assumes, and small μ₁ makes
+/// the ADMM diverge. Here D on such bins is the mean over the sign choices of their
+/// Nyquist components (unchanged elsewhere).
+fn symmetric_dipole_kernel(geometry: &Geometry) -> CoreResult<Vec<f32>> {
+    let mut kernel = dipole_kernel(geometry)?;
+    let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
+    let b = geometry.b0_unit();
+    let freqs = half_spectrum_frequencies(shape, voxel_size);
+    let [nx, ny, nz] = shape.0;
+    let half = shape.half_spectrum();
+    let nyquist = [nx, ny, nz].map(|n| (n % 2 == 0).then_some(n / 2));
+    let [_, hy, hz] = half.0;
+    kernel
+        .par_chunks_mut(hy * hz)
+        .enumerate()
+        .for_each(|(i, plane)| {
+            for (j, row) in plane.chunks_exact_mut(hz).enumerate() {
+                for (k, d) in row.iter_mut().enumerate() {
+                    let index = [i, j, k];
+                    let at_nyquist = [0, 1, 2].map(|a| nyquist[a] == Some(index[a]));
+                    if !at_nyquist.iter().any(|&n| n) {
+                        continue;
+                    }
+                    let k0 = [freqs[0][i], freqs[1][j], freqs[2][k]];
+                    let (mut sum, mut count) = (0.0f64, 0u32);
+                    for flips in 0..8u32 {
+                        // Flip only Nyquist components; other flip patterns repeat.
+                        if (0..3).any(|a| flips & (1 << a) != 0 && !at_nyquist[a]) {
+                            continue;
+                        }
+                        let kv: [f64; 3] =
+                            std::array::from_fn(
+                                |a| {
+                                    if flips & (1 << a) != 0 {
+                                        -k0[a]
+                                    } else {
+                                        k0[a]
+                                    }
+                                },
+                            );
+                        let k2: f64 = kv.iter().map(|x| x * x).sum();
+                        let kb: f64 = (0..3).map(|a| kv[a] * b[a]).sum();
+                        sum += 1.0 / 3.0 - kb * kb / k2;
+                        count += 1;
+                    }
+                    *d = (sum / count as f64) as f32;
+                }
+            }
+        });
+    Ok(kernel)
 }
 
 /// 1 / (μ₁Σ|Eₐ|² + D²(μ₂L² + μ₃)) on the half spectrum with L = −Σ|Eₐ|²; 1 at k = 0,
