@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
-from twins_sstv import even_dipole_kernel
-from twins_sstv import sstv_admm as four_fft_twin
 
 from alsiron.errors import InvalidInputError
 from alsiron.qsm import inversion as inv
 from alsiron.sim.phantom import simulate_subject
+
+from twins_sstv import even_dipole_kernel
+from twins_sstv import sstv_admm as four_fft_twin
 
 ALPHA, BETA = 2e-5, 1.0
 
