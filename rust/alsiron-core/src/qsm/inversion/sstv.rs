@@ -180,7 +180,9 @@ struct State {
 /// z₃ = (βW_P f + μ₃v₃)/(βW_P + μ₃) with v₃ = Dχ + u₃, and uᵢ ← vᵢ − zᵢ.
 /// Stops after at least [`SSTV_MIN_ITER`] iterations when ‖χₙ − χₙ₋₁‖/‖χₙ‖ < tol, or at
 /// `max_iter`. `should_stop(iter)` is polled every iteration ([`CoreError::Interrupted`]).
-/// Returns (χ [ppm] on the whole grid, unmasked and zero-mean; iterations run).
+/// D is [`dipole_kernel`] except on Nyquist bins, where it is made even (see
+/// `symmetric_dipole_kernel`). Returns (χ [ppm] on the whole grid, unmasked and
+/// zero-mean; iterations run).
 pub fn sstv_admm(
     data: SstvData<'_>,
     geometry: &Geometry,
