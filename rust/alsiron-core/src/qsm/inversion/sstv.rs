@@ -153,7 +153,8 @@ fn inv_h2(voxel_size: [f64; 3]) -> [f32; 3] {
 /// half-spectrum complex array): u₁, a₁ (3-vectors) 277 MB; u₂, a₂, u₃, a₃ 184 MB; χ,
 /// χ_prev, Dχ, one scratch volume 184 MB; two spectra 93 MB; D and 1/denominator on the
 /// half spectrum 47 MB: ≈ 785 MB, plus the caller's four input volumes (184 MB) and the
-/// FFT plan's workspaces.
+/// FFT plan's workspaces. Measured: 986 MB peak RSS for a whole Python process that builds
+/// the inputs and runs 10 iterations (`/usr/bin/time -v`).
 struct State {
     u1: Vec<Vec3>,
     a1: Vec<Vec3>,
