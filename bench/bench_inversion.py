@@ -27,6 +27,7 @@ from timing import main, paired_best, row  # noqa: E402
 from alsiron.qsm import inversion  # noqa: E402
 
 import twins_qsm as tw  # noqa: E402
+import twins_sstv  # noqa: E402
 
 FULL_SHAPE = (256, 256, 176)
 QUICK_SHAPE = (48, 48, 40)
@@ -106,6 +107,15 @@ def run(quick: bool = False, only: str | None = None) -> list[dict]:
         lambda: inversion.ndi(field, mask, weight=weight, phase_scale=16.0, max_iter=n_it,
                               tol=0.0, **geo),
         lambda: tw.ndi(field, weight, mask, VOXEL, B0, 16.0, 1e-3, 2.0, n_it, fft=sp), n_it)
+    # Single-step Laplacian TV with an anchor: g and f random, both weights the mask.
+    n_sstv = 10
+    lap = np.where(mask, 1e-3 * rng.standard_normal(shape), 0).astype(np.float32)
+    w_mask = mask.astype(np.float32)
+    add(f"sstv_admm ({n_sstv} it) [scipy]",
+        lambda: inversion.sstv_admm(lap, w_mask, field, w_mask, alpha=2e-5, beta=1.0,
+                                    max_iter=n_sstv, tol=0.0, **geo),
+        lambda: twins_sstv.sstv_admm(lap, w_mask, field, w_mask, VOXEL, B0, 2e-5, 1.0,
+                                     n_sstv, fft=sp), n_sstv)
     return rows
 
 

@@ -268,6 +268,22 @@ def ndi(
     tol: float,
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
+def sstv_admm(
+    laplacian_data: npt.NDArray[np.float32],
+    laplacian_weight: npt.NDArray[np.float32],
+    local_field: npt.NDArray[np.float32],
+    local_weight: npt.NDArray[np.float32],
+    voxel_size: tuple[float, float, float],
+    b0_dir: tuple[float, float, float],
+    alpha: float,
+    beta: float,
+    mu1: float,
+    mu2: float,
+    mu3: float,
+    tol: float,
+    max_iter: int,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[npt.NDArray[np.float32], int]: ...
 def ilsqr(
     field: npt.NDArray[np.float32],
     weight: npt.NDArray[np.float32],

@@ -3,7 +3,9 @@
 TKD, closed-form Tikhonov, iLSQR (its LSQR core), plain TV-ADMM, TV-ADMM with a masked
 data term (the chain's default), TV-ADMM with a weak-harmonic background term
 (FANSI-style), MEDI-style magnitude-weighted L1, RTS and NDI, and one dispatcher,
-:func:`invert`, that the chain, the command line and the stage evaluation share.
+:func:`invert`, that the chain, the command line and the stage evaluation share; beside
+them the single-step Laplacian TV with a local-field anchor (:func:`sstv_admm`, from the
+total field's Laplacian, :func:`laplacian_data_term`), not in the dispatcher.
 
 Arrays are 3-D on the acquisition grid (C order), voxel sizes in mm, the B0 direction in
 voxel-index space; χ is 0 outside the mask and not referenced (see
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from alsiron import _core
 from alsiron.arrays import (
@@ -41,12 +44,15 @@ __all__ = [
     "ilsqr",
     "ilsqr_fast_estimate",
     "invert",
+    "laplacian_data_term",
     "magnitude_weight",
     "medi",
     "ndi",
     "noise_scaled_alpha",
+    "periodic_laplacian",
     "phase_per_ppm",
     "rts",
+    "sstv_admm",
     "tikhonov",
     "tv_admm_masked",
     "tv_admm_weighted",
@@ -659,6 +665,163 @@ def tv_admm_masked(local_field: np.ndarray, mask: np.ndarray, *,
                             weight=None, alpha=alpha,
                             mu_gradient=mu_gradient, mu_data=mu_data, max_iter=max_iter,
                             tol=tol, progress=progress)
+
+
+def sstv_admm(laplacian_data: np.ndarray, laplacian_weight: np.ndarray,
+              local_field: np.ndarray, local_weight: np.ndarray, *,
+              voxel_size: Sequence[float], b0_dir: Sequence[float], alpha: float,
+              beta: float, mu1: float | None = None, mu2: float = 1.0,
+              mu3: float | None = None, tol: float = 1e-3, max_iter: int = 100,
+              progress: Callable[[int, int], None] | None = None
+              ) -> tuple[np.ndarray, int]:
+    """Single-step Laplacian TV with a local-field anchor, by ADMM:
+    min_χ ½‖W_L^½(g − L·D·χ)‖² + (β/2)‖W_P^½(f − D·χ)‖² + α‖∇χ‖₁.
+
+    g is the periodic 7-point Laplacian of the brain-masked total field (the Laplacian
+    removes the harmonic background; :func:`laplacian_data_term` builds g and W_L), f a
+    local field that anchors what the Laplacian term constrains weakly (low spatial
+    frequencies), D the dipole kernel, L the same 7-point Laplacian and ∇ periodic forward
+    differences per mm. Three splits (z₁ = ∇χ, z₂ = L·D·χ, z₃ = D·χ), all diagonal in
+    k-space for the χ-update: two forward and two inverse real FFTs per iteration
+    (``_core.sstv_admm``; GIL released). Stops after at least 10 iterations when
+    ‖χₙ − χₙ₋₁‖/‖χₙ‖ < ``tol``, or at ``max_iter``.
+
+    Parameters
+    ----------
+    laplacian_data : ndarray, shape (X, Y, Z)
+        g [ppm/mm²], the Laplacian of the total field (0 where W_L = 0).
+    laplacian_weight : ndarray, shape (X, Y, Z)
+        W_L ≥ 0 (unitless; a 0/1 mask or real weights).
+    local_field : ndarray, shape (X, Y, Z)
+        f [ppm], e.g. from LBV.
+    local_weight : ndarray, shape (X, Y, Z)
+        W_P ≥ 0 (unitless).
+    voxel_size : sequence of 3 floats
+        Voxel size [mm].
+    b0_dir : sequence of 3 floats
+        B0 direction in voxel-index space (any length).
+    alpha : float
+        TV weight α ≥ 0 [ppm/mm² of Laplacian data per ppm/mm of χ gradient].
+    beta : float
+        Anchor weight β ≥ 0 relative to the Laplacian term [mm⁻⁴] (0: Laplacian term only).
+    mu1, mu2, mu3 : float, optional
+        ADMM penalties on ∇χ, L·D·χ and D·χ (convergence speed, not the minimiser).
+        Defaults 10·α, 1 and β; μ₁ must be positive (give it when α = 0).
+    tol, max_iter : float, int
+        Relative-change tolerance and iteration cap.
+    progress : callable, optional
+        ``progress(iteration, max_iter)``.
+
+    Returns
+    -------
+    chi : ndarray, float32
+        χ [ppm] on the whole grid, zero-mean and not masked: the mean is undetermined
+        (D(0) = 0), so the caller masks and references it.
+    n_iter : int
+        Iterations run.
+
+    Raises
+    ------
+    InvalidInputError
+        A volume not 3-D, not finite or of another shape than ``laplacian_data``, a
+        negative weight, a bad voxel size or B0 direction, or a bad parameter.
+    """
+    g = as_volume(laplacian_data, "laplacian_data")
+    wl = as_weight(laplacian_weight, g.shape, "laplacian_weight")
+    f = as_volume(local_field, "local_field")
+    if f.shape != g.shape:
+        raise InvalidInputError(f"local_field has shape {f.shape}, expected {g.shape}")
+    wp = as_weight(local_weight, g.shape, "local_weight")
+    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    b0 = as_vec3(b0_dir, "b0_dir", positive=False)
+    n, t = as_iterations(max_iter), as_tolerance(tol)
+    try:
+        a = _positive(alpha, "alpha", allow_zero=True)
+        b = _positive(beta, "beta", allow_zero=True)
+        m1 = _positive(10.0 * a if mu1 is None else mu1, "mu1 (default 10·alpha)")
+        m2 = _positive(mu2, "mu2")
+        m3 = _positive(b if mu3 is None else mu3, "mu3 (default beta)", allow_zero=b == 0)
+    except ValueError as exc:
+        raise InvalidInputError(f"sstv_admm: {exc}") from None
+    chi, it = _core.sstv_admm(g, wl, f, wp, vs, b0, a, b, m1, m2, m3, t, n, progress)
+    return chi, int(it)
+
+
+def periodic_laplacian(x: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """The periodic 7-point Laplacian Σᵢ (x[+1] − 2x + x[−1]) / hᵢ² of a 3-D array
+    [units of x per mm²], in float64 (the stencil of :func:`sstv_admm`'s L)."""
+    arr = np.asarray(x, dtype=np.float64)
+    vs = as_vec3(voxel_size, "voxel_size", positive=True)
+    out = np.zeros_like(arr)
+    for axis, h in enumerate(vs):
+        out += (np.roll(arr, 1, axis) + np.roll(arr, -1, axis) - 2.0 * arr) / (h * h)
+    return out
+
+
+def laplacian_data_term(total_field: np.ndarray, brain_mask: np.ndarray, *,
+                        voxel_size: Sequence[float], erode_voxels: int = 2,
+                        clip_sd: float | None = 5.0, grow_voxels: int = 1
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The Laplacian data term of :func:`sstv_admm`: g and its 0/1 weight W_L.
+
+    g is the periodic 7-point Laplacian of the total field set to 0 outside the brain,
+    kept on the brain eroded by ``erode_voxels`` (the stencil reaches outside the brain
+    near its edge, where the zero fill makes g meaningless). Of those voxels, the ones
+    whose |g − median| exceeds ``clip_sd`` robust SDs (1.4826·MAD over the kept voxels)
+    — phase-unwrapping errors, vessels, air-tissue residues — and their neighbours within
+    ``grow_voxels`` (6-connected dilation) are dropped.
+
+    Parameters
+    ----------
+    total_field : ndarray, shape (X, Y, Z)
+        Total (unwrapped, background included) field [ppm].
+    brain_mask : ndarray, shape (X, Y, Z)
+        Brain mask (non-zero = brain).
+    voxel_size : sequence of 3 floats
+        Voxel size [mm].
+    erode_voxels : int
+        Erosion of the brain mask [voxels] (0: none).
+    clip_sd : float or None
+        Outlier threshold in robust SDs (None: no clipping).
+    grow_voxels : int
+        Dilation of the outlier set [voxels] (0: none).
+
+    Returns
+    -------
+    g : ndarray, float32
+        Laplacian of the masked total field [ppm/mm²], 0 where the weight is 0.
+    weight : ndarray, float32
+        W_L, 1 on the kept voxels, 0 elsewhere.
+
+    Raises
+    ------
+    InvalidInputError
+        Bad arrays or voxel size, negative counts, a non-positive ``clip_sd``, or no voxel
+        left after the erosion.
+    """
+    field, brain, vs = as_field_inputs(total_field, brain_mask, voxel_size, "total_field")
+    brain = brain.astype(bool)
+    for name, count in (("erode_voxels", erode_voxels), ("grow_voxels", grow_voxels)):
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise InvalidInputError(f"{name} must be a whole number >= 0, got {count!r}")
+    if clip_sd is not None and not (math.isfinite(clip_sd) and clip_sd > 0):
+        raise InvalidInputError(f"clip_sd must be positive (or None), got {clip_sd!r}")
+    # scipy's iterations=0 means "until nothing changes", hence the explicit guards.
+    keep = ndimage.binary_erosion(brain, iterations=erode_voxels) if erode_voxels else brain
+    if not keep.any():
+        raise InvalidInputError(
+            f"total_field: the brain mask is empty after {erode_voxels} voxels of erosion")
+    lap = periodic_laplacian(np.where(brain, field, 0.0), vs)
+    if clip_sd is not None:
+        values = lap[keep]
+        med = np.median(values)
+        sd = 1.4826 * np.median(np.abs(values - med))
+        bad = keep & (np.abs(lap - med) > clip_sd * sd)
+        if grow_voxels:
+            bad = ndimage.binary_dilation(bad, iterations=grow_voxels)
+        keep = keep & ~bad
+    weight = keep.astype(np.float32)
+    return np.where(keep, lap, 0.0).astype(np.float32), weight
 
 
 def medi(local_field: np.ndarray, mask: np.ndarray, magnitude: np.ndarray, *,

@@ -1,12 +1,14 @@
 //! Bindings of the dipole inversions added beside TKD and TV-ADMM: Tikhonov, iLSQR,
-//! weighted/weak-harmonic TV-ADMM (FANSI-style), MEDI-style L1, RTS and NDI.
+//! weighted/weak-harmonic TV-ADMM (FANSI-style), MEDI-style L1, RTS, NDI and the
+//! single-step Laplacian TV with a local-field anchor (sstv).
 //!
 //! Same conventions as `qsm.rs`: float32 C-contiguous volumes, uint8 masks, GIL released;
 //! iterative solvers poll Ctrl-C and call `progress(iteration, max_iter)` every
 //! [`SIGNAL_POLL_EVERY`](crate::detach::SIGNAL_POLL_EVERY) iterations.
 
 use alsiron_core::qsm::inversion::{
-    self, LsqrParams, NdiParams, RtsParams, StreakingParams, WeakHarmonic, WeightedTvParams,
+    self, LsqrParams, NdiParams, RtsParams, SstvData, SstvParams, StreakingParams, WeakHarmonic,
+    WeightedTvParams,
 };
 use numpy::{PyArray3, PyReadonlyArray3};
 use pyo3::prelude::*;
@@ -251,6 +253,59 @@ fn ilsqr_fast_estimate<'py>(
     })
 }
 
+/// Single-step Laplacian TV with a local-field anchor → (χ [ppm] on the whole grid,
+/// zero-mean, unmasked; iterations). `laplacian_data` [ppm/mm²] and `local_field` [ppm]
+/// with their float32 weights ≥ 0.
+#[pyfunction]
+#[pyo3(signature = (laplacian_data, laplacian_weight, local_field, local_weight, voxel_size,
+                    b0_dir, alpha, beta, mu1, mu2, mu3, tol, max_iter, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn sstv_admm<'py>(
+    py: Python<'py>,
+    laplacian_data: PyReadonlyArray3<'py, f32>,
+    laplacian_weight: PyReadonlyArray3<'py, f32>,
+    local_field: PyReadonlyArray3<'py, f32>,
+    local_weight: PyReadonlyArray3<'py, f32>,
+    voxel_size: [f64; 3],
+    b0_dir: [f64; 3],
+    alpha: f64,
+    beta: f64,
+    mu1: f64,
+    mu2: f64,
+    mu3: f64,
+    tol: f64,
+    max_iter: usize,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Chi<'py>, usize)> {
+    let shape = shape_of(&laplacian_data);
+    for (volume, what) in [
+        (&laplacian_weight, "laplacian_weight"),
+        (&local_field, "local_field"),
+        (&local_weight, "local_weight"),
+    ] {
+        same_shape(shape, shape_of(volume), what)?;
+    }
+    let data = SstvData {
+        laplacian: contiguous_volume(&laplacian_data, "laplacian_data")?,
+        laplacian_weight: contiguous_volume(&laplacian_weight, "laplacian_weight")?,
+        local_field: contiguous_volume(&local_field, "local_field")?,
+        local_weight: contiguous_volume(&local_weight, "local_weight")?,
+    };
+    let params = SstvParams {
+        alpha,
+        beta,
+        mu1,
+        mu2,
+        mu3,
+        max_iter,
+        tol,
+    };
+    let geometry = geometry(shape, voxel_size, b0_dir)?;
+    solve_volume(py, shape, progress, max_iter, |stop| {
+        inversion::sstv_admm(data, &geometry, params, stop)
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ilsqr_streaking, m)?)?;
     m.add_function(wrap_pyfunction!(ilsqr_fast_estimate, m)?)?;
@@ -260,5 +315,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rts, m)?)?;
     m.add_function(wrap_pyfunction!(ndi, m)?)?;
     m.add_function(wrap_pyfunction!(ilsqr, m)?)?;
+    m.add_function(wrap_pyfunction!(sstv_admm, m)?)?;
     Ok(())
 }

@@ -10,6 +10,8 @@
 //!   (Milovic et al. 2019) and of MEDI-style magnitude-weighted L1 (Liu et al. 2011/2012;
 //!   [`edge_weight`]), with an optional nonlinear data term.
 //! - `rts.rs`: [`rts`], rapid two-step (Kames et al. 2018).
+//! - `sstv.rs`: [`sstv_admm`], single-step TV on the Laplacian of the total field with a
+//!   local-field anchor (three k-space-diagonal ADMM splits).
 //! - `ndi.rs`: [`ndi`], nonlinear dipole inversion (Polak et al. 2020).
 //! - `ilsqr.rs`: [`ilsqr`], the LSQR core of iLSQR (Li et al. 2015) on the weighted
 //!   dipole model, regularised by early stopping.
@@ -34,6 +36,9 @@ mod operators;
 mod rts;
 #[cfg(test)]
 mod solver_tests;
+mod sstv;
+#[cfg(test)]
+mod sstv_tests;
 mod streaking;
 #[cfg(test)]
 mod tests;
@@ -47,6 +52,7 @@ pub use self::direct::{
 pub use self::ilsqr::{ilsqr, LsqrParams};
 pub use self::ndi::{ndi, NdiParams};
 pub use self::rts::{rts, RtsParams};
+pub use self::sstv::{sstv_admm, sstv_objective, SstvData, SstvParams, SSTV_MIN_ITER};
 pub use self::streaking::{
     ilsqr_constants, ilsqr_fast_estimate, ilsqr_streaking, IlsqrIterations, StreakingParams,
 };
