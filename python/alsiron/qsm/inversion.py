@@ -207,10 +207,6 @@ class InversionSettings:
         Dilation of the left-out voxels.
     sstv_max_iter, sstv_tol : int, float
         ADMM iteration cap and relative-change tolerance.
-    sstv_anchor_taper_mm : float
-        The anchor's weight rises linearly from 0 at the edge of the local field's mask to
-        1 at this depth [mm] (0: weight 1 throughout): a background removal's local field
-        is least reliable at its own mask edge.
     """
 
     tkd_threshold: float = TKD_THRESHOLD
@@ -260,7 +256,6 @@ class InversionSettings:
     sstv_grow_voxels: int = 1
     sstv_max_iter: int = 80
     sstv_tol: float = 1e-3
-    sstv_anchor_taper_mm: float = 0.0
     method: str = "tvmasked"
 
     def __post_init__(self) -> None:
@@ -986,7 +981,7 @@ _USES: dict[str, tuple[str, ...]] = {
     "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter"),
     "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
     "sstv": ("sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
-             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "sstv_anchor_taper_mm"),
+             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol"),
 }
 
 
@@ -1186,11 +1181,7 @@ def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndar
     lap_data, lap_weight = laplacian_data_term(
         total, brain, voxel_size=voxel_size, erode_voxels=s.sstv_erode_voxels,
         clip_sd=s.sstv_clip_sd, grow_voxels=s.sstv_grow_voxels)
-    anchor_weight = anchor.astype(np.float32)
-    if s.sstv_anchor_taper_mm > 0 and anchor.any():
-        depth = ndimage.distance_transform_edt(anchor, sampling=voxel_size)
-        anchor_weight = np.clip(depth / s.sstv_anchor_taper_mm, 0.0, 1.0).astype(np.float32)
-    chi, n_iter = sstv_admm(lap_data, lap_weight, local, anchor_weight,
+    chi, n_iter = sstv_admm(lap_data, lap_weight, local, anchor.astype(np.float32),
                             voxel_size=voxel_size, b0_dir=b0_dir, alpha=s.sstv_alpha,
                             beta=s.sstv_beta, tol=s.sstv_tol, max_iter=s.sstv_max_iter,
                             progress=progress)

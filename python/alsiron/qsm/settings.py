@@ -323,7 +323,7 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter", "ndi_lambda", "ndi_step",
     "ndi_max_iter", "ndi_tol", "r2star_weighted", "unwrapping", "complex_fit",
     "phase_offset", "sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
-    "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "sstv_anchor_taper_mm",
+    "sstv_grow_voxels", "sstv_max_iter", "sstv_tol",
 )
 
 #: Keys added after sidecars were first written, with the value every run before them
