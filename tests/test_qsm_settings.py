@@ -43,7 +43,7 @@ SIDECAR_PARAMETERS = {
     "ndi_tol": 0.001, "r2star_weighted": True, "unwrapping": "romeo", "complex_fit": True,
     "phase_offset": "smoothed", "sstv_alpha": 2e-05, "sstv_beta": 1.0,
     "sstv_erode_voxels": 2, "sstv_clip_sd": 10.0, "sstv_grow_voxels": 1,
-    "sstv_max_iter": 80, "sstv_tol": 0.001, "sstv_anchor_taper_mm": 0.0,
+    "sstv_max_iter": 80, "sstv_tol": 0.001,
 }
 
 
