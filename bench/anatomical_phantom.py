@@ -58,6 +58,19 @@ def pair(voxel: float, root: Path) -> None:
         ph.write_session(root, s, label, "01")
 
 
+def deep_index(root: Path, label: str) -> float | None:
+    """The tool's own headline index ``chi_precentral_deep_mean`` [ppm] of a run."""
+    tsv = (root / "derivatives" / "alsiron" / f"sub-{label}" / "ses-01" / "anat" /
+           f"sub-{label}_ses-01_desc-motorcortex_indices.tsv")
+    if not tsv.is_file():
+        return None
+    for line in tsv.read_text().splitlines()[1:]:
+        cells = line.split("\t")
+        if cells[0] == "chi_precentral_deep_mean":
+            return float(cells[4])
+    return None
+
+
 def run_qsm(root: Path, label: str, extra: list[str]
             ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """Default ``alsiron qsm`` on one subject: χ and QSM mask (None when the run wrote no
@@ -116,6 +129,8 @@ def main() -> None:
     parser.add_argument("--mask", choices=["default", "truth"], default="default",
                         help="'truth': give alsiron qsm the true brain mask (--mask)")
     parser.add_argument("--skip-cli", action="store_true", help="skip the timing row")
+    parser.add_argument("--inversion", default=None,
+                        help="alsiron qsm --inversion (default: the chain's default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_cli:
@@ -125,7 +140,7 @@ def main() -> None:
         chis, masks, truths = [], [], []
         for label in ("01", "02"):
             truth = load_truth(root, {"sub": label, "ses": "01"})
-            extra = []
+            extra = [] if args.inversion is None else ["--inversion", args.inversion]
             if args.mask == "truth":
                 extra = ["--mask", str(root / "derivatives" / "phantom" / f"sub-{label}" /
                                        "ses-01" / "anat" /
@@ -144,7 +159,18 @@ def main() -> None:
             masks.append(mask)
             truths.append(truth)
         print(json.dumps({"row": "als", "voxel_mm": args.voxel_size, "mask": args.mask,
+                          "inversion": args.inversion or "default",
                           **als_excess(chis, masks, truths)}), flush=True)
+        index = [deep_index(root, label) for label in ("01", "02")]
+        deep = np.isin(truths[1].labels, PRECENTRAL_DEEP_LABELS)
+        true_diff = float((truths[1].chi - truths[0].chi)[deep].mean())
+        if None not in index:
+            rec = index[1] - index[0]
+            print(json.dumps({"row": "headline index", "index": "chi_precentral_deep_mean",
+                              "inversion": args.inversion or "default",
+                              "als_minus_control_ppb": round(1e3 * rec, 2),
+                              "true_deep_band_excess_ppb": round(1e3 * true_diff, 2),
+                              "ratio": round(rec / true_diff, 3)}), flush=True)
 
 
 if __name__ == "__main__":

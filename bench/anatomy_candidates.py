@@ -65,7 +65,15 @@ CANDIDATES: list[Candidate] = [
     Candidate("V-SHARP + tvmasked a=1.5e-4", {"method": "vsharp"},
               {"masked_tv_alpha": 1.5e-4}),
     Candidate("iSMV + tvmasked a=1.5e-4", {"method": "ismv"}, {"masked_tv_alpha": 1.5e-4}),
+    Candidate("sstv (LBV 2 mm anchor)", {"method": "lbv"}, {"method": "sstv"}),
+    Candidate("sstv, LBV 6 mm anchor", {"method": "lbv", "erode_mm": 6.0},
+              {"method": "sstv"}),
+    Candidate("sstv, PDF 2 mm anchor", {"method": "pdf", "erode_mm": 2.0},
+              {"method": "sstv"}),
+    Candidate("sstv a=1e-4", {"method": "lbv"}, {"method": "sstv", "sstv_alpha": 1e-4}),
     Candidate("ceiling: true local field, tvmasked a=7e-4", ceiling=True),
+    Candidate("ceiling: sstv on the true total field, true local field as anchor",
+              inversion={"method": "sstv"}, ceiling=True),
     Candidate("ceiling: true local field, tvmasked a=1.5e-4", inversion={
         "masked_tv_alpha": 1.5e-4}, ceiling=True),
 ]
@@ -79,9 +87,10 @@ COLUMNS = [("nrmse_pct_brain_less_3mm", "NRMSE % (brain − 3 mm)"),
            ("seconds", "s (2 sessions)")]
 
 
-def simulate_pair(voxel: float, snr: float, b0: tuple[float, float, float]) -> list:
-    """Control and ALS session of one anatomy (seed (0, 7), noise seed 11)."""
-    return [an.simulate_anatomical_subject(voxel_size=voxel, anatomy_seed=(0, 7), rng=11,
+def simulate_pair(voxel: float, snr: float, b0: tuple[float, float, float],
+                  rng: int = 11) -> list:
+    """Control and ALS session of one anatomy (seed (0, 7), noise and offset seed rng)."""
+    return [an.simulate_anatomical_subject(voxel_size=voxel, anatomy_seed=(0, 7), rng=rng,
                                            snr=snr, group=group, b0_direction=b0)
             for group in ("control", "ALS")]
 
@@ -92,6 +101,13 @@ def chain_runner(c: Candidate) -> Callable[[Any], tuple[np.ndarray, np.ndarray]]
     if c.ceiling:
         def run_ceiling(s) -> tuple[np.ndarray, np.ndarray]:
             mask = s.brain_mask.astype(bool)
+            if settings.method in inv.SINGLE_STEP_METHODS:
+                anchor = qsm.erode_mm(mask, s.voxel_size, 2.0)
+                chi, _ = inv.invert_single_step(
+                    settings.method, s.total_field, mask, s.local_field, anchor,
+                    voxel_size=s.voxel_size,
+                    b0_dir=tuple(float(v) for v in s.b0_direction), settings=settings)
+                return qsm.reference_to_mean(chi, mask), mask
             chi, _ = inv.invert(settings.method, s.local_field, mask,
                                 voxel_size=s.voxel_size,
                                 b0_dir=tuple(float(v) for v in s.b0_direction),
@@ -133,14 +149,16 @@ def main() -> None:
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--b0-tilt", type=float, default=0.0,
                         help="B0 tilted from z towards x [degrees]")
+    parser.add_argument("--rng", type=int, default=11, help="noise and phase-offset seed")
     parser.add_argument("--only", nargs="*", default=None,
                         help="names (or name prefixes) of the candidates to run")
     args = parser.parse_args()
     tilt = math.radians(args.b0_tilt)
     b0 = (math.sin(tilt), 0.0, math.cos(tilt))
     t0 = time.perf_counter()
-    sessions = simulate_pair(args.voxel_size, args.snr, b0)
+    sessions = simulate_pair(args.voxel_size, args.snr, b0, args.rng)
     setup = {"voxel_mm": args.voxel_size, "snr": args.snr, "b0_tilt_deg": args.b0_tilt,
+             "rng": args.rng,
              "matrix": list(sessions[0].chi.shape),
              "simulation_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"row": "setup", **setup}), flush=True)
@@ -152,7 +170,8 @@ def main() -> None:
                **evaluate(c, sessions, args.voxel_size)}
         print(json.dumps(row), flush=True)
         table.append(row)
-    print(f"\n{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°\n")
+    print(f"\n{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°, "
+          f"seed {args.rng}\n")
     print("| candidate | " + " | ".join(h for _, h in COLUMNS) + " |")
     print("| --- |" + " ---: |" * len(COLUMNS))
     for row in table:

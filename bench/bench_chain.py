@@ -6,11 +6,12 @@ forward model; the point is time and memory per step, not accuracy (the phantom 
 measure accuracy). There is no NumPy twin of the whole chain: ``numpy_ms`` is NaN.
 Peak memory is the process's maximum resident set size after the run.
 
-Run: ``python bench/bench_chain.py [--quick]``.
+Run: ``python bench/bench_chain.py [--quick] [--inversion sstv]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 from alsiron import qsm
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.qsm import chain as workflow
+from alsiron.qsm import inversion as inv
 from alsiron.volume import MegreSeries
 
 FULL_SHAPE = (256, 256, 176)
@@ -54,15 +56,23 @@ def synthetic_series(shape: tuple[int, int, int], seed: int = 0) -> MegreSeries:
                        b0_direction=(0.0, 0.0, 1.0), subject="bench", session="")
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, inversion: str | None = None) -> list[dict]:
+    """Per-step and whole-chain rows; ``inversion`` replaces the default inversion
+    ("sstv" also takes its LBV anchor, as ``alsiron qsm --inversion sstv`` does)."""
     shape = QUICK_SHAPE if quick else FULL_SHAPE
     series = synthetic_series(shape)
+    params = workflow.QsmParameters()
+    if inversion is not None:
+        bfr = "lbv" if inversion in inv.SINGLE_STEP_METHODS else params.background.method
+        params = workflow.QsmParameters(
+            background=dataclasses.replace(params.background, method=bfr),
+            inversion=dataclasses.replace(params.inversion, method=inversion))
     t0 = time.perf_counter()
-    result = workflow.process_series(series)
+    result = workflow.process_series(series, params)
     total = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     n_vox = int(np.prod(shape))
-    label = "x".join(map(str, shape)) + "x6e"
+    label = "x".join(map(str, shape)) + "x6e" + (f" [{inversion}]" if inversion else "")
     rows = [{"kernel": f"chain step: {step}", "shape": label, "rust_ms": 1e3 * sec,
              "numpy_ms": float("nan"), "ratio": float("nan"),
              "throughput": n_vox / sec / 1e6} for step, sec in result.timings_s.items()]
@@ -73,5 +83,6 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in run(quick="--quick" in sys.argv):
+    chosen = sys.argv[sys.argv.index("--inversion") + 1] if "--inversion" in sys.argv else None
+    for row in run(quick="--quick" in sys.argv, inversion=chosen):
         print(row)

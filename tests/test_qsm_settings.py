@@ -41,7 +41,9 @@ SIDECAR_PARAMETERS = {
     "rts_mu": 100000.0, "rts_rho": 10.0, "rts_max_iter": 20, "rts_tol": 0.01,
     "rts_lsqr_iter": 16, "ndi_lambda": 0.001, "ndi_step": 2.0, "ndi_max_iter": 200,
     "ndi_tol": 0.001, "r2star_weighted": True, "unwrapping": "romeo", "complex_fit": True,
-    "phase_offset": "smoothed",
+    "phase_offset": "smoothed", "sstv_alpha": 2e-05, "sstv_beta": 1.0,
+    "sstv_erode_voxels": 2, "sstv_clip_sd": 10.0, "sstv_grow_voxels": 1,
+    "sstv_max_iter": 80, "sstv_tol": 0.001,
 }
 
 
@@ -87,6 +89,19 @@ def test_from_flat_of_some_keys_keeps_the_other_defaults():
     assert QsmParameters.from_flat({}) == QsmParameters()
     with pytest.raises(ValueError, match="'bfr_method'"):
         QsmParameters.from_flat({"bfr_method": "pdf"})
+
+
+def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
+    # Sidecars before "phase_offset" ran the MCPC-3D-S offset held fixed, not today's
+    # default; sidecars before the sstv keys never ran sstv, so its defaults are harmless.
+    from alsiron.qsm.settings import ADDED_LATER
+
+    old = {k: v for k, v in QsmParameters().to_flat().items()
+           if k != "phase_offset" and not k.startswith("sstv_")}
+    assert QsmParameters.from_flat(old).field.phase_offset == ADDED_LATER["phase_offset"]
+    assert QsmParameters.from_flat(old).field.phase_offset == "fixed"
+    # A few chosen keys are not a sidecar: the others keep today's defaults.
+    assert QsmParameters.from_flat({"inversion": "tkd"}).field.phase_offset == "smoothed"
 
 
 @pytest.mark.parametrize("make, message", [

@@ -23,7 +23,7 @@ from alsiron.cli._options import (
 from alsiron.field.brain_mask import BRAIN_MASK_METHODS
 from alsiron.field.echo_fit import UNWRAPPING_METHODS
 from alsiron.qsm import chain as qsm_chain
-from alsiron.qsm.inversion import INVERSION_METHODS
+from alsiron.qsm.inversion import INVERSION_METHODS, SINGLE_STEP_METHODS
 from alsiron.runs import qsm as pipeline
 from alsiron.runs.importer import run_qsm_folder
 from alsiron.volume import MegreSeries
@@ -36,14 +36,16 @@ from alsiron.volume import MegreSeries
                    "derivatives/alsiron beside a plain NIfTI or DICOM folder).")
 @click.option("--inversion", type=method_choice(INVERSION_METHODS), default=None,
               help="Dipole inversion (default: the workflow's, see QsmParameters.inversion; "
-                   "--list-methods shows it).")
+                   "--list-methods shows it). sstv: single-step, keeps the cortex at the "
+                   "brain's edge (LBV anchor unless --bfr says otherwise; "
+                   "docs/qsm_anatomy.md).")
 @click.option("--weak-harmonic", is_flag=True,
               help="TV-ADMM (--inversion tvadmm, implied) estimating a residual harmonic "
                    "background jointly "
                    "(FANSI-style weak-harmonic term).")
 @click.option("--tv-alpha", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="TV weight α of the TV inversions (tvmasked, tvadmm, medi; default: "
-                   "each method's own, e.g. 7e-4 for tvmasked). Smaller keeps more "
+              help="TV weight α of the TV inversions (tvmasked, tvadmm, medi, sstv; default: "
+                   "each method's own, e.g. 7e-4 for tvmasked, 2e-5 for sstv). Smaller keeps more "
                    "cortical contrast and more noise; docs/qsm_anatomy.md measures it.")
 @click.option("--bfr", type=method_choice(qsm_chain.BFR_METHODS,
                                           first=qsm_chain.QsmParameters().background.method),
@@ -163,8 +165,10 @@ def _tv_alpha_settings(flat: dict, alpha: float) -> dict:
         return {"wh_alpha" if flat.get("tv_weak_harmonic") else "tv_alpha": alpha}
     if method == "medi":
         return {"medi_alpha": alpha, "medi_alpha_rule": "fixed"}
-    raise click.UsageError(f"--tv-alpha goes with a TV inversion (tvmasked, tvadmm, medi), "
-                           f"not {method}")
+    if method == "sstv":
+        return {"sstv_alpha": alpha}
+    raise click.UsageError(f"--tv-alpha goes with a TV inversion (tvmasked, tvadmm, medi, "
+                           f"sstv), not {method}")
 
 
 # The option → QsmParameters block: every algorithm option of `alsiron qsm` lands here.
@@ -182,6 +186,10 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
              "brain_mask_method": brain_mask_method,
              "residual_threshold": phase_quality_threshold}
     flat.update({key: value for key, value in given.items() if value is not None})
+    if bfr is None and flat["inversion"] in SINGLE_STEP_METHODS:
+        # A single-step inversion's anchor: LBV's local field, measured best on the
+        # anatomical head (docs/qsm_anatomy.md); --bfr still chooses another.
+        flat["bfr"] = "lbv"
     if weak_harmonic:
         if inversion is None:
             flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option

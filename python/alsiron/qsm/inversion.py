@@ -69,6 +69,9 @@ TV_ALPHA = 7e-4
 #: Default ADMM penalty μ, tuned on the test phantom.
 TV_MU = 7e-2
 
+#: Default TV weight α of the single-step method "sstv" (Laplacian data in ppm/mm²).
+SSTV_ALPHA = 2e-5
+
 
 #: Inversion names accepted by :func:`invert` (and ``alsiron qsm --inversion``) → the
 #: method's name in the provenance.
@@ -81,7 +84,12 @@ INVERSION_METHODS: dict[str, str] = {
     "medi": "MEDI-style magnitude-weighted L1",
     "rts": "RTS",
     "ndi": "NDI",
+    "sstv": "single-step TV: Laplacian of the total field plus the LBV local field",
 }
+
+#: Inversions that take the total field and the whole brain mask (no separate background
+#: step decides their mask): :func:`invert_single_step` runs them, :func:`invert` refuses.
+SINGLE_STEP_METHODS: tuple[str, ...] = ("sstv",)
 
 _REFERENCES: dict[str, str] = {
     "tkd": "Shmueli et al. MRM 2009;62:1510; Wharton et al. MRM 2010;63:1292",
@@ -94,6 +102,9 @@ _REFERENCES: dict[str, str] = {
     "medi": "Liu et al. MRM 2011;66:777; Liu et al. MRM 2012;67:137",
     "rts": "Kames et al. NeuroImage 2018;167:276",
     "ndi": "Polak et al. NMR Biomed 2020;33:e4271",
+    "sstv": "Langkammer et al. NeuroImage 2015;111:622 and Chatnuntawech et al. NMR "
+            "Biomed 2017;30:e3570 (Laplacian single-step data term); Zhou et al. NMR "
+            "Biomed 2014;27:312 (LBV local field as the low-frequency anchor)",
 }
 
 
@@ -181,6 +192,21 @@ class InversionSettings:
         NDI Tikhonov weight and gradient step.
     ndi_max_iter, ndi_tol : int, float
         NDI iteration cap (its regularisation) and tolerance.
+    sstv_alpha : float
+        TV weight α of the single-step method "sstv" (its Laplacian data term is in
+        ppm/mm², so α is on another scale than the two-step methods' α).
+    sstv_beta : float
+        Weight β of the anchor term β/2‖M_P(f_local − Dχ)‖² against the Laplacian term.
+    sstv_erode_voxels : int
+        One-voxel erosions of the brain mask before the Laplacian data term: its stencil
+        must not reach the outer voxel layer, whose field carries partial-volume errors.
+    sstv_clip_sd : float or None
+        Laplacian voxels further than this many robust SDs (1.4826 × MAD) from the median
+        are left out of the data term (None: none), then dilated by ``sstv_grow_voxels``.
+    sstv_grow_voxels : int
+        Dilation of the left-out voxels.
+    sstv_max_iter, sstv_tol : int, float
+        ADMM iteration cap and relative-change tolerance.
     """
 
     tkd_threshold: float = TKD_THRESHOLD
@@ -223,6 +249,13 @@ class InversionSettings:
     ndi_step: float = 2.0
     ndi_max_iter: int = 200
     ndi_tol: float = 1e-3
+    sstv_alpha: float = SSTV_ALPHA
+    sstv_beta: float = 1.0
+    sstv_erode_voxels: int = 2
+    sstv_clip_sd: float | None = 10.0
+    sstv_grow_voxels: int = 1
+    sstv_max_iter: int = 80
+    sstv_tol: float = 1e-3
     method: str = "tvmasked"
 
     def __post_init__(self) -> None:
@@ -947,6 +980,8 @@ _USES: dict[str, tuple[str, ...]] = {
              "medi_noise_factor"),
     "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter"),
     "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
+    "sstv": ("sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
+             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol"),
 }
 
 
@@ -986,6 +1021,9 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
     if method not in INVERSION_METHODS:
         raise ValueError(f"unknown dipole inversion {method!r} "
                          f"(choose one of {', '.join(INVERSION_METHODS)})")
+    if method in SINGLE_STEP_METHODS:
+        raise ValueError(f"{method!r} is a single-step inversion of the total field; run it "
+                         "with invert_single_step (the QSM chain does)")
     s = settings or InversionSettings()
     geo = {"voxel_size": voxel_size, "b0_dir": b0_dir}
     weight = None if magnitude is None else magnitude_weight(magnitude, mask)
@@ -1085,4 +1123,77 @@ def invert(method: str, local_field: np.ndarray, mask: np.ndarray, *,
     if n_iter is not None:
         record["IterationsRun"] = int(n_iter)
         logger.debug("%s stopped after %d iterations", method, n_iter)
+    return chi, record
+
+
+def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndarray,
+                       local_field: np.ndarray, local_mask: np.ndarray, *,
+                       voxel_size: Sequence[float], b0_dir: Sequence[float],
+                       settings: InversionSettings | None = None,
+                       progress: Callable[[int, int], None] | None = None
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the single-step inversion ``method`` (a key of :data:`SINGLE_STEP_METHODS`).
+
+    "sstv" minimises ½‖M_L(Δf − ΔDχ)‖² + β/2‖M_P(f_local − Dχ)‖² + α‖∇χ‖₁ over the
+    whole brain (:func:`sstv_admm`). The Laplacian term holds every source inside the
+    brain, however close to its edge, and none outside (the Laplacian of a background
+    field is 0 inside the brain); it constrains the low spatial frequencies weakly, which
+    the local field of a background removal (LBV) pins where that field is valid. M_L is
+    the brain eroded by ``sstv_erode_voxels`` less the Laplacian outliers
+    (:func:`laplacian_data_term`).
+
+    Parameters
+    ----------
+    method : str
+    total_field : ndarray, shape (X, Y, Z)
+        Total field [ppm] (finite inside ``brain_mask``).
+    brain_mask : ndarray of bool
+        Where χ is estimated (the phase-quality brain mask).
+    local_field : ndarray
+        Local field [ppm] of the background removal, valid in ``local_mask``.
+    local_mask : ndarray of bool
+    voxel_size, b0_dir
+        As in :func:`tikhonov`.
+    settings : InversionSettings, optional
+    progress : callable, optional
+        ``progress(iteration, max_iter)``.
+
+    Returns
+    -------
+    chi : ndarray, float32
+        χ [ppm], 0 outside ``brain_mask``, not referenced.
+    record : dict
+        Provenance: method, reference, parameters, data-term voxels, iterations run.
+    """
+    if method not in SINGLE_STEP_METHODS:
+        raise ValueError(f"unknown single-step inversion {method!r} "
+                         f"(choose one of {', '.join(SINGLE_STEP_METHODS)})")
+    s = settings or InversionSettings()
+    brain = np.asarray(brain_mask, dtype=bool)
+    anchor = np.asarray(local_mask, dtype=bool) & brain
+    if not brain.any():
+        raise ValueError("brain mask is empty")
+    total = np.where(brain, np.nan_to_num(np.asarray(total_field, dtype=np.float64)), 0.0)
+    total = np.where(brain, total - total[brain].mean(), 0.0)
+    local = np.nan_to_num(np.asarray(local_field, dtype=np.float64))
+    # D(0) = 0: a constant in the local field cannot be fitted; centring it helps ADMM.
+    local = np.where(anchor, local - (local[anchor].mean() if anchor.any() else 0.0), 0.0)
+    lap_data, lap_weight = laplacian_data_term(
+        total, brain, voxel_size=voxel_size, erode_voxels=s.sstv_erode_voxels,
+        clip_sd=s.sstv_clip_sd, grow_voxels=s.sstv_grow_voxels)
+    chi, n_iter = sstv_admm(lap_data, lap_weight, local, anchor.astype(np.float32),
+                            voxel_size=voxel_size, b0_dir=b0_dir, alpha=s.sstv_alpha,
+                            beta=s.sstv_beta, tol=s.sstv_tol, max_iter=s.sstv_max_iter,
+                            progress=progress)
+    chi = np.where(brain, chi, 0.0).astype(np.float32)
+    eroded = ndimage.binary_erosion(brain, iterations=s.sstv_erode_voxels)
+    record: dict[str, Any] = {
+        "Method": INVERSION_METHODS[method], "Reference": _REFERENCES[method],
+        "Parameters": {k: v for k, v in asdict(s).items() if k in _USES[method]},
+        "ADMMPenalties": {"gradient": 10.0 * s.sstv_alpha, "laplacian": 1.0,
+                          "local_field": s.sstv_beta},
+        "LaplacianDataVoxels": int((lap_weight > 0).sum()),
+        "LaplacianOutlierVoxels": int((eroded & (lap_weight == 0)).sum()),
+        "LocalFieldVoxels": int(anchor.sum()),
+        "IterationsRun": int(n_iter)}
     return chi, record

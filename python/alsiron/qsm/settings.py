@@ -12,7 +12,8 @@ that ran is the object recorded; variants are made with :func:`dataclasses.repla
 The sidecar records the settings as one flat dictionary (:meth:`QsmParameters.to_flat`,
 keys in :data:`PARAMETER_KEYS`), the same keys, values and order as before the sections
 existed, so sidecars of older runs compare key by key; :meth:`QsmParameters.from_flat`
-reads it back.
+reads it back (a sidecar written before a key existed reads as what ran then,
+:data:`ADDED_LATER`).
 """
 
 from __future__ import annotations
@@ -280,6 +281,8 @@ class QsmParameters:
         unknown = [k for k in flat if k not in _FLAT_INDEX]
         if unknown:
             raise ValueError(f"unknown QSM parameter(s) {', '.join(map(repr, unknown))}")
+        if _is_whole_sidecar(flat):
+            flat = {**{k: v for k, v in ADDED_LATER.items() if k not in flat}, **flat}
         changes: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
             section, name = _FLAT_INDEX[key]
@@ -319,8 +322,15 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "medi_nonlinear", "medi_alpha_rule", "medi_noise_factor", "rts_delta", "rts_mu",
     "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter", "ndi_lambda", "ndi_step",
     "ndi_max_iter", "ndi_tol", "r2star_weighted", "unwrapping", "complex_fit",
-    "phase_offset",
+    "phase_offset", "sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
+    "sstv_grow_voxels", "sstv_max_iter", "sstv_tol",
 )
+
+#: Keys added after sidecars were first written, with the value every run before them
+#: used. A sidecar that lacks one of them was written before it existed, so
+#: :meth:`QsmParameters.from_flat` reads it as that value, not as today's default.
+#: ``phase_offset``: the MCPC-3D-S offset held fixed was the only method before the key.
+ADDED_LATER: dict[str, Any] = {"phase_offset": "fixed"}
 
 
 def _flat_index() -> dict[str, tuple[str, str]]:
@@ -340,3 +350,9 @@ def _flat_index() -> dict[str, tuple[str, str]]:
 
 
 _FLAT_INDEX: dict[str, tuple[str, str]] = _flat_index()
+
+
+def _is_whole_sidecar(flat: Mapping[str, Any]) -> bool:
+    """``flat`` is a sidecar's whole ``Parameters`` (every key that predates
+    :data:`ADDED_LATER`), not a few chosen keys."""
+    return all(k in flat for k in PARAMETER_KEYS[:PARAMETER_KEYS.index("phase_offset")])
