@@ -53,6 +53,43 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// A noiseless problem: the dipole field and its Laplacian of a smooth χ, and the 0/1
+/// weights the tests switch the two data terms with.
+struct Problem {
+    shape: Shape3,
+    local_field: Vec<f32>,
+    laplacian: Vec<f32>,
+    ones: Vec<f32>,
+    zeros: Vec<f32>,
+}
+
+impl Problem {
+    fn new(n: usize) -> (Self, Vec<f32>) {
+        let (chi_true, shape) = smooth_chi(n);
+        let (local_field, laplacian) = fields(&chi_true, shape);
+        let (ones, zeros) = (vec![1.0f32; shape.len()], vec![0.0f32; shape.len()]);
+        let problem = Problem {
+            shape,
+            local_field,
+            laplacian,
+            ones,
+            zeros,
+        };
+        (problem, chi_true)
+    }
+
+    /// The data with the Laplacian term on or off and the anchor on or off.
+    fn data(&self, laplacian_on: bool, anchor_on: bool) -> SstvData<'_> {
+        let weight = |on: bool| if on { &self.ones[..] } else { &self.zeros[..] };
+        SstvData {
+            laplacian: &self.laplacian,
+            laplacian_weight: weight(laplacian_on),
+            local_field: &self.local_field,
+            local_weight: weight(anchor_on),
+        }
+    }
+}
+
 fn params(alpha: f64, beta: f64, max_iter: usize) -> SstvParams {
     SstvParams {
         max_iter,
@@ -63,15 +100,8 @@ fn params(alpha: f64, beta: f64, max_iter: usize) -> SstvParams {
 
 #[test]
 fn objective_decreases_over_the_iterations() {
-    let (chi_true, shape) = smooth_chi(24);
-    let (d, ld) = fields(&chi_true, shape);
-    let ones = vec![1.0f32; shape.len()];
-    let data = SstvData {
-        laplacian: &ld,
-        laplacian_weight: &ones,
-        local_field: &d,
-        local_weight: &ones,
-    };
+    let (problem, chi_true) = Problem::new(24);
+    let (shape, data) = (problem.shape, problem.data(true, true));
     let g = geometry(shape, VS, B0);
     // α small enough for the TV term not to dominate these ~1e-3 ppm/mm² data.
     let (alpha, beta) = (1e-5, 0.5);
@@ -103,15 +133,8 @@ fn objective_decreases_over_the_iterations() {
 
 #[test]
 fn noiseless_laplacian_data_alone_recovers_a_smooth_chi() {
-    let (chi_true, shape) = smooth_chi(32);
-    let (d, ld) = fields(&chi_true, shape);
-    let (ones, zeros) = (vec![1.0f32; shape.len()], vec![0.0f32; shape.len()]);
-    let data = SstvData {
-        laplacian: &ld,
-        laplacian_weight: &ones,
-        local_field: &d,
-        local_weight: &zeros,
-    };
+    let (problem, chi_true) = Problem::new(32);
+    let (shape, data) = (problem.shape, problem.data(true, false));
     // Nearly no TV: what the Laplacian data leave free (the cone D = 0) stays near 0;
     // measured relative error 2.7 % (α = 1e-6, μ₁ = 1e-3, 100 iterations; 2.7 % at 800).
     let p = SstvParams {
@@ -126,15 +149,9 @@ fn noiseless_laplacian_data_alone_recovers_a_smooth_chi() {
 #[test]
 fn without_the_laplacian_term_it_is_tv_admm_on_the_anchor() {
     // W_L = 0, W_P = 1: min (β/2)‖f − Dχ‖² + α‖∇χ‖₁, i.e. TV-ADMM with α/β.
-    let (chi_true, shape) = smooth_chi(24);
-    let (d, ld) = fields(&chi_true, shape);
-    let (ones, zeros) = (vec![1.0f32; shape.len()], vec![0.0f32; shape.len()]);
-    let data = SstvData {
-        laplacian: &ld,
-        laplacian_weight: &zeros,
-        local_field: &d,
-        local_weight: &ones,
-    };
+    let (problem, _) = Problem::new(24);
+    let (shape, data) = (problem.shape, problem.data(false, true));
+    let d = &problem.local_field;
     let g = geometry(shape, VS, B0);
     let (alpha, beta) = (2e-3, 2.0);
     let (chi, _) = sstv_admm(data, &g, params(alpha, beta, 400), NEVER).unwrap();
@@ -152,15 +169,8 @@ fn without_the_laplacian_term_it_is_tv_admm_on_the_anchor() {
 
 #[test]
 fn iteration_is_deterministic_and_stops_on_tolerance_or_request() {
-    let (chi_true, shape) = smooth_chi(24);
-    let (d, ld) = fields(&chi_true, shape);
-    let ones = vec![1.0f32; shape.len()];
-    let data = SstvData {
-        laplacian: &ld,
-        laplacian_weight: &ones,
-        local_field: &d,
-        local_weight: &ones,
-    };
+    let (problem, _) = Problem::new(24);
+    let (shape, data) = (problem.shape, problem.data(true, true));
     let g = geometry(shape, VS, B0);
     let p = SstvParams {
         tol: 1e-2,
