@@ -162,7 +162,7 @@ fn without_the_laplacian_term_it_is_tv_admm_on_the_anchor() {
         tol: 0.0,
     };
     let mask = vec![1u8; shape.len()];
-    let (reference, _) = tv_admm(&d, &mask, &g, tv, NEVER).unwrap();
+    let (reference, _) = tv_admm(d, &mask, &g, tv, NEVER).unwrap();
     let diff = rel_diff(&chi, &reference);
     assert!(diff < 1e-2, "relative difference to TV-ADMM {diff}");
 }
