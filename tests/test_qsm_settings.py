@@ -152,3 +152,8 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     assert medi.medi_alpha == 5e-4 and medi.medi_alpha_rule == "fixed"
     with pytest.raises(click.UsageError, match="--tv-alpha goes with a TV inversion"):
         params(inversion="tkd", tv_alpha=1e-4)
+    # sstv: its own α, and LBV as its anchor unless --bfr chooses another.
+    sstv = params(inversion="sstv", tv_alpha=1e-4)
+    assert sstv.inversion.sstv_alpha == 1e-4 and sstv.background.method == "lbv"
+    assert params(inversion="sstv", bfr="pdf").background.method == "pdf"
+    assert params(bfr=None).background.method == default.background.method
