@@ -157,3 +157,19 @@ def test_effect_recovery_compares_like_with_like():
     assert baseline.truth_map_ratio == pytest.approx(1.0)
     assert not baseline.passed and found.n_als == 2 and found.n_control == 2
     assert "= 0.50 (pass mark 0.80-1.20: FAIL" in found.lines()[0]
+
+
+def test_demo_runs_the_chosen_inversion(tmp_path):
+    out = tmp_path / "sstv"
+    run = CliRunner().invoke(cli, ["demo", str(out), "--subjects", "2", "--sessions", "1",
+                                   "--matrix", "32", "--voxel-size", "6",
+                                   "--inversion", "sstv"])
+    assert run.exit_code == 0, run.output
+    with Registry.open(default_registry_path(out / "derivatives"), create=False) as reg:
+        records = reg.sessions()
+    assert len(records) == 2
+    for record in records:
+        qsm = record.parameters["qsm"]
+        assert qsm["Parameters"]["inversion"] == "sstv"
+        # The single-step method takes LBV's local field as its anchor.
+        assert qsm["Parameters"]["bfr"] == "lbv"

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from alsiron.cli._options import method_choice
+from alsiron.qsm.inversion import INVERSION_METHODS
+
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -65,16 +68,23 @@ def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
               show_default=True,
               help="Participants' heads: the ellipsoid phantom, or folded cortex from the "
                    "MNI152 template deformed per participant (B0 shimmed; slower).")
+@click.option("--inversion", type=method_choice(INVERSION_METHODS), default=None,
+              help="QSM inversion, as in alsiron qsm (default: the chain's).")
 def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: int | None,
-             voxel_size: float | None, seed: int, overwrite: bool, anatomy: str) -> None:
+             voxel_size: float | None, seed: int, overwrite: bool, anatomy: str,
+             inversion: str | None) -> None:
     """Simulate a small trial (controls and ALS, visits, two sites) and run everything:
     maps, indices, registry, normative model, z-scores, longitudinal models, reports."""
+    from alsiron.cli.qsm import qsm_parameters
     from alsiron.runs import demo
 
     kwargs = {k: v for k, v in {"subjects": subjects, "sessions": sessions, "matrix": matrix,
                                 "voxel_size": voxel_size}.items() if v is not None}
+    params = qsm_parameters(inversion=inversion, weak_harmonic=False, bfr=None,
+                            unwrapping=None, brain_mask_method=None, bet_f=None,
+                            mask_path=None, mask_erode=None, phase_quality_threshold=None)
     result = demo.run_demo(out_dir, seed=seed, overwrite=overwrite, anatomy=anatomy,
-                           say=click.echo, **kwargs)
+                           params=params, say=click.echo, **kwargs)
     for note in result.notes:
         click.echo(f"alsiron: warning: {note}", err=True)
     click.echo(f"demo: {result.n_sessions} sessions; registry {result.registry}; "

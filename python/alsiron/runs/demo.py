@@ -24,6 +24,7 @@ from alsiron.cohort.records import HEADLINE_INDEX
 from alsiron.cohort.registry import Registry, default_registry_path
 from alsiron.errors import AlsironError, InputError
 from alsiron.io.atomic import save_json
+from alsiron.qsm.settings import QsmParameters
 from alsiron.runs import qsm as pipeline
 from alsiron.runs.group import run_group_stage
 from alsiron.sim import phantom
@@ -92,7 +93,7 @@ class DemoResult:
 def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
              sessions: int = DEMO_SESSIONS, matrix: int | None = None,
              voxel_size: float | None = None, seed: int = 0, overwrite: bool = False,
-             anatomy: str = "geometric",
+             anatomy: str = "geometric", params: QsmParameters | None = None,
              say: Callable[[str], None] | None = None) -> DemoResult:
     """Simulate a small trial and run the whole alsiron chain on it.
 
@@ -114,6 +115,8 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
     anatomy : {"geometric", "template"}
         The ellipsoid head, or the folded-cortex head of :mod:`alsiron.sim.anatomical`
         (one deformed MNI152 anatomy per participant, B0 shimmed).
+    params : QsmParameters, optional
+        The QSM chain's settings (default: its defaults).
     say : callable, optional
         Receives one progress line per step.
 
@@ -141,7 +144,8 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
     derivs = root / "derivatives" / "alsiron"
     reg_path = default_registry_path(derivs)
     result = DemoResult(dataset=root, derivatives=derivs, registry=reg_path, seconds=seconds)
-    options = pipeline.QsmRunOptions(registry=reg_path, overwrite=overwrite)
+    options = pipeline.QsmRunOptions(registry=reg_path, overwrite=overwrite,
+                                     params=params or QsmParameters())
     for subj in sorted(p for p in root.glob("sub-*") if p.is_dir()):
         for oc in pipeline.run_qsm_subject(subj, options):
             result.n_sessions += 1
