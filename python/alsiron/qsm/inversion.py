@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -71,6 +71,11 @@ TV_MU = 7e-2
 
 #: Default TV weight α of the single-step method "sstv" (Laplacian data in ppm/mm²).
 SSTV_ALPHA = 2e-5
+
+#: sstv's default ADMM penalties (the Rust kernel's too): μ₁ = this × α on ∇χ, and μ₂ on
+#: the Laplacian split; μ₃ on the anchor split defaults to β.
+SSTV_MU_GRADIENT_PER_ALPHA = 10.0
+SSTV_MU_LAPLACIAN = 1.0
 
 
 #: Inversion names accepted by :func:`invert` (and ``alsiron qsm --inversion``) → the
@@ -703,7 +708,7 @@ def tv_admm_masked(local_field: np.ndarray, mask: np.ndarray, *,
 def sstv_admm(laplacian_data: np.ndarray, laplacian_weight: np.ndarray,
               local_field: np.ndarray, local_weight: np.ndarray, *,
               voxel_size: Sequence[float], b0_dir: Sequence[float], alpha: float,
-              beta: float, mu1: float | None = None, mu2: float = 1.0,
+              beta: float, mu1: float | None = None, mu2: float = SSTV_MU_LAPLACIAN,
               mu3: float | None = None, tol: float = 1e-3, max_iter: int = 100,
               progress: Callable[[int, int], None] | None = None
               ) -> tuple[np.ndarray, int]:
@@ -771,7 +776,8 @@ def sstv_admm(laplacian_data: np.ndarray, laplacian_weight: np.ndarray,
     try:
         a = _positive(alpha, "alpha", allow_zero=True)
         b = _positive(beta, "beta", allow_zero=True)
-        m1 = _positive(10.0 * a if mu1 is None else mu1, "mu1 (default 10·alpha)")
+        m1 = _positive(SSTV_MU_GRADIENT_PER_ALPHA * a if mu1 is None else mu1,
+                       "mu1 (default 10·alpha)")
         m2 = _positive(mu2, "mu2")
         m3 = _positive(b if mu3 is None else mu3, "mu3 (default beta)", allow_zero=b == 0)
     except ValueError as exc:
@@ -789,6 +795,15 @@ def periodic_laplacian(x: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray
     for axis, h in enumerate(vs):
         out += (np.roll(arr, 1, axis) + np.roll(arr, -1, axis) - 2.0 * arr) / (h * h)
     return out
+
+
+class _LaplacianData(NamedTuple):
+    """:func:`_laplacian_data`'s result: g [ppm/mm²], W_L, and how many voxels of the
+    eroded brain the outlier clipping dropped."""
+
+    data: np.ndarray
+    weight: np.ndarray
+    outliers: int
 
 
 def laplacian_data_term(total_field: np.ndarray, brain_mask: np.ndarray, *,
@@ -832,6 +847,16 @@ def laplacian_data_term(total_field: np.ndarray, brain_mask: np.ndarray, *,
         Bad arrays or voxel size, negative counts, a non-positive ``clip_sd``, or no voxel
         left after the erosion.
     """
+    g, weight, _ = _laplacian_data(total_field, brain_mask, voxel_size=voxel_size,
+                                   erode_voxels=erode_voxels, clip_sd=clip_sd,
+                                   grow_voxels=grow_voxels)
+    return g, weight
+
+
+def _laplacian_data(total_field: np.ndarray, brain_mask: np.ndarray, *,
+                    voxel_size: Sequence[float], erode_voxels: int,
+                    clip_sd: float | None, grow_voxels: int) -> _LaplacianData:
+    """:func:`laplacian_data_term`, with the count of clipped voxels."""
     field, brain, vs = as_field_inputs(total_field, brain_mask, voxel_size, "total_field")
     brain = brain.astype(bool)
     for name, count in (("erode_voxels", erode_voxels), ("grow_voxels", grow_voxels)):
@@ -840,21 +865,22 @@ def laplacian_data_term(total_field: np.ndarray, brain_mask: np.ndarray, *,
     if clip_sd is not None and not (math.isfinite(clip_sd) and clip_sd > 0):
         raise InvalidInputError(f"clip_sd must be positive (or None), got {clip_sd!r}")
     # scipy's iterations=0 means "until nothing changes", hence the explicit guards.
-    keep = ndimage.binary_erosion(brain, iterations=erode_voxels) if erode_voxels else brain
-    if not keep.any():
+    eroded = ndimage.binary_erosion(brain, iterations=erode_voxels) if erode_voxels else brain
+    if not eroded.any():
         raise InvalidInputError(
             f"total_field: the brain mask is empty after {erode_voxels} voxels of erosion")
     lap = periodic_laplacian(np.where(brain, field, 0.0), vs)
+    keep = eroded
     if clip_sd is not None:
-        values = lap[keep]
+        values = lap[eroded]
         med = np.median(values)
         sd = 1.4826 * np.median(np.abs(values - med))
-        bad = keep & (np.abs(lap - med) > clip_sd * sd)
+        bad = eroded & (np.abs(lap - med) > clip_sd * sd)
         if grow_voxels:
             bad = ndimage.binary_dilation(bad, iterations=grow_voxels)
-        keep = keep & ~bad
-    weight = keep.astype(np.float32)
-    return np.where(keep, lap, 0.0).astype(np.float32), weight
+        keep = eroded & ~bad
+    return _LaplacianData(np.where(keep, lap, 0.0).astype(np.float32),
+                          keep.astype(np.float32), int((eroded & ~keep).sum()))
 
 
 def medi(local_field: np.ndarray, mask: np.ndarray, magnitude: np.ndarray, *,
@@ -1178,7 +1204,7 @@ def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndar
     local = np.nan_to_num(np.asarray(local_field, dtype=np.float64))
     # D(0) = 0: a constant in the local field cannot be fitted; centring it helps ADMM.
     local = np.where(anchor, local - (local[anchor].mean() if anchor.any() else 0.0), 0.0)
-    lap_data, lap_weight = laplacian_data_term(
+    lap_data, lap_weight, n_outliers = _laplacian_data(
         total, brain, voxel_size=voxel_size, erode_voxels=s.sstv_erode_voxels,
         clip_sd=s.sstv_clip_sd, grow_voxels=s.sstv_grow_voxels)
     chi, n_iter = sstv_admm(lap_data, lap_weight, local, anchor.astype(np.float32),
@@ -1186,14 +1212,13 @@ def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndar
                             beta=s.sstv_beta, tol=s.sstv_tol, max_iter=s.sstv_max_iter,
                             progress=progress)
     chi = np.where(brain, chi, 0.0).astype(np.float32)
-    eroded = ndimage.binary_erosion(brain, iterations=s.sstv_erode_voxels)
     record: dict[str, Any] = {
         "Method": INVERSION_METHODS[method], "Reference": _REFERENCES[method],
         "Parameters": {k: v for k, v in asdict(s).items() if k in _USES[method]},
-        "ADMMPenalties": {"gradient": 10.0 * s.sstv_alpha, "laplacian": 1.0,
-                          "local_field": s.sstv_beta},
+        "ADMMPenalties": {"gradient": SSTV_MU_GRADIENT_PER_ALPHA * s.sstv_alpha,
+                          "laplacian": SSTV_MU_LAPLACIAN, "local_field": s.sstv_beta},
         "LaplacianDataVoxels": int((lap_weight > 0).sum()),
-        "LaplacianOutlierVoxels": int((eroded & (lap_weight == 0)).sum()),
+        "LaplacianOutlierVoxels": n_outliers,
         "LocalFieldVoxels": int(anchor.sum()),
         "IterationsRun": int(n_iter)}
     return chi, record
