@@ -136,8 +136,8 @@ def effective_background(p: QsmParameters, voxel_size: tuple[float, float, float
     s = p.background
     if (p.inversion.method in inv.SINGLE_STEP_METHODS and s.erode_mm is None
             and s.erode_voxels is None):
-        depth = max(SINGLE_STEP_ANCHOR_ERODE_MM, max(float(v) for v in voxel_size))
-        return dataclasses.replace(s, erode_mm=depth)
+        return dataclasses.replace(
+            s, erode_mm=_at_least_one_voxel(SINGLE_STEP_ANCHOR_ERODE_MM, voxel_size))
     return s
 
 
@@ -408,8 +408,13 @@ def erosion_depth_mm(s: BackgroundSettings, voxel_size: tuple[float, float, floa
     voxel layer — partial volume with bone or air at any voxel size — always goes (no
     erosion was the worst setting at every resolution, docs/qsm_mask_erosion.md)."""
     if s.erode_mm is None:
-        return max(BFR_ERODE_MM[s.method], max(float(v) for v in voxel_size))
+        return _at_least_one_voxel(BFR_ERODE_MM[s.method], voxel_size)
     return float(s.erode_mm)
+
+
+def _at_least_one_voxel(depth_mm: float, voxel_size: tuple[float, float, float]) -> float:
+    """A default erosion depth [mm], raised to the largest voxel edge when shallower."""
+    return max(depth_mm, max(float(v) for v in voxel_size))
 
 
 def erosion_record(s: BackgroundSettings, voxel_size: tuple[float, float, float]
