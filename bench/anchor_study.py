@@ -1,0 +1,241 @@
+"""What the single-step inversion's anchor costs on the anatomical head (issue 13, item 2).
+
+``--inversion sstv`` fits ½‖W_L(Δf − ΔDχ)‖² + β/2‖W_P(f_anchor − Dχ)‖² + α‖∇χ‖₁; the
+anchor is a local-field estimate from a background removal. This study keeps everything
+else fixed — the chain's own total field, phase-quality mask and anchor mask of each
+session, the package's sstv settings — and swaps only the anchor:
+
+- ``LBV`` — what ``alsiron qsm --inversion sstv`` runs (each session its own mask);
+- ``LBV, shared mask`` — LBV on the intersection of the two sessions' anchor masks. The
+  sessions differ only by the ALS excess, yet their phase-quality masks differ in a few
+  hundred edge voxels, and LBV's Dirichlet boundary moves with them; this row measures
+  the ALS excess without that session-to-session mask noise;
+- ``PDF`` (tolerance 1e-4) on the same mask;
+- ``PDF, smooth sources`` — a NumPy prototype of PDF whose background sources carry a
+  squared-gradient penalty λ‖∇χ_out‖² (taken only between pairs of source voxels):
+  background tissue (bone, scalp, air) is piecewise smooth, while sources that mimic the
+  near-edge cortical field must be rough;
+- ``0.4 LBV + 0.6 PDF smooth`` — both anchors in one quadratic term (their weighted mean);
+- ``true local field`` — the ceiling: the simulator's local field as the anchor.
+
+Scores as ``bench/anatomy_candidates.py`` (``bench/anatomical_phantom.py``). The true
+local field is read only by the ceiling row and the scores; nothing here is on the
+production path.
+
+Run: ``python bench/anchor_study.py [--voxel-size 2] [--snr 100] [--b0-tilt 0] [--rng 12]
+[--smooth-lambda 3e-4] [--pdf-iterations 50]``; prints a JSON row per anchor and a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from anatomical_phantom import als_excess, scores
+from anatomy_candidates import simulate_pair
+
+from alsiron import qsm
+from alsiron.evaluation.stages import series_of, truth_of
+from alsiron.qsm import inversion as inv
+from alsiron.qsm.chain import bfr_input_mask, effective_background, process_series
+from alsiron.qsm.dipole import dipole_kernel
+from alsiron.qsm.settings import BackgroundSettings, QsmParameters
+
+PAD = 16
+
+
+def _source_gradient_penalty(x: np.ndarray, sources: np.ndarray,
+                             voxel_size: tuple[float, float, float]) -> np.ndarray:
+    """∇ᵀ(M_pair ∇x) over pairs of neighbouring source voxels [1/mm²]."""
+    out = np.zeros_like(x)
+    for axis in range(3):
+        pair = np.roll(sources, -1, axis) * sources
+        d = (np.roll(x, -1, axis) - x) * pair / voxel_size[axis] ** 2
+        out += np.roll(d, 1, axis) - d
+    return out
+
+
+def pdf_smooth_sources(total: np.ndarray, mask: np.ndarray,
+                       voxel_size: tuple[float, float, float],
+                       b0_dir: tuple[float, float, float], smooth_lambda: float,
+                       iterations: int) -> np.ndarray:
+    """Local field [ppm] of PDF with a squared-gradient penalty on the sources.
+
+    Solves (P Dᵀ M D P + λ P ∇ᵀ∇ P) x = P Dᵀ M f by CG (float64, NumPy) on a grid padded
+    by 16 voxels, P = outside ``mask``; returns M·(f − D P x).
+    """
+    f = np.pad(np.where(mask, total, 0.0), PAD)
+    inside = np.pad(mask, PAD).astype(np.float64)
+    sources = 1.0 - inside
+    kernel = dipole_kernel(f.shape, voxel_size=voxel_size, b0_dir=b0_dir).astype(np.float64)
+
+    def dipole(x: np.ndarray) -> np.ndarray:
+        return np.fft.irfftn(kernel * np.fft.rfftn(x), s=f.shape, axes=(0, 1, 2))
+
+    def normal(x: np.ndarray) -> np.ndarray:
+        out = sources * dipole(inside * dipole(sources * x))
+        if smooth_lambda:
+            out += smooth_lambda * sources * _source_gradient_penalty(sources * x, sources,
+                                                                      voxel_size)
+        return out
+
+    x = np.zeros_like(f)
+    r = sources * dipole(inside * f)
+    p = r.copy()
+    rr = float((r * r).sum())
+    stop = 1e-4 * math.sqrt(rr)
+    for _ in range(iterations):
+        if math.sqrt(rr) <= stop:
+            break
+        ap = normal(p)
+        step = rr / float((p * ap).sum())
+        x += step * p
+        r -= step * ap
+        rr_new = float((r * r).sum())
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    local = (f - dipole(sources * x))[PAD:-PAD, PAD:-PAD, PAD:-PAD]
+    return np.where(mask, local, 0.0)
+
+
+def chain_inputs(sessions: list, params: QsmParameters) -> list[dict[str, Any]]:
+    """Each session's total field, phase-quality mask and anchor mask, from the chain."""
+    out = []
+    for s in sessions:
+        series = series_of(s)
+        result = process_series(series, params)
+        quality = result.qsm_mask.data > 0
+        sd = None if result.field_sd is None else result.field_sd.data
+        background = effective_background(params, series.voxel_size)
+        out.append({"total": np.nan_to_num(result.total_field.data).astype(np.float64),
+                    "quality": quality,
+                    "anchor_mask": bfr_input_mask(quality, series.voxel_size, background,
+                                                  field_sd=sd),
+                    "voxel_size": series.voxel_size,
+                    "b0": tuple(float(v) for v in series.b0_direction)})
+    return out
+
+
+Anchor = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def anchors(inputs: list[dict[str, Any]], sessions: list, smooth_lambda: float,
+            pdf_iterations: int) -> dict[str, Anchor]:
+    """The anchors compared: name → (session index → (anchor field [ppm], its mask))."""
+    shared = inputs[0]["anchor_mask"] & inputs[1]["anchor_mask"]
+    cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def lbv(k: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        c = inputs[k]
+        local, interior, _ = qsm.lbv(np.where(c["quality"], c["total"], 0.0).astype(np.float32),
+                                     c["anchor_mask"] if mask is None else mask,
+                                     voxel_size=c["voxel_size"])
+        return local.astype(np.float64), interior
+
+    def pdf(k: int) -> tuple[np.ndarray, np.ndarray]:
+        c = inputs[k]
+        local, _ = qsm.pdf(np.where(c["quality"], c["total"], 0.0).astype(np.float32),
+                           c["anchor_mask"], voxel_size=c["voxel_size"], b0_dir=c["b0"],
+                           tol=1e-4, max_iter=300)
+        return local.astype(np.float64), c["anchor_mask"]
+
+    def pdf_smooth(k: int) -> tuple[np.ndarray, np.ndarray]:
+        c = inputs[k]
+        if ("smooth", k) not in cache:
+            cache[("smooth", k)] = pdf_smooth_sources(
+                c["total"], c["anchor_mask"], c["voxel_size"], c["b0"], smooth_lambda,
+                pdf_iterations)
+        return cache[("smooth", k)], c["anchor_mask"]
+
+    def mix(k: int) -> tuple[np.ndarray, np.ndarray]:
+        a, ma = lbv(k)
+        b, mb = pdf_smooth(k)
+        return 0.4 * a + 0.6 * b, ma & mb
+
+    def truth(k: int) -> tuple[np.ndarray, np.ndarray]:
+        return sessions[k].local_field.astype(np.float64), inputs[k]["anchor_mask"]
+
+    return {"LBV (the chain's anchor)": lbv,
+            "LBV, shared mask": lambda k: lbv(k, shared),
+            "PDF tol 1e-4": pdf,
+            f"PDF, smooth sources (lambda {smooth_lambda:g})": pdf_smooth,
+            "0.4 LBV + 0.6 PDF smooth": mix,
+            "ceiling: true local field as anchor": truth}
+
+
+def evaluate(anchor: Anchor, inputs: list[dict[str, Any]], sessions: list,
+             settings: inv.InversionSettings, voxel: float) -> dict[str, Any]:
+    """Scores of sstv with ``anchor`` on the pair, and its time [s]."""
+    t0 = time.perf_counter()
+    chis, masks = [], []
+    for k, c in enumerate(inputs):
+        local, mask = anchor(k)
+        chi, _ = inv.invert_single_step(
+            "sstv", c["total"], c["quality"], np.where(mask, local, 0.0), mask,
+            voxel_size=c["voxel_size"], b0_dir=c["b0"], settings=settings)
+        chi = qsm.reference_to_mean(chi, c["quality"])
+        chis.append(np.where(c["quality"], chi, np.nan))
+        masks.append(c["quality"])
+    seconds = time.perf_counter() - t0
+    truths = [truth_of(s) for s in sessions]
+    rows = [scores(x, m, t, voxel) for x, m, t in zip(chis, masks, truths, strict=True)]
+    out: dict[str, Any] = {k: round(float(np.mean([r[k] for r in rows])), 3)
+                           for k in rows[0]}
+    out.update(als_excess(chis, masks, truths))
+    out["seconds"] = round(seconds, 1)
+    return out
+
+
+COLUMNS = [("nrmse_pct_brain_less_3mm", "NRMSE %"), ("deep_grey_slope", "slope"),
+           ("precentral_minus_local_wm_ratio", "precentral − WM"),
+           ("precentral_ribbon_without_chi_pct", "ribbon without χ %"),
+           ("als_deep_excess_ratio", "ALS excess")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxel-size", type=float, default=2.0)
+    parser.add_argument("--snr", type=float, default=100.0)
+    parser.add_argument("--b0-tilt", type=float, default=0.0,
+                        help="B0 tilted from z towards x [degrees]")
+    parser.add_argument("--rng", type=int, default=12, help="noise and phase-offset seed")
+    parser.add_argument("--smooth-lambda", type=float, default=3e-4,
+                        help="source-gradient penalty of the smooth-source PDF [mm²]")
+    parser.add_argument("--pdf-iterations", type=int, default=50)
+    args = parser.parse_args()
+    tilt = math.radians(args.b0_tilt)
+    b0 = (math.sin(tilt), 0.0, math.cos(tilt))
+    t0 = time.perf_counter()
+    sessions = simulate_pair(args.voxel_size, args.snr, b0, args.rng)
+    params = QsmParameters(background=BackgroundSettings(method="lbv"),
+                           inversion=inv.InversionSettings(method="sstv"))
+    inputs = chain_inputs(sessions, params)
+    differ = int((inputs[0]["anchor_mask"] ^ inputs[1]["anchor_mask"]).sum())
+    setup = {"voxel_mm": args.voxel_size, "snr": args.snr, "b0_tilt_deg": args.b0_tilt,
+             "rng": args.rng, "anchor_mask_voxels": int(inputs[0]["anchor_mask"].sum()),
+             "anchor_mask_voxels_differing_between_sessions": differ,
+             "setup_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({"row": "setup", **setup}), flush=True)
+    table = []
+    for name, anchor in anchors(inputs, sessions, args.smooth_lambda,
+                                args.pdf_iterations).items():
+        row = {"row": "anchor", "name": name, **setup,
+               **evaluate(anchor, inputs, sessions, params.inversion, args.voxel_size)}
+        print(json.dumps(row), flush=True)
+        table.append(row)
+    print(f"\n{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°, "
+          f"seed {args.rng}; {differ} anchor-mask voxels differ between the sessions\n")
+    print("| anchor | " + " | ".join(h for _, h in COLUMNS) + " |")
+    print("| --- |" + " ---: |" * len(COLUMNS))
+    for row in table:
+        print(f"| {row['name']} | " + " | ".join(f"{row[k]:g}" for k, _ in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main()
