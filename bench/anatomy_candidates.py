@@ -143,20 +143,39 @@ def evaluate(c: Candidate, sessions: list, voxel: float) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_condition_arguments(parser: argparse.ArgumentParser, rng: int) -> None:
+    """The simulated condition's options: voxel size, SNR, B0 tilt, seed."""
     parser.add_argument("--voxel-size", type=float, default=2.0)
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--b0-tilt", type=float, default=0.0,
                         help="B0 tilted from z towards x [degrees]")
-    parser.add_argument("--rng", type=int, default=11, help="noise and phase-offset seed")
+    parser.add_argument("--rng", type=int, default=rng, help="noise and phase-offset seed")
+
+
+def b0_of(tilt_deg: float) -> tuple[float, float, float]:
+    """Unit B0 direction tilted by ``tilt_deg`` degrees from z towards x."""
+    tilt = math.radians(tilt_deg)
+    return (math.sin(tilt), 0.0, math.cos(tilt))
+
+
+def print_table(caption: str, first: str, table: list[dict[str, Any]],
+                columns: list[tuple[str, str]]) -> None:
+    """Print ``table``'s rows as a Markdown table under ``caption``."""
+    print(f"\n{caption}\n")
+    print(f"| {first} | " + " | ".join(h for _, h in columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for row in table:
+        print(f"| {row['name']} | " + " | ".join(f"{row[k]:g}" for k, _ in columns) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_condition_arguments(parser, rng=11)
     parser.add_argument("--only", nargs="*", default=None,
                         help="names (or name prefixes) of the candidates to run")
     args = parser.parse_args()
-    tilt = math.radians(args.b0_tilt)
-    b0 = (math.sin(tilt), 0.0, math.cos(tilt))
     t0 = time.perf_counter()
-    sessions = simulate_pair(args.voxel_size, args.snr, b0, args.rng)
+    sessions = simulate_pair(args.voxel_size, args.snr, b0_of(args.b0_tilt), args.rng)
     setup = {"voxel_mm": args.voxel_size, "snr": args.snr, "b0_tilt_deg": args.b0_tilt,
              "rng": args.rng,
              "matrix": list(sessions[0].chi.shape),
@@ -170,12 +189,8 @@ def main() -> None:
                **evaluate(c, sessions, args.voxel_size)}
         print(json.dumps(row), flush=True)
         table.append(row)
-    print(f"\n{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°, "
-          f"seed {args.rng}\n")
-    print("| candidate | " + " | ".join(h for _, h in COLUMNS) + " |")
-    print("| --- |" + " ---: |" * len(COLUMNS))
-    for row in table:
-        print(f"| {row['name']} | " + " | ".join(f"{row[k]:g}" for k, _ in COLUMNS) + " |")
+    print_table(f"{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°, "
+                f"seed {args.rng}", "candidate", table, COLUMNS)
 
 
 if __name__ == "__main__":

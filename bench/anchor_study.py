@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 from anatomical_phantom import als_excess, scores
-from anatomy_candidates import simulate_pair
+from anatomy_candidates import add_condition_arguments, b0_of, print_table, simulate_pair
 
 from alsiron import qsm
 from alsiron.evaluation.stages import series_of, truth_of
@@ -200,19 +200,13 @@ COLUMNS = [("nrmse_pct_brain_less_3mm", "NRMSE %"), ("deep_grey_slope", "slope")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voxel-size", type=float, default=2.0)
-    parser.add_argument("--snr", type=float, default=100.0)
-    parser.add_argument("--b0-tilt", type=float, default=0.0,
-                        help="B0 tilted from z towards x [degrees]")
-    parser.add_argument("--rng", type=int, default=12, help="noise and phase-offset seed")
+    add_condition_arguments(parser, rng=12)
     parser.add_argument("--smooth-lambda", type=float, default=3e-4,
                         help="source-gradient penalty of the smooth-source PDF [mm²]")
     parser.add_argument("--pdf-iterations", type=int, default=50)
     args = parser.parse_args()
-    tilt = math.radians(args.b0_tilt)
-    b0 = (math.sin(tilt), 0.0, math.cos(tilt))
     t0 = time.perf_counter()
-    sessions = simulate_pair(args.voxel_size, args.snr, b0, args.rng)
+    sessions = simulate_pair(args.voxel_size, args.snr, b0_of(args.b0_tilt), args.rng)
     params = QsmParameters(background=BackgroundSettings(method="lbv"),
                            inversion=inv.InversionSettings(method="sstv"))
     inputs = chain_inputs(sessions, params)
@@ -229,12 +223,9 @@ def main() -> None:
                **evaluate(anchor, inputs, sessions, params.inversion, args.voxel_size)}
         print(json.dumps(row), flush=True)
         table.append(row)
-    print(f"\n{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°, "
-          f"seed {args.rng}; {differ} anchor-mask voxels differ between the sessions\n")
-    print("| anchor | " + " | ".join(h for _, h in COLUMNS) + " |")
-    print("| --- |" + " ---: |" * len(COLUMNS))
-    for row in table:
-        print(f"| {row['name']} | " + " | ".join(f"{row[k]:g}" for k, _ in COLUMNS) + " |")
+    print_table(f"{args.voxel_size} mm, SNR {args.snr:g}, B0 tilt {args.b0_tilt:g}°, "
+                f"seed {args.rng}; {differ} anchor-mask voxels differ between the sessions",
+                "anchor", table, COLUMNS)
 
 
 if __name__ == "__main__":
