@@ -11,8 +11,9 @@ session, the package's sstv settings — and swaps only the anchor:
   hundred edge voxels, and LBV's Dirichlet boundary moves with them; this row measures
   the ALS excess without that session-to-session mask noise;
 - ``PDF`` (tolerance 1e-4) on the same mask;
-- ``PDF, smooth sources`` — a NumPy prototype of PDF whose background sources carry a
-  squared-gradient penalty λ‖∇χ_out‖² (taken only between pairs of source voxels):
+- ``PDF, smooth sources`` — PDF whose background sources carry a squared-gradient
+  penalty λ‖∇χ_out‖² (``qsm.pdf(..., source_smoothing=λ)``, only between pairs of source
+  voxels):
   background tissue (bone, scalp, air) is piecewise smooth, while sources that mimic the
   near-edge cortical field must be rough;
 - ``0.4 LBV + 0.6 PDF smooth`` — both anchors in one quadratic term (their weighted mean);
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,64 +44,7 @@ from alsiron import qsm
 from alsiron.evaluation.stages import series_of, truth_of
 from alsiron.qsm import inversion as inv
 from alsiron.qsm.chain import bfr_input_mask, effective_background, process_series
-from alsiron.qsm.dipole import dipole_kernel
 from alsiron.qsm.settings import BackgroundSettings, QsmParameters
-
-PAD = 16
-
-
-def _source_gradient_penalty(x: np.ndarray, sources: np.ndarray,
-                             voxel_size: tuple[float, float, float]) -> np.ndarray:
-    """∇ᵀ(M_pair ∇x) over pairs of neighbouring source voxels [1/mm²]."""
-    out = np.zeros_like(x)
-    for axis in range(3):
-        pair = np.roll(sources, -1, axis) * sources
-        d = (np.roll(x, -1, axis) - x) * pair / voxel_size[axis] ** 2
-        out += np.roll(d, 1, axis) - d
-    return out
-
-
-def pdf_smooth_sources(total: np.ndarray, mask: np.ndarray,
-                       voxel_size: tuple[float, float, float],
-                       b0_dir: tuple[float, float, float], smooth_lambda: float,
-                       iterations: int) -> np.ndarray:
-    """Local field [ppm] of PDF with a squared-gradient penalty on the sources.
-
-    Solves (P Dᵀ M D P + λ P ∇ᵀ∇ P) x = P Dᵀ M f by CG (float64, NumPy) on a grid padded
-    by 16 voxels, P = outside ``mask``; returns M·(f − D P x).
-    """
-    f = np.pad(np.where(mask, total, 0.0), PAD)
-    inside = np.pad(mask, PAD).astype(np.float64)
-    sources = 1.0 - inside
-    kernel = dipole_kernel(f.shape, voxel_size=voxel_size, b0_dir=b0_dir).astype(np.float64)
-
-    def dipole(x: np.ndarray) -> np.ndarray:
-        return np.fft.irfftn(kernel * np.fft.rfftn(x), s=f.shape, axes=(0, 1, 2))
-
-    def normal(x: np.ndarray) -> np.ndarray:
-        out = sources * dipole(inside * dipole(sources * x))
-        if smooth_lambda:
-            out += smooth_lambda * sources * _source_gradient_penalty(sources * x, sources,
-                                                                      voxel_size)
-        return out
-
-    x = np.zeros_like(f)
-    r = sources * dipole(inside * f)
-    p = r.copy()
-    rr = float((r * r).sum())
-    stop = 1e-4 * math.sqrt(rr)
-    for _ in range(iterations):
-        if math.sqrt(rr) <= stop:
-            break
-        ap = normal(p)
-        step = rr / float((p * ap).sum())
-        x += step * p
-        r -= step * ap
-        rr_new = float((r * r).sum())
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    local = (f - dipole(sources * x))[PAD:-PAD, PAD:-PAD, PAD:-PAD]
-    return np.where(mask, local, 0.0)
 
 
 def chain_inputs(sessions: list, params: QsmParameters) -> list[dict[str, Any]]:
@@ -148,9 +91,11 @@ def anchors(inputs: list[dict[str, Any]], sessions: list, smooth_lambda: float,
     def pdf_smooth(k: int) -> tuple[np.ndarray, np.ndarray]:
         c = inputs[k]
         if ("smooth", k) not in cache:
-            cache[("smooth", k)] = pdf_smooth_sources(
-                c["total"], c["anchor_mask"], c["voxel_size"], c["b0"], smooth_lambda,
-                pdf_iterations)
+            local, _ = qsm.pdf(np.where(c["quality"], c["total"], 0.0).astype(np.float32),
+                               c["anchor_mask"], voxel_size=c["voxel_size"], b0_dir=c["b0"],
+                               tol=1e-4, max_iter=pdf_iterations,
+                               source_smoothing=smooth_lambda)
+            cache[("smooth", k)] = local.astype(np.float64)
         return cache[("smooth", k)], c["anchor_mask"]
 
     def mix(k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -294,14 +294,25 @@ def dipole_kernel_image_space(shape, voxel_size, b0_dir) -> np.ndarray:
     return np.fft.rfftn(d).real
 
 
+def source_gradient_penalty(x, sources, voxel_size):
+    """∇ᵀ(M_pair ∇x) with forward differences between neighbouring ``sources`` voxels,
+    periodic, each axis divided by its spacing squared [1/mm²]."""
+    out = np.zeros_like(x)
+    for axis in range(3):
+        pair = np.roll(sources, -1, axis) & sources
+        d = np.where(pair, np.roll(x, -1, axis) - x, 0.0) / voxel_size[axis] ** 2
+        out += np.roll(d, 1, axis) - d
+    return out
+
+
 def pdf(field, mask, voxel_size, b0_dir, *, weight=None, pad_voxels=(0, 0, 0),
-        tol=1e-2, max_iter=100, kernel="image"):
+        tol=1e-2, max_iter=100, kernel="image", source_smoothing=0.0):
     """Projection onto dipole fields by CG on the normal equations (twin of bfr::pdf).
 
     The volume is zero-padded at the far end of each axis to fast_len(n + pad); the
     background sources χ_b live everywhere outside the mask in the padded grid. Solves
-    P Dᵀ W² M D P x = P Dᵀ W² M f with P = 1 − M, returns
-    (M·(f − D P x) cropped, iterations run).
+    (P Dᵀ W² M D P + λ P ∇ᵀ∇ P) x = P Dᵀ W² M f with P = 1 − M and λ =
+    ``source_smoothing``, returns (M·(f − D P x) cropped, iterations run).
     """
     shape = field.shape
     padded = tuple(fast_len(n + p) for n, p in zip(shape, pad_voxels, strict=True))
@@ -317,7 +328,11 @@ def pdf(field, mask, voxel_size, b0_dir, *, weight=None, pad_voxels=(0, 0, 0),
         return np.fft.irfftn(d * np.fft.rfftn(x), s=padded, axes=(0, 1, 2))
 
     def normal(x):
-        return np.where(outside, conv(w2 * conv(np.where(outside, x, 0.0))), 0.0)
+        xs = np.where(outside, x, 0.0)
+        out = conv(w2 * conv(xs))
+        if source_smoothing:
+            out = out + source_smoothing * source_gradient_penalty(xs, outside, voxel_size)
+        return np.where(outside, out, 0.0)
 
     b = np.where(outside, conv(w2 * f), 0.0)
     x, it = conjugate_gradients(normal, np.zeros(padded), b.copy(), tol, max_iter)

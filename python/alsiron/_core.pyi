@@ -102,6 +102,7 @@ def pdf(
     tol: float,
     max_iter: int,
     kernel: str,
+    source_smoothing: float = ...,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
 def ismv(
     field: npt.NDArray[np.float32],

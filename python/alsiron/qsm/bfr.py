@@ -8,6 +8,7 @@ runs in the Rust core (float32, all cores, GIL released)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -121,6 +122,7 @@ def pdf(
     tol: float = PDF_TOL,
     max_iter: int = PDF_MAX_ITER,
     kernel: str = "kspace",
+    source_smoothing: float = 0.0,
 ) -> tuple[np.ndarray, int]:
     """Projection onto dipole fields (PDF) background field removal.
 
@@ -152,6 +154,12 @@ def pdf(
     kernel : {"kspace", "image"}
         Dipole discretisation: sampled in k-space (as the forward model) or the
         point-dipole field sampled in image space (no band-limit ringing).
+    source_smoothing : float
+        Weight λ [mm²] of a squared-gradient penalty λ‖∇χ_out‖² on the fitted background
+        sources, taken only between neighbouring source voxels; 0 (default) is plain PDF.
+        Background tissue is piecewise smooth, while sources that would mimic the field of
+        cortex next to the mask edge must be rough, so the penalty removes less of it
+        (``docs/qsm_anatomy.md``, "The anchor, continued").
 
     Returns
     -------
@@ -175,9 +183,12 @@ def pdf(
         raise ValueError(f"pad_voxels must be integers in [0, 4096], got {pad_voxels!r}")
     if kernel not in ("kspace", "image"):
         raise ValueError(f"kernel must be 'kspace' or 'image', got {kernel!r}")
+    if not (math.isfinite(source_smoothing) and source_smoothing >= 0.0):
+        raise ValueError(f"source_smoothing must be a finite value >= 0 [mm²], "
+                         f"got {source_smoothing!r}")
     local, iterations = _core.pdf(field, m, w, vs, b0, tuple(int(p) for p in pads),
                                   as_tolerance(tol), as_iterations(max_iter),
-                                  kernel)
+                                  kernel, float(source_smoothing))
     logger.debug("pdf: %d CG iterations", iterations)
     return local, int(iterations)
 

@@ -149,9 +149,10 @@ fn vsharp<'py>(
 /// Projection onto dipole fields → (local field [ppm], CG iterations run).
 ///
 /// `weight` optional float32 reliability per voxel (same shape), `kernel` "kspace" or
-/// "image" (dipole discretisation), `pad_voxels` zero padding added per axis.
+/// "image" (dipole discretisation), `pad_voxels` zero padding added per axis,
+/// `source_smoothing` the gradient penalty λ [mm²] on the background sources (0: plain PDF).
 #[pyfunction]
-#[pyo3(signature = (field, mask, weight, voxel_size, b0_dir, pad_voxels, tol, max_iter, kernel))]
+#[pyo3(signature = (field, mask, weight, voxel_size, b0_dir, pad_voxels, tol, max_iter, kernel, source_smoothing=0.0))]
 #[allow(clippy::too_many_arguments)]
 fn pdf<'py>(
     py: Python<'py>,
@@ -164,6 +165,7 @@ fn pdf<'py>(
     tol: f64,
     max_iter: usize,
     kernel: &str,
+    source_smoothing: f64,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
     let w = optional_volume(shape, &weight, "weight")?;
@@ -181,6 +183,7 @@ fn pdf<'py>(
         tol,
         max_iter,
         kernel,
+        source_smoothing,
     };
     let geometry = geometry(shape, voxel_size, b0_dir)?;
     let should_stop = poll_signals_every(SIGNAL_POLL_EVERY);

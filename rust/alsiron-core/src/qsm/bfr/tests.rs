@@ -228,3 +228,76 @@ fn interrupts_and_bad_arguments_are_reported() {
     )
     .is_err());
 }
+
+#[test]
+fn pdf_with_smooth_sources_still_removes_an_outside_source() {
+    let n = 36;
+    let shape = Shape3([n; 3]);
+    let (b0, vs) = ([0.3, -0.2, 1.0], [1.0, 1.0, 1.5]);
+    let (total, local, _, mask) = two_sources(n, b0, vs);
+    let run = |lambda: f64| {
+        let params = PdfParams {
+            source_smoothing: lambda,
+            ..PdfParams::default()
+        };
+        pdf(&total, &mask, None, &geometry(shape, vs, b0), params, NEVER).unwrap()
+    };
+    let before = rel_error(&total, &local, &mask);
+    let mut errors = vec![];
+    for lambda in [0.0, 3e-4, 1e-2] {
+        let (got, iters) = run(lambda);
+        assert!(iters > 1);
+        assert!(got.iter().zip(&mask).all(|(&v, &m)| m != 0 || v == 0.0));
+        errors.push(rel_error(&got, &local, &mask));
+    }
+    // Measured: error vs the local field 7.52 before, 0.55 plain, 0.66 at λ = 3e-4, 1.60
+    // at 1e-2. The outside source here is a compact sphere, i.e. rough, so the penalty
+    // resists it more the larger λ is: a small λ still removes it.
+    assert!(errors[1] < before / 10.0, "{errors:?}");
+    assert!(errors[0] < errors[1] && errors[1] < errors[2], "{errors:?}");
+}
+
+#[test]
+fn source_gradient_penalty_is_symmetric_non_negative_and_blind_to_constants() {
+    let shape = Shape3([6, 5, 7]);
+    let vs = [1.0, 1.2, 1.5];
+    let sources: Vec<bool> = (0..shape.len()).map(|i| i % 5 != 0).collect();
+    let ramp = |a: f32, b: f32| -> Vec<f32> {
+        (0..shape.len())
+            .map(|i| {
+                if sources[i] {
+                    ((i as f32) * a).sin() + b
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    };
+    let (x, y) = (ramp(0.37, 0.0), ramp(0.91, 0.2));
+    let apply = |v: &[f32]| {
+        let mut out = vec![0.0f32; shape.len()];
+        super::pdf::add_source_gradient_penalty(&mut out, v, &sources, shape, vs, 0.5);
+        out
+    };
+    let (ax, ay) = (apply(&x), apply(&y));
+    let (xay, yax) = (dot(&x, &ay), dot(&y, &ax));
+    assert!((xay - yax).abs() < 1e-5 * xay.abs().max(1.0), "{xay} {yax}");
+    assert!(dot(&x, &ax) > 0.0);
+    let constant: Vec<f32> = sources.iter().map(|&s| if s { 2.5 } else { 0.0 }).collect();
+    assert!(apply(&constant).iter().all(|v| v.abs() < 1e-6));
+}
+
+#[test]
+fn pdf_refuses_a_negative_or_non_finite_source_smoothing() {
+    let n = 12;
+    let shape = Shape3([n; 3]);
+    let (total, _, _, mask) = two_sources(n, [0.0, 0.0, 1.0], [1.0; 3]);
+    for lambda in [-1e-3, f64::NAN, f64::INFINITY] {
+        let params = PdfParams {
+            source_smoothing: lambda,
+            ..PdfParams::default()
+        };
+        let geom = geometry(shape, [1.0; 3], [0.0, 0.0, 1.0]);
+        assert!(pdf(&total, &mask, None, &geom, params, NEVER).is_err());
+    }
+}
