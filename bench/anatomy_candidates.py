@@ -133,13 +133,19 @@ def evaluate(c: Candidate, sessions: list, voxel: float) -> dict[str, Any]:
         chis.append(np.where(mask, chi, np.nan).astype(np.float64))
         masks.append(mask)
     seconds = time.perf_counter() - t0
+    return {**pair_scores(chis, masks, sessions, voxel), "seconds": round(seconds, 1)}
+
+
+def pair_scores(chis: list[np.ndarray], masks: list[np.ndarray], sessions: list,
+                voxel: float) -> dict[str, Any]:
+    """The issue's scores of a control/ALS pair: each session's scores averaged, and the
+    ALS excess of the pair (``chis`` [ppm], NaN where not valid)."""
     truths = [truth_of(s) for s in sessions]
     rows = [scores(chi, mask, t, voxel) for chi, mask, t in zip(chis, masks, truths,
                                                               strict=True)]
     out: dict[str, Any] = {k: round(float(np.mean([r[k] for r in rows])), 3)
                            for k in rows[0]}
     out.update(als_excess(chis, masks, truths))
-    out["seconds"] = round(seconds, 1)
     return out
 
 

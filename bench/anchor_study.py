@@ -37,11 +37,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from anatomical_phantom import als_excess, scores
-from anatomy_candidates import add_condition_arguments, b0_of, print_table, simulate_pair
+from anatomy_candidates import (
+    add_condition_arguments,
+    b0_of,
+    pair_scores,
+    print_table,
+    simulate_pair,
+)
 
 from alsiron import qsm
-from alsiron.evaluation.stages import series_of, truth_of
+from alsiron.evaluation.stages import series_of
 from alsiron.qsm import inversion as inv
 from alsiron.qsm.chain import bfr_input_mask, effective_background, process_series
 from alsiron.qsm.settings import BackgroundSettings, QsmParameters
@@ -56,7 +61,9 @@ def chain_inputs(sessions: list, params: QsmParameters) -> list[dict[str, Any]]:
         quality = result.qsm_mask.data > 0
         sd = None if result.field_sd is None else result.field_sd.data
         background = effective_background(params, series.voxel_size)
-        out.append({"total": np.nan_to_num(result.total_field.data).astype(np.float64),
+        total = np.nan_to_num(result.total_field.data).astype(np.float64)
+        out.append({"total": total,
+                    "total_in_quality": np.where(quality, total, 0.0).astype(np.float32),
                     "quality": quality,
                     "anchor_mask": bfr_input_mask(quality, series.voxel_size, background,
                                                   field_sd=sd),
@@ -72,31 +79,32 @@ def anchors(inputs: list[dict[str, Any]], sessions: list, smooth_lambda: float,
             pdf_iterations: int) -> dict[str, Anchor]:
     """The anchors compared: name → (session index → (anchor field [ppm], its mask))."""
     shared = inputs[0]["anchor_mask"] & inputs[1]["anchor_mask"]
-    cache: dict[tuple[str, int], np.ndarray] = {}
+    cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def lbv(k: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def lbv_on(k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = inputs[k]
-        local, interior, _ = qsm.lbv(np.where(c["quality"], c["total"], 0.0).astype(np.float32),
-                                     c["anchor_mask"] if mask is None else mask,
-                                     voxel_size=c["voxel_size"])
+        local, interior, _ = qsm.lbv(c["total_in_quality"], mask, voxel_size=c["voxel_size"])
         return local.astype(np.float64), interior
+
+    def lbv(k: int) -> tuple[np.ndarray, np.ndarray]:
+        if ("lbv", k) not in cache:
+            cache[("lbv", k)] = lbv_on(k, inputs[k]["anchor_mask"])
+        return cache[("lbv", k)]
 
     def pdf(k: int) -> tuple[np.ndarray, np.ndarray]:
         c = inputs[k]
-        local, _ = qsm.pdf(np.where(c["quality"], c["total"], 0.0).astype(np.float32),
-                           c["anchor_mask"], voxel_size=c["voxel_size"], b0_dir=c["b0"],
-                           tol=1e-4, max_iter=300)
+        local, _ = qsm.pdf(c["total_in_quality"], c["anchor_mask"],
+                           voxel_size=c["voxel_size"], b0_dir=c["b0"], tol=1e-4, max_iter=300)
         return local.astype(np.float64), c["anchor_mask"]
 
     def pdf_smooth(k: int) -> tuple[np.ndarray, np.ndarray]:
         c = inputs[k]
         if ("smooth", k) not in cache:
-            local, _ = qsm.pdf(np.where(c["quality"], c["total"], 0.0).astype(np.float32),
-                               c["anchor_mask"], voxel_size=c["voxel_size"], b0_dir=c["b0"],
-                               tol=1e-4, max_iter=pdf_iterations,
-                               source_smoothing=smooth_lambda)
-            cache[("smooth", k)] = local.astype(np.float64)
-        return cache[("smooth", k)], c["anchor_mask"]
+            local, _ = qsm.pdf(c["total_in_quality"], c["anchor_mask"],
+                               voxel_size=c["voxel_size"], b0_dir=c["b0"], tol=1e-4,
+                               max_iter=pdf_iterations, source_smoothing=smooth_lambda)
+            cache[("smooth", k)] = local.astype(np.float64), c["anchor_mask"]
+        return cache[("smooth", k)]
 
     def mix(k: int) -> tuple[np.ndarray, np.ndarray]:
         a, ma = lbv(k)
@@ -107,7 +115,7 @@ def anchors(inputs: list[dict[str, Any]], sessions: list, smooth_lambda: float,
         return sessions[k].local_field.astype(np.float64), inputs[k]["anchor_mask"]
 
     return {"LBV (the chain's anchor)": lbv,
-            "LBV, shared mask": lambda k: lbv(k, shared),
+            "LBV, shared mask": lambda k: lbv_on(k, shared),
             "PDF tol 1e-4": pdf,
             f"PDF, smooth sources (lambda {smooth_lambda:g})": pdf_smooth,
             "0.4 LBV + 0.6 PDF smooth": mix,
@@ -128,13 +136,7 @@ def evaluate(anchor: Anchor, inputs: list[dict[str, Any]], sessions: list,
         chis.append(np.where(c["quality"], chi, np.nan))
         masks.append(c["quality"])
     seconds = time.perf_counter() - t0
-    truths = [truth_of(s) for s in sessions]
-    rows = [scores(x, m, t, voxel) for x, m, t in zip(chis, masks, truths, strict=True)]
-    out: dict[str, Any] = {k: round(float(np.mean([r[k] for r in rows])), 3)
-                           for k in rows[0]}
-    out.update(als_excess(chis, masks, truths))
-    out["seconds"] = round(seconds, 1)
-    return out
+    return {**pair_scores(chis, masks, sessions, voxel), "seconds": round(seconds, 1)}
 
 
 COLUMNS = [("nrmse_pct_brain_less_3mm", "NRMSE %"), ("deep_grey_slope", "slope"),
