@@ -18,6 +18,7 @@ Run: ``python bench/anatomy_candidates.py [--voxel-size 2] [--snr 100] [--b0-til
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -31,7 +32,7 @@ from anatomical_phantom import als_excess, scores
 from alsiron import qsm
 from alsiron.evaluation.stages import series_of, truth_of
 from alsiron.qsm import inversion as inv
-from alsiron.qsm.chain import process_series
+from alsiron.qsm.chain import process_series, single_step_parameters
 from alsiron.qsm.settings import BackgroundSettings, QsmParameters
 from alsiron.sim import anatomical as an
 
@@ -71,6 +72,9 @@ CANDIDATES: list[Candidate] = [
     Candidate("sstv, PDF 2 mm anchor", {"method": "pdf", "erode_mm": 2.0},
               {"method": "sstv"}),
     Candidate("sstv a=1e-4", {"method": "lbv"}, {"method": "sstv", "sstv_alpha": 1e-4}),
+    Candidate("sstv, refined anchor (alsiron qsm --inversion sstv)",
+              dataclasses.asdict(single_step_parameters().background),
+              dataclasses.asdict(single_step_parameters().inversion)),
     Candidate("ceiling: true local field, tvmasked a=7e-4", ceiling=True),
     Candidate("ceiling: sstv on the true total field, true local field as anchor",
               inversion={"method": "sstv"}, ceiling=True),

@@ -171,5 +171,8 @@ def test_demo_runs_the_chosen_inversion(tmp_path):
     for record in records:
         qsm = record.parameters["qsm"]
         assert qsm["Parameters"]["inversion"] == "sstv"
-        # The single-step method takes LBV's local field as its anchor.
-        assert qsm["Parameters"]["bfr"] == "lbv"
+        # The single-step method's own anchor: PDF with smooth sources outside the brain,
+        # refined by a first pass.
+        assert qsm["Parameters"]["bfr"] == "pdf"
+        assert qsm["Parameters"]["pdf_sources"] == "outside_brain"
+        assert qsm["Parameters"]["sstv_refine_iter"] == 20

@@ -43,7 +43,8 @@ SIDECAR_PARAMETERS = {
     "ndi_tol": 0.001, "r2star_weighted": True, "unwrapping": "romeo", "complex_fit": True,
     "phase_offset": "smoothed", "sstv_alpha": 2e-05, "sstv_beta": 1.0,
     "sstv_erode_voxels": 2, "sstv_clip_sd": 10.0, "sstv_grow_voxels": 1,
-    "sstv_max_iter": 80, "sstv_tol": 0.001,
+    "sstv_max_iter": 80, "sstv_tol": 0.001, "pdf_source_smoothing": 0.0,
+    "pdf_sources": "outside_mask", "sstv_refine_iter": 0,
 }
 
 
@@ -100,6 +101,13 @@ def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
            if k != "phase_offset" and not k.startswith("sstv_")}
     assert QsmParameters.from_flat(old).field.phase_offset == ADDED_LATER["phase_offset"]
     assert QsmParameters.from_flat(old).field.phase_offset == "fixed"
+    # Sidecars before the PDF source options and the refined anchor ran neither.
+    older = {k: v for k, v in QsmParameters().to_flat().items()
+             if k not in ("pdf_source_smoothing", "pdf_sources", "sstv_refine_iter")}
+    read = QsmParameters.from_flat({**older, "inversion": "sstv"})
+    assert read.background.pdf_source_smoothing == 0.0
+    assert read.background.pdf_sources == "outside_mask"
+    assert read.inversion.sstv_refine_iter == 0
     # A few chosen keys are not a sidecar: the others keep today's defaults.
     assert QsmParameters.from_flat({"inversion": "tkd"}).field.phase_offset == "smoothed"
 
@@ -112,7 +120,11 @@ def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
     (lambda: BackgroundSettings(erode_voxels=-1), "bfr_erode_voxels must be >= 0"),
     (lambda: BackgroundSettings(trim_sd_factor=2.0, trim_band_mm=-1.0),
      "bfr_trim_sd_factor must be > 0"),
+    (lambda: BackgroundSettings(pdf_source_smoothing=-1e-3), "pdf_source_smoothing must be"),
+    (lambda: BackgroundSettings(pdf_sources="skull"), "unknown PDF source region 'skull'"),
     (lambda: InversionSettings(method="qsmnet"), "unknown dipole inversion 'qsmnet'"),
+    (lambda: InversionSettings(sstv_refine_iter=-1), "sstv_refine_iter must be"),
+    (lambda: InversionSettings(sstv_refine_iter=2.5), "sstv_refine_iter must be"),
     (lambda: dataclasses.replace(BackgroundSettings(), method="sharp"),
      "unknown background-field removal"),
     (lambda: QsmParameters.from_flat({"inversion": "qsmnet"}), "unknown dipole inversion"),
@@ -134,6 +146,7 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     import click
 
     from alsiron.cli.qsm import qsm_parameters
+    from alsiron.qsm import chain as qsm_chain
 
     def params(**given):
         base = {"inversion": None, "weak_harmonic": False, "bfr": None, "unwrapping": None,
@@ -152,8 +165,14 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     assert medi.medi_alpha == 5e-4 and medi.medi_alpha_rule == "fixed"
     with pytest.raises(click.UsageError, match="--tv-alpha goes with a TV inversion"):
         params(inversion="tkd", tv_alpha=1e-4)
-    # sstv: its own α, and LBV as its anchor unless --bfr chooses another.
+    # sstv: its own α, and its refined anchor (PDF with smooth sources outside the brain,
+    # then a first pass) unless --bfr chooses another, which is used as it is.
     sstv = params(inversion="sstv", tv_alpha=1e-4)
-    assert sstv.inversion.sstv_alpha == 1e-4 and sstv.background.method == "lbv"
-    assert params(inversion="sstv", bfr="pdf").background.method == "pdf"
+    assert sstv.inversion.sstv_alpha == 1e-4 and sstv.background.method == "pdf"
+    assert sstv.background.pdf_sources == "outside_brain"
+    assert sstv.background.pdf_source_smoothing == 3e-4
+    assert sstv.inversion.sstv_refine_iter == 20
+    assert sstv == qsm_chain.single_step_parameters(sstv_alpha=1e-4)
+    given = params(inversion="sstv", bfr="lbv")
+    assert given.background.method == "lbv" and given.inversion.sstv_refine_iter == 0
     assert params(bfr=None).background.method == default.background.method

@@ -3,10 +3,17 @@
 measures of issue 13 against the truth, beside the two-step PDF + tvmasked chain on the
 same data.
 
-Measured when written (anatomy seed (0, 1), noise seed 0): sstv precentral − local WM
-contrast 0.79 of the truth, ribbon without χ 1.5 %, deep-grey slope 0.99, ALS deep-layer
-excess 0.75 (3 mm partial volume; 0.83–0.90 at 2 mm, docs/qsm_anatomy.md), χ NRMSE
-83.8 %; PDF + tvmasked 0.40, 15.6 %, 0.85, 0.48, 71.1 %.
+Measured when written (anatomy seed (0, 1), noise seed 0), as precentral − local WM
+contrast / ribbon without χ / deep-grey slope / ALS deep-layer excess / χ NRMSE:
+
+- sstv with its refined anchor (``alsiron qsm --inversion sstv``): 0.73 / 1.5 % / 0.91 /
+  0.74 / 75.3 %;
+- sstv with LBV's anchor: 0.79 / 1.5 % / 0.99 / 0.75 / 83.8 %;
+- PDF + tvmasked: 0.40 / 15.6 % / 0.85 / 0.48 / 71.1 %.
+
+3 mm voxels are coarse for a 2 mm anchor erosion and a thin deep layer (a perfect map on
+this grid recovers the excess fully; sstv reaches 0.78–0.79 at 1.5–2 mm and its NRMSE
+beats the two-step chain's there, docs/qsm_anatomy.md).
 """
 
 from __future__ import annotations
@@ -17,15 +24,16 @@ from scipy import ndimage
 
 from alsiron.evaluation import metrics
 from alsiron.evaluation.stages import series_of, truth_of
-from alsiron.qsm.chain import QsmParameters, process_series
+from alsiron.qsm.chain import QsmParameters, process_series, single_step_parameters
 from alsiron.qsm.inversion import InversionSettings
 from alsiron.qsm.settings import BackgroundSettings
 from alsiron.sim import anatomical as an
 from alsiron.sim.tissues import LABELS, PRECENTRAL_DEEP_LABELS, PRECENTRAL_LABELS
 
 VOXEL = 3.0
-SSTV = QsmParameters(background=BackgroundSettings(method="lbv"),
-                     inversion=InversionSettings(method="sstv"))
+SSTV = single_step_parameters()  # what `alsiron qsm --inversion sstv` runs
+SSTV_LBV = QsmParameters(background=BackgroundSettings(method="lbv"),
+                         inversion=InversionSettings(method="sstv"))
 TWO_STEP = QsmParameters(background=BackgroundSettings(method="pdf"),
                          inversion=InversionSettings(method="tvmasked"))
 
@@ -72,7 +80,7 @@ def _als_excess(chis: list, masks: list, truths: list) -> float:
 def scored(sessions) -> dict:
     truths = [truth_of(s) for s in sessions]
     out = {}
-    for name, params in (("sstv", SSTV), ("two_step", TWO_STEP)):
+    for name, params in (("sstv", SSTV), ("sstv_lbv", SSTV_LBV), ("two_step", TWO_STEP)):
         chis, masks = _run(sessions, params)
         contrast, ribbon = _contrast_and_ribbon(chis[0], masks[0], truths[0])
         ids = truths[0].deep_grey_ids()
@@ -85,8 +93,9 @@ def scored(sessions) -> dict:
     return out
 
 
-def test_sstv_keeps_the_precentral_ribbon_and_its_contrast(scored) -> None:
-    s = scored["sstv"]
+@pytest.mark.parametrize("name", ["sstv", "sstv_lbv"])
+def test_sstv_keeps_the_precentral_ribbon_and_its_contrast(scored, name) -> None:
+    s = scored[name]
     # Issue 13's targets: ≤ 2 % of the ribbon without χ, contrast ≥ 0.7 of the truth.
     assert s["ribbon"] <= 0.02
     assert s["contrast"] >= 0.7
@@ -95,22 +104,24 @@ def test_sstv_keeps_the_precentral_ribbon_and_its_contrast(scored) -> None:
     assert s["contrast"] > scored["two_step"]["contrast"] + 0.2
 
 
-def test_sstv_deep_grey_slope_and_als_excess(scored) -> None:
-    s = scored["sstv"]
+@pytest.mark.parametrize("name", ["sstv", "sstv_lbv"])
+def test_sstv_deep_grey_slope_and_als_excess(scored, name) -> None:
+    s = scored[name]
     assert 0.9 <= s["slope"] <= 1.1
-    # 0.75 measured at 3 mm (a perfect map on this grid: 1); the two-step chain 0.48.
+    # 0.74–0.75 measured at 3 mm (a perfect map on this grid: 1); the two-step chain 0.48.
     assert s["als"] >= 0.65
     assert s["als"] > scored["two_step"]["als"] + 0.15
 
 
-def test_sstv_error_stays_bounded(scored) -> None:
-    # Not better than the two-step chain's NRMSE on this head (its anchor, the LBV local
-    # field, carries harmonic errors; docs/qsm_anatomy.md); this catches a diverging solve.
-    assert scored["sstv"]["nrmse"] < 95.0
+def test_refined_anchor_lowers_the_error_of_lbvs(scored) -> None:
+    # The refined anchor's purpose: LBV's anchor carries harmonic errors over the brain
+    # (83.8 % NRMSE here); the refined one 75.3 %. Bounded also against a diverging solve.
+    assert scored["sstv"]["nrmse"] < scored["sstv_lbv"]["nrmse"] - 5.0
+    assert scored["sstv_lbv"]["nrmse"] < 95.0
 
 
 def test_sstv_provenance_names_its_inputs(sessions) -> None:
-    r = process_series(series_of(sessions[0]), SSTV)
+    r = process_series(series_of(sessions[0]), SSTV_LBV)
     steps = r.provenance["Steps"]
     inversion = steps["DipoleInversion"]
     assert inversion["Method"].startswith("single-step TV")
@@ -122,6 +133,19 @@ def test_sstv_provenance_names_its_inputs(sessions) -> None:
     assert np.isfinite(r.chi.data).sum() == r.provenance["QsmMaskVoxels"]
     assert np.isfinite(r.local_field.data).sum() == r.provenance["LocalFieldMaskVoxels"]
     assert r.provenance["LocalFieldMaskVoxels"] < r.provenance["QsmMaskVoxels"]
+
+
+def test_refined_anchor_provenance(sessions) -> None:
+    r = process_series(series_of(sessions[0]), SSTV)
+    bfr = r.provenance["Steps"]["BackgroundFieldRemoval"]
+    assert bfr["Method"] == "PDF" and bfr["SourceSmoothing_mm2"] == pytest.approx(3e-4)
+    assert "outside the phase-quality brain mask" in bfr["SourceRegion"]
+    refined = bfr["AnchorRefinement"]
+    assert refined["FirstPassIterations"] == 20 and refined["LBVIterationsRun"] > 0
+    assert refined["AnchorVoxels"] == r.provenance["LocalFieldMaskVoxels"]
+    params = r.provenance["Steps"]["DipoleInversion"]["Parameters"]
+    assert params["sstv_refine_iter"] == 20
+    assert np.isfinite(r.local_field.data).sum() == r.provenance["LocalFieldMaskVoxels"]
 
 
 def test_sstv_is_refused_by_the_local_field_inversion() -> None:

@@ -306,18 +306,22 @@ def source_gradient_penalty(x, sources, voxel_size):
 
 
 def pdf(field, mask, voxel_size, b0_dir, *, weight=None, pad_voxels=(0, 0, 0),
-        tol=1e-2, max_iter=100, kernel="image", source_smoothing=0.0):
-    """Projection onto dipole fields by CG on the normal equations (twin of bfr::pdf).
+        tol=1e-2, max_iter=100, kernel="image", source_smoothing=0.0, source_mask=None):
+    """Projection onto dipole fields by CG on the normal equations (twin of
+    bfr::pdf_with_sources).
 
     The volume is zero-padded at the far end of each axis to fast_len(n + pad); the
-    background sources χ_b live everywhere outside the mask in the padded grid. Solves
-    (P Dᵀ W² M D P + λ P ∇ᵀ∇ P) x = P Dᵀ W² M f with P = 1 − M and λ =
+    background sources χ_b live outside the mask in the padded grid, within
+    ``source_mask`` (or the padding) when given. Solves
+    (P Dᵀ W² M D P + λ P ∇ᵀ∇ P) x = P Dᵀ W² M f with P the source voxels and λ =
     ``source_smoothing``, returns (M·(f − D P x) cropped, iterations run).
     """
     shape = field.shape
     padded = tuple(fast_len(n + p) for n, p in zip(shape, pad_voxels, strict=True))
     inside = _pad_corner(mask != 0, padded) > 0.5
     outside = ~inside
+    if source_mask is not None:
+        outside &= ~(_pad_corner(~np.asarray(source_mask, bool), padded) > 0.5)
     w = np.ones(shape) if weight is None else np.asarray(weight, np.float64)
     w2 = _pad_corner(np.where(mask != 0, w * w, 0.0), padded)
     f = _pad_corner(np.where(mask != 0, field, 0.0), padded)

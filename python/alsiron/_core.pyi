@@ -103,6 +103,7 @@ def pdf(
     max_iter: int,
     kernel: str,
     source_smoothing: float = ...,
+    sources: npt.NDArray[np.uint8] | None = ...,
 ) -> tuple[npt.NDArray[np.float32], int]: ...
 def ismv(
     field: npt.NDArray[np.float32],

@@ -37,8 +37,8 @@ from alsiron.volume import MegreSeries
 @click.option("--inversion", type=method_choice(INVERSION_METHODS), default=None,
               help="Dipole inversion (default: the workflow's, see QsmParameters.inversion; "
                    "--list-methods shows it). sstv: single-step, keeps the cortex at the "
-                   "brain's edge (LBV anchor unless --bfr says otherwise; "
-                   "docs/qsm_anatomy.md).")
+                   "brain's edge (its anchor: PDF with smooth sources outside the brain, refined "
+                   "by a first pass, unless --bfr chooses another; docs/qsm_anatomy.md).")
 @click.option("--weak-harmonic", is_flag=True,
               help="TV-ADMM (--inversion tvadmm, implied) estimating a residual harmonic "
                    "background jointly "
@@ -187,9 +187,9 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
              "residual_threshold": phase_quality_threshold}
     flat.update({key: value for key, value in given.items() if value is not None})
     if bfr is None and flat["inversion"] in SINGLE_STEP_METHODS:
-        # A single-step inversion's anchor: LBV's local field, measured best on the
-        # anatomical head (docs/qsm_anatomy.md); --bfr still chooses another.
-        flat["bfr"] = "lbv"
+        # A single-step inversion's own anchor (refined PDF, docs/qsm_anatomy.md);
+        # --bfr still chooses another, used as it is.
+        flat.update(qsm_chain.SINGLE_STEP_ANCHOR)
     if weak_harmonic:
         if inversion is None:
             flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option

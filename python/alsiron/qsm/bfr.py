@@ -123,6 +123,7 @@ def pdf(
     max_iter: int = PDF_MAX_ITER,
     kernel: str = "kspace",
     source_smoothing: float = 0.0,
+    source_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Projection onto dipole fields (PDF) background field removal.
 
@@ -160,6 +161,13 @@ def pdf(
         Background tissue is piecewise smooth, while sources that would mimic the field of
         cortex next to the mask edge must be rough, so the penalty removes less of it
         (``docs/qsm_anatomy.md``, "The anchor, continued").
+    source_mask : ndarray of bool, shape (X, Y, Z), optional
+        Where background sources may sit (besides the padding, which always may); voxels
+        of ``mask`` never hold one. None (default): every voxel outside ``mask``. Voxels
+        outside both hold neither data nor sources: before a single-step inversion, which
+        estimates χ up to the brain's edge, the sources belong outside the brain, not in
+        the rim between its edge and the eroded ``mask``, where they would take up the
+        field of the cortex itself.
 
     Returns
     -------
@@ -186,9 +194,17 @@ def pdf(
     if not (math.isfinite(source_smoothing) and source_smoothing >= 0.0):
         raise ValueError(f"source_smoothing must be a finite value >= 0 [mm²], "
                          f"got {source_smoothing!r}")
+    sources = None
+    if source_mask is not None:
+        sources = np.ascontiguousarray(np.asarray(source_mask, dtype=bool), dtype=np.uint8)
+        if sources.shape != field.shape:
+            raise InvalidInputError(f"source_mask has shape {sources.shape}, "
+                                    f"expected {field.shape}")
+        if not np.any(sources & (m == 0)):
+            raise InvalidInputError("source_mask has no voxel outside the mask")
     local, iterations = _core.pdf(field, m, w, vs, b0, tuple(int(p) for p in pads),
                                   as_tolerance(tol), as_iterations(max_iter),
-                                  kernel, float(source_smoothing))
+                                  kernel, float(source_smoothing), sources)
     logger.debug("pdf: %d CG iterations", iterations)
     return local, int(iterations)
 

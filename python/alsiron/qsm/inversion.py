@@ -212,6 +212,11 @@ class InversionSettings:
         Dilation of the left-out voxels.
     sstv_max_iter, sstv_tol : int, float
         ADMM iteration cap and relative-change tolerance.
+    sstv_refine_iter : int
+        ADMM iterations of a first sstv pass that refines the anchor
+        (:func:`alsiron.qsm.anchor.refine_anchor`): the anchor becomes LBV's local field of
+        the total field less the first pass's brain field, plus that field. 0 = the anchor
+        as the background-field removal gave it.
     """
 
     tkd_threshold: float = TKD_THRESHOLD
@@ -261,12 +266,17 @@ class InversionSettings:
     sstv_grow_voxels: int = 1
     sstv_max_iter: int = 80
     sstv_tol: float = 1e-3
+    sstv_refine_iter: int = 0
     method: str = "tvmasked"
 
     def __post_init__(self) -> None:
         if self.method not in INVERSION_METHODS:
             raise ValueError(f"unknown dipole inversion {self.method!r} (choose one of "
                              f"{', '.join(INVERSION_METHODS)})")
+        if isinstance(self.sstv_refine_iter, bool) or not (
+                isinstance(self.sstv_refine_iter, int) and self.sstv_refine_iter >= 0):
+            raise ValueError(f"sstv_refine_iter must be an integer >= 0, "
+                             f"got {self.sstv_refine_iter!r}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1007,7 +1017,7 @@ _USES: dict[str, tuple[str, ...]] = {
     "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter"),
     "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
     "sstv": ("sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
-             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol"),
+             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "sstv_refine_iter"),
 }
 
 

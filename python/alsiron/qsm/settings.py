@@ -19,6 +19,7 @@ reads it back (a sidecar written before a key existed reads as what ran then,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -44,6 +45,11 @@ __all__ = [
 #: Background-field removal methods (:attr:`BackgroundSettings.method`) → provenance name.
 BFR_METHODS: dict[str, str] = {"vsharp": "V-SHARP", "pdf": "PDF", "ismv": "iSMV",
                                 "lbv": "LBV"}
+
+#: Where PDF's background sources may sit (:attr:`BackgroundSettings.pdf_sources`).
+PDF_SOURCE_REGIONS: dict[str, str] = {
+    "outside_mask": "every voxel outside the eroded mask",
+    "outside_brain": "only outside the phase-quality brain mask (none in the eroded rim)"}
 
 #: Default depth [mm] eroded from the phase-quality brain mask before each background-
 #: field removal (:attr:`BackgroundSettings.erode_mm` = None). PDF: 4 mm, measured with
@@ -189,6 +195,14 @@ class BackgroundSettings:
         Truncation of the V-SHARP deconvolution kernel.
     pdf_tol, pdf_max_iter, pdf_pad_voxels : float, int, int
         PDF's CG tolerance, iteration cap and zero padding (voxels per axis).
+    pdf_source_smoothing : float
+        Weight λ [mm²] of PDF's squared-gradient penalty on its background sources
+        (:func:`alsiron.qsm.bfr.pdf`); 0 = plain PDF.
+    pdf_sources : {"outside_mask", "outside_brain"}
+        Where PDF's background sources may sit: anywhere outside the eroded mask it fits
+        (plain PDF), or only outside the phase-quality brain mask, so that the rim between
+        the brain's edge and the eroded mask holds neither data nor sources (for the anchor
+        of a single-step inversion, which estimates χ in that rim itself).
     ismv_radius_mm : float or None
         iSMV sphere radius in mm; None = two (largest) voxel edges (Wen et al. 2014).
     ismv_tol, ismv_max_iter : float, int
@@ -207,6 +221,8 @@ class BackgroundSettings:
     pdf_tol: float = bfr.PDF_TOL
     pdf_max_iter: int = bfr.PDF_MAX_ITER
     pdf_pad_voxels: int = bfr.PDF_PAD_VOXELS
+    pdf_source_smoothing: float = 0.0
+    pdf_sources: str = "outside_mask"
     ismv_radius_mm: float | None = None
     ismv_tol: float = bfr.ISMV_TOL
     ismv_max_iter: int = bfr.ISMV_MAX_ITER
@@ -221,6 +237,10 @@ class BackgroundSettings:
                                                     and self.trim_band_mm >= 0):
             raise InvalidInputError("bfr_trim_sd_factor must be > 0 and bfr_trim_band_mm >= 0, got "
                                     f"{self.trim_sd_factor} and {self.trim_band_mm}")
+        if not (math.isfinite(self.pdf_source_smoothing) and self.pdf_source_smoothing >= 0):
+            raise InvalidInputError("pdf_source_smoothing must be a finite value >= 0 [mm²], "
+                                    f"got {self.pdf_source_smoothing}")
+        _check_choice(self.pdf_sources, PDF_SOURCE_REGIONS, "PDF source region")
 
 
 @dataclass(frozen=True)
@@ -323,14 +343,18 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter", "ndi_lambda", "ndi_step",
     "ndi_max_iter", "ndi_tol", "r2star_weighted", "unwrapping", "complex_fit",
     "phase_offset", "sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
-    "sstv_grow_voxels", "sstv_max_iter", "sstv_tol",
+    "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "pdf_source_smoothing", "pdf_sources",
+    "sstv_refine_iter",
 )
 
 #: Keys added after sidecars were first written, with the value every run before them
 #: used. A sidecar that lacks one of them was written before it existed, so
 #: :meth:`QsmParameters.from_flat` reads it as that value, not as today's default.
 #: ``phase_offset``: the MCPC-3D-S offset held fixed was the only method before the key.
-ADDED_LATER: dict[str, Any] = {"phase_offset": "fixed"}
+#: The PDF source options and the refined single-step anchor did not exist before their
+#: keys: plain PDF, sources anywhere outside the mask, the anchor as the BFR gave it.
+ADDED_LATER: dict[str, Any] = {"phase_offset": "fixed", "pdf_source_smoothing": 0.0,
+                               "pdf_sources": "outside_mask", "sstv_refine_iter": 0}
 
 
 def _flat_index() -> dict[str, tuple[str, str]]:

@@ -166,11 +166,11 @@ pub(crate) fn echo_series<'a>(
 
 /// An optional volume of `shape` as a slice (QSM bindings: [`same_shape`], then
 /// [`contiguous_volume`]).
-pub(crate) fn optional_volume<'a>(
+pub(crate) fn optional_volume<'a, T: numpy::Element>(
     shape: Shape3,
-    volume: &'a Option<PyReadonlyArray3<'_, f32>>,
+    volume: &'a Option<PyReadonlyArray3<'_, T>>,
     what: &str,
-) -> PyResult<Option<&'a [f32]>> {
+) -> PyResult<Option<&'a [T]>> {
     match volume {
         Some(v) => {
             same_shape(shape, shape_of(v), what)?;

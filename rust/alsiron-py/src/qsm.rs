@@ -150,9 +150,11 @@ fn vsharp<'py>(
 ///
 /// `weight` optional float32 reliability per voxel (same shape), `kernel` "kspace" or
 /// "image" (dipole discretisation), `pad_voxels` zero padding added per axis,
-/// `source_smoothing` the gradient penalty λ [mm²] on the background sources (0: plain PDF).
+/// `source_smoothing` the gradient penalty λ [mm²] on the background sources (0: plain PDF),
+/// `sources` optional uint8 volume where background sources may sit (None: anywhere
+/// outside the mask).
 #[pyfunction]
-#[pyo3(signature = (field, mask, weight, voxel_size, b0_dir, pad_voxels, tol, max_iter, kernel, source_smoothing=0.0))]
+#[pyo3(signature = (field, mask, weight, voxel_size, b0_dir, pad_voxels, tol, max_iter, kernel, source_smoothing=0.0, sources=None))]
 #[allow(clippy::too_many_arguments)]
 fn pdf<'py>(
     py: Python<'py>,
@@ -166,9 +168,11 @@ fn pdf<'py>(
     max_iter: usize,
     kernel: &str,
     source_smoothing: f64,
+    sources: Option<PyReadonlyArray3<'py, u8>>,
 ) -> PyResult<(Bound<'py, PyArray3<f32>>, usize)> {
     let (shape, f, m) = field_and_mask(&field, &mask)?;
     let w = optional_volume(shape, &weight, "weight")?;
+    let s = optional_volume(shape, &sources, "sources")?;
     let kernel = match kernel {
         "kspace" => bfr::DipoleDiscretisation::KSpace,
         "image" => bfr::DipoleDiscretisation::ImageSpace,
@@ -187,7 +191,9 @@ fn pdf<'py>(
     };
     let geometry = geometry(shape, voxel_size, b0_dir)?;
     let should_stop = poll_signals_every(SIGNAL_POLL_EVERY);
-    let (local, iterations) = detached(py, || bfr::pdf(f, m, w, &geometry, params, &should_stop))?;
+    let (local, iterations) = detached(py, || {
+        bfr::pdf_with_sources(f, m, w, s, &geometry, params, &should_stop)
+    })?;
     Ok((to_array(py, shape, local)?, iterations))
 }
 

@@ -31,7 +31,9 @@ pub mod timing;
 
 pub use self::ismv::{ismv, IsmvParams};
 pub use self::lbv::{lbv, LbvParams};
-pub use self::pdf::{dipole_kernel_image_space, pdf, DipoleDiscretisation, PdfParams};
+pub use self::pdf::{
+    dipole_kernel_image_space, pdf, pdf_with_sources, DipoleDiscretisation, PdfParams,
+};
 pub use self::sharp::{default_radii_mm, vsharp, VSHARP_DEFAULT_THRESHOLD};
 
 /// Unnormalised indicator of a sphere of radius `radius_mm` on a periodic grid of

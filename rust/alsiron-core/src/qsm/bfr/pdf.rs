@@ -134,9 +134,35 @@ pub fn pdf(
     params: PdfParams,
     should_stop: &(dyn Fn(usize) -> bool + Sync),
 ) -> CoreResult<(Vec<f32>, usize)> {
+    pdf_with_sources(field, mask, weight, None, geometry, params, should_stop)
+}
+
+/// [`pdf`] with the background sources restricted to `sources` (nonzero = a source may
+/// sit there; the padding always may, the mask never). Voxels in neither hold no source
+/// and no data: a single-step inversion that estimates χ over the whole brain needs its
+/// background sources outside the brain, not in the rim between the brain's edge and the
+/// eroded data mask, where they would absorb the cortex's own field. None = every voxel
+/// outside the mask, as in [`pdf`].
+pub fn pdf_with_sources(
+    field: &[f32],
+    mask: &[u8],
+    weight: Option<&[f32]>,
+    sources: Option<&[u8]>,
+    geometry: &Geometry,
+    params: PdfParams,
+    should_stop: &(dyn Fn(usize) -> bool + Sync),
+) -> CoreResult<(Vec<f32>, usize)> {
     let (shape, voxel_size) = (geometry.shape(), geometry.voxel_size());
     check_inputs(field, mask, shape, voxel_size)?;
     params.check()?;
+    if let Some(s) = sources {
+        shape.check_len(s.len(), "sources")?;
+        if !s.iter().zip(mask).any(|(&s, &m)| s != 0 && m == 0) {
+            return Err(CoreError::InvalidArgument(
+                "PDF source mask has no voxel outside the data mask".into(),
+            ));
+        }
+    }
     let w2: Vec<f32> = match weight {
         Some(w) => {
             shape.check_len(w.len(), "weight")?;
@@ -166,9 +192,20 @@ pub fn pdf(
         }
     };
     let mask_f: Vec<f32> = mask.iter().map(|&m| (m != 0) as u8 as f32).collect();
-    let outside: Vec<bool> = pad(&mask_f, shape, padded)
+    let inside = pad(&mask_f, shape, padded);
+    // Voxels of the grid that may not hold a source; the padding is 0 here, so it may.
+    let excluded: Vec<f32> = match sources {
+        Some(s) => pad(
+            &s.iter().map(|&v| (v == 0) as u8 as f32).collect::<Vec<_>>(),
+            shape,
+            padded,
+        ),
+        None => vec![0.0; padded.len()],
+    };
+    let outside: Vec<bool> = inside
         .iter()
-        .map(|&m| m < 0.5)
+        .zip(&excluded)
+        .map(|(&m, &e)| m < 0.5 && e < 0.5)
         .collect();
     let w2 = pad(&w2, shape, padded);
     let masked_field: Vec<f32> = field
@@ -236,8 +273,8 @@ pub fn pdf(
     convolve(&plan, &kernel, &mut spectrum, &x, &mut background)?;
     let local: Vec<f32> = f
         .par_iter()
-        .zip(background.par_iter().zip(outside.par_iter()))
-        .map(|(&fv, (&bg, &p))| if p { 0.0 } else { fv - bg })
+        .zip(background.par_iter().zip(inside.par_iter()))
+        .map(|(&fv, (&bg, &m))| if m > 0.5 { fv - bg } else { 0.0 })
         .collect();
     Ok((crop(&local, padded, shape), iterations))
 }
