@@ -174,5 +174,7 @@ def test_demo_runs_the_chosen_inversion(tmp_path):
         # The single-step method's own anchor: PDF with smooth sources outside the brain,
         # refined by a first pass.
         assert qsm["Parameters"]["bfr"] == "pdf"
-        assert qsm["Parameters"]["pdf_sources"] == "outside_brain"
         assert qsm["Parameters"]["sstv_refine_iter"] == 20
+        bfr = qsm["Steps"]["BackgroundFieldRemoval"]
+        assert "outside the phase-quality brain mask" in bfr["SourceRegion"]
+        assert bfr["AnchorRefinement"]["FirstPassIterations"] == 20

@@ -26,7 +26,7 @@ SIDECAR_PARAMETERS = {
     "brain_mask_method": "bet", "bet_f": 0.5, "mask_opening_voxels": 2,
     "residual_threshold": 0.5, "bfr_erode_mm": None, "bfr_erode_voxels": None,
     "bfr_trim_sd_factor": None, "bfr_trim_band_mm": 6.0, "vsharp_radii_mm": None,
-    "vsharp_threshold": 0.05, "bfr": "pdf", "pdf_tol": 0.003, "pdf_max_iter": 100,
+    "vsharp_threshold": 0.05, "bfr": "pdf", "pdf_tol": None, "pdf_max_iter": None,
     "pdf_pad_voxels": 16, "ismv_radius_mm": None, "ismv_tol": 0.001, "ismv_max_iter": 500,
     "lbv_tol": 0.0001, "lbv_max_iter": 2000, "inversion": "tvmasked", "tkd_threshold": 0.19,
     "tv_alpha": 0.0007, "tv_mu": 0.07, "tv_max_iter": 200, "tv_tol": 0.001,
@@ -43,8 +43,8 @@ SIDECAR_PARAMETERS = {
     "ndi_tol": 0.001, "r2star_weighted": True, "unwrapping": "romeo", "complex_fit": True,
     "phase_offset": "smoothed", "sstv_alpha": 2e-05, "sstv_beta": 1.0,
     "sstv_erode_voxels": 2, "sstv_clip_sd": 10.0, "sstv_grow_voxels": 1,
-    "sstv_max_iter": 80, "sstv_tol": 0.001, "pdf_source_smoothing": 0.0,
-    "pdf_sources": "outside_mask", "sstv_refine_iter": 0,
+    "sstv_max_iter": 80, "sstv_tol": 0.001, "pdf_source_smoothing": None,
+    "pdf_sources": None, "sstv_refine_iter": 20,
 }
 
 
@@ -169,10 +169,13 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     # then a first pass) unless --bfr chooses another, which is used as it is.
     sstv = params(inversion="sstv", tv_alpha=1e-4)
     assert sstv.inversion.sstv_alpha == 1e-4 and sstv.background.method == "pdf"
-    assert sstv.background.pdf_sources == "outside_brain"
-    assert sstv.background.pdf_source_smoothing == 3e-4
+    anchor = qsm_chain.effective_background(sstv, (1.0, 1.0, 1.0))
+    assert anchor.pdf_sources == "outside_brain" and anchor.pdf_source_smoothing == 3e-4
+    assert (anchor.pdf_max_iter, anchor.erode_mm) == (25, 2.0)
     assert sstv.inversion.sstv_refine_iter == 20
-    assert sstv == qsm_chain.single_step_parameters(sstv_alpha=1e-4)
-    given = params(inversion="sstv", bfr="lbv")
-    assert given.background.method == "lbv" and given.inversion.sstv_refine_iter == 0
+    # The same PDF before a two-step inversion: plain, early-stopped, 4 mm erosion.
+    two = qsm_chain.effective_background(params(inversion="tvmasked"), (1.0, 1.0, 1.0))
+    assert (two.pdf_sources, two.pdf_source_smoothing, two.pdf_tol) == ("outside_mask",
+                                                                        0.0, 3e-3)
+    assert two.erode_mm is None and two.pdf_max_iter == 100
     assert params(bfr=None).background.method == default.background.method

@@ -23,7 +23,7 @@ from alsiron.cli._options import (
 from alsiron.field.brain_mask import BRAIN_MASK_METHODS
 from alsiron.field.echo_fit import UNWRAPPING_METHODS
 from alsiron.qsm import chain as qsm_chain
-from alsiron.qsm.inversion import INVERSION_METHODS, SINGLE_STEP_METHODS
+from alsiron.qsm.inversion import INVERSION_METHODS
 from alsiron.runs import qsm as pipeline
 from alsiron.runs.importer import run_qsm_folder
 from alsiron.volume import MegreSeries
@@ -186,10 +186,6 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
              "brain_mask_method": brain_mask_method,
              "residual_threshold": phase_quality_threshold}
     flat.update({key: value for key, value in given.items() if value is not None})
-    if bfr is None and flat["inversion"] in SINGLE_STEP_METHODS:
-        # A single-step inversion's own anchor (refined PDF, docs/qsm_anatomy.md);
-        # --bfr still chooses another, used as it is.
-        flat.update(qsm_chain.SINGLE_STEP_ANCHOR)
     if weak_harmonic:
         if inversion is None:
             flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option

@@ -129,35 +129,15 @@ def _steps(inversion: str, bfr: str) -> list[str]:
 #: with 2 mm at 0.85 (docs/qsm_anatomy.md).
 SINGLE_STEP_ANCHOR_ERODE_MM = 2.0
 
-#: The anchor of a single-step inversion when no background removal is chosen (flat
-#: parameter keys, applied by :func:`single_step_parameters`): PDF with smooth sources
-#: (λ 3e-4 mm²) that stay outside the brain, 25 CG iterations (a fixed count: CG's
-#: relative tolerance stops plain PDF after a few iterations), then the anchor refined by a
-#: 20-iteration first pass (:func:`alsiron.qsm.anchor.refine_anchor`). On the anatomical
-#: phantom, 2 mm (docs/qsm_anatomy.md, "The refined anchor"), it gave χ NRMSE 58.8 %
-#: against 84.5 % with LBV's anchor and 68.5 % for the two-step default.
-SINGLE_STEP_ANCHOR: dict[str, Any] = {
-    "bfr": "pdf", "pdf_source_smoothing": 3e-4, "pdf_sources": "outside_brain",
-    "pdf_max_iter": 25, "pdf_tol": 1e-6, "sstv_refine_iter": 20}
-
-
-def single_step_parameters(p: QsmParameters | None = None, **flat: Any) -> QsmParameters:
-    """``p`` (default: the defaults) with ``inversion`` = "sstv" unless ``flat`` names
-    another single-step method, the anchor of :data:`SINGLE_STEP_ANCHOR`, and then the
-    flat keys ``flat`` (which may override any of them)."""
-    values = (p or QsmParameters()).to_flat()
-    values.update({"inversion": "sstv", **SINGLE_STEP_ANCHOR, **flat})
-    return QsmParameters.from_flat(values)
-
-
 def effective_background(p: QsmParameters, voxel_size: tuple[float, float, float]
                          ) -> BackgroundSettings:
-    """The background settings that run: ``p.background``, except that before a
-    single-step inversion an unset erosion depth becomes
+    """The background settings that run: ``p.background`` with its unset PDF settings
+    resolved for the inversion that follows (:meth:`BackgroundSettings.resolved`), and
+    before a single-step inversion an unset erosion depth as
     :data:`SINGLE_STEP_ANCHOR_ERODE_MM` (or the largest voxel edge when deeper)."""
-    s = p.background
-    if (p.inversion.method in inv.SINGLE_STEP_METHODS and s.erode_mm is None
-            and s.erode_voxels is None):
+    single_step = p.inversion.method in inv.SINGLE_STEP_METHODS
+    s = p.background.resolved(single_step)
+    if single_step and s.erode_mm is None and s.erode_voxels is None:
         return dataclasses.replace(
             s, erode_mm=_at_least_one_voxel(SINGLE_STEP_ANCHOR_ERODE_MM, voxel_size))
     return s
@@ -509,6 +489,7 @@ def remove_background(field: np.ndarray, mask: np.ndarray, series: MegreSeries,
     the provenance record (iterations run).
     """
     vsz = series.voxel_size
+    s = s.resolved(single_step=False)  # no-op on effective_background's settings
     if s.method == "pdf":
         sources = None
         if s.pdf_sources == "outside_brain":
@@ -546,6 +527,7 @@ def _brain_mask_provenance(s: MaskSettings) -> dict[str, Any]:
 
 def _bfr_provenance(s: BackgroundSettings, series: MegreSeries, radii: list[float]
                     ) -> dict[str, Any]:
+    s = s.resolved(single_step=False)  # no-op on effective_background's settings
     record: dict[str, Any] = {"Method": BFR_METHODS[s.method]}
     record.update(erosion_record(s, series.voxel_size))
     if s.method == "pdf":

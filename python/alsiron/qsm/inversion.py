@@ -266,7 +266,7 @@ class InversionSettings:
     sstv_grow_voxels: int = 1
     sstv_max_iter: int = 80
     sstv_tol: float = 1e-3
-    sstv_refine_iter: int = 0
+    sstv_refine_iter: int = 20
     method: str = "tvmasked"
 
     def __post_init__(self) -> None:

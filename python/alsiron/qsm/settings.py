@@ -51,6 +51,18 @@ PDF_SOURCE_REGIONS: dict[str, str] = {
     "outside_mask": "every voxel outside the eroded mask",
     "outside_brain": "only outside the phase-quality brain mask (none in the eroded rim)"}
 
+#: PDF's settings when unset (None), before a two-step (False) or a single-step (True)
+#: inversion. Two-step: CG's relative tolerance stops it after a few iterations, which
+#: regularises it (docs/qsm_bfr.md). Single-step anchor: smooth sources kept outside the
+#: brain and a fixed 25 iterations (the tolerance never stops it first), measured on the
+#: anatomical phantom (docs/qsm_anatomy.md, "The refined anchor").
+PDF_DEFAULTS: dict[bool, dict[str, Any]] = {
+    False: {"pdf_tol": bfr.PDF_TOL, "pdf_max_iter": bfr.PDF_MAX_ITER,
+            "pdf_source_smoothing": 0.0, "pdf_sources": "outside_mask"},
+    True: {"pdf_tol": 1e-6, "pdf_max_iter": 25, "pdf_source_smoothing": 3e-4,
+           "pdf_sources": "outside_brain"},
+}
+
 #: Default depth [mm] eroded from the phase-quality brain mask before each background-
 #: field removal (:attr:`BackgroundSettings.erode_mm` = None). PDF: 4 mm, measured with
 #: ``bench/erosion_study.py`` (docs/qsm_mask_erosion.md). The SMV-based methods and LBV
@@ -193,16 +205,21 @@ class BackgroundSettings:
         to 75 % (64³, 3 mm) and raised the deep-grey slope from 0.79 to 0.86.
     vsharp_threshold : float
         Truncation of the V-SHARP deconvolution kernel.
-    pdf_tol, pdf_max_iter, pdf_pad_voxels : float, int, int
-        PDF's CG tolerance, iteration cap and zero padding (voxels per axis).
-    pdf_source_smoothing : float
+    pdf_tol, pdf_max_iter, pdf_pad_voxels : float or None, int or None, int
+        PDF's CG tolerance, iteration cap and zero padding (voxels per axis). None: the
+        value of :data:`PDF_DEFAULTS` for the inversion that follows (two-step: 3e-3 and
+        100, so that CG's early stop regularises; single-step anchor: a fixed 25
+        iterations).
+    pdf_source_smoothing : float or None
         Weight λ [mm²] of PDF's squared-gradient penalty on its background sources
-        (:func:`alsiron.qsm.bfr.pdf`); 0 = plain PDF.
-    pdf_sources : {"outside_mask", "outside_brain"}
+        (:func:`alsiron.qsm.bfr.pdf`); 0 = plain PDF. None: :data:`PDF_DEFAULTS` (0 before
+        a two-step inversion, 3e-4 before a single-step one).
+    pdf_sources : {"outside_mask", "outside_brain"} or None
         Where PDF's background sources may sit: anywhere outside the eroded mask it fits
         (plain PDF), or only outside the phase-quality brain mask, so that the rim between
         the brain's edge and the eroded mask holds neither data nor sources (for the anchor
-        of a single-step inversion, which estimates χ in that rim itself).
+        of a single-step inversion, which estimates χ in that rim itself). None:
+        :data:`PDF_DEFAULTS` ("outside_mask" two-step, "outside_brain" single-step).
     ismv_radius_mm : float or None
         iSMV sphere radius in mm; None = two (largest) voxel edges (Wen et al. 2014).
     ismv_tol, ismv_max_iter : float, int
@@ -218,11 +235,11 @@ class BackgroundSettings:
     trim_band_mm: float = 6.0
     vsharp_radii_mm: tuple[float, ...] | None = None
     vsharp_threshold: float = bfr.VSHARP_THRESHOLD
-    pdf_tol: float = bfr.PDF_TOL
-    pdf_max_iter: int = bfr.PDF_MAX_ITER
+    pdf_tol: float | None = None
+    pdf_max_iter: int | None = None
     pdf_pad_voxels: int = bfr.PDF_PAD_VOXELS
-    pdf_source_smoothing: float = 0.0
-    pdf_sources: str = "outside_mask"
+    pdf_source_smoothing: float | None = None
+    pdf_sources: str | None = None
     ismv_radius_mm: float | None = None
     ismv_tol: float = bfr.ISMV_TOL
     ismv_max_iter: int = bfr.ISMV_MAX_ITER
@@ -237,10 +254,19 @@ class BackgroundSettings:
                                                     and self.trim_band_mm >= 0):
             raise InvalidInputError("bfr_trim_sd_factor must be > 0 and bfr_trim_band_mm >= 0, got "
                                     f"{self.trim_sd_factor} and {self.trim_band_mm}")
-        if not (math.isfinite(self.pdf_source_smoothing) and self.pdf_source_smoothing >= 0):
+        if self.pdf_source_smoothing is not None and not (
+                math.isfinite(self.pdf_source_smoothing) and self.pdf_source_smoothing >= 0):
             raise InvalidInputError("pdf_source_smoothing must be a finite value >= 0 [mm²], "
                                     f"got {self.pdf_source_smoothing}")
-        _check_choice(self.pdf_sources, PDF_SOURCE_REGIONS, "PDF source region")
+        if self.pdf_sources is not None:
+            _check_choice(self.pdf_sources, PDF_SOURCE_REGIONS, "PDF source region")
+
+    def resolved(self, single_step: bool) -> BackgroundSettings:
+        """These settings with every unset (None) PDF setting replaced by its value in
+        :data:`PDF_DEFAULTS` for a single-step (True) or two-step (False) inversion."""
+        defaults = PDF_DEFAULTS[single_step]
+        return replace(self, **{k: v for k, v in defaults.items()
+                                if getattr(self, k) is None})
 
 
 @dataclass(frozen=True)
