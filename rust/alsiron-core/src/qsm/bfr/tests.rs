@@ -16,29 +16,37 @@ fn two_sources(n: usize, b0: [f64; 3], vs: [f64; 3]) -> (Vec<f32>, Vec<f32>, Vec
     let mut chi_out = vec![0.0f32; shape.len()];
     let mut chi_in = vec![0.0f32; shape.len()];
     let mut mask = vec![0u8; shape.len()];
+    each_voxel(n, |idx, d2| {
+        if d2(c, c, c) < 11.0f64.powi(2) {
+            mask[idx] = 1;
+        }
+        if d2(c + 3.0, c, c + 15.0) < 9.0 {
+            chi_out[idx] = 9.0;
+        }
+        if d2(c + 2.0, c - 3.0, c) < 16.0 {
+            chi_in[idx] = 0.1;
+        }
+    });
+    let bg = forward_field(&chi_out, &geometry(shape, vs, b0)).unwrap();
+    let local = forward_field(&chi_in, &geometry(shape, vs, b0)).unwrap();
+    let total = bg.iter().zip(&local).map(|(a, b)| a + b).collect();
+    (total, local, bg, mask)
+}
+
+/// Calls `visit(index, d2)` for every voxel of an n³ grid, where `d2(a, b, e)` is the
+/// squared distance [voxels²] from the voxel to the point (a, b, e).
+fn each_voxel(n: usize, mut visit: impl FnMut(usize, &dyn Fn(f64, f64, f64) -> f64)) {
+    let shape = Shape3([n; 3]);
     for i in 0..n {
         for j in 0..n {
             for k in 0..n {
                 let d2 = |a: f64, b: f64, e: f64| {
                     (i as f64 - a).powi(2) + (j as f64 - b).powi(2) + (k as f64 - e).powi(2)
                 };
-                let idx = shape.idx(i, j, k);
-                if d2(c, c, c) < 11.0f64.powi(2) {
-                    mask[idx] = 1;
-                }
-                if d2(c + 3.0, c, c + 15.0) < 9.0 {
-                    chi_out[idx] = 9.0;
-                }
-                if d2(c + 2.0, c - 3.0, c) < 16.0 {
-                    chi_in[idx] = 0.1;
-                }
+                visit(shape.idx(i, j, k), &d2);
             }
         }
     }
-    let bg = forward_field(&chi_out, &geometry(shape, vs, b0)).unwrap();
-    let local = forward_field(&chi_in, &geometry(shape, vs, b0)).unwrap();
-    let total = bg.iter().zip(&local).map(|(a, b)| a + b).collect();
-    (total, local, bg, mask)
 }
 
 /// ‖a − b‖ / ‖b‖ over `sel` after demeaning both there.
@@ -311,24 +319,16 @@ fn rim_and_outside_sources(n: usize, b0: [f64; 3]) -> (Vec<f32>, Vec<f32>, Vec<u
     let c = n as f64 / 2.0;
     let (mut chi_out, mut chi_rim) = (vec![0.0f32; shape.len()], vec![0.0f32; shape.len()]);
     let (mut mask, mut brain) = (vec![0u8; shape.len()], vec![0u8; shape.len()]);
-    for i in 0..n {
-        for j in 0..n {
-            for k in 0..n {
-                let d2 = |a: f64, b: f64, e: f64| {
-                    (i as f64 - a).powi(2) + (j as f64 - b).powi(2) + (k as f64 - e).powi(2)
-                };
-                let idx = shape.idx(i, j, k);
-                mask[idx] = (d2(c, c, c) < 100.0) as u8;
-                brain[idx] = (d2(c, c, c) < 169.0) as u8;
-                if d2(c + 8.0, c, c + 15.0) < 9.0 {
-                    chi_out[idx] = 9.0;
-                }
-                if d2(c, c + 8.0, c + 1.0) < 2.25 {
-                    chi_rim[idx] = 0.5;
-                }
-            }
+    each_voxel(n, |idx, d2| {
+        mask[idx] = (d2(c, c, c) < 100.0) as u8;
+        brain[idx] = (d2(c, c, c) < 169.0) as u8;
+        if d2(c + 8.0, c, c + 15.0) < 9.0 {
+            chi_out[idx] = 9.0;
         }
-    }
+        if d2(c, c + 8.0, c + 1.0) < 2.25 {
+            chi_rim[idx] = 0.5;
+        }
+    });
     let geom = geometry(shape, [1.0; 3], b0);
     let bg = forward_field(&chi_out, &geom).unwrap();
     let rim = forward_field(&chi_rim, &geom).unwrap();
