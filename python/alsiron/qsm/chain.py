@@ -129,6 +129,7 @@ def _steps(inversion: str, bfr: str) -> list[str]:
 #: with 2 mm at 0.85 (docs/qsm_anatomy.md).
 SINGLE_STEP_ANCHOR_ERODE_MM = 2.0
 
+
 def effective_background(p: QsmParameters, voxel_size: tuple[float, float, float]
                          ) -> BackgroundSettings:
     """The background settings that run: ``p.background`` with its unset PDF settings
