@@ -83,6 +83,8 @@ CANDIDATES: list[Candidate] = [
                "pdf_source_smoothing": 0.0, "pdf_sources": "outside_mask"}, UNREFINED),
     Candidate("sstv, LBV anchor refined", {"method": "lbv"}, {"method": "sstv"}),
     Candidate("sstv a=1e-4", inversion={"method": "sstv", "sstv_alpha": 1e-4}),
+    Candidate("sstv a=1e-4 b=0.3", inversion={"method": "sstv", "sstv_alpha": 1e-4,
+                                               "sstv_beta": 0.3}),
     Candidate("ceiling: true local field, tvmasked a=7e-4", inversion=TWO_STEP, ceiling=True),
     Candidate("ceiling: sstv on the true total field, true local field as anchor",
               inversion=UNREFINED, ceiling=True),
