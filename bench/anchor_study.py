@@ -5,7 +5,8 @@ anchor is a local-field estimate from a background removal. This study keeps eve
 else fixed — the chain's own total field, phase-quality mask and anchor mask of each
 session, the package's sstv settings — and swaps only the anchor:
 
-- ``LBV`` — what ``alsiron qsm --inversion sstv`` runs (each session its own mask);
+- ``LBV`` — what ``alsiron qsm --inversion sstv`` ran before stop 20 (each session its
+  own mask);
 - ``LBV, shared mask`` — LBV on the intersection of the two sessions' anchor masks. The
   sessions differ only by the ALS excess, yet their phase-quality masks differ in a few
   hundred edge voxels, and LBV's Dirichlet boundary moves with them; this row measures
@@ -17,6 +18,11 @@ session, the package's sstv settings — and swaps only the anchor:
   background tissue (bone, scalp, air) is piecewise smooth, while sources that mimic the
   near-edge cortical field must be rough;
 - ``0.4 LBV + 0.6 PDF smooth`` — both anchors in one quadratic term (their weighted mean);
+- ``PDF, smooth sources outside the brain`` — the same PDF with its sources kept outside
+  the phase-quality mask (``source_mask``), 25 CG iterations: the first anchor of
+  ``alsiron qsm --inversion sstv``;
+- ``refined`` — what ``alsiron qsm --inversion sstv`` runs: that anchor refined by a
+  first pass (``qsm.anchor.refine_anchor``);
 - ``true local field`` — the ceiling: the simulator's local field as the anchor.
 
 Scores as ``bench/anatomy_candidates.py`` (``bench/anatomical_phantom.py``). The true
@@ -47,9 +53,10 @@ from anatomy_candidates import (
 
 from alsiron import qsm
 from alsiron.evaluation.stages import series_of
+from alsiron.qsm import anchor as single_step_anchor
 from alsiron.qsm import inversion as inv
 from alsiron.qsm.chain import bfr_input_mask, effective_background, process_series
-from alsiron.qsm.settings import BackgroundSettings, QsmParameters
+from alsiron.qsm.settings import PDF_DEFAULTS, BackgroundSettings, QsmParameters
 
 
 def chain_inputs(sessions: list, params: QsmParameters) -> list[dict[str, Any]]:
@@ -111,14 +118,37 @@ def anchors(inputs: list[dict[str, Any]], sessions: list, smooth_lambda: float,
         b, mb = pdf_smooth(k)
         return 0.4 * a + 0.6 * b, ma & mb
 
+    def pdf_outside_brain(k: int) -> tuple[np.ndarray, np.ndarray]:
+        c = inputs[k]
+        if ("outside", k) not in cache:
+            single = PDF_DEFAULTS[True]
+            local, _ = qsm.pdf(c["total_in_quality"], c["anchor_mask"],
+                               voxel_size=c["voxel_size"], b0_dir=c["b0"],
+                               tol=single["pdf_tol"], max_iter=single["pdf_max_iter"],
+                               source_smoothing=single["pdf_source_smoothing"],
+                               source_mask=~c["quality"])
+            cache[("outside", k)] = local.astype(np.float64), c["anchor_mask"]
+        return cache[("outside", k)]
+
+    def refined(k: int) -> tuple[np.ndarray, np.ndarray]:
+        c = inputs[k]
+        first, mask = pdf_outside_brain(k)
+        local, interior, _ = single_step_anchor.refine_anchor(
+            "sstv", c["total"], c["quality"], first, mask, c["anchor_mask"],
+            voxel_size=c["voxel_size"], b0_dir=c["b0"],
+            settings=inv.InversionSettings(method="sstv"))
+        return local.astype(np.float64), interior
+
     def truth(k: int) -> tuple[np.ndarray, np.ndarray]:
         return sessions[k].local_field.astype(np.float64), inputs[k]["anchor_mask"]
 
-    return {"LBV (the chain's anchor)": lbv,
+    return {"LBV (the chain's anchor before stop 20)": lbv,
             "LBV, shared mask": lambda k: lbv_on(k, shared),
             "PDF tol 1e-4": pdf,
             f"PDF, smooth sources (lambda {smooth_lambda:g})": pdf_smooth,
             "0.4 LBV + 0.6 PDF smooth": mix,
+            "PDF, smooth sources outside the brain (25 it)": pdf_outside_brain,
+            "refined (alsiron qsm --inversion sstv)": refined,
             "ceiling: true local field as anchor": truth}
 
 
@@ -154,8 +184,11 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     sessions = simulate_pair(args.voxel_size, args.snr, b0_of(args.b0_tilt), args.rng)
+    # The chain supplies the total field and the masks; sstv_refine_iter 0 skips the
+    # refinement it would otherwise run before its own inversion (the anchors are swapped
+    # here).
     params = QsmParameters(background=BackgroundSettings(method="lbv"),
-                           inversion=inv.InversionSettings(method="sstv"))
+                           inversion=inv.InversionSettings(method="sstv", sstv_refine_iter=0))
     inputs = chain_inputs(sessions, params)
     differ = int((inputs[0]["anchor_mask"] ^ inputs[1]["anchor_mask"]).sum())
     setup = {"voxel_mm": args.voxel_size, "snr": args.snr, "b0_tilt_deg": args.b0_tilt,
