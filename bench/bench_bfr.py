@@ -51,15 +51,6 @@ def _dot(a, b):
     return float(np.dot(a.ravel().astype(np.float64), b.ravel().astype(np.float64)))
 
 
-def _source_penalty(x, sources):
-    """Gradient of ½‖∇x‖² over neighbouring source pairs (unit voxels), float32."""
-    out = np.zeros_like(x)
-    for axis in range(3):
-        d = (np.roll(x, -1, axis) - x) * (np.roll(sources, -1, axis) & sources)
-        out += np.roll(d, 1, axis) - d
-    return out
-
-
 def scipy_pdf(field, mask, n_iter, *, source_smoothing=0.0, sources=None):
     """PDF: ``n_iter`` CG steps on the normal equations, float32 scipy.fft; with
     ``sources`` the background sources are kept there (and in the padding), with
@@ -84,7 +75,8 @@ def scipy_pdf(field, mask, n_iter, *, source_smoothing=0.0, sources=None):
     for _ in range(n_iter):
         ap = conv(w2 * conv(p))
         if source_smoothing:
-            ap = ap + np.float32(source_smoothing) * _source_penalty(p, outside)
+            ap = ap + np.float32(source_smoothing) * twins.source_gradient_penalty(
+                p, outside, VOXEL)
         ap = np.where(outside, ap, 0).astype(np.float32)
         alpha = rs / _dot(p, ap)
         x += alpha * p

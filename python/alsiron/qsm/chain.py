@@ -213,9 +213,9 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
 
     t0 = step(2)
     radii = vsharp_radii(background, vsz)
-    local, local_mask, bfr_record = remove_background(np.nan_to_num(fit.total), quality,
-                                                      series, background, radii,
-                                                      brain=fit.quality)
+    total = np.nan_to_num(fit.total)
+    local, local_mask, bfr_record = remove_background(total, quality, series, background,
+                                                      radii, brain=fit.quality)
     local_mask = local_mask.astype(bool)
     if not local_mask.any():
         raise InvalidInputError(f"mask is empty after {BFR_METHODS[background.method]} erosion: "
@@ -227,12 +227,12 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         qsm_mask = fit.quality.astype(bool)
         if p.inversion.sstv_refine_iter > 0:
             local, local_mask, bfr_record["AnchorRefinement"] = anchor.refine_anchor(
-                p.inversion.method, np.nan_to_num(fit.total), qsm_mask, local, local_mask,
+                p.inversion.method, total, qsm_mask, local, local_mask,
                 quality, voxel_size=vsz, b0_dir=series.b0_direction, settings=p.inversion,
                 lbv_tol=background.lbv_tol, lbv_max_iter=background.lbv_max_iter,
                 progress=iteration_progress)
         chi, inv_params = inv.invert_single_step(
-            p.inversion.method, np.nan_to_num(fit.total), qsm_mask, local, local_mask,
+            p.inversion.method, total, qsm_mask, local, local_mask,
             voxel_size=vsz, b0_dir=series.b0_direction, settings=p.inversion,
             progress=iteration_progress)
     else:

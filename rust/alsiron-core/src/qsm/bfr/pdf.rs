@@ -193,20 +193,22 @@ pub fn pdf_with_sources(
     };
     let mask_f: Vec<f32> = mask.iter().map(|&m| (m != 0) as u8 as f32).collect();
     let inside = pad(&mask_f, shape, padded);
-    // Voxels of the grid that may not hold a source; the padding is 0 here, so it may.
-    let excluded: Vec<f32> = match sources {
-        Some(s) => pad(
-            &s.iter().map(|&v| (v == 0) as u8 as f32).collect::<Vec<_>>(),
-            shape,
-            padded,
-        ),
-        None => vec![0.0; padded.len()],
+    let outside: Vec<bool> = match sources {
+        Some(s) => {
+            // Voxels that may not hold a source; the padding is 0 here, so it may.
+            let excluded = pad(
+                &s.iter().map(|&v| (v == 0) as u8 as f32).collect::<Vec<_>>(),
+                shape,
+                padded,
+            );
+            inside
+                .iter()
+                .zip(&excluded)
+                .map(|(&m, &e)| m < 0.5 && e < 0.5)
+                .collect()
+        }
+        None => inside.iter().map(|&m| m < 0.5).collect(),
     };
-    let outside: Vec<bool> = inside
-        .iter()
-        .zip(&excluded)
-        .map(|(&m, &e)| m < 0.5 && e < 0.5)
-        .collect();
     let w2 = pad(&w2, shape, padded);
     let masked_field: Vec<f32> = field
         .iter()
