@@ -32,7 +32,7 @@ from alsiron import qsm
 from alsiron.evaluation.stages import series_of, truth_of
 from alsiron.qsm import inversion as inv
 from alsiron.qsm.chain import process_series
-from alsiron.qsm.settings import BackgroundSettings, QsmParameters
+from alsiron.qsm.settings import PDF_DEFAULTS, BackgroundSettings, QsmParameters
 from alsiron.sim import anatomical as an
 
 
@@ -79,8 +79,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("sstv, LBV 6 mm anchor, unrefined", {"method": "lbv", "erode_mm": 6.0},
               UNREFINED),
     Candidate("sstv, plain PDF 2 mm anchor, unrefined",
-              {"method": "pdf", "erode_mm": 2.0, "pdf_tol": 3e-3, "pdf_max_iter": 100,
-               "pdf_source_smoothing": 0.0, "pdf_sources": "outside_mask"}, UNREFINED),
+              {"method": "pdf", "erode_mm": 2.0, **PDF_DEFAULTS[False]}, UNREFINED),
     Candidate("sstv, LBV anchor refined", {"method": "lbv"}, {"method": "sstv"}),
     Candidate("sstv a=1e-4", inversion={"method": "sstv", "sstv_alpha": 1e-4}),
     Candidate("sstv a=1e-4 b=0.3", inversion={"method": "sstv", "sstv_alpha": 1e-4,
