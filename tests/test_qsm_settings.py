@@ -44,7 +44,7 @@ SIDECAR_PARAMETERS = {
     "phase_offset": "smoothed", "sstv_alpha": 2e-05, "sstv_beta": 1.0,
     "sstv_erode_voxels": 2, "sstv_clip_sd": 10.0, "sstv_grow_voxels": 1,
     "sstv_max_iter": 80, "sstv_tol": 0.001, "pdf_source_smoothing": None,
-    "pdf_sources": None, "sstv_refine_iter": 20,
+    "pdf_sources": None, "sstv_refine_iter": 80, "sstv_refine_alpha": 0.0007,
 }
 
 
@@ -103,11 +103,18 @@ def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
     assert QsmParameters.from_flat(old).field.phase_offset == "fixed"
     # Sidecars before the PDF source options and the refined anchor ran neither.
     older = {k: v for k, v in QsmParameters().to_flat().items()
-             if k not in ("pdf_source_smoothing", "pdf_sources", "sstv_refine_iter")}
+             if k not in ("pdf_source_smoothing", "pdf_sources", "sstv_refine_iter",
+                          "sstv_refine_alpha")}
     read = QsmParameters.from_flat({**older, "inversion": "sstv"})
     assert read.background.pdf_source_smoothing == 0.0
     assert read.background.pdf_sources == "outside_mask"
     assert read.inversion.sstv_refine_iter == 0
+    # Sidecars of the refined anchor before the first pass had its own α ran the final
+    # pass's α in the first pass.
+    stop20 = {k: v for k, v in QsmParameters().to_flat().items() if k != "sstv_refine_alpha"}
+    read = QsmParameters.from_flat({**stop20, "inversion": "sstv", "sstv_refine_iter": 20})
+    assert read.inversion.sstv_refine_alpha is None
+    assert read.inversion.sstv_refine_iter == 20
     # A few chosen keys are not a sidecar: the others keep today's defaults.
     assert QsmParameters.from_flat({"inversion": "tkd"}).field.phase_offset == "smoothed"
 
@@ -125,6 +132,7 @@ def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
     (lambda: InversionSettings(method="qsmnet"), "unknown dipole inversion 'qsmnet'"),
     (lambda: InversionSettings(sstv_refine_iter=-1), "sstv_refine_iter must be"),
     (lambda: InversionSettings(sstv_refine_iter=2.5), "sstv_refine_iter must be"),
+    (lambda: InversionSettings(sstv_refine_alpha=0.0), "sstv_refine_alpha must be positive"),
     (lambda: dataclasses.replace(BackgroundSettings(), method="sharp"),
      "unknown background-field removal"),
     (lambda: QsmParameters.from_flat({"inversion": "qsmnet"}), "unknown dipole inversion"),
@@ -172,7 +180,9 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     anchor = qsm_chain.effective_background(sstv, (1.0, 1.0, 1.0))
     assert anchor.pdf_sources == "outside_brain" and anchor.pdf_source_smoothing == 3e-4
     assert (anchor.pdf_max_iter, anchor.erode_mm) == (25, 2.0)
-    assert sstv.inversion.sstv_refine_iter == 20
+    assert sstv.inversion.sstv_refine_iter == 80
+    # --tv-alpha sets the final pass's α; the first pass keeps its own.
+    assert sstv.inversion.sstv_refine_alpha == 7e-4
     # The same PDF before a two-step inversion: plain, early-stopped, 4 mm erosion.
     two = qsm_chain.effective_background(params(inversion="tvmasked"), (1.0, 1.0, 1.0))
     assert (two.pdf_sources, two.pdf_source_smoothing, two.pdf_tol) == ("outside_mask",

@@ -11,11 +11,17 @@ gives. Each removal errs in its own way near the brain's edge, where the cortex 
 - LBV keeps that field (it matches the background to the field on the mask's boundary
   only) but carries the boundary's local field inwards as a smooth error over the brain.
 
-:func:`refine_anchor` combines them. A short first pass with the PDF anchor gives χ₁; the
+:func:`refine_anchor` combines them. A first pass with the PDF anchor gives χ₁; the
 field of χ₁ inside the brain, D(χ₁·brain), is the best estimate of the local field at the
 mask's boundary, so LBV run on the total field *less* that field removes the background
 with boundary values that carry little local field, and the new anchor is LBV's result plus
 D(χ₁·brain).
+
+Whatever χ₁ gets wrong stays in the new anchor (LBV removes only its harmonic part), and
+the final pass follows the anchor. So the first pass is regularised as strongly as the
+two-step default (α 7e-4, against the final pass's 2e-5): its χ₁ carries little of the
+PDF anchor's smooth error, and the final pass, with the Laplacian term, puts back the fine
+structure (docs/qsm_anatomy.md, "The first pass").
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ def refine_anchor(method: str, total_field: np.ndarray, brain_mask: np.ndarray,
     voxel_size, b0_dir
         Voxel size [mm] and B0 direction in voxel-index space.
     settings : InversionSettings
-        The inversion's settings; ``sstv_refine_iter`` ≥ 1 iterations run in the first pass.
+        The inversion's settings; the first pass runs ``sstv_refine_iter`` ≥ 1 iterations
+        with TV weight ``sstv_refine_alpha`` (``sstv_alpha`` when None).
     lbv_tol, lbv_max_iter : float, int
         LBV's CG tolerance and iteration cap.
     progress : callable, optional
@@ -98,7 +105,10 @@ def refine_anchor(method: str, total_field: np.ndarray, brain_mask: np.ndarray,
     if n < 1:
         raise ValueError("refine_anchor needs settings.sstv_refine_iter >= 1")
     brain = np.asarray(brain_mask, dtype=bool)
-    first = dataclasses.replace(settings, sstv_max_iter=n, sstv_refine_iter=0)
+    alpha1 = (settings.sstv_alpha if settings.sstv_refine_alpha is None
+              else settings.sstv_refine_alpha)
+    first = dataclasses.replace(settings, sstv_max_iter=n, sstv_refine_iter=0,
+                                sstv_alpha=alpha1)
     chi1, record1 = inv.invert_single_step(method, total_field, brain, local_field, local_mask,
                                            voxel_size=voxel_size, b0_dir=b0_dir,
                                            settings=first, progress=progress)
@@ -116,6 +126,7 @@ def refine_anchor(method: str, total_field: np.ndarray, brain_mask: np.ndarray,
     record = {"Method": "first single-step pass, then LBV of the total field less the "
                         "first pass's brain field, plus that field",
               "FirstPassIterations": int(record1["IterationsRun"]),
+              "FirstPassAlpha": alpha1,
               "LBVIterationsRun": int(n_lbv),
               "LBVTolerance": lbv_tol,
               "AnchorVoxels": int(interior.sum())}

@@ -72,6 +72,13 @@ TV_MU = 7e-2
 #: Default TV weight α of the single-step method "sstv" (Laplacian data in ppm/mm²).
 SSTV_ALPHA = 2e-5
 
+#: Default TV weight α of sstv's first pass, the one that refines the anchor
+#: (:func:`alsiron.qsm.anchor.refine_anchor`): the two-step default's α (``masked_tv_alpha``).
+#: The refinement carries the first pass's error into the anchor, and so into the final
+#: χ; a first pass as regularised as the two-step default keeps that error low
+#: (docs/qsm_anatomy.md, "The first pass").
+SSTV_REFINE_ALPHA = 7e-4
+
 #: sstv's default ADMM penalties (the Rust kernel's too): μ₁ = this × α on ∇χ, and μ₂ on
 #: the Laplacian split; μ₃ on the anchor split defaults to β.
 SSTV_MU_GRADIENT_PER_ALPHA = 10.0
@@ -217,6 +224,8 @@ class InversionSettings:
         (:func:`alsiron.qsm.anchor.refine_anchor`): the anchor becomes LBV's local field of
         the total field less the first pass's brain field, plus that field. 0 = the anchor
         as the background-field removal gave it.
+    sstv_refine_alpha : float or None
+        TV weight α of that first pass (None: ``sstv_alpha``, as before the key existed).
     """
 
     tkd_threshold: float = TKD_THRESHOLD
@@ -266,7 +275,8 @@ class InversionSettings:
     sstv_grow_voxels: int = 1
     sstv_max_iter: int = 80
     sstv_tol: float = 1e-3
-    sstv_refine_iter: int = 20
+    sstv_refine_iter: int = 80
+    sstv_refine_alpha: float | None = SSTV_REFINE_ALPHA
     method: str = "tvmasked"
 
     def __post_init__(self) -> None:
@@ -277,6 +287,8 @@ class InversionSettings:
                 isinstance(self.sstv_refine_iter, int) and self.sstv_refine_iter >= 0):
             raise ValueError(f"sstv_refine_iter must be an integer >= 0, "
                              f"got {self.sstv_refine_iter!r}")
+        if self.sstv_refine_alpha is not None:
+            _positive(self.sstv_refine_alpha, "sstv_refine_alpha")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1017,7 +1029,8 @@ _USES: dict[str, tuple[str, ...]] = {
     "rts": ("rts_delta", "rts_mu", "rts_rho", "rts_max_iter", "rts_tol", "rts_lsqr_iter"),
     "ndi": ("ndi_lambda", "ndi_step", "ndi_max_iter", "ndi_tol"),
     "sstv": ("sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
-             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "sstv_refine_iter"),
+             "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "sstv_refine_iter",
+             "sstv_refine_alpha"),
 }
 
 

@@ -370,7 +370,7 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "ndi_max_iter", "ndi_tol", "r2star_weighted", "unwrapping", "complex_fit",
     "phase_offset", "sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
     "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "pdf_source_smoothing", "pdf_sources",
-    "sstv_refine_iter",
+    "sstv_refine_iter", "sstv_refine_alpha",
 )
 
 #: Keys added after sidecars were first written, with the value every run before them
@@ -379,8 +379,11 @@ PARAMETER_KEYS: tuple[str, ...] = (
 #: ``phase_offset``: the MCPC-3D-S offset held fixed was the only method before the key.
 #: The PDF source options and the refined single-step anchor did not exist before their
 #: keys: plain PDF, sources anywhere outside the mask, the anchor as the BFR gave it.
+#: The first pass's own α came later still: before it, the first pass ran the final
+#: pass's α (None).
 ADDED_LATER: dict[str, Any] = {"phase_offset": "fixed", "pdf_source_smoothing": 0.0,
-                               "pdf_sources": "outside_mask", "sstv_refine_iter": 0}
+                               "pdf_sources": "outside_mask", "sstv_refine_iter": 0,
+                               "sstv_refine_alpha": None}
 
 
 def _flat_index() -> dict[str, tuple[str, str]]:
