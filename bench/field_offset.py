@@ -24,10 +24,6 @@ geometric] [--markdown]``. About 3 min on 2 cores for the default three seeds.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
-import io
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -88,32 +84,19 @@ class Case:
 
 
 def qsmforward_case(seed: int, strong: bool) -> Case:
-    """qsm-forward's cylinders (its own simulation, written as BIDS and read back)."""
-    import nibabel as nib
-    import qsm_forward as qf
+    """qsm-forward's cylinders in water (:func:`alsiron.evaluation.qsmforward.simulate_cylinders`),
+    its φ0 a random constant, plus :func:`strong_offset` when ``strong``."""
+    from alsiron.evaluation.qsmforward import simulate_cylinders
 
     n = 100
     rng = np.random.default_rng(1000 + seed)
-    chi = qf.generate_susceptibility_phantom(
-        resolution=[n] * 3, background=0, large_cylinder_val=0.005,
-        small_cylinder_radii=[4, 4, 4, 7], small_cylinder_vals=[0.05, 0.1, 0.2, 0.5])
-    rp = qf.ReconParams()
-    rp.subject, rp.peak_snr, rp.random_seed = "c", 100, seed
-    rp.phase_offset = rng.uniform(-np.pi, np.pi)
+    offset = rng.uniform(-np.pi, np.pi)
     if strong:
-        rp.phase_offset = rp.phase_offset + strong_offset((n,) * 3, rng)
-    with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-        qf.generate_bids(qf.TissueParams(chi=chi), rp, d, save_shimmed_field=True)
-
-        def load(pattern: str) -> list[np.ndarray]:
-            return [nib.load(f).get_fdata() for f in sorted(glob.glob(f"{d}/{pattern}"))]
-
-        mag = np.stack(load("sub-c/anat/*part-mag*.nii"))
-        phase = np.stack(load("sub-c/anat/*part-phase*.nii"))
-        deriv = "derivatives/qsm-forward/sub-c/anat"
-        truth = load(f"{deriv}/*desc-shimmed_fieldmap.nii")[0]
-        mask = load(f"{deriv}/*_mask.nii")[0] > 0
-    return Case(mag, phase, rp.TEs, rp.B0, rp.voxel_size, mask, truth)
+        offset = offset + strong_offset((n,) * 3, rng)
+    case = simulate_cylinders(seed, "water", size=n, phase_offset=offset)
+    s = case.series
+    return Case(s.magnitude, s.phase, s.echo_times, s.field_strength, s.voxel_size, case.mask,
+                case.field_ppm)
 
 
 def _session_case(session, seed: int, strong: bool) -> Case:

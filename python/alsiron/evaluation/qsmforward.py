@@ -43,16 +43,17 @@ SURROUNDINGS = ("water", "air")
 
 @dataclass(frozen=True)
 class CylinderCase:
-    """One simulated acquisition: the series, the true χ [ppm] (0 outside the object) and
-    the object mask."""
+    """One simulated acquisition: the series, the true χ [ppm] (0 outside the object), the
+    object mask, and qsm-forward's true total field [ppm] after its shim."""
 
     series: MegreSeries
     chi: np.ndarray
     mask: np.ndarray
+    field_ppm: np.ndarray
 
 
-def simulate_cylinders(seed: int = 0, surrounding: str = "water", size: int = 100
-                       ) -> CylinderCase:
+def simulate_cylinders(seed: int = 0, surrounding: str = "water", size: int = 100,
+                       phase_offset: float | np.ndarray | None = None) -> CylinderCase:
     """qsm-forward's cylinders on a ``size``³ grid of 1 mm voxels.
 
     Parameters
@@ -63,6 +64,9 @@ def simulate_cylinders(seed: int = 0, surrounding: str = "water", size: int = 10
         χ outside the large cylinder: 0, or +9.4 ppm with no signal.
     size : int
         Grid edge [voxels]; the small cylinders' radii are 4, 4, 4 and 7 voxels.
+    phase_offset : float or ndarray, optional
+        φ0 [rad] added by qsm-forward to every echo (a constant or a ``size``³ map);
+        None: a constant drawn U(−π, π) from ``default_rng(1000 + seed)``.
 
     Raises
     ------
@@ -76,7 +80,6 @@ def simulate_cylinders(seed: int = 0, surrounding: str = "water", size: int = 10
     if surrounding not in SURROUNDINGS:
         raise ValueError(f"unknown surrounding {surrounding!r} (choose one of "
                          f"{', '.join(SURROUNDINGS)})")
-    rng = np.random.default_rng(1000 + seed)
     chi = qf.generate_susceptibility_phantom(
         resolution=[size] * 3, background=0, large_cylinder_val=LARGE_CHI,
         small_cylinder_radii=[4, 4, 4, 7], small_cylinder_vals=list(SMALL_CHI))
@@ -85,19 +88,22 @@ def simulate_cylinders(seed: int = 0, surrounding: str = "water", size: int = 10
         chi = np.where(obj, chi, AIR_CHI)
     rp = qf.ReconParams()
     rp.subject, rp.peak_snr, rp.random_seed = "c", 100, seed
-    rp.phase_offset = rng.uniform(-np.pi, np.pi)
+    rp.phase_offset = (np.random.default_rng(1000 + seed).uniform(-np.pi, np.pi)
+                       if phase_offset is None else phase_offset)
     with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
         # qsm-forward takes a mask and M0 as arrays only when χ is 0 outside the object;
         # as files it takes them always.
         nib.save(nib.Nifti1Image(obj.astype(np.float32), np.eye(4)), f"{d}/mask.nii")
         qf.generate_bids(qf.TissueParams(chi=chi, mask=f"{d}/mask.nii", M0=f"{d}/mask.nii"),
-                         rp, f"{d}/bids")
+                         rp, f"{d}/bids", save_shimmed_field=True)
         mags = [nib.load(f) for f in sorted(glob.glob(f"{d}/bids/sub-c/anat/*part-mag*.nii"))]
         phases = [nib.load(f)
                   for f in sorted(glob.glob(f"{d}/bids/sub-c/anat/*part-phase*.nii"))]
         magnitude = np.stack([m.get_fdata(dtype=np.float32) for m in mags])
         phase = np.stack([p.get_fdata(dtype=np.float32) for p in phases])
         affine = mags[0].affine
+        field = nib.load(glob.glob(f"{d}/bids/derivatives/qsm-forward/sub-c/anat/"
+                                   "*desc-shimmed_fieldmap.nii")[0]).get_fdata()
     series = MegreSeries(magnitude=np.ascontiguousarray(magnitude),
                          phase=np.ascontiguousarray(phase),
                          echo_times=np.asarray(rp.TEs, np.float64),
@@ -105,7 +111,7 @@ def simulate_cylinders(seed: int = 0, surrounding: str = "water", size: int = 10
                          voxel_size=tuple(float(v) for v in rp.voxel_size),
                          b0_direction=tuple(float(v) for v in rp.B0_dir),
                          subject="c", session="01")
-    return CylinderCase(series=series, chi=np.where(obj, chi, 0.0), mask=obj)
+    return CylinderCase(series=series, chi=np.where(obj, chi, 0.0), mask=obj, field_ppm=field)
 
 
 def score_cylinders(chi: np.ndarray, case: CylinderCase, mask: np.ndarray
