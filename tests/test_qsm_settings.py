@@ -45,6 +45,7 @@ SIDECAR_PARAMETERS = {
     "sstv_erode_voxels": 2, "sstv_clip_sd": 10.0, "sstv_grow_voxels": 1,
     "sstv_max_iter": 80, "sstv_tol": 0.001, "pdf_source_smoothing": None,
     "pdf_sources": None, "sstv_refine_iter": 80, "sstv_refine_alpha": 0.0007,
+    "sstv_alpha_rule": "noise", "sstv_noise_factor": 0.008,
 }
 
 
@@ -115,6 +116,12 @@ def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
     read = QsmParameters.from_flat({**stop20, "inversion": "sstv", "sstv_refine_iter": 20})
     assert read.inversion.sstv_refine_alpha is None
     assert read.inversion.sstv_refine_iter == 20
+    # Sidecars before sstv's noise rule ran the final pass at sstv_alpha as given.
+    stop21 = {k: v for k, v in QsmParameters().to_flat().items()
+              if k not in ("sstv_alpha_rule", "sstv_noise_factor")}
+    read = QsmParameters.from_flat({**stop21, "inversion": "sstv"})
+    assert read.inversion.sstv_alpha_rule == "fixed"
+    assert read.inversion.sstv_refine_alpha == 7e-4
     # A few chosen keys are not a sidecar: the others keep today's defaults.
     assert QsmParameters.from_flat({"inversion": "tkd"}).field.phase_offset == "smoothed"
 
@@ -133,6 +140,8 @@ def test_a_sidecar_written_before_a_key_existed_reads_as_what_ran():
     (lambda: InversionSettings(sstv_refine_iter=-1), "sstv_refine_iter must be"),
     (lambda: InversionSettings(sstv_refine_iter=2.5), "sstv_refine_iter must be"),
     (lambda: InversionSettings(sstv_refine_alpha=0.0), "sstv_refine_alpha must be positive"),
+    (lambda: InversionSettings(sstv_alpha_rule="lcurve"), "sstv_alpha_rule must be"),
+    (lambda: InversionSettings(sstv_noise_factor=-0.1), "sstv_noise_factor must be"),
     (lambda: dataclasses.replace(BackgroundSettings(), method="sharp"),
      "unknown background-field removal"),
     (lambda: QsmParameters.from_flat({"inversion": "qsmnet"}), "unknown dipole inversion"),
@@ -177,6 +186,7 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     # then a first pass) unless --bfr chooses another, which is used as it is.
     sstv = params(inversion="sstv", tv_alpha=1e-4)
     assert sstv.inversion.sstv_alpha == 1e-4 and sstv.background.method == "pdf"
+    assert sstv.inversion.sstv_alpha_rule == "fixed"
     anchor = qsm_chain.effective_background(sstv, (1.0, 1.0, 1.0))
     assert anchor.pdf_sources == "outside_brain" and anchor.pdf_source_smoothing == 3e-4
     assert (anchor.pdf_max_iter, anchor.erode_mm) == (25, 2.0)

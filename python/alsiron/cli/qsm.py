@@ -156,8 +156,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
 
 
 def _tv_alpha_settings(flat: dict, alpha: float) -> dict:
-    """The flat parameters --tv-alpha sets for the chosen inversion (for MEDI its noise
-    rule is switched off, so that α holds as given)."""
+    """The flat parameters --tv-alpha sets for the chosen inversion (for MEDI and sstv
+    their noise rule is switched off, so that α holds as given)."""
     method = flat["inversion"]
     if method == "tvmasked":
         return {"masked_tv_alpha": alpha}
@@ -166,7 +166,7 @@ def _tv_alpha_settings(flat: dict, alpha: float) -> dict:
     if method == "medi":
         return {"medi_alpha": alpha, "medi_alpha_rule": "fixed"}
     if method == "sstv":
-        return {"sstv_alpha": alpha}
+        return {"sstv_alpha": alpha, "sstv_alpha_rule": "fixed"}
     raise click.UsageError(f"--tv-alpha goes with a TV inversion (tvmasked, tvadmm, medi, "
                            f"sstv), not {method}")
 

@@ -108,7 +108,7 @@ def refine_anchor(method: str, total_field: np.ndarray, brain_mask: np.ndarray,
     alpha1 = (settings.sstv_alpha if settings.sstv_refine_alpha is None
               else settings.sstv_refine_alpha)
     first = dataclasses.replace(settings, sstv_max_iter=n, sstv_refine_iter=0,
-                                sstv_alpha=alpha1)
+                                sstv_alpha=alpha1, sstv_alpha_rule="fixed")
     chi1, record1 = inv.invert_single_step(method, total_field, brain, local_field, local_mask,
                                            voxel_size=voxel_size, b0_dir=b0_dir,
                                            settings=first, progress=progress)

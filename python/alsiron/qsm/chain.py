@@ -234,7 +234,7 @@ def process_series(series: MegreSeries, params: QsmParameters | None = None, *,
         chi, inv_params = inv.invert_single_step(
             p.inversion.method, total, qsm_mask, local, local_mask,
             voxel_size=vsz, b0_dir=series.b0_direction, settings=p.inversion,
-            progress=iteration_progress)
+            progress=iteration_progress, field_sd=fit.field_sd)
     else:
         qsm_mask = local_mask
         rss, phase_scale = inversion_inputs(series)

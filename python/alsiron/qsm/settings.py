@@ -370,7 +370,7 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "ndi_max_iter", "ndi_tol", "r2star_weighted", "unwrapping", "complex_fit",
     "phase_offset", "sstv_alpha", "sstv_beta", "sstv_erode_voxels", "sstv_clip_sd",
     "sstv_grow_voxels", "sstv_max_iter", "sstv_tol", "pdf_source_smoothing", "pdf_sources",
-    "sstv_refine_iter", "sstv_refine_alpha",
+    "sstv_refine_iter", "sstv_refine_alpha", "sstv_alpha_rule", "sstv_noise_factor",
 )
 
 #: Keys added after sidecars were first written, with the value every run before them
@@ -380,10 +380,10 @@ PARAMETER_KEYS: tuple[str, ...] = (
 #: The PDF source options and the refined single-step anchor did not exist before their
 #: keys: plain PDF, sources anywhere outside the mask, the anchor as the BFR gave it.
 #: The first pass's own α came later still: before it, the first pass ran the final
-#: pass's α (None).
+#: pass's α (None). The final pass's α was fixed before its noise rule.
 ADDED_LATER: dict[str, Any] = {"phase_offset": "fixed", "pdf_source_smoothing": 0.0,
                                "pdf_sources": "outside_mask", "sstv_refine_iter": 0,
-                               "sstv_refine_alpha": None}
+                               "sstv_refine_alpha": None, "sstv_alpha_rule": "fixed"}
 
 
 def _flat_index() -> dict[str, tuple[str, str]]:
