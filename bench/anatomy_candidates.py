@@ -54,9 +54,11 @@ TWO_STEP = {"method": "tvmasked"}
 UNREFINED = {"method": "sstv", "sstv_refine_iter": 0}
 
 CANDIDATES: list[Candidate] = [
-    Candidate("default (PDF + tvmasked a=7e-4)"),
-    Candidate("sstv, refined anchor (alsiron qsm --inversion sstv)",
-              inversion={"method": "sstv"}),
+    Candidate("default: sstv, refined anchor, noise rule (alsiron qsm)"),
+    Candidate("two-step: PDF + tvmasked a=7e-4 (the default until stop 22)",
+              inversion=TWO_STEP),
+    Candidate("sstv, fixed a=2e-5 (stop 21)",
+              inversion={"method": "sstv", "sstv_alpha_rule": "fixed"}),
     Candidate("sstv, stop-20 anchor (first pass at the final a, 20 it)",
               inversion={"method": "sstv", "sstv_refine_iter": 20,
                          "sstv_refine_alpha": None}),

@@ -50,6 +50,7 @@ from alsiron.qsm.chain import (
     invert,
     remove_background,
 )
+from alsiron.qsm.inversion import TWO_STEP_DEFAULT, InversionSettings
 from alsiron.qsm.settings import BackgroundSettings, QsmParameters
 from alsiron.sim.phantom import simulate_subject
 
@@ -61,8 +62,11 @@ CASES = {"64-3mm": (64, 3.0, (0.0, 0.0, 1.0)), "96-2mm": (96, 2.0, (0.0, 0.0, 1.
 
 def settings(depths: list[float], trims: list[float], bfr: str = "pdf"
              ) -> dict[str, QsmParameters]:
-    """Setting name → chain parameters (defaults except the pre-BFR mask and ``bfr``)."""
-    base = QsmParameters(background=BackgroundSettings(method=bfr))
+    """Setting name → chain parameters (defaults except the pre-BFR mask and ``bfr``), with
+    the two-step inversion: the study is of the mask a background removal is given, and the
+    default single-step inversion takes no local field."""
+    base = QsmParameters(background=BackgroundSettings(method=bfr),
+                         inversion=InversionSettings(method=TWO_STEP_DEFAULT))
 
     def with_background(**changes) -> QsmParameters:
         return replace(base, background=replace(base.background, **changes))

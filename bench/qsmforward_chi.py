@@ -31,8 +31,9 @@ from alsiron.qsm.chain import process_series
 from alsiron.qsm.settings import QsmParameters
 
 CHAINS: dict[str, QsmParameters] = {
-    "default (pdf + tvmasked)": QsmParameters(),
-    "sstv, refined anchor": QsmParameters(inversion=inv.InversionSettings(method="sstv")),
+    "default: sstv (refined anchor, noise rule)": QsmParameters(),
+    "two-step: pdf + tvmasked (the default until stop 22)": QsmParameters(
+        inversion=inv.InversionSettings(method="tvmasked")),
     "sstv, stop-20 anchor (first pass at the final α, 20 it)": QsmParameters(
         inversion=inv.InversionSettings(method="sstv", sstv_refine_iter=20,
                                         sstv_refine_alpha=None)),

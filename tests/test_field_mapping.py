@@ -324,8 +324,18 @@ def test_cli_fieldmap_in_hz_and_ppm(small_dataset, tmp_path):
         (tmp_path / f"field_{units}.json").write_text(json.dumps({"Units": units}))
         assert main(["qsm", str(small_dataset / "sub-01"), "--fieldmap", str(path),
                      "--out", str(tmp_path / units)]) == 0
+    # The total field the chain ran on is the same map in ppm either way (float32 rounding
+    # of the Hz → ppm conversion only). The local field is compared loosely: the default
+    # chain's (sstv's refined anchor) comes out of iterative solvers whose stopping
+    # iteration that rounding can move by one.
+    ta, tb = (np.asarray(nib.load(str(tmp_path / u / "sub-01/ses-01/anat"
+                                      / "sub-01_ses-01_desc-total_fieldmap.nii.gz")).dataobj)
+              for u in ("ppm", "Hz"))
+    np.testing.assert_allclose(np.nan_to_num(ta), np.nan_to_num(tb), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.nan_to_num(ta), np.where(np.isnan(ta), 0.0, field),
+                               rtol=1e-5, atol=1e-8)
     a, b = _local(small_dataset, tmp_path / "ppm"), _local(small_dataset, tmp_path / "Hz")
-    np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), atol=1e-5)
+    np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), atol=5e-4)
     side = json.loads((tmp_path / "Hz/sub-01/ses-01/anat/sub-01_ses-01_Chimap.json")
                       .read_text())
     assert side["Steps"]["FieldMap"] == {"Method": "total field map given as input",

@@ -28,7 +28,7 @@ SIDECAR_PARAMETERS = {
     "bfr_trim_sd_factor": None, "bfr_trim_band_mm": 6.0, "vsharp_radii_mm": None,
     "vsharp_threshold": 0.05, "bfr": "pdf", "pdf_tol": None, "pdf_max_iter": None,
     "pdf_pad_voxels": 16, "ismv_radius_mm": None, "ismv_tol": 0.001, "ismv_max_iter": 500,
-    "lbv_tol": 0.0001, "lbv_max_iter": 2000, "inversion": "tvmasked", "tkd_threshold": 0.19,
+    "lbv_tol": 0.0001, "lbv_max_iter": 2000, "inversion": "sstv", "tkd_threshold": 0.19,
     "tv_alpha": 0.0007, "tv_mu": 0.07, "tv_max_iter": 200, "tv_tol": 0.001,
     "tikhonov_lambda": 0.02, "ilsqr_tol": 0.01, "ilsqr_max_iter": 50, "ilsqr_streaking": True,
     "ilsqr_ill_threshold": 0.1, "ilsqr_streak_tol": 0.01, "ilsqr_streak_max_iter": 50,
@@ -172,8 +172,12 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
         return qsm_parameters(**{**base, **given})
 
     default = params()
+    # The default inversion (sstv): its final pass's α, held as given.
     p = params(tv_alpha=1.5e-4)
-    assert p.inversion.masked_tv_alpha == 1.5e-4
+    assert p.inversion.method == "sstv" and p.inversion.sstv_alpha == 1.5e-4
+    assert p.inversion.sstv_alpha_rule == "fixed"
+    assert p.inversion.masked_tv_alpha == default.inversion.masked_tv_alpha  # untouched
+    assert params(inversion="tvmasked", tv_alpha=1.5e-4).inversion.masked_tv_alpha == 1.5e-4
     assert p.inversion.tv_alpha == default.inversion.tv_alpha  # the others untouched
     assert params(inversion="tvadmm", tv_alpha=2e-4).inversion.tv_alpha == 2e-4
     assert params(weak_harmonic=True, tv_alpha=3e-5).inversion.wh_alpha == 3e-5
@@ -193,6 +197,13 @@ def test_tv_alpha_option_sets_the_chosen_inversions_weight():
     assert sstv.inversion.sstv_refine_iter == 80
     # --tv-alpha sets the final pass's α; the first pass keeps its own.
     assert sstv.inversion.sstv_refine_alpha == 7e-4
+    # --bfr other than PDF without --inversion: the two-step chain, as before the default
+    # was single-step (sstv's anchor is validated with PDF only); with --inversion sstv
+    # that removal gives the anchor.
+    assert params(bfr="vsharp").inversion.method == "tvmasked"
+    assert params(bfr="pdf").inversion.method == "sstv"
+    assert params(bfr="lbv", inversion="sstv").inversion.method == "sstv"
+    assert params(bfr="lbv", inversion="sstv").background.method == "lbv"
     # The same PDF before a two-step inversion: plain, early-stopped, 4 mm erosion.
     two = qsm_chain.effective_background(params(inversion="tvmasked"), (1.0, 1.0, 1.0))
     assert (two.pdf_sources, two.pdf_source_smoothing, two.pdf_tol) == ("outside_mask",

@@ -74,8 +74,9 @@ def test_dipole_stage_metrics(phantom_case):
     assert medi["NRMSE_pct"] < PUBLISHED_DIPOLE_LEADER_NRMSE - 5
     assert 0.9 < medi["DeepGreySlope"] < 1.1
     assert medi["XSIM"] > 0.9
-    # The chain's default (TV-ADMM with the masked data term) beats the leader too.
-    default = scores[QsmParameters().inversion.method]
+    # The two-step default (TV-ADMM with the masked data term) beats the leader too. (The
+    # chain's default, sstv, inverts the total field, so it has no dipole stage.)
+    default = scores[inversion.TWO_STEP_DEFAULT]
     assert default["NRMSE_pct"] < PUBLISHED_DIPOLE_LEADER_NRMSE - 5
     assert 0.9 < default["DeepGreySlope"] < 1.1
     assert default["NRMSE_pct"] < scores["tvadmm"]["NRMSE_pct"] - 10
@@ -147,18 +148,19 @@ def test_medi_noise_rule_beats_the_fixed_alpha_on_a_noisy_local_field():
     assert noise["XSIM"] > fixed["XSIM"] + 0.1
 
 
-def test_chain_default_is_ahead_of_tv_admm_rts_and_medi():
-    # Whole chain on 64³/3 mm (seed 3), BET mask and 4 mm erosion; every inversion on the
-    # chain's own local field. In the chain's own mask (cortical rim kept): default
-    # (TV-ADMM, masked data term) 64.9 %, plain TV-ADMM 69.1 %, RTS 81.9 %, MEDI 86.2 %
+def test_two_step_chain_is_ahead_of_tv_admm_rts_and_medi():
+    # Whole two-step chain on 64³/3 mm (seed 3), BET mask and 4 mm erosion; every inversion
+    # on the chain's own local field. In the chain's own mask (cortical rim kept): two-step
+    # default (TV-ADMM, masked data term) 64.9 %, plain TV-ADMM 69.1 %, RTS 81.9 %, MEDI 86.2 %
     # (its noise rule keeps α = 1e-4 at SNR 100). In the fixed stage-input mask (true
     # brain less two voxel layers): 48.6 / 56.3 / 58.8 / 57.5 %, XSIM 0.63 vs 0.50 / 0.44 /
     # 0.58 (docs/qsm_stages.md "Default of the chain"). Margins: 2 points on the lead
     # over TV-ADMM (measured 4.2 / 7.7), 10 on RTS and MEDI in the own mask.
     session = stages.simulate(stages.CASES["64-3mm"])
-    assert QsmParameters().inversion.method == "tvmasked"
+    two_step = QsmParameters(inversion=inversion.InversionSettings(
+        method=inversion.TWO_STEP_DEFAULT))
     methods = [("tvadmm", None), ("rts", None), ("medi", None)]
-    default, tv, rts, medi = stages.chain_inversions(session, methods)
+    default, tv, rts, medi = stages.chain_inversions(session, methods, params=two_step)
     assert default.chi_nrmse_pct < 68.3 - 1  # the phase → χ leader, rim included
     assert default.chi_nrmse_pct < tv.chi_nrmse_pct - 2
     assert rts.chi_nrmse_pct > default.chi_nrmse_pct + 10
@@ -166,7 +168,7 @@ def test_chain_default_is_ahead_of_tv_admm_rts_and_medi():
     assert 0.9 < default.deep_grey_slope < 1.1
     fixed = stages.stage_input_mask(session, None)
     f_default, f_tv, f_rts, f_medi = stages.chain_inversions(session, methods,
-                                                             eval_mask=fixed)
+                                                             params=two_step, eval_mask=fixed)
     assert f_default.chi_nrmse_pct < 51
     assert f_default.chi_nrmse_pct < min(f_tv.chi_nrmse_pct, f_rts.chi_nrmse_pct,
                                          f_medi.chi_nrmse_pct) - 5

@@ -28,6 +28,10 @@ from alsiron.cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, mai
 from alsiron.cohort.registry import Registry
 from alsiron.io import transaction
 from alsiron.io.transaction import STAGING_PREFIX
+from alsiron.qsm.chain import QsmParameters
+
+#: The chain's default inversion (what a run without --inversion records).
+DEFAULT = QsmParameters().inversion.method
 
 STAGES = ["load", "field fit", "inversion", "writing", "indices", "publish", "registry",
           "committed"]
@@ -101,14 +105,14 @@ def test_interrupted_fresh_visit_leaves_nothing_or_everything(phantom, tmp_path,
         if sig == "SIGKILL" and stage in KILLED_WHILE_PUBLISHING:
             files = {"resolved": "by the rerun"} if stage == "committed" else {}
         else:
-            files, _ = check_complete_set(root, {"tvmasked"})
+            files, _ = check_complete_set(root, {DEFAULT})
             assert bool(files) == (stage == "committed"), stage
         if sig != "SIGKILL" and stage != "committed":
             # Nothing was published: not even the empty folders stay.
             assert not (root / "derivatives" / "alsiron" / "sub-01").exists(), stage
         status = _rerun_without_overwrite(root, capsys)
         assert status == (EXIT_INPUT_ERROR if files else 0), stage
-        assert check_complete_set(root, {"tvmasked"})[0], stage
+        assert check_complete_set(root, {DEFAULT})[0], stage
 
 
 def test_overwrite_no_indices_removes_the_old_indices(phantom, tmp_path):
@@ -124,7 +128,7 @@ def test_overwrite_no_indices_removes_the_old_indices(phantom, tmp_path):
     for name in files:
         if name.endswith(".json"):
             side = json.loads((_anat(root) / name).read_text())
-            assert side["Parameters"]["inversion"] == "tvmasked", name
+            assert side["Parameters"]["inversion"] == DEFAULT, name
 
 
 def _participants(root: Path, **values: str) -> None:

@@ -23,6 +23,7 @@ from alsiron.cli._options import (
 from alsiron.field.brain_mask import BRAIN_MASK_METHODS
 from alsiron.field.echo_fit import UNWRAPPING_METHODS
 from alsiron.qsm import chain as qsm_chain
+from alsiron.qsm import inversion as inv
 from alsiron.qsm.inversion import INVERSION_METHODS
 from alsiron.runs import qsm as pipeline
 from alsiron.runs.importer import run_qsm_folder
@@ -44,9 +45,10 @@ from alsiron.volume import MegreSeries
                    "background jointly "
                    "(FANSI-style weak-harmonic term).")
 @click.option("--tv-alpha", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="TV weight α of the TV inversions (tvmasked, tvadmm, medi, sstv; default: "
-                   "each method's own, e.g. 7e-4 for tvmasked, 2e-5 for sstv). Smaller keeps more "
-                   "cortical contrast and more noise; docs/qsm_anatomy.md measures it.")
+              help="TV weight α of the TV inversions (sstv, tvmasked, tvadmm, medi; default: "
+                   "each method's own, e.g. 2e-5 raised with the field noise for sstv, 7e-4 "
+                   "for tvmasked; a given α is used as given). Smaller keeps more cortical "
+                   "contrast and more noise; docs/qsm_anatomy.md measures it.")
 @click.option("--bfr", type=method_choice(qsm_chain.BFR_METHODS,
                                           first=qsm_chain.QsmParameters().background.method),
               default=None,
@@ -186,6 +188,16 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
              "brain_mask_method": brain_mask_method,
              "residual_threshold": phase_quality_threshold}
     flat.update({key: value for key, value in given.items() if value is not None})
+    default = qsm_chain.QsmParameters()
+    if (bfr is not None and bfr != default.background.method and inversion is None
+            and not weak_harmonic and default.inversion.method in inv.SINGLE_STEP_METHODS):
+        # A background removal other than the default one names a two-step chain (what
+        # --bfr meant before the default became single-step); sstv's anchor is validated
+        # with PDF only (docs/qsm_anatomy.md).
+        flat["inversion"] = inv.TWO_STEP_DEFAULT
+        click.echo(f"note: --bfr {bfr} runs the two-step chain (--inversion "
+                   f"{inv.TWO_STEP_DEFAULT}); add --inversion {default.inversion.method} to "
+                   f"use {bfr} as the single-step inversion's anchor instead", err=True)
     if weak_harmonic:
         if inversion is None:
             flat["inversion"] = "tvadmm"  # the weak-harmonic term is a TV-ADMM option

@@ -18,7 +18,7 @@ field → χ), 68.3 % (phase → χ).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -147,6 +147,16 @@ def series_of(session: PhantomSession) -> MegreSeries:
                        subject="phantom", session="01")
 
 
+def local_field_inversion(settings: inversion.InversionSettings
+                          ) -> inversion.InversionSettings:
+    """``settings`` if its method inverts a local field, else the same settings with the
+    two-step default (:data:`alsiron.qsm.inversion.TWO_STEP_DEFAULT`): a stage that scores
+    a local field cannot run a single-step inversion, which takes the total field."""
+    if settings.method in inversion.SINGLE_STEP_METHODS:
+        return replace(settings, method=inversion.TWO_STEP_DEFAULT)
+    return settings
+
+
 def _scores(method: str, local: np.ndarray, valid: np.ndarray, session: PhantomSession,
             seconds: float, params, eval_mask: np.ndarray | None = None) -> StageScores:
     from alsiron.qsm.chain import QsmParameters, invert
@@ -155,7 +165,7 @@ def _scores(method: str, local: np.ndarray, valid: np.ndarray, session: PhantomS
     truth = truth_of(session)
     valid = valid.astype(bool) & truth.brain_mask
     chi, _ = invert(local, valid, session.voxel_size, tuple(session.b0_direction),
-                    p.inversion)
+                    local_field_inversion(p.inversion))
     chi = qsm.reference_to_mean(chi, valid)
     scored = valid if eval_mask is None else valid & eval_mask.astype(bool)
     s = score_chi(chi, scored, truth)
@@ -212,7 +222,6 @@ def bfr_stage(session: PhantomSession, method: str, *, erode_mm: float | None = 
         (∩ ``eval_mask``).
     """
     import time
-    from dataclasses import replace
 
     from alsiron.qsm.chain import QsmParameters, remove_background, vsharp_radii
 
@@ -231,7 +240,6 @@ def bfr_stage(session: PhantomSession, method: str, *, erode_mm: float | None = 
 def common_mask(session: PhantomSession, methods: list[str], *, erode_mm: float | None = None,
                 params=None) -> np.ndarray:
     """Intersection of the valid masks of ``methods`` (from the true total field)."""
-    from dataclasses import replace
 
     from alsiron.qsm.chain import QsmParameters, remove_background, vsharp_radii
 

@@ -44,7 +44,9 @@ __all__ = [
     "ilsqr",
     "ilsqr_fast_estimate",
     "invert",
+    "invert_single_step",
     "laplacian_data_term",
+    "laplacian_noise_sd",
     "magnitude_weight",
     "medi",
     "ndi",
@@ -111,6 +113,12 @@ INVERSION_METHODS: dict[str, str] = {
 #: step decides their mask): :func:`invert_single_step` runs them, :func:`invert` refuses.
 SINGLE_STEP_METHODS: tuple[str, ...] = ("sstv",)
 
+#: The inversion that follows a separate background-field removal by default: the chain's
+#: default until the single-step "sstv" replaced it, and what a local-field comparison
+#: (the background-removal stage, ``--bfr`` alternatives) inverts with when the chain's own
+#: inversion is single-step and so takes no local field.
+TWO_STEP_DEFAULT = "tvmasked"
+
 _REFERENCES: dict[str, str] = {
     "tkd": "Shmueli et al. MRM 2009;62:1510; Wharton et al. MRM 2010;63:1292",
     "tikhonov": "Bilgic et al. MRM 2014;72:1444 (closed-form L2 with gradient prior)",
@@ -143,15 +151,17 @@ class InversionSettings:
         The inversion the QSM chain runs, a key of :data:`INVERSION_METHODS` (checked on
         construction). :func:`invert` is told its method explicitly and ignores this
         one, so that one settings object serves every method of a comparison. Default
-        "tvmasked": TV-ADMM with a masked data term (½‖M(Dχ − f)‖² + α‖∇χ‖₁,
-        :func:`tv_admm_masked`). On the head phantom (docs/qsm_stages.md) it beats every
-        published leader with these defaults: dipole stage 15.5 / 14.8 / 17.8 % (64³/3 mm,
-        96³/2 mm, oblique; leader 26.5 %), total field → χ 19.9 / 28.9 % (39.1 %), phase →
-        χ 48.5–53.1 % in the stage-input mask (68.3 %), and it is the most accurate
-        inversion in the chain in its own mask too (64³/3 mm seed 3: 64.9 % vs 69.1 % for
-        the former default "tvadmm", 79.8 % iLSQR, 81.9 % RTS, 86.2 % MEDI). It gives
-        2.5–5 ppb less precentral − WM contrast than "tvadmm" in the chain (of ≈ 40 ppb
-        true); the demo's ALS − control gap is +2.8 ppb (tvadmm +2.6).
+        "sstv": single-step Laplacian TV with the refined local-field anchor and the noise
+        rule for α (:func:`invert_single_step`, :func:`alsiron.qsm.anchor.refine_anchor`).
+        On the anatomical head phantom it meets every target of issue 13 at 1–2 mm, SNR
+        100 and 40, B0 along z and tilted 15° (ALS deep-layer excess 0.80–0.84 of the
+        truth, precentral − local WM contrast 0.74–0.86, ≤ 1.7 % of the precentral ribbon
+        without χ, deep-grey slope 0.945–1.02, NRMSE below the two-step chain's), where the
+        former default, "tvmasked" (:data:`TWO_STEP_DEFAULT`), keeps 0.45–0.49 of the
+        excess and 0.42–0.48 of the contrast and leaves 24–26 % of the ribbon without χ
+        (docs/qsm_anatomy.md). On the geometric phantom, whose compartments are flat and on
+        which "tvmasked" was tuned, "tvmasked" stays ahead (64³, same voxels: 64.7 % vs
+        70.5 % NRMSE).
     tkd_threshold : float
         TKD truncation of |D|.
     tikhonov_lambda : float
@@ -176,7 +186,7 @@ class InversionSettings:
     wh_beta, wh_mu : float
         Weight β of ½‖M·Δφ‖² and its ADMM penalty.
     masked_tv_alpha : float
-        TV weight α of TV-ADMM with the masked data term ("tvmasked", the chain's
+        TV weight α of TV-ADMM with the masked data term ("tvmasked", the two-step
         default); the plain TV-ADMM's 7e-4 (swept 3e-4–1.5e-3: 7e-4 is the best
         compromise of dipole stage and chain, docs/qsm_stages.md).
     masked_tv_mu_gradient, masked_tv_mu_data : float
@@ -295,7 +305,7 @@ class InversionSettings:
     sstv_refine_alpha: float | None = SSTV_REFINE_ALPHA
     sstv_alpha_rule: str = "noise"
     sstv_noise_factor: float = SSTV_NOISE_FACTOR
-    method: str = "tvmasked"
+    method: str = "sstv"
 
     def __post_init__(self) -> None:
         if self.method not in INVERSION_METHODS:
