@@ -120,7 +120,6 @@ def load_chi_and_truth(dataset: Path, anat: Path):
 
 def test_two_step_chi_accuracy_against_truth(dataset, two_step_run):
     chi, mask, truth = load_chi_and_truth(dataset, two_step_run)
-    scores = evaluate.score_chi(chi, mask, truth)
     # Measured at this seed with the BET mask, PDF after the default 4 mm erosion (one
     # voxel layer at 3 mm) and the two-step inversion (TV-ADMM, masked data term): NRMSE
     # 64.8 %, HFEN 47.0 %, XSIM 0.59, slope 0.93, R² 0.97; 45.0 % one voxel deeper, 30.9 %
@@ -131,18 +130,29 @@ def test_two_step_chi_accuracy_against_truth(dataset, two_step_run):
     # 2-voxel erosion gave 58.1 % on a mask without that layer; on the SAME voxels (the
     # QSM mask eroded by one voxel, ≈ the former mask) this chain gives 54.4 % (XSIM
     # 0.50 vs 0.54), and 44.3 % one voxel deeper (former chain 42.1 %). The own-mask
-    # bound moved from 65 to 72 % for the added rim, not for a loss of accuracy.
-    assert scores["NRMSE_pct"] < 68
-    assert scores["HFEN_pct"] < 51
-    assert scores["XSIM"] > 0.55
-    assert 0.8 < scores["DeepGreySlope"] < 1.1
-    assert scores["DeepGreyR2"] > 0.85
-    # The QSM mask keeps most of the brain (the 4 mm BFR erosion removes one voxel layer).
-    assert mask.sum() > 0.85 * truth.brain_mask.sum()
+    # bound moved from 65 to 72 % for the added rim, not for a loss of accuracy. The QSM mask
+    # keeps most of the brain (the 4 mm BFR erosion removes one voxel layer).
+    assert_chi_scores(chi, mask, truth, nrmse=68, hfen=51, xsim=0.55, slope=(0.8, 1.1),
+                      r2=0.85, kept=0.85, one_in=49, two_in=35)
+
+
+def assert_chi_scores(chi, mask, truth, *, nrmse: float, hfen: float, xsim: float,
+                      slope: tuple[float, float], r2: float, kept: float, one_in: float,
+                      two_in: float) -> None:
+    """χ against the truth in the QSM mask, and one and two voxel layers in: NRMSE and
+    HFEN [%] below, XSIM above, deep-grey slope inside, R² above the bounds given; the
+    mask keeps more than ``kept`` of the brain."""
+    scores = evaluate.score_chi(chi, mask, truth)
+    assert scores["NRMSE_pct"] < nrmse
+    assert scores["HFEN_pct"] < hfen
+    assert scores["XSIM"] > xsim
+    assert slope[0] < scores["DeepGreySlope"] < slope[1]
+    assert scores["DeepGreyR2"] > r2
+    assert mask.sum() > kept * truth.brain_mask.sum()
     core = ndimage.binary_erosion(mask)
-    assert evaluate.score_chi(chi, core, truth)["NRMSE_pct"] < 49
+    assert evaluate.score_chi(chi, core, truth)["NRMSE_pct"] < one_in
     core2 = ndimage.binary_erosion(mask, iterations=2)
-    assert evaluate.score_chi(chi, core2, truth)["NRMSE_pct"] < 35
+    assert evaluate.score_chi(chi, core2, truth)["NRMSE_pct"] < two_in
 
 
 def test_default_chi_accuracy_against_truth(dataset, qsm_run, two_step_run):
@@ -151,27 +161,19 @@ def test_default_chi_accuracy_against_truth(dataset, qsm_run, two_step_run):
     Measured at this seed: own mask (99.5 % of the brain, outer voxel layer kept) NRMSE
     78.6 %, HFEN 69.2 %, XSIM 0.38, slope 1.04, R² 0.97; 70.5 % one voxel in, 60.0 % two
     voxels in; on the two-step chain's mask 70.5 % / XSIM 0.38 against its 64.7 % / 0.60.
-    Why the default is still sstv: this phantom's compartments are flat and its cortex is
-    a smooth shell at the mask's edge, the case a strong TV weight (the two-step α 7e-4)
-    suits, while sstv's α 2e-5 leaves a few ppb of texture in every flat region (the same
-    XSIM effect as on qsm-forward's cylinders, docs/qsm_anatomy.md §1b). On the anatomical
-    phantom, whose folded cortex is 1–2 voxels thick, that strong TV keeps 0.42–0.48 of the
-    cortex contrast and 0.45–0.49 of the ALS deep-layer excess; sstv keeps ≥ 0.74 and
-    0.80–0.84 (tests/test_sstv_anatomy.py, docs/qsm_anatomy.md). The bounds are the
-    measured values plus 3 points / 0.03 for platform round-off.
+    Why the default is still sstv: its error here is smooth, the anchor's (its 4 mm
+    Gaussian part is 44 % against the two-step chain's 26 % at 96³, its fine-scale part the
+    smaller one: LBV's boundary carries the phantom's edge field error inwards,
+    docs/qsm_anatomy.md "Where the geometric phantom's gap is"), and the two-step defaults
+    were tuned on this phantom. On the anatomical phantom, whose folded cortex is 1–2 voxels
+    thick, the two-step chain keeps 0.42–0.48 of the cortex contrast and 0.45–0.49 of the
+    ALS deep-layer excess; sstv keeps 0.74–0.86 and 0.80–0.84 (tests/test_sstv_anatomy.py,
+    docs/qsm_anatomy.md). The bounds are the measured values plus 3 points / 0.03 for
+    platform round-off; single-step, its mask (nearly) the whole brain.
     """
     chi, mask, truth = load_chi_and_truth(dataset, qsm_run)
-    scores = evaluate.score_chi(chi, mask, truth)
-    assert scores["NRMSE_pct"] < 82
-    assert scores["HFEN_pct"] < 73
-    assert scores["XSIM"] > 0.34
-    assert 0.9 < scores["DeepGreySlope"] < 1.1
-    assert scores["DeepGreyR2"] > 0.9
-    # Single-step: no eroded mask, so χ covers (nearly) the whole brain.
-    assert mask.sum() > 0.98 * truth.brain_mask.sum()
-    assert evaluate.score_chi(chi, ndimage.binary_erosion(mask), truth)["NRMSE_pct"] < 74
-    assert evaluate.score_chi(chi, ndimage.binary_erosion(mask, iterations=2),
-                              truth)["NRMSE_pct"] < 63
+    assert_chi_scores(chi, mask, truth, nrmse=82, hfen=73, xsim=0.34, slope=(0.9, 1.1),
+                      r2=0.9, kept=0.98, one_in=74, two_in=63)
     # On the two-step chain's own mask: within 9 points of it (measured 5.8).
     _, two_mask, _ = load_chi_and_truth(dataset, two_step_run)
     common = mask & two_mask
