@@ -159,6 +159,19 @@ def test_effect_recovery_compares_like_with_like():
     assert "= 0.50 (pass mark 0.80-1.20: FAIL" in found.lines()[0]
 
 
+def test_demo_without_shim_and_its_refusal(tmp_path):
+    out = tmp_path / "noshim"
+    run = CliRunner().invoke(cli, ["demo", str(out), "--anatomy", "template", "--subjects",
+                                   "2", "--sessions", "1", "--voxel-size", "4", "--no-shim"])
+    assert run.exit_code == 0, run.output
+    sides = [p for p in (out / "derivatives" / "phantom").glob("sub-*/ses-*/anat/*_Chimap.json")
+             if "desc-" not in p.name]
+    assert len(sides) == 2
+    assert all("b0_shim" not in json.loads(p.read_text())["PhantomParameters"] for p in sides)
+    run = CliRunner().invoke(cli, ["demo", str(tmp_path / "geo"), "--no-shim"])
+    assert run.exit_code != 0 and "--no-shim goes with --anatomy template" in run.output
+
+
 def test_demo_runs_the_chosen_inversion(tmp_path):
     out = tmp_path / "sstv"
     run = CliRunner().invoke(cli, ["demo", str(out), "--subjects", "2", "--sessions", "1",
@@ -180,3 +193,14 @@ def test_demo_runs_the_chosen_inversion(tmp_path):
         assert "outside the phase-quality brain mask" in bfr["SourceRegion"]
         assert bfr["AnchorRefinement"]["FirstPassIterations"] == 80
         assert bfr["AnchorRefinement"]["FirstPassAlpha"] == 7e-4
+    # A method other than the default: the two-step chain, recorded as such.
+    out = tmp_path / "two_step"
+    run = CliRunner().invoke(cli, ["demo", str(out), "--subjects", "2", "--sessions", "1",
+                                   "--matrix", "32", "--voxel-size", "6",
+                                   "--inversion", "tvmasked"])
+    assert run.exit_code == 0, run.output
+    with Registry.open(default_registry_path(out / "derivatives"), create=False) as reg:
+        records = reg.sessions()
+    assert [r.parameters["qsm"]["Parameters"]["inversion"] for r in records] == ["tvmasked"] * 2
+    assert all("AnchorRefinement" not in r.parameters["qsm"]["Steps"]["BackgroundFieldRemoval"]
+               for r in records)

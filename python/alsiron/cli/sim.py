@@ -70,9 +70,12 @@ def phantom(out_dir: Path, subjects: int, sessions: int, matrix: int | None,
                    "MNI152 template deformed per participant (B0 shimmed; slower).")
 @click.option("--inversion", type=method_choice(INVERSION_METHODS), default=None,
               help="QSM inversion, as in alsiron qsm (default: the chain's).")
+@click.option("--shim/--no-shim", default=True, show_default=True,
+              help="Template heads: shim B0 over the brain (2nd order) before the phase is "
+                   "formed, as a scanner does (as in alsiron phantom).")
 def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: int | None,
              voxel_size: float | None, seed: int, overwrite: bool, anatomy: str,
-             inversion: str | None) -> None:
+             inversion: str | None, shim: bool) -> None:
     """Simulate a small trial (controls and ALS, visits, two sites) and run everything:
     maps, indices, registry, normative model, z-scores, longitudinal models, reports."""
     from alsiron.cli.qsm import qsm_parameters
@@ -83,8 +86,11 @@ def demo_cmd(out_dir: Path, subjects: int | None, sessions: int | None, matrix: 
     params = qsm_parameters(inversion=inversion, weak_harmonic=False, bfr=None,
                             unwrapping=None, brain_mask_method=None, bet_f=None,
                             mask_path=None, mask_erode=None, phase_quality_threshold=None)
+    if not shim and anatomy != "template":
+        raise click.UsageError("--no-shim goes with --anatomy template (the geometric head "
+                               "has no shim)")
     result = demo.run_demo(out_dir, seed=seed, overwrite=overwrite, anatomy=anatomy,
-                           params=params, say=click.echo, **kwargs)
+                           params=params, shim=shim, say=click.echo, **kwargs)
     for note in result.notes:
         click.echo(f"alsiron: warning: {note}", err=True)
     click.echo(f"demo: {result.n_sessions} sessions; registry {result.registry}; "

@@ -94,7 +94,7 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
              sessions: int = DEMO_SESSIONS, matrix: int | None = None,
              voxel_size: float | None = None, seed: int = 0, overwrite: bool = False,
              anatomy: str = "geometric", params: QsmParameters | None = None,
-             say: Callable[[str], None] | None = None) -> DemoResult:
+             shim: bool = True, say: Callable[[str], None] | None = None) -> DemoResult:
     """Simulate a small trial and run the whole alsiron chain on it.
 
     Parameters
@@ -117,6 +117,9 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
         (one deformed MNI152 anatomy per participant, B0 shimmed).
     params : QsmParameters, optional
         The QSM chain's settings (default: its defaults).
+    shim : bool
+        Template heads: 2nd-order B0 shim over the brain before the phase is formed (the
+        geometric head has none).
     say : callable, optional
         Receives one progress line per step.
 
@@ -138,7 +141,7 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
     t0 = time.perf_counter()
     phantom.write_dataset(root, subjects=subjects, sessions=sessions, matrix=matrix,
                           voxel_size=voxel_size, seed=seed, overwrite=overwrite,
-                          anatomy=anatomy)  # type: ignore[arg-type]
+                          anatomy=anatomy, shim=shim)  # type: ignore[arg-type]
     seconds = {"simulate": time.perf_counter() - t0}
     t0 = time.perf_counter()
     derivs = root / "derivatives" / "alsiron"
