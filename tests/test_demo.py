@@ -172,16 +172,20 @@ def test_demo_without_shim_and_its_refusal(tmp_path):
     assert run.exit_code != 0 and "--no-shim goes with --anatomy template" in run.output
 
 
-def test_demo_runs_the_chosen_inversion(tmp_path):
-    out = tmp_path / "sstv"
+def _tiny_demo_records(out, inversion: str) -> list:
+    """Registry records of a 2-participant, 1-visit, 32³ × 6 mm demo run with ``inversion``."""
     run = CliRunner().invoke(cli, ["demo", str(out), "--subjects", "2", "--sessions", "1",
                                    "--matrix", "32", "--voxel-size", "6",
-                                   "--inversion", "sstv"])
+                                   "--inversion", inversion])
     assert run.exit_code == 0, run.output
     with Registry.open(default_registry_path(out / "derivatives"), create=False) as reg:
         records = reg.sessions()
     assert len(records) == 2
-    for record in records:
+    return records
+
+
+def test_demo_runs_the_chosen_inversion(tmp_path):
+    for record in _tiny_demo_records(tmp_path / "sstv", "sstv"):
         qsm = record.parameters["qsm"]
         assert qsm["Parameters"]["inversion"] == "sstv"
         # The single-step method's own anchor: PDF with smooth sources outside the brain,
@@ -194,13 +198,7 @@ def test_demo_runs_the_chosen_inversion(tmp_path):
         assert bfr["AnchorRefinement"]["FirstPassIterations"] == 80
         assert bfr["AnchorRefinement"]["FirstPassAlpha"] == 7e-4
     # A method other than the default: the two-step chain, recorded as such.
-    out = tmp_path / "two_step"
-    run = CliRunner().invoke(cli, ["demo", str(out), "--subjects", "2", "--sessions", "1",
-                                   "--matrix", "32", "--voxel-size", "6",
-                                   "--inversion", "tvmasked"])
-    assert run.exit_code == 0, run.output
-    with Registry.open(default_registry_path(out / "derivatives"), create=False) as reg:
-        records = reg.sessions()
+    records = _tiny_demo_records(tmp_path / "two_step", "tvmasked")
     assert [r.parameters["qsm"]["Parameters"]["inversion"] for r in records] == ["tvmasked"] * 2
     assert all("AnchorRefinement" not in r.parameters["qsm"]["Steps"]["BackgroundFieldRemoval"]
                for r in records)
