@@ -183,12 +183,12 @@ def qsm_parameters(*, inversion: str | None, weak_harmonic: bool, bfr: str | Non
     """The chain's parameters from the algorithm options (None: the chain's default),
     refusing combinations that contradict each other (``click.UsageError``)."""
     # Options → the sidecar's flat parameter keys (QsmParameters.from_flat).
-    flat = qsm_chain.QsmParameters().to_flat()
+    default = qsm_chain.QsmParameters()
+    flat = default.to_flat()
     given = {"inversion": inversion, "bfr": bfr, "unwrapping": unwrapping,
              "brain_mask_method": brain_mask_method,
              "residual_threshold": phase_quality_threshold}
     flat.update({key: value for key, value in given.items() if value is not None})
-    default = qsm_chain.QsmParameters()
     if (bfr is not None and bfr != default.background.method and inversion is None
             and not weak_harmonic and default.inversion.method in inv.SINGLE_STEP_METHODS):
         # A background removal other than the default one names a two-step chain (what

@@ -46,6 +46,7 @@ __all__ = [
     "invert",
     "invert_single_step",
     "laplacian_data_term",
+    "laplacian_noise_map",
     "laplacian_noise_sd",
     "magnitude_weight",
     "medi",
@@ -540,42 +541,42 @@ def noise_scaled_alpha(field_sd: np.ndarray, weight: np.ndarray, mask: np.ndarra
     return max(base, _positive(factor, "factor", allow_zero=True) * sigma_w), sigma_w
 
 
-def laplacian_noise_sd(field_sd: np.ndarray, mask: np.ndarray,
-                       voxel_size: Sequence[float]) -> float:
-    """σ_L [ppm/mm²]: median over ``mask`` of the noise SD that independent per-voxel
-    field noise σ_f leaves in the periodic 7-point Laplacian of the field, the data of
-    :func:`sstv_admm`: σ_L² = Σᵢ (σ²[+1] + σ²[−1]) / hᵢ⁴ + (Σᵢ 2/hᵢ²)² σ² at each voxel.
-
-    The Laplacian amplifies the field noise by about √42 / h² (isotropic h), so at fine
-    voxels or low SNR its data are mostly noise where at 2 mm and SNR 100 they are not.
+def laplacian_noise_map(field_sd: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """Per-voxel noise SD [ppm/mm²] that independent field noise σ_f leaves in the periodic
+    7-point Laplacian of the field, the data of :func:`sstv_admm`:
+    σ_L² = Σᵢ (σ²[+1] + σ²[−1]) / hᵢ⁴ + (Σᵢ 2/hᵢ²)² σ² (√42·σ_f/h² for isotropic h).
 
     Parameters
     ----------
     field_sd : ndarray, shape (X, Y, Z)
-        Field noise σ_f [ppm]; non-finite or non-positive voxels count as unknown.
-    mask : ndarray of bool, shape (X, Y, Z)
-        Voxels to take the median over (the Laplacian data term's).
+        Field noise σ_f [ppm]; non-finite or non-positive voxels count as unknown (no noise
+        to their neighbours, NaN themselves).
     voxel_size : sequence of 3 floats
         Voxel size [mm].
 
     Returns
     -------
-    float
-        σ_L [ppm/mm²]; 0 when no voxel of the mask has a usable σ_f.
+    ndarray, float64
+        σ_L [ppm/mm²], NaN where σ_f is unknown.
     """
     sd = np.asarray(field_sd, dtype=np.float64)
-    m = np.asarray(mask, dtype=bool)
-    if sd.shape != m.shape:
-        raise ValueError(f"field_sd has shape {sd.shape}, expected {m.shape}")
     usable = np.isfinite(sd) & (sd > 0)
     var = np.where(usable, sd * sd, 0.0)
     h = as_vec3(voxel_size, "voxel_size", positive=True)
-    centre = sum(2.0 / (hi * hi) for hi in h) ** 2
-    out = centre * var
+    out = sum(2.0 / (hi * hi) for hi in h) ** 2 * var
     for axis, hi in enumerate(h):
         out += (np.roll(var, 1, axis) + np.roll(var, -1, axis)) / hi ** 4
-    keep = m & usable
-    return float(np.median(np.sqrt(out[keep]))) if keep.any() else 0.0
+    return np.where(usable, np.sqrt(out), np.nan)
+
+
+def laplacian_noise_sd(field_sd: np.ndarray, mask: np.ndarray,
+                       voxel_size: Sequence[float]) -> float:
+    """σ_L [ppm/mm²]: median over ``mask`` of :func:`laplacian_noise_map`, 0 when no voxel
+    of the mask has a usable σ_f. The Laplacian amplifies the field noise by about √42 / h²,
+    so at fine voxels or low SNR its data are mostly noise where at 2 mm and SNR 100 they
+    are not."""
+    return noise_scaled_alpha(laplacian_noise_map(field_sd, voxel_size), np.float64(1.0),
+                              mask, base_alpha=0.0, factor=1.0)[1]
 
 
 # --------------------------------------------------------------------------- methods
@@ -1280,7 +1281,8 @@ def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndar
     field_sd : ndarray, optional
         Field noise σ_f [ppm] (the field fit's Cramér–Rao map): with
         ``sstv_alpha_rule="noise"``, α = max(``sstv_alpha``, ``sstv_noise_factor``·σ_L),
-        σ_L the Laplacian data's noise (:func:`laplacian_noise_sd`). TV wants α ∝ noise; the
+        σ_L the median of :func:`laplacian_noise_map` over the Laplacian data (the same
+        max-rule as MEDI's, :func:`noise_scaled_alpha`). TV wants α ∝ noise; the
         Laplacian's noise grows as 1/h² and with the field noise, and a fixed α that suits
         2 mm at SNR 100 leaves noise texture at 0.5 mm in-plane or SNR 15.
 
@@ -1307,13 +1309,16 @@ def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndar
     lap_data, lap_weight, n_outliers = _laplacian_data(
         total, brain, voxel_size=voxel_size, erode_voxels=s.sstv_erode_voxels,
         clip_sd=s.sstv_clip_sd, grow_voxels=s.sstv_grow_voxels)
+    lap_mask = lap_weight > 0
     alpha, rule = s.sstv_alpha, {"AlphaRule": "sstv_alpha"}
     if s.sstv_alpha_rule == "noise":
         if field_sd is None:
             rule = {"AlphaRule": "sstv_alpha (no field-noise map given)"}
         else:
-            sigma_l = laplacian_noise_sd(field_sd, lap_weight > 0, voxel_size)
-            alpha = max(s.sstv_alpha, s.sstv_noise_factor * sigma_l)
+            # MEDI's rule on the Laplacian data's own noise (weight 1).
+            alpha, sigma_l = noise_scaled_alpha(
+                laplacian_noise_map(field_sd, voxel_size), np.float64(1.0), lap_mask,
+                base_alpha=s.sstv_alpha, factor=s.sstv_noise_factor)
             rule = {"AlphaRule": "max(sstv_alpha, sstv_noise_factor x median noise SD of "
                                  "the Laplacian data)",
                     "LaplacianNoiseSD_ppm_per_mm2": sigma_l}
@@ -1328,7 +1333,7 @@ def invert_single_step(method: str, total_field: np.ndarray, brain_mask: np.ndar
         **rule, "AlphaUsed": alpha,
         "ADMMPenalties": {"gradient": SSTV_MU_GRADIENT_PER_ALPHA * alpha,
                           "laplacian": SSTV_MU_LAPLACIAN, "local_field": s.sstv_beta},
-        "LaplacianDataVoxels": int((lap_weight > 0).sum()),
+        "LaplacianDataVoxels": int(lap_mask.sum()),
         "LaplacianOutlierVoxels": n_outliers,
         "LocalFieldVoxels": int(anchor.sum()),
         "IterationsRun": int(n_iter)}
