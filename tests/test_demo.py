@@ -125,13 +125,20 @@ def test_anatomical_demo_reports_the_simulated_effect_it_recovers(tmp_path):
     assert baseline["ratio"] == pytest.approx(recovered / simulated, rel=1e-9)
     assert growth["simulated"] == pytest.approx(progression, rel=1e-9)
     assert 0.0 < baseline["truth_map_ratio"] < 1.2
+    lo, hi = baseline["ratio_interval_95"]
+    assert lo <= baseline["ratio"] <= hi and isinstance(baseline["decided"], bool)
     # Console and cohort page state the ratios and the pass mark.
     for effect in (baseline, growth):
         assert f"= {effect['ratio']:.2f} (pass mark 0.80-1.20" in run.output
+        lo, hi = effect["ratio_interval_95"]
+        assert f"95 % interval over participants {lo:.2f}-{hi:.2f}" in run.output
     page = (derivs / "cohort_report.html").read_text()
     assert "Simulated ALS effect, recovered" in page and "±20 %" in page
     assert f"<td>{baseline['ratio']:.2f}</td>" in page
     assert f"<td>{growth['ratio']:.2f}</td>" in page
+    for effect in (baseline, growth):
+        lo, hi = effect["ratio_interval_95"]
+        assert f"<td>{lo:.2f}–{hi:.2f}</td>" in page
 
 
 def test_effect_recovery_compares_like_with_like():
@@ -157,6 +164,44 @@ def test_effect_recovery_compares_like_with_like():
     assert baseline.truth_map_ratio == pytest.approx(1.0)
     assert not baseline.passed and found.n_als == 2 and found.n_control == 2
     assert "= 0.50 (pass mark 0.80-1.20: FAIL" in found.lines()[0]
+    # Every participant recovers half: every resampling gives 0.5, a decided failure.
+    assert baseline.interval == pytest.approx((0.5, 0.5))
+    assert growth.interval == pytest.approx((0.5, 0.5)) and growth.decided
+
+
+def test_ratio_interval_widens_with_participant_error():
+    """The interval reflects participant-level error that does not cancel: exact recovery
+    gives a zero-width interval; an error that alternates in sign between participants
+    leaves the point ratio at 1 but spreads the interval; more participants narrow it."""
+    from alsiron.sim.recovery import participant_summaries, ratio_interval
+
+    def cohort(n: int, error: float):
+        sim, rec = {}, {}
+        for k in range(2 * n):
+            group = "ALS" if k % 2 else "control"
+            truth = (0.005 if group == "ALS" else 0.0) + 0.001 * (k % 5)
+            err = error * (1 if (k // 2) % 2 else -1)
+            for years in (0.0, 1.0):
+                key = (f"sub-{k:03d}", f"ses-{years:.0f}")
+                sim[key] = (group, years, truth + 0.002 * years * (group == "ALS"))
+                rec[key] = (group, years, sim[key][2] + err)
+        return sim, rec
+
+    sim, rec = cohort(8, 0.0)
+    assert ratio_interval(sim, rec, effect="baseline") == pytest.approx((1.0, 1.0))
+    sim, rec = cohort(8, 0.0025)
+    lo, hi = ratio_interval(sim, rec, effect="baseline")
+    assert lo < 0.85 and hi > 1.15
+    lo_big, hi_big = ratio_interval(*cohort(64, 0.0025), effect="baseline")
+    assert lo < lo_big < 1.0 < hi_big < hi
+    # A constant per-participant offset leaves slopes exact.
+    assert ratio_interval(sim, rec, effect="progression") == pytest.approx((1.0, 1.0))
+    # One group with a single participant: no interval.
+    one = {k: v for k, v in sim.items() if v[0] == "control" or k[0] == "sub-001"}
+    assert all(math.isnan(v) for v in ratio_interval(one, one, effect="baseline"))
+    first = participant_summaries(sim)["sub-001"]
+    assert first[0] == "ALS" and first[1] == pytest.approx(0.006)
+    assert first[2] == pytest.approx(0.002)
 
 
 def test_demo_without_shim_and_its_refusal(tmp_path):

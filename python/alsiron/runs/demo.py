@@ -14,6 +14,7 @@ the simulation put in (:mod:`alsiron.sim.recovery`), in the console and the coho
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -201,6 +202,8 @@ def _recovery(result: DemoResult, records: list, *, overwrite: bool,
            "n_sessions": found.n_sessions, "notes": found.notes,
            "effects": [{"name": e.name, "units": e.units, "simulated": e.simulated,
                         "recovered": e.recovered, "ratio": e.ratio, "passed": e.passed,
+                        "ratio_interval_95": [v if math.isfinite(v) else None
+                                              for v in e.interval], "decided": e.decided,
                         "truth_map": e.truth_map, "truth_map_ratio": e.truth_map_ratio}
                        for e in found.effects]}
     save_json(result.recovery_path, doc, overwrite=overwrite)

@@ -20,6 +20,14 @@ draw of the participants (offsets, ages, sites) cancels in the ratio:
 A third column reads the same quantities from the truth χ map itself, averaged over the
 true deep precentral labels of the output grid (``dseg``): what a perfect map would give
 at this voxel size, whose partial volume dilutes a one-voxel layer.
+
+The draw cancels in the ratio, but the chain's own error of each participant does not:
+on the anatomical head it is an anatomy-dependent offset of the deep-layer mean (SD
+≈ 2.4 ppb between participants at 2.5 mm, stable over a participant's visits;
+``docs/qsm_anatomy.md``), of the size of the simulated effect itself.  Each ratio
+therefore carries a 95 % interval from resampling participants within each group
+(:data:`BOOTSTRAP_REPLICATES` draws, fixed seed), which says whether the cohort is large
+enough for its verdict.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ from alsiron.sim.tissues import PRECENTRAL_DEEP_LABELS
 
 #: Pass mark of a recovered / simulated ratio: within ±20 % of 1 (issue 13).
 RECOVERY_TOLERANCE = 0.20
+
+#: Participant resamplings behind each ratio's 95 % interval.
+BOOTSTRAP_REPLICATES = 2000
 
 #: (participant, session) → (group, years since baseline, value in ppm).
 Visits = Mapping[tuple[str, str], tuple[str, float, float]]
@@ -129,32 +140,76 @@ def read_simulated_sessions(dataset_root: str | Path, *, truth_maps: bool = True
 def baseline_difference(visits: Visits) -> float:
     """Mean first-visit value of ALS participants minus that of controls [ppm] (NaN when a
     group is missing)."""
-    first: dict[str, tuple[float, str, float]] = {}
-    for (pid, _), (group, years, value) in visits.items():
-        if pid not in first or years < first[pid][0]:
-            first[pid] = (years, group, value)
-    means = {}
-    for g in ("ALS", "control"):
-        vals = [v for _, grp, v in first.values() if grp == g]
-        means[g] = float(np.mean(vals)) if vals else math.nan
-    return means["ALS"] - means["control"]
+    rows = participant_summaries(visits).values()
+    means = {g: [first for grp, first, _ in rows if grp == g] for g in ("ALS", "control")}
+    if not means["ALS"] or not means["control"]:
+        return math.nan
+    return float(np.mean(means["ALS"]) - np.mean(means["control"]))
 
 
 def progression_difference(visits: Visits) -> float:
     """Mean per-participant least-squares slope of ALS minus that of controls [ppm/year]
     (participants with >= 2 visits at different times; NaN when a group has none)."""
+    rows = participant_summaries(visits).values()
+    slopes = {g: [sl for grp, _, sl in rows if grp == g and math.isfinite(sl)]
+              for g in ("ALS", "control")}
+    if not slopes["ALS"] or not slopes["control"]:
+        return math.nan
+    return float(np.mean(slopes["ALS"]) - np.mean(slopes["control"]))
+
+
+def participant_summaries(visits: Visits) -> dict[str, tuple[str, float, float]]:
+    """Per participant: (group, first-visit value, least-squares slope on years) — the
+    slope NaN with fewer than two visit times.  :func:`baseline_difference` and
+    :func:`progression_difference` are group means of these."""
     series: dict[str, tuple[str, list[float], list[float]]] = {}
     for (pid, _), (group, years, value) in visits.items():
         series.setdefault(pid, (group, [], []))
         series[pid][1].append(years)
         series[pid][2].append(value)
-    slopes: dict[str, list[float]] = {"ALS": [], "control": []}
-    for group, years, values in series.values():
-        if group in slopes and len(set(years)) >= 2:
-            slopes[group].append(float(np.polyfit(years, values, 1)[0]))
-    if not slopes["ALS"] or not slopes["control"]:
-        return math.nan
-    return float(np.mean(slopes["ALS"]) - np.mean(slopes["control"]))
+    out = {}
+    for pid, (group, years, values) in series.items():
+        first = values[int(np.argmin(years))]
+        slope = (float(np.polyfit(years, values, 1)[0]) if len(set(years)) >= 2
+                 else math.nan)
+        out[pid] = (group, float(first), slope)
+    return out
+
+
+def ratio_interval(simulated: Visits, recovered: Visits, *, effect: str,
+                   replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of recovered / simulated over participant resamplings.
+
+    Participants are drawn with replacement within each group (a participant's simulated
+    and recovered values travel together); ``effect`` is ``"baseline"`` (first-visit
+    difference) or ``"progression"`` (slope difference).  (NaN, NaN) when a group has
+    fewer than two participants with the effect's value.
+    """
+    column = {"baseline": 1, "progression": 2}[effect]
+    sim, rec = participant_summaries(simulated), participant_summaries(recovered)
+    pairs: dict[str, list[tuple[float, float]]] = {"ALS": [], "control": []}
+    for pid, row in sim.items():
+        if pid in rec and row[0] in pairs:
+            a, b = row[column], rec[pid][column]
+            if math.isfinite(a) and math.isfinite(b):
+                pairs[row[0]].append((a, b))
+    if min(len(v) for v in pairs.values()) < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    diff = np.zeros((2, replicates))
+    for sign, group in ((1.0, "ALS"), (-1.0, "control")):
+        vals = np.asarray(pairs[group])
+        draw = rng.integers(0, len(vals), size=(replicates, len(vals)))
+        diff += sign * vals[draw].mean(axis=1).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = diff[1] / diff[0]
+    ratios = ratios[np.isfinite(ratios)]
+    if ratios.size == 0:
+        return (math.nan, math.nan)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(ratios, [tail, 100.0 - tail])
+    return (float(lo), float(hi))
 
 
 @dataclass(frozen=True)
@@ -168,6 +223,9 @@ class RecoveredEffect:
     units : str
     simulated, recovered, truth_map : float
         From the parameters, from the tool's index, from the truth χ map (same units).
+    interval : (float, float)
+        95 % interval of :attr:`ratio` over participant resamplings
+        (:func:`ratio_interval`); NaNs when too few participants.
     """
 
     name: str
@@ -175,6 +233,7 @@ class RecoveredEffect:
     simulated: float
     recovered: float
     truth_map: float
+    interval: tuple[float, float] = (math.nan, math.nan)
 
     @property
     def ratio(self) -> float:
@@ -194,6 +253,18 @@ class RecoveredEffect:
     def passed(self) -> bool:
         """Whether the ratio lies within 1 ± :data:`RECOVERY_TOLERANCE`."""
         return math.isfinite(self.ratio) and abs(self.ratio - 1.0) <= RECOVERY_TOLERANCE
+
+    @property
+    def decided(self) -> bool:
+        """Whether the cohort is large enough for the verdict: the whole 95 % interval
+        lies inside the pass band, or wholly outside it."""
+        lo, hi = self.interval
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return False
+        band = (1.0 - RECOVERY_TOLERANCE, 1.0 + RECOVERY_TOLERANCE)
+        inside = band[0] <= lo and hi <= band[1]
+        outside = hi < band[0] or lo > band[1]
+        return inside or outside
 
 
 @dataclass(frozen=True)
@@ -232,11 +303,15 @@ class EffectRecovery:
         for e in self.effects:
             verdict = "pass" if e.passed else "FAIL"
             unit = "ppb/year" if "year" in e.units else "ppb"
+            lo, hi = e.interval
+            spread = (f"95 % interval over participants {lo:.2f}-{hi:.2f}"
+                      + ("" if e.decided else ", too wide for this cohort to decide")
+                      if math.isfinite(lo) else "no interval: too few participants")
             out.append(
                 f"{e.name} of {self.index}: recovered {1e3 * e.recovered:+.2f} {unit} / "
                 f"simulated {1e3 * e.simulated:+.2f} {unit} = {e.ratio:.2f} "
                 f"(pass mark {1 - self.tolerance:.2f}-{1 + self.tolerance:.2f}: {verdict}; "
-                f"a perfect map at this grid: {e.truth_map_ratio:.2f})")
+                f"{spread}; a perfect map at this grid: {e.truth_map_ratio:.2f})")
         return out
 
 
@@ -270,12 +345,13 @@ def effect_recovery(records: Iterable[SessionRecord], simulated: Sequence[Simula
         rec[key] = (s.group, s.years_since_baseline, float(value))
         tmap[key] = (s.group, s.years_since_baseline, s.truth_map_deep_ppm)
     effects = [RecoveredEffect("baseline ALS − control", "ppm", baseline_difference(sim),
-                               baseline_difference(rec), baseline_difference(tmap))]
+                               baseline_difference(rec), baseline_difference(tmap),
+                               ratio_interval(sim, rec, effect="baseline"))]
     if math.isfinite(progression_difference(sim)):
         effects.append(RecoveredEffect(
             "yearly progression (ALS − control slope)", "ppm/year",
             progression_difference(sim), progression_difference(rec),
-            progression_difference(tmap)))
+            progression_difference(tmap), ratio_interval(sim, rec, effect="progression")))
     groups = {pid: g for (pid, _), (g, _, _) in rec.items()}
     notes = []
     if len(rec) < len(truth):
