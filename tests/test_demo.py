@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from alsiron.cli import cli
 from alsiron.cohort.normative import build_normative_model
-from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.cohort.records import HEADLINE_INDEX, PARTIAL_VOLUME_INDEX
 from alsiron.cohort.registry import Registry, default_registry_path
 from alsiron.runs.demo import run_demo
 from alsiron.sim.cohort import simulate_index_cohort
@@ -139,6 +139,14 @@ def test_anatomical_demo_reports_the_simulated_effect_it_recovers(tmp_path):
     for effect in (baseline, growth):
         lo, hi = effect["ratio_interval_95"]
         assert f"<td>{lo:.2f}–{hi:.2f}</td>" in page
+    # Anatomical participants come with fine-grid labels: the partial-volume-corrected
+    # index is compared too, against the same simulated values.
+    pv = doc["partial_volume_corrected"]
+    assert pv["index"] == PARTIAL_VOLUME_INDEX
+    assert pv["effects"][0]["simulated"] == pytest.approx(baseline["simulated"], rel=1e-12)
+    assert pv["effects"][0]["truth_map"] is None
+    assert f"of {PARTIAL_VOLUME_INDEX}: recovered" in run.output
+    assert f"<h3>{PARTIAL_VOLUME_INDEX}</h3>" in page
 
 
 def test_effect_recovery_compares_like_with_like():

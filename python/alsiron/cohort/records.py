@@ -18,6 +18,9 @@ from alsiron.errors import InvalidInputError
 
 #: Deep-layer precentral mean χ (ppm): where the ALS iron excess sits.
 HEADLINE_INDEX = "chi_precentral_deep_mean"
+#: Its partial-volume-corrected counterpart relative to the adjacent white matter, where
+#: the session's label image is finer than the maps (:mod:`alsiron.motor.pvc`).
+PARTIAL_VOLUME_INDEX = "chi_precentral_deep_minusWM_gtm"
 
 QcStatus = Literal["pass", "warn", "fail"]
 

@@ -386,9 +386,11 @@ def render_cohort_report(records: Sequence[SessionRecord], *,
                          model: NormativeModel | None = None,
                          model_path: str | os.PathLike[str] | None = None,
                          indices: Sequence[str] | None = None,
-                         recovery: EffectRecovery | None = None) -> str:
+                         recovery: EffectRecovery | Sequence[EffectRecovery] | None = None
+                         ) -> str:
     """HTML page for the whole cohort: group trajectories and a per-group table, and for
-    a simulated cohort (``recovery``) how well the simulated ALS effect came back."""
+    a simulated cohort (``recovery``: one comparison per index) how well the simulated
+    ALS effect came back."""
     records = list(records)
     if not records:
         raise ValueError("a cohort report needs at least one record")
@@ -397,8 +399,10 @@ def render_cohort_report(records: Sequence[SessionRecord], *,
             f"participants, {len(records)} scans; sites "
             f"{esc(', '.join(sorted({str(r.site) for r in records})))}.</p>"]
     body += _model_section(model, None if model_path is None else Path(model_path))
-    if recovery is not None:
-        body += _recovery_section(recovery)
+    found = [] if recovery is None else (
+        [recovery] if not isinstance(recovery, Sequence) else list(recovery))
+    for k, one in enumerate(found):
+        body += _recovery_section(one, heading=k == 0)
     body.append("<h2>Group trajectories</h2>")
     for index in names:
         body.append(_img(cohort_trajectory_png(records, index),
@@ -424,10 +428,11 @@ def render_cohort_report(records: Sequence[SessionRecord], *,
     return _page("alsiron cohort", body)
 
 
-def _recovery_section(recovery: EffectRecovery) -> list[str]:
+def _recovery_section(recovery: EffectRecovery, *, heading: bool = True) -> list[str]:
     """Simulated against recovered ALS effect (:mod:`alsiron.sim.recovery`)."""
     lo, hi = 1.0 - recovery.tolerance, 1.0 + recovery.tolerance
-    out = ["<h2>Simulated ALS effect, recovered</h2>",
+    out = ["<h2>Simulated ALS effect, recovered</h2>" if heading
+           else f"<h3>{esc(recovery.index)}</h3>",
            f"<p>Simulated cohort: the ALS − control difference of <b>{esc(recovery.index)}"
            f"</b> at baseline and its yearly progression, as recovered by this run, over "
            f"the values the simulation put in (read from its truth sidecars, "
@@ -451,6 +456,15 @@ def _recovery_section(recovery: EffectRecovery) -> list[str]:
                    f"<td class=\"l\">{verdict}</td>"
                    f"<td>{_fmt(e.truth_map_ratio)}</td></tr>")
     out.append("</table>")
+    if not heading:
+        out.append("<p class=\"note\">The same comparison for this index, with the same "
+                   "simulated values (the simulation changes the deep band only, not the "
+                   "white matter). A <i>_gtm</i> index is partial-volume corrected: the "
+                   "band's value fitted on the tissue fractions of a label image finer "
+                   "than the maps (geometric transfer matrix, alsiron.motor.pvc), so it "
+                   "has no truth-map ceiling column.</p>")
+        out += [f"<p class=\"warn\">{esc(n)}</p>" for n in recovery.notes]
+        return out
     out.append("<p class=\"note\">Simulated: χ added to the deep precentral layer "
                "(participant offset + ALS excess / deep fraction, from PhantomParameters). "
                "Both columns use the same estimators on the same sessions: mean first "

@@ -30,7 +30,9 @@ import numpy as np
 
 from alsiron.cohort.records import HEADLINE_INDEX, QcStatus, SessionRecord, index_units
 from alsiron.io.atomic import save_json, save_text
+from alsiron.motor import pvc
 from alsiron.motor.masks import SEGMENTS, RegionMasks
+from alsiron.motor.pvc import PartialVolumeRegions, gtm_region_values
 
 log = logging.getLogger("alsiron")
 
@@ -161,6 +163,27 @@ def derived_contrasts(indices: dict[str, float], map_names: list[str]) -> dict[s
     return out
 
 
+def gtm_indices(maps: dict[str, np.ndarray | None], regions: PartialVolumeRegions,
+                fits: dict[str, Any] | None = None, *,
+                vein_percentile: float = VEIN_PERCENTILE) -> dict[str, float]:
+    """Partial-volume-corrected values of the precentral bands (:mod:`alsiron.motor.pvc`):
+    ``{map}_precentral_deep_gtm``, ``{map}_precentral_superficial_gtm`` and
+    ``{map}_precentral_deep_minusWM_gtm`` (deep band minus the white matter that shares
+    voxels with the cortex), per map; ``fits`` receives each fit's diagnostics."""
+    out: dict[str, float] = {}
+    for name, data in maps.items():
+        if data is None:
+            continue
+        values, diag = gtm_region_values(data, regions, trim_percentile=vein_percentile)
+        deep, wm = values[pvc.DEEP], values[pvc.WHITE_MATTER]
+        out[f"{name}_precentral_deep_gtm"] = deep
+        out[f"{name}_precentral_superficial_gtm"] = values[pvc.SUPERFICIAL]
+        out[f"{name}_precentral_deep_minusWM_gtm"] = deep - wm
+        if fits is not None:
+            fits[name] = diag
+    return out
+
+
 def mask_coverage(masks: RegionMasks, valid: np.ndarray) -> dict[str, Any]:
     """How much of the precentral cortex the valid-map voxels cover.
 
@@ -239,6 +262,10 @@ def motor_cortex_indices(masks: RegionMasks, *, chi: np.ndarray | None = None,
         raise ValueError("motor_cortex_indices needs a χ or an R2* map")
     indices = region_indices(maps, masks.regions(), vein_percentile=vein_percentile)
     indices.update(derived_contrasts(indices, list(maps)))
+    pv_fits: dict[str, Any] = {}
+    if masks.partial_volume is not None:
+        indices.update(gtm_indices(maps, masks.partial_volume, pv_fits,
+                                   vein_percentile=vein_percentile))
     for name in indices:
         index_units(name)  # every name must follow the records convention
     ref = maps.get("chi", maps.get("r2star"))
@@ -260,6 +287,8 @@ def motor_cortex_indices(masks: RegionMasks, *, chi: np.ndarray | None = None,
                                f"{vein_percentile:g}th percentile of "
                                f"{'chi' if 'chi' in maps else 'R2*'}",
               "Statistics": list(STATISTICS), "Masks": masks.provenance}
+    if pv_fits:
+        params["PartialVolumeFits"] = pv_fits
     return MotorCortexIndices(indices=indices, qc_status=status, qc_notes=notes,
                               parameters=params)
 
@@ -274,7 +303,12 @@ _COLUMNS = {
     "statistic": {"Description": "statistic over the region's voxels after vein trimming",
                   "Levels": {"mean": "mean", "median": "median", "p75": "75th percentile",
                              "p90": "90th percentile", "p95": "95th percentile",
-                             "n": "voxel count"}},
+                             "n": "voxel count",
+                             "gtm": "partial-volume-corrected band value: geometric "
+                                    "transfer matrix on the tissue fractions of a label "
+                                    "image finer than the maps (alsiron.motor.pvc); "
+                                    "with _minusWM, minus the fitted value of the white "
+                                    "matter that shares voxels with the cortex"}},
     "value": {"Description": "index value (n/a where the region is empty)"},
     "units": {"Description": "units of value", "Levels": {"ppm": "parts per million",
                                                           "1/s": "per second",

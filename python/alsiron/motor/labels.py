@@ -17,6 +17,7 @@ import numpy as np
 from alsiron.errors import InputError
 from alsiron.grid import resample_to_grid, same_grid
 from alsiron.motor.masks import HEMI_LEFT, HEMI_RIGHT, RegionMasks, build_region_masks
+from alsiron.motor.pvc import MIN_LABEL_VOXELS_PER_MAP_VOXEL, partial_volume_regions
 
 
 def read_lut(path: str | Path) -> dict[int, str]:
@@ -128,6 +129,35 @@ def _side_from_name(name: str) -> str | None:
     return None
 
 
+def _voxel_volume(path: Path) -> float:
+    """Voxel volume of an image from its header [mm³] (inf when unreadable, so that a
+    broken candidate is chosen last and reported when loaded)."""
+    try:
+        return float(np.prod(nib.load(str(path)).header.get_zooms()[:3]))
+    except Exception:  # nibabel raises several types for bad files
+        return float("inf")
+
+
+def _dseg_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """``*_dseg.nii[.gz]`` images of a folder that have their ``.tsv``, sorted by name."""
+    pairs = [(img, folder / f"{img.name.split('.nii')[0]}.tsv")
+             for img in sorted(folder.glob("*_dseg.nii*"))]
+    return [(img, tsv) for img, tsv in pairs if tsv.is_file()]
+
+
+def finer_label_image(label_image: str | Path) -> tuple[Path, Path] | None:
+    """A segmentation beside ``label_image`` (``*_dseg`` with its ``.tsv`` in the same
+    folder) with smaller voxels, the smallest if several: e.g. the anatomical phantom's
+    ``res-fine_dseg`` beside its ``dseg`` on the maps' grid.  It gives the
+    partial-volume indices (:mod:`alsiron.motor.pvc`) while the masks keep coming from
+    ``label_image``.  None when there is none."""
+    path = Path(label_image)
+    own = _voxel_volume(path)
+    finer = [(img, tsv) for img, tsv in _dseg_pairs(path.parent)
+             if img != path and _voxel_volume(img) < own]
+    return min(finer, key=lambda pair: _voxel_volume(pair[0])) if finer else None
+
+
 def find_label_image(dataset_root: str | Path, entities: dict[str, str]
                      ) -> tuple[Path, Path | None] | None:
     """Find a label image for a session in the dataset's derivatives.
@@ -150,11 +180,9 @@ def find_label_image(dataset_root: str | Path, entities: dict[str, str]
         folder = pipeline / rel / "anat"
         if not folder.is_dir():
             continue
-        for img in sorted(folder.glob("*_dseg.nii*")):
-            stem = img.name.split(".nii")[0]
-            tsv = folder / f"{stem}.tsv"
-            if tsv.is_file():
-                return img, tsv
+        found = _dseg_pairs(folder)
+        if found:
+            return found[0]
         for pattern in ("*aparc+aseg*.nii*", "*aparc.a2009s*.nii*", "*aparc*.mgz"):
             for img in sorted(folder.glob(pattern)):
                 return img, None
@@ -207,7 +235,9 @@ def load_label_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def masks_from_labels(labels: np.ndarray, labels_affine: np.ndarray, lut: dict[int, str],
                       target_shape: tuple[int, ...], target_affine: np.ndarray, *,
                       brain: np.ndarray | None = None, labels_path: str | Path | None = None,
-                      lut_path: str | Path | None = None) -> RegionMasks:
+                      lut_path: str | Path | None = None,
+                      fine: tuple[np.ndarray, np.ndarray, dict[int, str]] | None = None,
+                      fine_path: str | Path | None = None) -> RegionMasks:
     """Precentral masks from a label image and its lookup table, on the map grid.
 
     Parameters
@@ -223,6 +253,12 @@ def masks_from_labels(labels: np.ndarray, labels_affine: np.ndarray, lut: dict[i
         Brain mask on the target grid (centre of the segment geometry).
     labels_path, lut_path : path, optional
         For messages and provenance.
+    fine : (labels, affine, lut), optional
+        A finer segmentation of the same head for the partial-volume fractions
+        (:mod:`alsiron.motor.pvc`); default: ``labels`` itself, which gives them only when
+        it is finer than the maps.
+    fine_path : path, optional
+        Its file, for provenance.
 
     Raises
     ------
@@ -263,17 +299,36 @@ def masks_from_labels(labels: np.ndarray, labels_affine: np.ndarray, lut: dict[i
             if control is not None else "cortical slab 4-20 mm behind the precentral gyrus",
             "Resampled": not same_grid(labels.shape, labels_affine, target_shape,
                                        target_affine)}
-    return build_region_masks(precentral, hemisphere, cortex, wm, target_affine,
-                              control=control, brain=brain, provenance=prov)
+    masks = build_region_masks(precentral, hemisphere, cortex, wm, target_affine,
+                               control=control, brain=brain, provenance=prov)
+    pv_labels, pv_affine, pv_classes = ((labels, labels_affine, classes) if fine is None
+                                        else (fine[0], fine[1], classify_lut(fine[2])))
+    masks.partial_volume = partial_volume_regions(pv_labels, pv_affine, pv_classes,
+                                                  target_shape, target_affine)
+    if masks.partial_volume is not None:
+        masks.provenance["PartialVolume"] = {
+            "LabelImage": str(fine_path or labels_path), **masks.partial_volume.provenance}
+    else:
+        masks.provenance["PartialVolume"] = (
+            "no gtm indices: no label image finer than the maps (needs >= "
+            f"{MIN_LABEL_VOXELS_PER_MAP_VOXEL:g} label voxels per map voxel)")
+    return masks
 
 
 def masks_from_label_file(labels_path: str | Path, target_shape: tuple[int, ...],
                           target_affine: np.ndarray, *, lut_path: str | Path | None = None,
                           brain: np.ndarray | None = None) -> RegionMasks:
     """:func:`masks_from_labels` from files; FreeSurfer values are named built-in when no
-    lookup table is given."""
+    lookup table is given.  A finer ``*_dseg`` beside a BIDS ``dseg``
+    (:func:`finer_label_image`) gives the partial-volume fractions."""
     labels, affine = load_label_image(labels_path)
     lut = read_lut(lut_path) if lut_path is not None else freesurfer_lut(labels)
+    fine = None
+    finer = finer_label_image(labels_path) if lut_path is not None else None
+    if finer is not None:
+        fine_labels, fine_affine = load_label_image(finer[0])
+        fine = (fine_labels, fine_affine, read_lut(finer[1]))
     return masks_from_labels(labels, affine, lut, target_shape, target_affine, brain=brain,
-                             labels_path=labels_path, lut_path=lut_path)
+                             labels_path=labels_path, lut_path=lut_path, fine=fine,
+                             fine_path=None if finer is None else finer[0])
 

@@ -24,12 +24,15 @@ Coordinates are RAS+ millimetres (NIfTI world); arrays are (X, Y, Z) on the map 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 
 from alsiron.grid import voxel_size_from_affine, world_coordinates
+
+if TYPE_CHECKING:
+    from alsiron.motor.pvc import PartialVolumeRegions
 
 #: Somatotopic segments along the gyrus, from the dorsomedial end to the ventrolateral.
 SEGMENTS = ("leg", "hand", "face")
@@ -77,6 +80,9 @@ class RegionMasks:
         Voxel-to-world transform of the grid.
     provenance : dict
         Route, sources and parameters (written to the indices' JSON).
+    partial_volume : PartialVolumeRegions or None
+        Tissue fractions around the precentral cortex, when the masks came from a label
+        image finer than the maps (:mod:`alsiron.motor.pvc`); enables the ``gtm`` indices.
     """
 
     precentral: np.ndarray
@@ -89,6 +95,7 @@ class RegionMasks:
     control: np.ndarray
     affine: np.ndarray
     provenance: dict[str, Any] = field(default_factory=dict)
+    partial_volume: PartialVolumeRegions | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alsiron.cohort.records import HEADLINE_INDEX
+from alsiron.cohort.records import HEADLINE_INDEX, PARTIAL_VOLUME_INDEX
 from alsiron.cohort.registry import Registry, default_registry_path
 from alsiron.errors import AlsironError, InputError
 from alsiron.io.atomic import save_json
@@ -69,9 +69,14 @@ class DemoResult:
     notes : list of str
         What could not be done, one line each.
     recovery : EffectRecovery or None
-        Simulated against recovered ALS effect (None when it could not be computed).
+        Simulated against recovered ALS effect of the headline index (None when it could
+        not be computed).
     recovery_path : Path or None
         The same as JSON (``effect_recovery.json``).
+    recoveries : list of EffectRecovery
+        ``recovery``, then the same for the partial-volume-corrected index when the
+        sessions have it (anatomical participants, whose fine-grid labels are finer than
+        the maps; :data:`alsiron.cohort.records.PARTIAL_VOLUME_INDEX`).
     seconds : dict
         Wall time [s] of ``simulate``, ``chain`` (maps + indices of every visit) and
         ``cohort`` (models, scores, reports).
@@ -88,6 +93,7 @@ class DemoResult:
     notes: list[str] = field(default_factory=list)
     recovery: sim_recovery.EffectRecovery | None = None
     recovery_path: Path | None = None
+    recoveries: list[sim_recovery.EffectRecovery] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -172,7 +178,7 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
     _recovery(result, records, overwrite=overwrite, tell=tell)
     group = run_group_stage(records, derivs, source=str(reg_path), overwrite=overwrite,
                             say=lambda line: tell(f"demo: {line}"),
-                            recovery=result.recovery)
+                            recovery=result.recoveries)
     result.model, result.visit_table = group.model, group.visit_table
     result.cohort_model, result.reports = group.cohort_model, group.reports
     result.notes += group.notes
@@ -183,29 +189,45 @@ def run_demo(out_dir: str | Path, *, subjects: int = DEMO_SUBJECTS,
     return result
 
 
+def _effects_doc(found: sim_recovery.EffectRecovery) -> dict:
+    return {"index": found.index, "tolerance": found.tolerance, "source": found.source,
+            "n_als": found.n_als, "n_control": found.n_control,
+            "n_sessions": found.n_sessions, "notes": found.notes,
+            "effects": [{"name": e.name, "units": e.units, "simulated": e.simulated,
+                         "recovered": e.recovered, "ratio": e.ratio, "passed": e.passed,
+                         "ratio_interval_95": [v if math.isfinite(v) else None
+                                               for v in e.interval], "decided": e.decided,
+                         "truth_map": e.truth_map if math.isfinite(e.truth_map) else None,
+                         "truth_map_ratio": e.truth_map_ratio
+                         if math.isfinite(e.truth_map_ratio) else None}
+                        for e in found.effects]}
+
+
 def _recovery(result: DemoResult, records: list, *, overwrite: bool,
               tell: Callable[[str], None]) -> None:
-    """Simulated against recovered ALS effect: on ``result``, in
-    ``effect_recovery.json`` and one console line per effect."""
+    """Simulated against recovered ALS effect, for the headline index and (where the
+    sessions have it) the partial-volume-corrected one: on ``result``, in
+    ``effect_recovery.json`` (the headline's comparison, the other under
+    ``"partial_volume_corrected"``) and one console line per effect."""
     try:
         simulated = sim_recovery.read_simulated_sessions(result.dataset)
-        found = sim_recovery.effect_recovery(
-            records, simulated, index=HEADLINE_INDEX,
-            source=str(result.dataset / "derivatives" / "phantom"))
+        source = str(result.dataset / "derivatives" / "phantom")
+        found = sim_recovery.effect_recovery(records, simulated, index=HEADLINE_INDEX,
+                                             source=source)
+        result.recoveries = [found]
+        if any(PARTIAL_VOLUME_INDEX in r.indices for r in records):
+            result.recoveries.append(sim_recovery.effect_recovery(
+                records, simulated, index=PARTIAL_VOLUME_INDEX, source=source,
+                truth_map=False))
     except AlsironError as exc:
         result.notes.append(f"simulated effect not compared: {exc}")
         return
     result.recovery = found
     result.recovery_path = result.derivatives / "effect_recovery.json"
-    doc = {"index": found.index, "tolerance": found.tolerance, "source": found.source,
-           "n_als": found.n_als, "n_control": found.n_control,
-           "n_sessions": found.n_sessions, "notes": found.notes,
-           "effects": [{"name": e.name, "units": e.units, "simulated": e.simulated,
-                        "recovered": e.recovered, "ratio": e.ratio, "passed": e.passed,
-                        "ratio_interval_95": [v if math.isfinite(v) else None
-                                              for v in e.interval], "decided": e.decided,
-                        "truth_map": e.truth_map, "truth_map_ratio": e.truth_map_ratio}
-                       for e in found.effects]}
+    doc = _effects_doc(found)
+    if len(result.recoveries) > 1:
+        doc["partial_volume_corrected"] = _effects_doc(result.recoveries[1])
     save_json(result.recovery_path, doc, overwrite=overwrite)
-    for line in found.lines():
-        tell(f"demo: {line}")
+    for one in result.recoveries:
+        for line in one.lines():
+            tell(f"demo: {line}")

@@ -5,7 +5,7 @@ visits."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +49,8 @@ class GroupOutputs:
 def run_group_stage(records: list[SessionRecord], derivs: Path, *, source: str,
                     overwrite: bool = False,
                     say: Callable[[str], None] | None = None,
-                    recovery: EffectRecovery | None = None) -> GroupOutputs:
+                    recovery: EffectRecovery | Sequence[EffectRecovery] | None = None
+                    ) -> GroupOutputs:
     """Normative model, z-scores, longitudinal models and reports from visit records.
 
     Parameters
@@ -66,7 +67,7 @@ def run_group_stage(records: list[SessionRecord], derivs: Path, *, source: str,
         Replace these files from an earlier run.
     say : callable, optional
         Receives one progress line per step.
-    recovery : EffectRecovery, optional
+    recovery : EffectRecovery or a sequence of them, optional
         Simulated against recovered ALS effect (phantom cohorts), shown on the cohort page.
 
     Returns

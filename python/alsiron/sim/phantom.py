@@ -188,6 +188,10 @@ class PhantomSession:
     extra_truth : list of (suffix, array, sidecar)
         More truth maps written beside the others (the anatomical phantom's precentral
         masks and somatotopy).
+    fine_labels : (ndarray uint8, ndarray (4, 4)) or None
+        The tissue labels on the simulation's fine grid and its affine, written as
+        ``res-fine_dseg`` (the anatomical phantom: what a segmentation of a
+        higher-resolution T1w gives beside the maps).
     """
 
     magnitude: np.ndarray
@@ -215,6 +219,7 @@ class PhantomSession:
     mese_protocol: MeseProtocol | None = None
     b1: np.ndarray | None = None
     extra_truth: list[tuple[str, np.ndarray, dict[str, Any]]] = field(default_factory=list)
+    fine_labels: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def complex_echoes(self) -> np.ndarray:
@@ -961,6 +966,17 @@ def write_session(out_dir: str | Path, session: PhantomSession, subject: str,
     rows = [[i, name] for i, name in session.label_names.items()]
     written.append(save_text(truth / f"{stem}_dseg.tsv", _tsv(["index", "name"], rows),
                              overwrite=overwrite))
+    if session.fine_labels is not None:
+        fine, fine_affine = session.fine_labels
+        written.append(save_nifti(truth / f"{stem}_res-fine_dseg.nii.gz", fine, fine_affine,
+                                  sidecar={"Description": "tissue label on the simulation's "
+                                           "fine grid (names in res-fine_dseg.tsv): the "
+                                           "labels every output voxel was averaged from",
+                                           "GeneratedBy": _generated_by(),
+                                           "PhantomParameters": params},
+                                  overwrite=overwrite))
+        written.append(save_text(truth / f"{stem}_res-fine_dseg.tsv",
+                                 _tsv(["index", "name"], rows), overwrite=overwrite))
     return written
 
 

@@ -311,12 +311,14 @@ class EffectRecovery:
                 f"{e.name} of {self.index}: recovered {1e3 * e.recovered:+.2f} {unit} / "
                 f"simulated {1e3 * e.simulated:+.2f} {unit} = {e.ratio:.2f} "
                 f"(pass mark {1 - self.tolerance:.2f}-{1 + self.tolerance:.2f}: {verdict}; "
-                f"{spread}; a perfect map at this grid: {e.truth_map_ratio:.2f})")
+                f"{spread}" + (f"; a perfect map at this grid: {e.truth_map_ratio:.2f})"
+                               if math.isfinite(e.truth_map_ratio) else ")"))
         return out
 
 
 def effect_recovery(records: Iterable[SessionRecord], simulated: Sequence[SimulatedSession],
-                    *, index: str = HEADLINE_INDEX, source: str = "") -> EffectRecovery:
+                    *, index: str = HEADLINE_INDEX, source: str = "",
+                    truth_map: bool = True) -> EffectRecovery:
     """Compare the recovered ALS effect with the simulated one, on the sessions that have
     both a finite recovered ``index`` (first run of a visit) and a truth sidecar.
 
@@ -330,6 +332,9 @@ def effect_recovery(records: Iterable[SessionRecord], simulated: Sequence[Simula
         Index compared (ppm).
     source : str
         Recorded as :attr:`EffectRecovery.source`.
+    truth_map : bool
+        Fill the truth-map column (the plain mean of the truth χ map over the true deep
+        labels, comparable with ``chi_precentral_deep_mean``); off for other indices.
     """
     truth = {(s.participant_id, s.session_id): s for s in simulated}
     sim: dict[tuple[str, str], tuple[str, float, float]] = {}
@@ -343,7 +348,8 @@ def effect_recovery(records: Iterable[SessionRecord], simulated: Sequence[Simula
         s = truth[key]
         sim[key] = (s.group, s.years_since_baseline, s.deep_precentral_ppm)
         rec[key] = (s.group, s.years_since_baseline, float(value))
-        tmap[key] = (s.group, s.years_since_baseline, s.truth_map_deep_ppm)
+        tmap[key] = (s.group, s.years_since_baseline,
+                     s.truth_map_deep_ppm if truth_map else math.nan)
     effects = [RecoveredEffect("baseline ALS − control", "ppm", baseline_difference(sim),
                                baseline_difference(rec), baseline_difference(tmap),
                                ratio_interval(sim, rec, effect="baseline"))]
