@@ -5,7 +5,8 @@ Reads a finished ``alsiron demo`` output (the phantom's truth in
 ``derivatives/phantom``, the chain's maps and masks in ``derivatives/alsiron``) and
 replaces one link of the headline index at a time with the truth: the truth χ map or the
 chain's χ, averaged over the true deep precentral labels or over the tool's own deep
-mask (with or without its vein trimming). Each row is recovered / simulated for the
+mask (with or without its vein trimming), and the partial-volume-corrected index where the
+demo recorded it. Each row is recovered / simulated for the
 baseline ALS − control difference and the yearly progression, with the same estimators
 as ``alsiron.sim.recovery`` and a 95 % participant-resampling interval. It then splits the
 chain's error of the index into a part that repeats at every visit of a participant
@@ -25,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from alsiron.cohort.records import PARTIAL_VOLUME_INDEX
 from alsiron.motor.indices import trimmed_voxels
 from alsiron.sim import recovery as rec
 
@@ -54,11 +56,18 @@ def session_values(root: Path, s: rec.SimulatedSession) -> dict[str, float]:
     def mean(x: np.ndarray, m: np.ndarray) -> float:
         return float(x[m & valid].mean()) if (m & valid).any() else math.nan
 
+    gtm = math.nan
+    table = tool_dir / (stem + "desc-motorcortex_indices.tsv")
+    for line in table.read_text().splitlines()[1:]:
+        cells = line.split("\t")
+        if cells[0] == PARTIAL_VOLUME_INDEX and cells[4] not in ("n/a", ""):
+            gtm = float(cells[4])
     return {"truth map, true deep labels": mean(truth, true_deep),
             "truth map, tool's deep mask": mean(truth, tool),
             "truth map, tool's mask, trimmed": mean(truth, kept),
             "chain, true deep labels": mean(chi, true_deep),
-            "chain, tool's mask, trimmed (the index)": mean(chi, kept)}
+            "chain, tool's mask, trimmed (the index)": mean(chi, kept),
+            f"chain, {PARTIAL_VOLUME_INDEX} (as recorded)": gtm}
 
 
 def main() -> None:
@@ -79,7 +88,7 @@ def main() -> None:
     print("| χ map, averaged over | baseline (95 % interval) | progression (95 % interval) |")
     print("| --- | ---: | ---: |")
     for name, visits in rows.items():
-        if name == "simulated":
+        if name == "simulated" or not any(math.isfinite(v[2]) for v in visits.values()):
             continue
         b = rec.baseline_difference(visits) / b0
         p = rec.progression_difference(visits) / p0
