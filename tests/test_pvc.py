@@ -66,8 +66,10 @@ def test_gtm_is_exact_where_the_band_mean_is_diluted(shell):
     *_, chi, masks = shell
     assert masks.partial_volume is not None
     assert masks.provenance["PartialVolume"]["LabelVoxelsPerMapVoxel"] == pytest.approx(8.0)
-    found = motor_cortex_indices(masks, chi=chi)
+    found = motor_cortex_indices(masks, chi=chi, r2star=np.full(chi.shape, 20.0, np.float32))
     got = found.indices
+    # χ only: R2* does not mix linearly over a voxel's tissues.
+    assert not any(k.startswith("r2star") and k.endswith("_gtm") for k in got)
     assert got["chi_precentral_deep_gtm"] == pytest.approx(CHI["deep"], abs=1e-6)
     assert got["chi_precentral_superficial_gtm"] == pytest.approx(CHI["superficial"], abs=1e-6)
     assert got[PARTIAL_VOLUME_INDEX] == pytest.approx(CHI["deep"] - CHI["wm"], abs=1e-6)
