@@ -576,11 +576,6 @@ def simulate_anatomical_subject(
         gen=ph._coerce_rng(rng), parameters=subject, head_scale=anatomy.scale, mese=mese,
         shim=shim)
     session.extra_truth = _output_truth(session, anatomy)
-    # Fine voxel j of an output voxel's ss x ss x ss block sits at output index
-    # (j + 0.5) / ss - 0.5.
-    to_output = np.diag([1.0 / ss] * 3 + [1.0])
-    to_output[:3, 3] = 0.5 / ss - 0.5
-    session.fine_labels = (labels_fine, session.affine @ to_output)
     return session
 
 

@@ -190,8 +190,8 @@ class PhantomSession:
         masks and somatotopy).
     fine_labels : (ndarray uint8, ndarray (4, 4)) or None
         The tissue labels on the simulation's fine grid and its affine, written as
-        ``res-fine_dseg`` (the anatomical phantom: what a segmentation of a
-        higher-resolution T1w gives beside the maps).
+        ``res-fine_dseg``: what a segmentation of a higher-resolution T1w gives beside
+        the maps.
     """
 
     magnitude: np.ndarray
@@ -746,12 +746,18 @@ def forward_session(labels_fine: np.ndarray, ic_fine: np.ndarray,
     coarse = {name: _block_mean(fine, ss).astype(np.float32) for name, fine in (
         ("chi_full", chi_fine), ("r2star", r2s_fine), ("r2", r2_fine), ("s0", m0_fine),
         ("total_field", total_fine), ("phase_offset", phi0_fine))}
+    affine = phantom_affine(matrix3, voxel3, b0)
+    # Fine voxel j of an output voxel's ss x ss x ss block sits at output index
+    # (j + 0.5) / ss - 0.5.
+    to_output = np.diag([1.0 / ss] * 3 + [1.0])
+    to_output[:3, 3] = 0.5 / ss - 0.5
     return PhantomSession(
         **mese_fields, **coarse, magnitude=np.abs(signal).astype(np.float32), phase=phase,
         echo_times=tes, field_strength=float(field_strength),
-        affine=phantom_affine(matrix3, voxel3, b0), voxel_size=voxel3, b0_direction=b0,
+        affine=affine, voxel_size=voxel3, b0_direction=b0,
         chi=chi, brain_mask=brain_mask, labels=labels, local_field=local, noise_sigma=sigma,
-        label_names=dict(enumerate(TISSUES.names)), parameters=params)
+        label_names=dict(enumerate(TISSUES.names)), parameters=params,
+        fine_labels=(labels_fine, affine @ to_output))
 
 
 def _simulate_mese(protocol: MeseProtocol, labels_fine: np.ndarray,
