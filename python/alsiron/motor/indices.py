@@ -166,31 +166,24 @@ def derived_contrasts(indices: dict[str, float], map_names: list[str]) -> dict[s
     return out
 
 
-def gtm_indices(maps: dict[str, np.ndarray | None], regions: PartialVolumeRegions,
-                fits: dict[str, Any] | None = None, *,
-                vein_percentile: float = VEIN_PERCENTILE) -> dict[str, float]:
-    """Partial-volume-corrected values of the precentral bands (:mod:`alsiron.motor.pvc`):
+def gtm_indices(chi: np.ndarray, regions: PartialVolumeRegions, *,
+                vein_percentile: float = VEIN_PERCENTILE
+                ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Partial-volume-corrected χ of the precentral bands (:mod:`alsiron.motor.pvc`):
     ``chi_precentral_deep_gtm``, ``chi_precentral_superficial_gtm`` and
     ``chi_precentral_deep_minusWM_gtm`` (deep band minus the white matter that shares
-    voxels with the cortex); ``fits`` receives the fit's diagnostics.
+    voxels with the cortex), and the fit's diagnostics.
 
     χ only: a voxel's field, hence its χ, is close to the volume-weighted mean of its
     tissues', which GTM assumes; its R2* is not (a mono-exponential fit of a multi-
     compartment decay, weighted by proton density), and on the anatomical phantom a GTM
     of R2* put the superficial band at 22.7 s⁻¹ against its true 17 s⁻¹.
     """
-    out: dict[str, float] = {}
-    for name, data in maps.items():
-        if data is None or name != "chi":
-            continue
-        values, diag = gtm_region_values(data, regions, trim_percentile=vein_percentile)
-        deep, wm = values[pvc.DEEP], values[pvc.WHITE_MATTER]
-        out[f"{name}_precentral_deep_gtm"] = deep
-        out[f"{name}_precentral_superficial_gtm"] = values[pvc.SUPERFICIAL]
-        out[f"{name}_precentral_deep_minusWM_gtm"] = deep - wm
-        if fits is not None:
-            fits[name] = diag
-    return out
+    values, diag = gtm_region_values(chi, regions, trim_percentile=vein_percentile)
+    deep = values[pvc.DEEP]
+    return {"chi_precentral_deep_gtm": deep,
+            "chi_precentral_superficial_gtm": values[pvc.SUPERFICIAL],
+            "chi_precentral_deep_minusWM_gtm": deep - values[pvc.WHITE_MATTER]}, diag
 
 
 def mask_coverage(masks: RegionMasks, valid: np.ndarray) -> dict[str, Any]:
@@ -272,9 +265,10 @@ def motor_cortex_indices(masks: RegionMasks, *, chi: np.ndarray | None = None,
     indices = region_indices(maps, masks.regions(), vein_percentile=vein_percentile)
     indices.update(derived_contrasts(indices, list(maps)))
     pv_fits: dict[str, Any] = {}
-    if masks.partial_volume is not None:
-        indices.update(gtm_indices(maps, masks.partial_volume, pv_fits,
-                                   vein_percentile=vein_percentile))
+    if masks.partial_volume is not None and "chi" in maps:
+        corrected, pv_fits["chi"] = gtm_indices(maps["chi"], masks.partial_volume,
+                                                vein_percentile=vein_percentile)
+        indices.update(corrected)
     for name in indices:
         index_units(name)  # every name must follow the records convention
     ref = maps.get("chi", maps.get("r2star"))

@@ -153,9 +153,10 @@ def finer_label_image(label_image: str | Path) -> tuple[Path, Path] | None:
     ``label_image``.  None when there is none."""
     path = Path(label_image)
     own = _voxel_volume(path)
-    finer = [(img, tsv) for img, tsv in _dseg_pairs(path.parent)
-             if img != path and _voxel_volume(img) < own]
-    return min(finer, key=lambda pair: _voxel_volume(pair[0])) if finer else None
+    sized = [(_voxel_volume(img), img, tsv) for img, tsv in _dseg_pairs(path.parent)
+             if img != path]
+    finer = [row for row in sized if row[0] < own]
+    return min(finer, key=lambda row: row[0])[1:] if finer else None
 
 
 def find_label_image(dataset_root: str | Path, entities: dict[str, str]
