@@ -8,7 +8,11 @@ from click.testing import CliRunner
 
 from alsiron.cli import cli
 from alsiron.cohort.normative import build_normative_model
-from alsiron.cohort.records import HEADLINE_INDEX, PARTIAL_VOLUME_INDEX
+from alsiron.cohort.records import (
+    HEADLINE_INDEX,
+    PARTIAL_VOLUME_INDEX,
+    TRANSFER_CORRECTED_INDEX,
+)
 from alsiron.cohort.registry import Registry, default_registry_path
 from alsiron.runs.demo import run_demo
 from alsiron.sim.cohort import simulate_index_cohort
@@ -147,6 +151,15 @@ def test_anatomical_demo_reports_the_simulated_effect_it_recovers(tmp_path):
     assert pv["effects"][0]["truth_map"] is None
     assert f"of {PARTIAL_VOLUME_INDEX}: recovered" in run.output
     assert f"<h3>{PARTIAL_VOLUME_INDEX}</h3>" in page
+    # The chain reran once per visit to measure its transfer of a deep-band change.
+    rc = doc["transfer_corrected"]
+    assert rc["index"] == TRANSFER_CORRECTED_INDEX
+    assert rc["effects"][0]["simulated"] == pytest.approx(baseline["simulated"], rel=1e-12)
+    assert f"of {TRANSFER_CORRECTED_INDEX}: recovered" in run.output
+    indices = json.loads(next(derivs.glob("sub-01/ses-01/anat/*_desc-motorcortex_indices"
+                                          ".json")).read_text())
+    measured = indices["Parameters"]["PartialVolumeFits"]["chi"]["ChainTransfer"]
+    assert 0.2 <= measured["Transfer"] <= 1.2 and measured["Perturbation_ppm"] == 0.01
 
 
 def test_effect_recovery_compares_like_with_like():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from alsiron.cohort.records import PARTIAL_VOLUME_INDEX
 from alsiron.io.atomic import save_nifti, save_text
@@ -93,6 +94,31 @@ def test_gtm_with_noise_is_unbiased(shell):
     assert abs(np.mean(deep) - CHI["deep"]) < 4 * se + 1e-4
 
 
+def test_contrast_to_the_white_matter_beside_it_ignores_a_smooth_error(shell):
+    """A smooth error over the head (as a QSM chain's background and anchor residue) moves
+    a contrast of uniform region values but not the contrast against the white matter at
+    the same place, which a second-order polynomial stands in for."""
+    *_, chi, masks = shell
+    x, y, z = (np.indices(chi.shape) - N / 2) * COARSE_MM / 50.0
+    # About ±10 ppb over the cortex, the size of the chain's error on the vertex; the
+    # precentral half of the shell (y < 0) sits lower on the gradient than its white matter.
+    smooth = (0.02 * y + 0.008 * x - 0.006 * z + 0.01 * y * y
+              - 0.005 * x * z).astype(np.float32)
+    regions = masks.partial_volume
+    uniform, _ = pvc.gtm_region_values(chi + smooth, regions, trim_percentile=100.0)
+    contrasts, diag = pvc.gtm_contrasts(chi + smooth, regions, trim_percentile=100.0)
+    want = CHI["deep"] - CHI["wm"]
+    assert contrasts[pvc.DEEP] == pytest.approx(want, abs=1e-6)
+    assert contrasts[pvc.SUPERFICIAL] == pytest.approx(CHI["superficial"] - CHI["wm"],
+                                                       abs=1e-6)
+    assert contrasts[pvc.WHITE_MATTER] == 0.0 and diag["baseline_order"] == pvc.BASELINE_ORDER
+    assert abs(uniform[pvc.DEEP] - uniform[pvc.WHITE_MATTER] - want) > 5e-4, uniform  # 1.1 ppb
+    # Order 0 is the uniform fit's contrast.
+    flat, _ = pvc.gtm_contrasts(chi + smooth, regions, trim_percentile=100.0, order=0)
+    assert flat[pvc.DEEP] == pytest.approx(uniform[pvc.DEEP] - uniform[pvc.WHITE_MATTER],
+                                           abs=1e-6)
+
+
 def test_no_gtm_on_the_maps_own_grid(shell):
     lab, _, coarse_affine, chi, _ = shell
     coarse_labels = lab[::FACTOR, ::FACTOR, ::FACTOR]
@@ -122,3 +148,50 @@ def test_a_finer_segmentation_beside_the_label_image_gives_the_fractions(tmp_pat
     assert masks.provenance["PartialVolume"]["LabelImage"].endswith("res-fine_dseg.nii.gz")
     got = motor_cortex_indices(masks, chi=chi).indices
     assert got["chi_precentral_deep_gtm"] == pytest.approx(CHI["deep"], abs=1e-6)
+
+
+def test_chain_transfer_undoes_a_chain_that_returns_a_fraction_of_the_band(shell):
+    """A chain that returns 0.8 of χ (plus a smooth error): its measured transfer is 0.8
+    and the corrected contrast is the truth's.  A chain that blurs: a change of the deep
+    band comes back whole."""
+    *_, chi, masks = shell
+    regions = masks.partial_volume
+    x, y, z = (np.indices(chi.shape) - N / 2) * COARSE_MM / 50.0
+    smooth = (0.02 * y - 0.006 * z).astype(np.float32)
+    truth = CHI["deep"] - CHI["wm"]
+
+    def scaled(delta):
+        return 0.8 * (chi + delta) + smooth
+
+    found = motor_cortex_indices(masks, chi=scaled(0.0), chain_response=scaled)
+    fit = found.parameters["PartialVolumeFits"]["chi"]["ChainTransfer"]
+    assert fit["Transfer"] == pytest.approx(0.8, abs=1e-4) and "Rejected" not in fit
+    assert found.indices["chi_precentral_deep_minusWM_gtmrc"] == pytest.approx(truth, abs=2e-5)
+    assert found.indices[PARTIAL_VOLUME_INDEX] == pytest.approx(0.8 * truth, abs=2e-5)
+
+    def blurred(delta):
+        return ndimage.gaussian_filter((chi + delta).astype(np.float64), 0.6)
+
+    # A blurring chain mixes the band with its neighbours: the correction is exact for a
+    # change of the deep band (an ALS excess, its progression) but not for the level, into
+    # which the other regions' contrasts leak (here 1.30 of the truth, measured 0.57).
+    excess = 0.005 * pvc.region_fraction(regions, pvc.DEEP)
+    before = motor_cortex_indices(masks, chi=blurred(0.0), chain_response=blurred).indices
+    after = motor_cortex_indices(masks, chi=blurred(excess),
+                                 chain_response=lambda delta: blurred(excess + delta)).indices
+    index = "chi_precentral_deep_minusWM_gtmrc"
+    gained = after[index] - before[index]
+    # Within 2 %: raising the band moves a few voxels across the vein-trimming percentile.
+    assert gained == pytest.approx(0.005, abs=1e-4)
+    plain = after[PARTIAL_VOLUME_INDEX] - before[PARTIAL_VOLUME_INDEX]
+    assert plain < 0.8 * 0.005, plain
+
+
+def test_a_transfer_that_cannot_be_trusted_gives_no_index(shell):
+    *_, chi, masks = shell
+    found = motor_cortex_indices(masks, chi=chi, chain_response=lambda delta: chi + 0.0)
+    fit = found.parameters["PartialVolumeFits"]["chi"]["ChainTransfer"]
+    assert "Rejected" in fit and fit["Transfer"] == pytest.approx(0.0, abs=1e-9)
+    assert np.isnan(found.indices["chi_precentral_deep_minusWM_gtmrc"])
+    # Without a chain to rerun there is no such index.
+    assert "chi_precentral_deep_minusWM_gtmrc" not in motor_cortex_indices(masks, chi=chi).indices

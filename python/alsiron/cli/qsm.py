@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -102,6 +103,10 @@ from alsiron.volume import MegreSeries
 @with_roi_options
 @click.option("--no-indices", is_flag=True,
               help="Skip the motor-cortex masks and indices at the end of the run.")
+@click.option("--no-chain-transfer", is_flag=True,
+              help="With a label image finer than the maps: skip the second chain run that "
+                   "measures how much of a deep-band χ change the chain returns (the "
+                   "chi_precentral_deep_minusWM_gtmrc index).")
 @registry_option
 @click.option("--no-registry", is_flag=True,
               help="Do not record the sessions in the results registry.")
@@ -116,7 +121,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
             bet_f: float | None, mask_path: Path | None,
             reference_mask: Path | None, reference_label: int | None,
             labels: Path | None, lut: Path | None, atlas: str | None, t1w: Path | None,
-            no_indices: bool, registry: str | None, no_registry: bool, normative: Path | None,
+            no_indices: bool, no_chain_transfer: bool, registry: str | None,
+            no_registry: bool, normative: Path | None,
             overwrite: bool) -> None:
     """Susceptibility (χ, ppm), R2*/T2*/S0 and field maps for every session of a subject,
     then the motor-cortex indices, the registry record and (with --normative) z-scores.
@@ -142,7 +148,8 @@ def qsm_cmd(subj_dir: Path, out: Path | None, inversion: str | None, weak_harmon
         fill_nonfinite=fill_nonfinite, negate_phase=negate_phase,
         phase_unwrapped=phase_unwrapped, mask_path=mask_path, reference_mask=reference_mask,
         reference_label=reference_label, fieldmap_path=fieldmap_path,
-        roi=None if no_indices else roi_options(labels, lut, atlas, True, t1w),
+        roi=None if no_indices else dataclasses.replace(
+            roi_options(labels, lut, atlas, True, t1w), chain_transfer=not no_chain_transfer),
         registry=registry, record=not no_registry, normative=normative, overwrite=overwrite)
     # Any folder: BIDS as before, or plain NIfTI + JSON / DICOM through a temporary layout.
     outcomes = run_qsm_folder(subj_dir, options, out=out, progress=progress,

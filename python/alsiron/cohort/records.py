@@ -21,6 +21,9 @@ HEADLINE_INDEX = "chi_precentral_deep_mean"
 #: Its partial-volume-corrected counterpart relative to the adjacent white matter, where
 #: the session's label image is finer than the maps (:mod:`alsiron.motor.pvc`).
 PARTIAL_VOLUME_INDEX = "chi_precentral_deep_minusWM_gtm"
+#: The same divided by the QSM chain's transfer of a deep-band change, measured on the
+#: visit by a second chain run (:func:`alsiron.motor.pvc.chain_transfer`).
+TRANSFER_CORRECTED_INDEX = "chi_precentral_deep_minusWM_gtmrc"
 
 QcStatus = Literal["pass", "warn", "fail"]
 

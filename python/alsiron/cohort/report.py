@@ -461,8 +461,11 @@ def _recovery_section(recovery: EffectRecovery, *, heading: bool = True) -> list
                    "simulated values (the simulation changes the deep band only, not the "
                    "white matter). A <i>_gtm</i> index is partial-volume corrected: the "
                    "band's value fitted on the tissue fractions of a label image finer "
-                   "than the maps (geometric transfer matrix, alsiron.motor.pvc), so it "
-                   "has no truth-map ceiling column.</p>")
+                   "than the maps (geometric transfer matrix, alsiron.motor.pvc), "
+                   "against the white matter at the same place; a <i>_gtmrc</i> index is "
+                   "that value divided by the QSM chain's transfer of a deep-band change, "
+                   "measured on each visit by running the chain again with the band's χ "
+                   "raised. Neither has a truth-map ceiling column.</p>")
         out += [f"<p class=\"warn\">{esc(n)}</p>" for n in recovery.notes]
         return out
     out.append("<p class=\"note\">Simulated: χ added to the deep precentral layer "

@@ -13,7 +13,9 @@ Derived contrasts add a region part:
 * ``chi_precentral_deepminusSuperficial_{mean,median}``.
 
 With a label image finer than the maps, statistic ``gtm`` adds the partial-volume-corrected
-χ of the depth bands (:func:`gtm_indices`, :mod:`alsiron.motor.pvc`).
+χ of the depth bands (:func:`gtm_indices`, :mod:`alsiron.motor.pvc`), and where the caller
+can rerun the QSM chain on the visit, ``gtmrc`` the deep band's contrast divided by the
+chain's measured transfer of a deep-band change (:func:`alsiron.motor.pvc.chain_transfer`).
 
 Veins are excluded by trimming: in every region, voxels whose χ lies above the region's
 97th percentile (:data:`VEIN_PERCENTILE`) are dropped from both the χ and the R2*
@@ -25,6 +27,7 @@ cortex lost that way is reported in the QC notes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from alsiron.cohort.records import HEADLINE_INDEX, QcStatus, SessionRecord, inde
 from alsiron.io.atomic import save_json, save_text
 from alsiron.motor import pvc
 from alsiron.motor.masks import SEGMENTS, RegionMasks
-from alsiron.motor.pvc import PartialVolumeRegions, gtm_region_values
+from alsiron.motor.pvc import PartialVolumeRegions, gtm_contrasts, gtm_region_values
 
 log = logging.getLogger("alsiron")
 
@@ -167,12 +170,23 @@ def derived_contrasts(indices: dict[str, float], map_names: list[str]) -> dict[s
 
 
 def gtm_indices(chi: np.ndarray, regions: PartialVolumeRegions, *,
-                vein_percentile: float = VEIN_PERCENTILE
+                vein_percentile: float = VEIN_PERCENTILE,
+                chain_response: Callable[[np.ndarray], np.ndarray] | None = None
                 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Partial-volume-corrected χ of the precentral bands (:mod:`alsiron.motor.pvc`):
-    ``chi_precentral_deep_gtm``, ``chi_precentral_superficial_gtm`` and
-    ``chi_precentral_deep_minusWM_gtm`` (deep band minus the white matter that shares
-    voxels with the cortex), and the fit's diagnostics.
+    ``chi_precentral_deep_gtm`` and ``chi_precentral_superficial_gtm`` (uniform region
+    values, :func:`alsiron.motor.pvc.gtm_region_values`), ``chi_precentral_deep_minusWM_gtm``
+    (the deep band minus the white matter at the same place, with a smooth spatial baseline:
+    :func:`alsiron.motor.pvc.gtm_contrasts`), and the fits' diagnostics.  With
+    ``chain_response`` (``delta_chi -> chi`` of the chain rerun on the visit,
+    :func:`alsiron.qsm.transfer.chain_response`) also ``chi_precentral_deep_minusWM_gtmrc``:
+    that contrast divided by the chain's transfer of a deep-band change
+    (:func:`alsiron.motor.pvc.chain_transfer`; NaN where the transfer is not trusted).
+
+    The contrast is not ``deep_gtm`` minus a uniform white-matter value: the chain's error
+    is smooth over centimetres and differs between heads, and a uniform white matter leaves
+    it in the contrast (participant residual 0.97 against 0.95 ppb on seed 0 of the
+    anatomical demo, but baseline recovery 0.62 against 0.79; docs/qsm_anatomy.md).
 
     χ only: a voxel's field, hence its χ, is close to the volume-weighted mean of its
     tissues', which GTM assumes; its R2* is not (a mono-exponential fit of a multi-
@@ -180,10 +194,17 @@ def gtm_indices(chi: np.ndarray, regions: PartialVolumeRegions, *,
     of R2* put the superficial band at 22.7 s⁻¹ against its true 17 s⁻¹.
     """
     values, diag = gtm_region_values(chi, regions, trim_percentile=vein_percentile)
-    deep = values[pvc.DEEP]
-    return {"chi_precentral_deep_gtm": deep,
-            "chi_precentral_superficial_gtm": values[pvc.SUPERFICIAL],
-            "chi_precentral_deep_minusWM_gtm": deep - values[pvc.WHITE_MATTER]}, diag
+    contrasts, cdiag = gtm_contrasts(chi, regions, trim_percentile=vein_percentile)
+    diag = {**diag, "contrast_condition": cdiag["condition"],
+            "contrast_baseline_order": cdiag["baseline_order"]}
+    out = {"chi_precentral_deep_gtm": values[pvc.DEEP],
+           "chi_precentral_superficial_gtm": values[pvc.SUPERFICIAL],
+           "chi_precentral_deep_minusWM_gtm": contrasts[pvc.DEEP]}
+    if chain_response is not None and np.isfinite(contrasts[pvc.DEEP]):
+        transfer, diag["ChainTransfer"] = pvc.chain_transfer(
+            chi, regions, chain_response, trim_percentile=vein_percentile)
+        out["chi_precentral_deep_minusWM_gtmrc"] = contrasts[pvc.DEEP] / transfer
+    return out, diag
 
 
 def mask_coverage(masks: RegionMasks, valid: np.ndarray) -> dict[str, Any]:
@@ -228,7 +249,9 @@ def mask_coverage(masks: RegionMasks, valid: np.ndarray) -> dict[str, Any]:
 
 def motor_cortex_indices(masks: RegionMasks, *, chi: np.ndarray | None = None,
                          r2star: np.ndarray | None = None,
-                         vein_percentile: float = VEIN_PERCENTILE) -> MotorCortexIndices:
+                         vein_percentile: float = VEIN_PERCENTILE,
+                         chain_response: Callable[[np.ndarray], np.ndarray] | None = None
+                         ) -> MotorCortexIndices:
     """All motor-cortex indices of a session and their QC verdict.
 
     Parameters
@@ -241,6 +264,11 @@ def motor_cortex_indices(masks: RegionMasks, *, chi: np.ndarray | None = None,
         R2* [1/s]; NaN where the fit failed.
     vein_percentile : float
         Per-region χ trimming percentile (veins).
+    chain_response : callable, optional
+        ``delta_chi [ppm] -> chi [ppm]``: the QSM chain rerun on the visit with a χ change
+        added (:func:`alsiron.qsm.transfer.chain_response`).  Used only with
+        partial-volume regions (a finer label image), for the ``gtmrc`` index; one more
+        chain run.
 
     Returns
     -------
@@ -267,7 +295,8 @@ def motor_cortex_indices(masks: RegionMasks, *, chi: np.ndarray | None = None,
     pv_fits: dict[str, Any] = {}
     if masks.partial_volume is not None and "chi" in maps:
         corrected, pv_fits["chi"] = gtm_indices(maps["chi"], masks.partial_volume,
-                                                vein_percentile=vein_percentile)
+                                                vein_percentile=vein_percentile,
+                                                chain_response=chain_response)
         indices.update(corrected)
     for name in indices:
         index_units(name)  # every name must follow the records convention
@@ -310,8 +339,12 @@ _COLUMNS = {
                              "gtm": "partial-volume-corrected band value: geometric "
                                     "transfer matrix on the tissue fractions of a label "
                                     "image finer than the maps (alsiron.motor.pvc); "
-                                    "with _minusWM, minus the fitted value of the white "
-                                    "matter that shares voxels with the cortex"}},
+                                    "with _minusWM, minus the white matter at the same "
+                                    "place (the white matter's column replaced by a "
+                                    "second-order polynomial in space)",
+                             "gtmrc": "the gtm contrast divided by the QSM chain's transfer "
+                                      "of a deep-band change, measured by rerunning the "
+                                      "chain on the visit with the band's χ raised"}},
     "value": {"Description": "index value (n/a where the region is empty)"},
     "units": {"Description": "units of value", "Levels": {"ppm": "parts per million",
                                                           "1/s": "per second",

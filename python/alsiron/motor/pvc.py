@@ -12,7 +12,14 @@ values x_r that explain the map best, χ_v ≈ Σ_r f_vr x_r over the voxels aro
 precentral cortex, are a least-squares fit with no free parameter.
 
 What GTM assumes: each region's value is uniform within the neighbourhood, and the map
-resolves the voxel grid (no extra blur is modelled).  Veins are not a label of a
+resolves the voxel grid (no extra blur is modelled).  A QSM chain's error is not uniform:
+what background removal and the dipole inversion leave is smooth over centimetres (on the
+anatomical phantom, −10 to −17 ppb over the vertex of some heads and about 0 elsewhere),
+and it differs between heads, so a contrast of two uniform region values carries it into
+every participant's index.  :func:`gtm_contrasts` fits the region values against the white
+matter *at the same place*: the white-matter column is replaced by a low-order polynomial
+in space (:data:`BASELINE_ORDER`), which the interleaving of cortex and white matter at the
+millimetre scale keeps apart from the tissue columns.  Veins are not a label of a
 structural segmentation, so the fit drops the voxels above the neighbourhood's 97th
 percentile of the map, as the plain indices do (:data:`alsiron.motor.indices.
 VEIN_PERCENTILE`).
@@ -20,7 +27,7 @@ VEIN_PERCENTILE`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +46,12 @@ MIN_REGION_VOXELS = 2.0
 #: Neighbourhood of the fit: map voxels touching the precentral cortex, grown by this many
 #: voxels (the white matter and CSF that share voxels with it).
 NEIGHBOURHOOD_VOXELS = 1
+#: Order of the spatial polynomial standing in for the white matter in
+#: :func:`gtm_contrasts` (2: ten terms, as a second-order shim; docs/qsm_anatomy.md,
+#: "The chain's own transfer, and a smooth baseline": orders 0–3 on every cohort).
+BASELINE_ORDER = 2
+#: Length scale of the polynomial's coordinates [mm] (keeps the design well conditioned).
+_BASELINE_SCALE_MM = 50.0
 #: Regions the indices read.
 DEEP, SUPERFICIAL, WHITE_MATTER = "precentral_deep", "precentral_superficial", "white_matter"
 
@@ -58,12 +71,15 @@ class PartialVolumeRegions:
         Region names: :data:`DEEP`, :data:`SUPERFICIAL`, :data:`WHITE_MATTER`,
         ``cortex`` (other cortical grey matter), then ``label_<value>`` for every other
         label of the image (``label_0``: unlabelled).
+    voxel_mm : tuple of float
+        Voxel size of the maps' grid [mm] (for :func:`gtm_contrasts`' coordinates).
     provenance : dict
     """
 
     voxels: np.ndarray
     fractions: np.ndarray
     names: list[str]
+    voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,8 +211,46 @@ def partial_volume_regions(labels: np.ndarray, labels_affine: np.ndarray,
             "LabelVoxelsPerMapVoxel": round(float(total[covered].mean()), 2),
             "NeighbourhoodVoxels": int(voxels.sum()),
             "Regions": names}
+    map_mm = tuple(float(v) for v in voxel_size_from_affine(target_affine))
     return PartialVolumeRegions(voxels=voxels, fractions=fractions, names=names,
-                                provenance=prov)
+                                voxel_mm=map_mm, provenance=prov)
+
+
+def _usable(values: np.ndarray, regions: PartialVolumeRegions,
+            trim_percentile: float) -> tuple[np.ndarray, np.ndarray]:
+    """Map values of the neighbourhood (in ``regions.fractions``' order) and which of them
+    the fit uses: finite and not above the ``trim_percentile`` (veins)."""
+    m = np.asarray(values, np.float64)[regions.voxels]
+    ok = np.isfinite(m)
+    if ok.sum() >= 2 and trim_percentile < 100.0:
+        ok &= m <= np.percentile(m[ok], trim_percentile)
+    return m, ok
+
+
+def _solve(a: np.ndarray, y: np.ndarray, names: list[str], extra: np.ndarray | None,
+           exclude: str | None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Least squares of ``y`` on the fraction columns ``a`` (regions below
+    :data:`MIN_REGION_VOXELS` pooled, ``exclude`` left out) plus the ``extra`` columns."""
+    out = {name: float("nan") for name in names}
+    cols = a.sum(axis=0) >= MIN_REGION_VOXELS
+    if exclude is not None:
+        # The excluded region is the reference the extra columns stand in for; it is not
+        # pooled into "rest", which would bring it back as a column.
+        keep = np.ones(len(names), bool)
+        keep[names.index(exclude)] = False
+        a, cols, names = a[:, keep], cols[keep], [n for n in names if n != exclude]
+    design = a[:, cols]
+    pooled = a[:, ~cols].sum(axis=1)
+    if np.any(pooled > 0):
+        design = np.column_stack([design, pooled])
+    if extra is not None:
+        design = np.column_stack([design, extra])
+    if design.shape[0] <= design.shape[1] or not cols[0]:
+        return out, {"voxels": int(y.size), "condition": float("nan")}
+    x, *_ = np.linalg.lstsq(design, y, rcond=None)
+    for k, name in enumerate(n for n, c in zip(names, cols, strict=True) if c):
+        out[name] = float(x[k])
+    return out, {"voxels": int(y.size), "condition": round(float(np.linalg.cond(design)), 1)}
 
 
 def gtm_region_values(values: np.ndarray, regions: PartialVolumeRegions, *,
@@ -219,21 +273,128 @@ def gtm_region_values(values: np.ndarray, regions: PartialVolumeRegions, *,
         Region name → value (NaN for pooled or absent regions); fit diagnostics (voxels
         used, condition number of the fraction matrix).
     """
-    m = np.asarray(values, np.float64)[regions.voxels]
-    ok = np.isfinite(m)
-    if ok.sum() >= 2 and trim_percentile < 100.0:
-        ok &= m <= np.percentile(m[ok], trim_percentile)
-    out = {name: float("nan") for name in regions.names}
-    a = regions.fractions[ok].astype(np.float64)
-    y = m[ok]
-    cols = a.sum(axis=0) >= MIN_REGION_VOXELS
-    design = a[:, cols]
-    pooled = a[:, ~cols].sum(axis=1)
-    if np.any(pooled > 0):
-        design = np.column_stack([design, pooled])
-    if design.shape[0] <= design.shape[1] or not cols[0]:
-        return out, {"voxels": int(ok.sum()), "condition": float("nan")}
-    x, *_ = np.linalg.lstsq(design, y, rcond=None)
-    for k, name in enumerate(n for n, c in zip(regions.names, cols, strict=True) if c):
-        out[name] = float(x[k])
-    return out, {"voxels": int(ok.sum()), "condition": round(float(np.linalg.cond(design)), 1)}
+    m, ok = _usable(values, regions, trim_percentile)
+    return _solve(regions.fractions[ok].astype(np.float64), m[ok], regions.names,
+                  None, None)
+
+
+def spatial_baseline(regions: PartialVolumeRegions, order: int = BASELINE_ORDER
+                     ) -> np.ndarray:
+    """Polynomial of ``order`` in the neighbourhood voxels' positions, (N, terms),
+    constant first; coordinates in units of 50 mm about their mean."""
+    p = np.argwhere(regions.voxels).astype(np.float64) * np.asarray(regions.voxel_mm)
+    p = (p - p.mean(axis=0)) / _BASELINE_SCALE_MM
+    terms = [np.ones(len(p))]
+    for degree in range(1, order + 1):
+        for powers in _monomials(degree):
+            terms.append(np.prod(p ** np.asarray(powers), axis=1))
+    return np.column_stack(terms)
+
+
+def _monomials(degree: int) -> list[tuple[int, int, int]]:
+    """Exponents (a, b, c) of x^a y^b z^c with a + b + c = degree."""
+    return [(a, b, degree - a - b) for a in range(degree, -1, -1)
+            for b in range(degree - a, -1, -1)]
+
+
+def gtm_contrasts(values: np.ndarray, regions: PartialVolumeRegions, *,
+                  trim_percentile: float = 97.0, order: int = BASELINE_ORDER
+                  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Region values minus the white matter beside them, with a smooth baseline (GTM).
+
+    Solves min Σ_v (m_v − Σ_{r≠WM} f_vr c_r − Σ_k β_k p_k(v))² over the same voxels as
+    :func:`gtm_region_values`, where p_k are the terms of a polynomial of ``order`` in
+    position (:func:`spatial_baseline`).  Since the fractions of a voxel add up to one,
+    c_r is region r's excess over the white matter at the same place: a smooth error of
+    the map (or a smooth real gradient) common to both falls into the polynomial instead.
+
+    Parameters
+    ----------
+    values : ndarray (X, Y, Z)
+        χ map [ppm] on the grid of ``regions``; NaN = invalid.
+    regions : PartialVolumeRegions
+    trim_percentile : float
+        Voxels above this percentile of the map in the neighbourhood are left out (veins).
+    order : int
+        Polynomial order (0: a constant, which gives the contrasts of
+        :func:`gtm_region_values`).
+
+    Returns
+    -------
+    (dict, dict)
+        Region name → value minus white matter, in the map's unit (NaN for pooled or absent
+        regions; the white matter itself is 0); diagnostics as in :func:`gtm_region_values`
+        plus the polynomial order.
+    """
+    m, ok = _usable(values, regions, trim_percentile)
+    base = spatial_baseline(regions, order)[ok]
+    out, diag = _solve(regions.fractions[ok].astype(np.float64), m[ok], regions.names,
+                       base, WHITE_MATTER)
+    out[WHITE_MATTER] = 0.0
+    return out, {**diag, "baseline_order": int(order)}
+
+
+#: χ added to the deep band to measure the chain's transfer [ppm] (10 ppb: the size of the
+#: ALS excess; on the anatomical phantom the transfer is the same from 2 to 20 ppb).
+TRANSFER_PERTURBATION_PPM = 0.01
+#: Transfers outside this range are not trusted to correct anything (a chain that returns
+#: less than a fifth of a change, or more than twice it, is not measuring the band).
+TRANSFER_RANGE = (0.2, 2.0)
+
+
+def region_fraction(regions: PartialVolumeRegions, name: str) -> np.ndarray:
+    """Fraction of every map voxel in region ``name`` (float32 on the maps' grid; 0
+    outside the neighbourhood)."""
+    out = np.zeros(regions.voxels.shape, np.float32)
+    out[regions.voxels] = regions.fractions[:, regions.names.index(name)]
+    return out
+
+
+def chain_transfer(chi: np.ndarray, regions: PartialVolumeRegions,
+                   response: Callable[[np.ndarray], np.ndarray], *,
+                   trim_percentile: float = 97.0,
+                   perturbation_ppm: float = TRANSFER_PERTURBATION_PPM
+                   ) -> tuple[float, dict[str, Any]]:
+    """How much of a deep-band χ change the chain returns in this visit, as
+    :func:`gtm_contrasts` reads it.
+
+    Adds ``perturbation_ppm`` × the deep band's fraction map to the head
+    (``response``, :func:`alsiron.qsm.transfer.chain_response`) and divides the change of
+    the deep band's contrast by the perturbation.
+
+    Parameters
+    ----------
+    chi : ndarray (X, Y, Z)
+        The chain's χ map of the visit [ppm].
+    regions : PartialVolumeRegions
+    response : callable
+        ``delta_chi -> chi`` of the same chain on the same visit.
+    trim_percentile, perturbation_ppm : float
+
+    Returns
+    -------
+    (float, dict)
+        The transfer (unitless; 1 = the whole change comes back; NaN where it cannot be
+        read) and a record (perturbation, transfer, condition of the fit).
+    """
+    before, _ = gtm_contrasts(chi, regions, trim_percentile=trim_percentile)
+    after_map = np.array(response(perturbation_ppm * region_fraction(regions, DEEP)),
+                         np.float64)
+    # The same voxels as the first fit: trimming the second map afresh would swap voxels
+    # in and out at the percentile and read that as a response.
+    _, used = _usable(chi, regions, trim_percentile)
+    keep = np.zeros(regions.voxels.shape, bool)
+    keep[regions.voxels] = used
+    after_map[~keep] = np.nan
+    after, diag = gtm_contrasts(after_map, regions, trim_percentile=100.0)
+    transfer = (after[DEEP] - before[DEEP]) / perturbation_ppm
+    record = {"Method": "the chain rerun on the visit with the deep band's χ raised "
+                        "(its dipole field added to the phase)",
+              "Perturbation_ppm": perturbation_ppm,
+              "Transfer": round(float(transfer), 4) if np.isfinite(transfer) else None,
+              "Condition": diag["condition"]}
+    if not (np.isfinite(transfer) and TRANSFER_RANGE[0] <= transfer <= TRANSFER_RANGE[1]):
+        record["Rejected"] = (f"transfer outside {TRANSFER_RANGE[0]:g}–"
+                              f"{TRANSFER_RANGE[1]:g}")
+        return float("nan"), record
+    return float(transfer), record

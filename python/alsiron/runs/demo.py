@@ -21,7 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alsiron.cohort.records import HEADLINE_INDEX, PARTIAL_VOLUME_INDEX
+from alsiron.cohort.records import (
+    HEADLINE_INDEX,
+    PARTIAL_VOLUME_INDEX,
+    TRANSFER_CORRECTED_INDEX,
+)
 from alsiron.cohort.registry import Registry, default_registry_path
 from alsiron.errors import AlsironError, InputError
 from alsiron.io.atomic import save_json
@@ -74,9 +78,10 @@ class DemoResult:
     recovery_path : Path or None
         The same as JSON (``effect_recovery.json``).
     recoveries : list of EffectRecovery
-        ``recovery``, then the same for the partial-volume-corrected index when the
-        sessions have it (anatomical participants, whose fine-grid labels are finer than
-        the maps; :data:`alsiron.cohort.records.PARTIAL_VOLUME_INDEX`).
+        ``recovery``, then the same for the partial-volume-corrected indices when the
+        sessions have them (the phantoms' fine-grid labels are finer than the maps;
+        :data:`alsiron.cohort.records.PARTIAL_VOLUME_INDEX` and
+        :data:`~alsiron.cohort.records.TRANSFER_CORRECTED_INDEX`).
     seconds : dict
         Wall time [s] of ``simulate``, ``chain`` (maps + indices of every visit) and
         ``cohort`` (models, scores, reports).
@@ -203,30 +208,37 @@ def _effects_doc(found: sim_recovery.EffectRecovery) -> dict:
                         for e in found.effects]}
 
 
+#: Key in ``effect_recovery.json`` → corrected index compared there too.
+_CORRECTED = {"partial_volume_corrected": PARTIAL_VOLUME_INDEX,
+              "transfer_corrected": TRANSFER_CORRECTED_INDEX}
+
+
 def _recovery(result: DemoResult, records: list, *, overwrite: bool,
               tell: Callable[[str], None]) -> None:
     """Simulated against recovered ALS effect, for the headline index and (where the
-    sessions have it) the partial-volume-corrected one: on ``result``, in
-    ``effect_recovery.json`` (the headline's comparison, the other under
-    ``"partial_volume_corrected"``) and one console line per effect."""
+    sessions have them) the partial-volume-corrected one and its chain-transfer-corrected
+    form: on ``result``, in ``effect_recovery.json`` (the headline's comparison, the others
+    under ``"partial_volume_corrected"`` and ``"transfer_corrected"``) and one console
+    line per effect."""
     try:
         simulated = sim_recovery.read_simulated_sessions(result.dataset)
         source = str(result.dataset / "derivatives" / "phantom")
         found = sim_recovery.effect_recovery(records, simulated, index=HEADLINE_INDEX,
                                              source=source)
         result.recoveries = [found]
-        if any(PARTIAL_VOLUME_INDEX in r.indices for r in records):
-            result.recoveries.append(sim_recovery.effect_recovery(
-                records, simulated, index=PARTIAL_VOLUME_INDEX, source=source,
-                truth_map=False))
+        extra = {}
+        for key, index in _CORRECTED.items():
+            if any(index in r.indices for r in records):
+                extra[key] = sim_recovery.effect_recovery(
+                    records, simulated, index=index, source=source, truth_map=False)
+                result.recoveries.append(extra[key])
     except AlsironError as exc:
         result.notes.append(f"simulated effect not compared: {exc}")
         return
     result.recovery = found
     result.recovery_path = result.derivatives / "effect_recovery.json"
     doc = _effects_doc(found)
-    if len(result.recoveries) > 1:
-        doc["partial_volume_corrected"] = _effects_doc(result.recoveries[1])
+    doc.update({key: _effects_doc(one) for key, one in extra.items()})
     save_json(result.recovery_path, doc, overwrite=overwrite)
     for one in result.recoveries:
         for line in one.lines():

@@ -29,6 +29,7 @@ from alsiron.io.transaction import (
     interrupt_point,
 )
 from alsiron.qsm import chain as workflow
+from alsiron.qsm import transfer
 from alsiron.runs import roi as roi_workflow
 from alsiron.runs.outcome import VisitOutcome
 from alsiron.volume import MegreSeries
@@ -353,7 +354,17 @@ def _run_series(files: Any, ses: Any, opts: QsmRunOptions, root: Path, out_root:
         record = session_record(series, plan.entities, root, result.provenance,
                                 checksums=series_sums)
         if opts.roi is not None:
-            _roi_stage(txn, outcome, record, opts, root)
+            response = None
+            if opts.roi.chain_transfer:
+                # The magnitude is not perturbed, so the brain mask would come out the
+                # same: the rerun takes it as given instead of recomputing it.
+                response = transfer.chain_response(
+                    series, workflow.process_series, params=opts.params,
+                    brain_mask=user_mask if user_mask is not None
+                    else result.brain_mask.data > 0, reference_mask=ref_region,
+                    phase_unwrapped=opts.phase_unwrapped, total_field_ppm=user_field,
+                    input_sources=sources)
+            _roi_stage(txn, outcome, record, opts, root, response)
         outcome.record = record
         if opts.normative is not None and record.indices:
             from alsiron.cohort.normative import score_session
@@ -368,9 +379,11 @@ def _run_series(files: Any, ses: Any, opts: QsmRunOptions, root: Path, out_root:
 
 
 def _roi_stage(txn: VisitTransaction, outcome: SessionOutcome, record: SessionRecord,
-               opts: QsmRunOptions, root: Path) -> None:
+               opts: QsmRunOptions, root: Path,
+               response: transfer.ChainResponse | None = None) -> None:
     """Motor-cortex masks, indices and their files (staged); a failure leaves the maps
-    usable: the outcome's ``roi_error`` says why and the record's QC is ``fail``."""
+    usable: the outcome's ``roi_error`` says why and the record's QC is ``fail``.
+    ``response`` reruns the chain on the visit (the ``gtmrc`` index)."""
     series, result = outcome.series, outcome.result
     t0 = time.perf_counter()
     try:
@@ -379,7 +392,8 @@ def _roi_stage(txn: VisitTransaction, outcome: SessionOutcome, record: SessionRe
             chi=result.chi.data, r2star=result.r2star.data, options=opts.roi,
             dataset_root=root,
             magnitude_name=series.sources[0] if series.sources else None, overwrite=True,
-            provenance={k: result.provenance[k] for k in ("Sources", "InputChecksums")})
+            provenance={k: result.provenance[k] for k in ("Sources", "InputChecksums")},
+            chain_response=response)
     except (AlsironError, ValueError) as exc:
         outcome.roi_error = str(exc)
         record.qc_status = "fail"

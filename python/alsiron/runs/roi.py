@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,11 @@ class RoiOptions:
         Look for that same-session T1w.
     qc : bool
         Write the QC montage.
+    chain_transfer : bool
+        Where the QSM chain runs in the same visit (``alsiron qsm``) and the masks come
+        with partial-volume regions (a label image finer than the maps), rerun the chain
+        once with the deep band's χ raised to measure its transfer (the ``gtmrc`` index;
+        :func:`alsiron.motor.pvc.chain_transfer`).
     """
 
     labels: Path | None = None
@@ -67,6 +72,7 @@ class RoiOptions:
     t1w: Path | None = None
     find_t1w: bool = True
     qc: bool = True
+    chain_transfer: bool = True
 
 
 def plan_outputs(plan: OutputPlan) -> None:
@@ -180,7 +186,8 @@ def run_session(plan: OutputPlan, magnitude: np.ndarray, affine: np.ndarray,
                 brain: np.ndarray, *, chi: np.ndarray | None, r2star: np.ndarray | None,
                 options: RoiOptions | None = None, dataset_root: Path | None = None,
                 magnitude_name: str | None = None, overwrite: bool = False,
-                provenance: dict[str, Any] | None = None
+                provenance: dict[str, Any] | None = None,
+                chain_response: Callable[[np.ndarray], np.ndarray] | None = None
                 ) -> tuple[mk.RegionMasks, MotorCortexIndices, list[Path]]:
     """Masks, indices and outputs of one session (nothing is written on an error).
 
@@ -203,11 +210,16 @@ def run_session(plan: OutputPlan, magnitude: np.ndarray, affine: np.ndarray,
         Where to look for label images in the derivatives.
     provenance : dict, optional
         ``Sources`` and ``InputChecksums`` of the inputs, for the indices' dictionary.
+    chain_response : callable, optional
+        The QSM chain rerun on the visit with a χ change added
+        (:func:`alsiron.qsm.transfer.chain_response`), for the ``gtmrc`` index where the
+        masks come with partial-volume regions.
     """
     opts = options or RoiOptions()
     masks = region_masks(magnitude, affine, brain, opts, dataset_root=dataset_root,
                          entities=plan.entities, magnitude_name=magnitude_name)
-    result = motor_cortex_indices(masks, chi=chi, r2star=r2star)
+    result = motor_cortex_indices(masks, chi=chi, r2star=r2star,
+                                  chain_response=chain_response)
     written = write_outputs(plan, masks, result, magnitude, chi, qc=opts.qc,
                             overwrite=overwrite, provenance=provenance)
     return masks, result, written
