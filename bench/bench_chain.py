@@ -6,7 +6,11 @@ forward model; the point is time and memory per step, not accuracy (the phantom 
 measure accuracy). There is no NumPy twin of the whole chain: ``numpy_ms`` is NaN.
 Peak memory is the process's maximum resident set size after the run.
 
-Run: ``python bench/bench_chain.py [--quick] [--inversion sstv]``.
+With ``--transfer`` it also times the second chain run that measures the chain's
+transfer of a deep-band change (:mod:`alsiron.qsm.transfer`, the ``gtmrc`` index): the
+same chain with a 10 ppb change's field added to the phase and the first run's brain mask.
+
+Run: ``python bench/bench_chain.py [--quick] [--inversion sstv] [--transfer]``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from alsiron import qsm
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.qsm import chain as workflow
+from alsiron.qsm.transfer import chain_response
 from alsiron.volume import MegreSeries
 
 FULL_SHAPE = (256, 256, 176)
@@ -55,9 +60,11 @@ def synthetic_series(shape: tuple[int, int, int], seed: int = 0) -> MegreSeries:
                        b0_direction=(0.0, 0.0, 1.0), subject="bench", session="")
 
 
-def run(quick: bool = False, inversion: str | None = None) -> list[dict]:
+def run(quick: bool = False, inversion: str | None = None,
+        transfer: bool = False) -> list[dict]:
     """Per-step and whole-chain rows; ``inversion`` replaces the default inversion (sstv;
-    a two-step method gets the two-step PDF settings, as ``alsiron qsm`` gives it)."""
+    a two-step method gets the two-step PDF settings, as ``alsiron qsm`` gives it);
+    ``transfer`` adds the chain-transfer rerun."""
     shape = QUICK_SHAPE if quick else FULL_SHAPE
     series = synthetic_series(shape)
     params = workflow.QsmParameters()
@@ -77,10 +84,24 @@ def run(quick: bool = False, inversion: str | None = None) -> list[dict]:
     rows.append({"kernel": f"whole chain (peak RSS {peak_gb:.2f} GB)", "shape": label,
                  "rust_ms": 1e3 * total, "numpy_ms": float("nan"), "ratio": float("nan"),
                  "throughput": n_vox / total / 1e6})
+    if transfer:
+        respond = chain_response(series, workflow.process_series, params=params,
+                                 brain_mask=result.brain_mask.data > 0)
+        delta = np.zeros(shape, np.float32)
+        c = [n // 2 for n in shape]
+        delta[c[0] - 8:c[0] + 8, c[1] + 20:c[1] + 24, c[2] - 8:c[2] + 8] = 0.01
+        t0 = time.perf_counter()
+        respond(delta)
+        sec = time.perf_counter() - t0
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        rows.append({"kernel": f"chain transfer rerun (peak RSS {peak_gb:.2f} GB)",
+                     "shape": label, "rust_ms": 1e3 * sec, "numpy_ms": float("nan"),
+                     "ratio": float("nan"), "throughput": n_vox / sec / 1e6})
     return rows
 
 
 if __name__ == "__main__":
     chosen = sys.argv[sys.argv.index("--inversion") + 1] if "--inversion" in sys.argv else None
-    for row in run(quick="--quick" in sys.argv, inversion=chosen):
+    for row in run(quick="--quick" in sys.argv, inversion=chosen,
+                   transfer="--transfer" in sys.argv):
         print(row)
