@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+def wrap_phase(phase: np.ndarray) -> np.ndarray:
+    """Phase [rad] mapped onto (−π, π], the convention of :attr:`MegreSeries.phase`.
+
+    Computed in the input's floating precision (float32 stays float32), returned as
+    float32.
+    """
+    out = np.mod(np.asarray(phase) + math.pi, 2 * math.pi) - math.pi
+    # mod maps +π to −π; the convention is (−π, π].
+    out[out <= -math.pi] = math.pi
+    return out.astype(np.float32, copy=False)
 
 
 @dataclass

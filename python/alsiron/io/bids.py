@@ -26,7 +26,7 @@ import numpy as np
 from alsiron.constants import GAMMA_BAR_HZ_PER_T
 from alsiron.errors import InputError, InvalidInputError
 from alsiron.grid import voxel_size_from_affine
-from alsiron.volume import MegreSeries, MeseSeries
+from alsiron.volume import MegreSeries, MeseSeries, wrap_phase
 
 log = logging.getLogger("alsiron")
 
@@ -403,11 +403,11 @@ def phase_to_radians(values: np.ndarray, raw: np.ndarray | None,
             rlo, rhi = float(rfin.min()), float(rfin.max())
             if (rlo >= -pi - _RADIAN_TOL and rhi <= pi + _RADIAN_TOL
                     and (hi - lo) < 0.1 * (rhi - rlo)):
-                return (_wrap(raw.astype(np.float32)),
+                return (wrap_phase(raw.astype(np.float32)),
                         "stored values are radians; header scl_slope/scl_inter ignored")
-        return _wrap(values.astype(np.float32)), "none (radians)"
+        return wrap_phase(values.astype(np.float32)), "none (radians)"
     if lo >= -_RADIAN_TOL and hi <= 2 * pi + _RADIAN_TOL:
-        return _wrap(values.astype(np.float32)), "wrapped from [0, 2pi) to (-pi, pi]"
+        return wrap_phase(values.astype(np.float32)), "wrapped from [0, 2pi) to (-pi, pi]"
     sample = finite[: min(finite.size, 100_000)]
     if np.allclose(sample, np.round(sample), atol=1e-3):
         # Vendor codes follow fixed conventions, not the data's own extremes: unsigned
@@ -418,19 +418,10 @@ def phase_to_radians(values: np.ndarray, raw: np.ndarray | None,
         else:
             n_codes = 2 * 2 ** math.ceil(math.log2(max(-lo, hi + 1.0)))
             scaled = values.astype(np.float64) * (2 * pi / n_codes)
-        return (_wrap(scaled.astype(np.float32)),
+        return (wrap_phase(scaled.astype(np.float32)),
                 f"integer phase codes {lo:g}..{hi:g} mapped to radians ({n_codes} codes = 2pi)")
     raise InputError(path, f"phase values span [{lo:.4g}, {hi:.4g}]: neither radians nor "
                      "integer-coded phase; convert it to radians in (-pi, pi]")
-
-
-def _wrap(phase: np.ndarray) -> np.ndarray:
-    """Map phase onto (-pi, pi] in place-friendly float32 arithmetic."""
-    two_pi = np.float32(2 * math.pi)
-    out = np.mod(phase + np.float32(math.pi), two_pi) - np.float32(math.pi)
-    # mod maps +pi to -pi; the convention is (-pi, pi].
-    out[out <= -np.float32(math.pi)] = np.float32(math.pi)
-    return out.astype(np.float32, copy=False)
 
 
 #: Environment variable: the largest image alsiron reads, in bytes once loaded as float32.
@@ -771,7 +762,7 @@ def load_megre(
     meta = dict(meta0)
     meta["PhaseConversion"] = sorted(conversions)
     if negate_phase:
-        phase_all = _wrap(-phase_all)
+        phase_all = wrap_phase(-phase_all)
         meta["PhaseNegated"] = True
     if bad_voxels is not None:
         magnitude[:, bad_voxels] = 0.0

@@ -27,6 +27,7 @@ import numpy as np
 
 from alsiron.errors import InputError
 from alsiron.io.bids import phase_to_radians
+from alsiron.volume import wrap_phase
 
 #: Tolerance on ±π (and ±1000π for milliradians) when recognising units.
 _TOL = 0.01
@@ -55,12 +56,6 @@ def _units(values: np.ndarray, path: Path) -> tuple[np.ndarray, str] | None:
     if peak <= 1000 * math.pi * (1 + _TOL) and peak > 100:
         return values.astype(np.float64) / 1000.0, "milliradians / 1000"
     return None
-
-
-def _wrap(phase: np.ndarray) -> np.ndarray:
-    out = np.mod(phase + math.pi, 2 * math.pi) - math.pi
-    out[out <= -math.pi] = math.pi
-    return out.astype(np.float32)
 
 
 def phase_radians(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray, str, bool]:
@@ -98,16 +93,16 @@ def phase_radians(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray, str, bo
             raise InputError(path, f"GE phase spans [{lo:.4g}, {hi:.4g}]: neither radians nor "
                              "milliradians")
         values, how = got
-        return _wrap(-values), f"GE: {how}, sign negated (GE phase is left-handed)", True
+        return wrap_phase(-values), f"GE: {how}, sign negated (GE phase is left-handed)", True
     if who == "philips":
         rs, ri = meta.get("PhilipsRescaleSlope"), meta.get("PhilipsRescaleIntercept")
         if isinstance(rs, (int, float)) and isinstance(ri, (int, float)) and rs != 0:
             got = _units(raw * float(rs) + float(ri), path)
             if got is not None:
-                return _wrap(got[0]), f"Philips: display value PV*RS+RI in {got[1]}", False
+                return wrap_phase(got[0]), f"Philips: display value PV*RS+RI in {got[1]}", False
         got = _units(scaled, path)
         if got is not None:
-            return _wrap(got[0]), f"Philips: {got[1]}", False
+            return wrap_phase(got[0]), f"Philips: {got[1]}", False
     slope = getattr(img.dataobj, "slope", 1.0)
     inter = getattr(img.dataobj, "inter", 0.0)
     scaled_flag = (slope not in (None, 1.0)) or (inter not in (None, 0.0))

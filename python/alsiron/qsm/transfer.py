@@ -24,7 +24,7 @@ import numpy as np
 
 from alsiron.qsm import dipole
 from alsiron.qsm.inversion import phase_per_ppm
-from alsiron.volume import MegreSeries
+from alsiron.volume import MegreSeries, wrap_phase
 
 #: ``chain_response(delta_chi) -> chi``: the χ map [ppm] the chain returns when
 #: ``delta_chi`` [ppm] is added to the head imaged in the visit (NaN outside its mask).
@@ -59,9 +59,7 @@ def add_field(series: MegreSeries, field_ppm: np.ndarray, *,
     for e, te in enumerate(series.echo_times):
         p = series.phase[e].astype(np.float64) + phase_per_ppm(series.field_strength,
                                                                 float(te)) * f
-        if not phase_unwrapped:
-            p = np.angle(np.exp(1j * p))
-        phase[e] = p
+        phase[e] = p if phase_unwrapped else wrap_phase(p)
     return dataclasses.replace(series, phase=phase)
 
 
